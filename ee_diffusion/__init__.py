@@ -1,0 +1,53 @@
+"""ee-diffusion: early exit for diffusion models, as diffusers hooks and drop-in pipelines."""
+
+from .exits import (
+    ExitArchitecture,
+    ExitCall,
+    ExitStats,
+    apply_exit_schedule,
+    exit_units,
+    get_exit_architecture,
+    get_exit_schedule,
+    get_exit_stats,
+    num_exit_blocks,
+    register_exit_architecture,
+    remove_exit_schedule,
+    reset_exit_stats,
+    set_exit_timestep_scale,
+)
+from .pipelines import (
+    EarlyExitDDIMPipeline,
+    EarlyExitDDPMPipeline,
+    EarlyExitDiTPipeline,
+    EarlyExitPipelineMixin,
+    EarlyExitPixArtAlphaPipeline,
+    EarlyExitStableDiffusion3Pipeline,
+    EarlyExitStableDiffusionPipeline,
+)
+from .schedules import ExitSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EarlyExitDDIMPipeline",
+    "EarlyExitDDPMPipeline",
+    "EarlyExitDiTPipeline",
+    "EarlyExitPipelineMixin",
+    "EarlyExitPixArtAlphaPipeline",
+    "EarlyExitStableDiffusion3Pipeline",
+    "EarlyExitStableDiffusionPipeline",
+    "ExitArchitecture",
+    "ExitCall",
+    "ExitSchedule",
+    "ExitStats",
+    "apply_exit_schedule",
+    "exit_units",
+    "get_exit_architecture",
+    "get_exit_schedule",
+    "get_exit_stats",
+    "num_exit_blocks",
+    "register_exit_architecture",
+    "remove_exit_schedule",
+    "reset_exit_stats",
+    "set_exit_timestep_scale",
+]

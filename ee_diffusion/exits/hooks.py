@@ -1,0 +1,252 @@
+"""Apply an `ExitSchedule` to a denoiser as diffusers hooks (the pattern of `diffusers.hooks.apply_first_block_cache`).
+
+`apply_exit_schedule` registers one hook on the denoiser, which reads the timestep from the denoiser's own forward
+arguments and decides the depth of that call, and one hook on each skippable unit, which runs the unit or returns its
+skip output. No pipeline cooperation is needed: a classifier-free-guidance batch, whose conditional and unconditional
+halves share one call and one timestep, gets one depth. A batch whose samples carry different timesteps gets a depth
+per sample: units are run up to the deepest sample and samples past their own depth keep their skip output.
+
+The decision is made once per denoiser call, from the timestep, so nothing carries over from one call or one run to
+the next except the record of what ran (`get_exit_stats`). `remove_exit_schedule` restores the original forwards,
+and with them bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.utils import BaseOutput
+
+from ..schedules import ExitSchedule
+from .architectures import ExitArchitecture, _argument, get_exit_architecture
+
+_SCHEDULE_HOOK = "ee_exit_schedule"
+_UNIT_HOOK = "ee_exit_unit"
+
+
+@dataclass(frozen=True)
+class ExitCall:
+    """What one denoiser call ran: its timesteps and depth per sample, and how many units actually executed."""
+
+    timesteps: tuple[float, ...]
+    depths: tuple[int, ...]
+    units_executed: int
+
+
+@dataclass
+class ExitStats:
+    """The record of every denoiser call since the schedule was applied or the stats were reset."""
+
+    num_blocks: int
+    calls: list[ExitCall] = field(default_factory=list)
+
+    @property
+    def blocks_per_call(self) -> list[int]:
+        """Units executed in each call, in call order."""
+        return [call.units_executed for call in self.calls]
+
+    @property
+    def block_fraction(self) -> float:
+        """Executed units over the units a full-depth run would have executed (1.0 when nothing ran yet)."""
+        if not self.calls:
+            return 1.0
+        return sum(self.blocks_per_call) / (len(self.calls) * self.num_blocks)
+
+
+class _ExitState:
+    """The decision of the denoiser call in flight, shared by the schedule hook and its unit hooks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.depths: list[int] | None = None
+        self.max_depth = num_blocks
+        self.min_depth = num_blocks
+        self.depth_tensor: torch.Tensor | None = None
+        self.timesteps: tuple[float, ...] = ()
+        self.units_executed = 0
+        self.stats = ExitStats(num_blocks=num_blocks)
+
+
+class ExitScheduleHook(ModelHook):
+    """Decides each call's depth from the timestep argument of the denoiser's forward."""
+
+    def __init__(
+        self, schedule: ExitSchedule, architecture: ExitArchitecture, state: _ExitState, num_train_timesteps: int
+    ) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.architecture = architecture
+        self.state = state
+        self.num_train_timesteps = num_train_timesteps
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
+        timestep = _argument(module, self.architecture.timestep_argument, args, kwargs)
+        if timestep is None:
+            raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
+        # One host read of the timestep per call (none when it already lives on the CPU).
+        timesteps = torch.as_tensor(timestep).detach().reshape(-1).float().cpu().tolist()
+        depths = self.schedule.depths_for(timesteps, self.num_train_timesteps)
+        state = self.state
+        state.depths, state.max_depth, state.min_depth = depths, max(depths), min(depths)
+        state.depth_tensor = torch.tensor(depths) if state.min_depth != state.max_depth else None
+        state.timesteps, state.units_executed = tuple(timesteps), 0
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        state = self.state
+        state.stats.calls.append(ExitCall(state.timesteps, tuple(state.depths), state.units_executed))
+        state.depths, state.depth_tensor = None, None
+        return output
+
+
+class ExitUnitHook(ModelHook):
+    """Runs unit `index` of the denoiser, or returns its skip output when the call's depth does not reach it."""
+
+    def __init__(self, index: int, architecture: ExitArchitecture, state: _ExitState) -> None:
+        super().__init__()
+        self.index = index
+        self.skip = architecture.skip
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
+        state = self.state
+        if state.depths is None or state.min_depth > self.index:  # outside a scheduled call, or every sample runs it
+            state.units_executed += state.depths is not None
+            return self.fn_ref.original_forward(*args, **kwargs)
+        skipped = self.skip(module, args, kwargs)
+        if state.max_depth <= self.index:
+            return skipped
+        state.units_executed += 1
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        return _select(state.depth_tensor > self.index, output, skipped)
+
+
+def _select(keep: torch.Tensor, run: Any, skipped: Any) -> Any:
+    """Per sample of the batch: `run` where `keep`, else `skipped`, through tensors, tuples and diffusers outputs."""
+    if isinstance(run, torch.Tensor):
+        mask = keep.to(run.device).view(-1, *([1] * (run.ndim - 1)))
+        return torch.where(mask, run, skipped)
+    if isinstance(run, BaseOutput):
+        return type(run)(**{key: _select(keep, value, skipped[key]) for key, value in run.items()})
+    if isinstance(run, tuple):
+        return tuple(_select(keep, a, b) for a, b in zip(run, skipped))
+    return run  # None, e.g. the encoder states of SD3's context_pre_only last block
+
+
+def _resolve(pipe_or_model: Any) -> tuple[torch.nn.Module, int]:
+    """The denoiser of a pipeline (or the model itself) and the training timestep count to normalise with."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return pipe_or_model, 1000
+    for name in ("transformer", "unet"):
+        denoiser = getattr(pipe_or_model, name, None)
+        if isinstance(denoiser, torch.nn.Module):
+            scheduler = getattr(pipe_or_model, "scheduler", None)
+            num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+            return denoiser, int(num_train_timesteps)
+    raise TypeError(
+        "Expected a denoiser model or a diffusers pipeline with a `transformer` or `unet`, got "
+        f"{type(pipe_or_model).__name__}."
+    )
+
+
+def _schedule_hook(model: torch.nn.Module) -> ExitScheduleHook | None:
+    registry = getattr(model, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(_SCHEDULE_HOOK)
+
+
+def exit_units(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """The units an exit schedule counts as blocks for this denoiser, in execution order."""
+    model, _ = _resolve(pipe_or_model)
+    return get_exit_architecture(model).units(model)
+
+
+def num_exit_blocks(pipe_or_model: Any) -> int:
+    """The `num_blocks` an `ExitSchedule` must have to apply to this denoiser."""
+    return len(exit_units(pipe_or_model))
+
+
+def apply_exit_schedule(
+    pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None
+) -> None:
+    """Make a denoiser run `schedule.blocks_at(t)` of its blocks at timestep `t`.
+
+    Args:
+        pipe_or_model: A supported denoiser (see `register_exit_architecture`) or a diffusers pipeline holding one as
+            `transformer` or `unet`. A schedule already applied is replaced.
+        schedule: The exit schedule; its `num_blocks` must equal `num_exit_blocks(pipe_or_model)`.
+        num_train_timesteps: Scale of the timesteps the denoiser receives. Defaults to the pipeline scheduler's
+            `num_train_timesteps`, or 1000 for a bare model.
+
+    Example:
+        ```python
+        >>> pipe = DiTPipeline.from_pretrained("facebook/DiT-XL-2-256")
+        >>> apply_exit_schedule(pipe, ExitSchedule.linear(num_blocks=28, min_blocks=14))
+        >>> images = pipe(class_labels=[207], num_inference_steps=25).images
+        >>> get_exit_stats(pipe).block_fraction
+        ```
+    """
+    if not isinstance(schedule, ExitSchedule):
+        raise TypeError(f"`schedule` must be an ExitSchedule, got {type(schedule).__name__}.")
+    model, default_timesteps = _resolve(pipe_or_model)
+    architecture = get_exit_architecture(model)
+    units = architecture.units(model)
+    if schedule.config.num_blocks != len(units):
+        raise ValueError(
+            f"The schedule is for num_blocks={schedule.config.num_blocks}, but this {type(model).__name__} has "
+            f"{len(units)} skippable blocks; build the schedule with num_blocks={len(units)}."
+        )
+    remove_exit_schedule(model)
+    state = _ExitState(len(units))
+    timesteps = default_timesteps if num_train_timesteps is None else int(num_train_timesteps)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(
+        ExitScheduleHook(schedule, architecture, state, timesteps), _SCHEDULE_HOOK
+    )
+    for index, unit in enumerate(units):
+        HookRegistry.check_if_exists_or_initialize(unit).register_hook(
+            ExitUnitHook(index, architecture, state), _UNIT_HOOK
+        )
+    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+
+def remove_exit_schedule(pipe_or_model: Any) -> None:
+    """Remove the exit hooks, restoring the denoiser's original forwards (a no-op when none is applied)."""
+    model, _ = _resolve(pipe_or_model)
+    if _schedule_hook(model) is None:
+        return
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.remove_hook(_SCHEDULE_HOOK, recurse=False)
+    registry.remove_hook(_UNIT_HOOK, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
+    """The schedule applied to this denoiser, or `None`."""
+    hook = _schedule_hook(_resolve(pipe_or_model)[0])
+    return None if hook is None else hook.schedule
+
+
+def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> None:
+    """Change the training timestep count the applied schedule normalises timesteps with."""
+    hook = _require_hook(pipe_or_model)
+    hook.num_train_timesteps = int(num_train_timesteps)
+
+
+def get_exit_stats(pipe_or_model: Any) -> ExitStats:
+    """A copy of what the exit hooks executed: per denoiser call, the timesteps, depths and units run."""
+    stats = _require_hook(pipe_or_model).state.stats
+    return ExitStats(num_blocks=stats.num_blocks, calls=list(stats.calls))
+
+
+def reset_exit_stats(pipe_or_model: Any) -> None:
+    """Forget the recorded calls (the drop-in pipelines do this at the start of every `__call__`)."""
+    _require_hook(pipe_or_model).state.stats.calls.clear()
+
+
+def _require_hook(pipe_or_model: Any) -> ExitScheduleHook:
+    model, _ = _resolve(pipe_or_model)
+    hook = _schedule_hook(model)
+    if hook is None:
+        raise ValueError(f"No exit schedule is applied to this {type(model).__name__}; call `apply_exit_schedule`.")
+    return hook

@@ -1,0 +1,153 @@
+"""Drop-in diffusers pipelines that run a denoiser under an `ExitSchedule`.
+
+Each class is its diffusers parent plus an optional `exit_schedule` component: pass it to the constructor or to
+`from_pretrained`, and `save_pretrained` writes it (`exit_schedule/exit_schedule.json`) beside the other components.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import (
+    DDIMPipeline,
+    DDPMPipeline,
+    DiTPipeline,
+    PixArtAlphaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
+
+from ..exits import (
+    ExitStats,
+    apply_exit_schedule,
+    get_exit_schedule,
+    get_exit_stats,
+    remove_exit_schedule,
+    reset_exit_stats,
+    set_exit_timestep_scale,
+)
+from ..schedules import ExitSchedule
+
+
+class EarlyExitPipelineMixin:
+    """What the early-exit pipelines share: the `exit_schedule` component, its hooks and their per-call stats.
+
+    The schedule in force is always `pipe.exit_schedule`: assigning a new one (or `None`) takes effect at the next
+    call. Each call starts a fresh record, readable afterwards as `pipe.exit_stats`.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "exit_schedule" not in cls._optional_components:
+            cls._optional_components = [*cls._optional_components, "exit_schedule"]
+
+    def _register_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
+        if exit_schedule is not None and not isinstance(exit_schedule, ExitSchedule):
+            raise TypeError(f"`exit_schedule` must be an ExitSchedule or None, got {type(exit_schedule).__name__}.")
+        self.register_modules(exit_schedule=exit_schedule)
+        self._sync_exit_hooks()
+
+    def set_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
+        """Replace the schedule (`None` runs the full model), validating it against the denoiser now."""
+        self._register_exit_schedule(exit_schedule)
+
+    def _sync_exit_hooks(self) -> None:
+        schedule = self.exit_schedule
+        if get_exit_schedule(self) is schedule:
+            return
+        if schedule is None:
+            remove_exit_schedule(self)
+        else:
+            apply_exit_schedule(self, schedule)
+
+    @property
+    def exit_stats(self) -> ExitStats | None:
+        """What the last call executed per denoiser call (`None` without a schedule)."""
+        return None if self.exit_schedule is None else get_exit_stats(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._register_exit_schedule(self.exit_schedule)
+        if self.exit_schedule is not None:
+            set_exit_timestep_scale(self, self.scheduler.config.num_train_timesteps)
+            reset_exit_stats(self)
+        return super().__call__(*args, **kwargs)
+
+
+class EarlyExitDiTPipeline(EarlyExitPipelineMixin, DiTPipeline):
+    """`DiTPipeline` with an exit schedule over the `transformer_blocks` of its `DiTTransformer2DModel`."""
+
+    def __init__(self, transformer, vae, scheduler, id2label=None, exit_schedule: ExitSchedule | None = None):
+        super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitPixArtAlphaPipeline(EarlyExitPipelineMixin, PixArtAlphaPipeline):
+    """`PixArtAlphaPipeline` with an exit schedule over the `transformer_blocks` of its transformer."""
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, exit_schedule: ExitSchedule | None = None):
+        super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitStableDiffusion3Pipeline(EarlyExitPipelineMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` with an exit schedule over the joint blocks (timesteps are sigma x 1000)."""
+
+    def __init__(
+        self,
+        transformer,
+        scheduler,
+        vae,
+        text_encoder,
+        tokenizer,
+        text_encoder_2,
+        tokenizer_2,
+        text_encoder_3,
+        tokenizer_3,
+        image_encoder=None,
+        feature_extractor=None,
+        exit_schedule: ExitSchedule | None = None,
+    ):
+        super().__init__(
+            transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
+            tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        )  # fmt: skip
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitDDPMPipeline(EarlyExitPipelineMixin, DDPMPipeline):
+    """`DDPMPipeline` with an exit schedule over the decoder units of its `UNet2DModel`."""
+
+    def __init__(self, unet, scheduler, exit_schedule: ExitSchedule | None = None):
+        super().__init__(unet=unet, scheduler=scheduler)
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitDDIMPipeline(EarlyExitPipelineMixin, DDIMPipeline):
+    """`DDIMPipeline` with an exit schedule over the decoder units of its `UNet2DModel`."""
+
+    def __init__(self, unet, scheduler, exit_schedule: ExitSchedule | None = None):
+        super().__init__(unet=unet, scheduler=scheduler)
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitStableDiffusionPipeline(EarlyExitPipelineMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` with an exit schedule over the decoder units of its `UNet2DConditionModel`."""
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker,
+        feature_extractor,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+        exit_schedule: ExitSchedule | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+            image_encoder=image_encoder, requires_safety_checker=requires_safety_checker,
+        )  # fmt: skip
+        self._register_exit_schedule(exit_schedule)

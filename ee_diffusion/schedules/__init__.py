@@ -1,0 +1,3 @@
+from .exit_schedule import ExitSchedule
+
+__all__ = ["ExitSchedule"]

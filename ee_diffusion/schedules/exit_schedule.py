@@ -1,0 +1,224 @@
+"""`ExitSchedule`: how many denoiser blocks to run at each timestep (the ASE exit schedule)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from diffusers import SchedulerMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+SHAPES = ("constant", "linear", "cosine", "step", "table")
+
+
+def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[float]:
+    if isinstance(timesteps, torch.Tensor):
+        return [float(v) for v in timesteps.detach().reshape(-1).cpu().tolist()]
+    if isinstance(timesteps, (int, float)):
+        return [float(timesteps)]
+    return [float(v) for v in timesteps]
+
+
+class ExitSchedule(SchedulerMixin, ConfigMixin):
+    r"""
+    A time-dependent exit schedule: it maps a timestep to the number of denoiser blocks to run.
+
+    The schedule is a function of the normalised position `s = t / num_train_timesteps` in `[0, 1]`, where `s = 0` is
+    the clean-data end and `s = 1` is pure noise. Build one with a constructor (`constant`, `linear`, `cosine`, `step`,
+    `from_table`) rather than calling `__init__` directly.
+
+    It is a diffusers `ConfigMixin`, so `save_pretrained(dir)` writes `exit_schedule.json` and
+    `ExitSchedule.from_pretrained(dir)` / `from_config` read it back. It also derives from `SchedulerMixin`, which is
+    what lets a diffusers pipeline carry it as a component that `save_pretrained` writes and `from_pretrained`
+    restores (diffusers only saves components whose class derives from one of its known base classes).
+
+    Args:
+        num_blocks (`int`): Number of skippable blocks of the denoiser the schedule is made for.
+        shape (`str`): One of `"constant"`, `"linear"`, `"cosine"`, `"step"`, `"table"`.
+        min_blocks (`int`, *optional*): Depth at `s = 1` (`linear`, `cosine`) or everywhere (`constant`).
+        table (`list[int]`, *optional*): Depths of equal-width buckets of `s`, from the data end to the noise end
+            (`step`).
+        timesteps (`list[float]`, *optional*): Increasing timesteps, in units of `num_train_timesteps` (`table`).
+        depths (`list[int]`, *optional*): The depth at each of `timesteps` (`table`); linearly interpolated in
+            between and rounded up, held constant beyond the ends.
+        num_train_timesteps (`int`, defaults to 1000): Scale of `timesteps` in a `table` schedule.
+        allow_increasing (`bool`, defaults to `False`): Accept a `step` or `table` schedule whose depth increases
+            with noise. Without it such a table raises, since it is almost always a reversed table.
+    """
+
+    config_name = "exit_schedule.json"
+    has_compatibles = False
+
+    @register_to_config
+    def __init__(
+        self,
+        num_blocks: int,
+        shape: str = "constant",
+        min_blocks: int | None = None,
+        table: list[int] | None = None,
+        timesteps: list[float] | None = None,
+        depths: list[int] | None = None,
+        num_train_timesteps: int = 1000,
+        allow_increasing: bool = False,
+    ):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"`num_blocks` must be a positive integer, got {num_blocks!r}.")
+        if shape not in SHAPES:
+            raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+
+        if shape in ("constant", "linear", "cosine"):
+            if min_blocks is None:
+                raise ValueError(f"A {shape!r} schedule needs `min_blocks`.")
+            self._check_depth("min_blocks", min_blocks, num_blocks)
+        elif shape == "step":
+            if not table:
+                raise ValueError("A 'step' schedule needs a non-empty `table` of depths.")
+            for depth in table:
+                self._check_depth("table", depth, num_blocks)
+            self._check_not_increasing("table", list(table), allow_increasing)
+        else:
+            if not timesteps or depths is None or len(timesteps) != len(depths):
+                raise ValueError(
+                    "A 'table' schedule needs `timesteps` and `depths` of the same non-zero length, got "
+                    f"{0 if not timesteps else len(timesteps)} timesteps and {0 if depths is None else len(depths)} "
+                    "depths."
+                )
+            if any(b <= a for a, b in zip(timesteps, timesteps[1:])):
+                raise ValueError(f"`timesteps` must be strictly increasing, got {list(timesteps)}.")
+            if timesteps[0] < 0 or timesteps[-1] > num_train_timesteps:
+                raise ValueError(
+                    f"`timesteps` must lie in [0, num_train_timesteps={num_train_timesteps}], got {list(timesteps)}."
+                )
+            for depth in depths:
+                self._check_depth("depths", depth, num_blocks)
+            self._check_not_increasing("depths", list(depths), allow_increasing)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def constant(cls, num_blocks: int, blocks: int) -> "ExitSchedule":
+        """Run `blocks` of `num_blocks` blocks at every timestep."""
+        return cls(num_blocks=num_blocks, shape="constant", min_blocks=blocks)
+
+    @classmethod
+    def linear(cls, num_blocks: int, min_blocks: int) -> "ExitSchedule":
+        """All blocks at the data end (`s = 0`), falling linearly to `min_blocks` at pure noise (`s = 1`)."""
+        return cls(num_blocks=num_blocks, shape="linear", min_blocks=min_blocks)
+
+    @classmethod
+    def cosine(cls, num_blocks: int, min_blocks: int) -> "ExitSchedule":
+        """All blocks at `s = 0`, `min_blocks` at `s = 1`, following half a cosine (flat at both ends)."""
+        return cls(num_blocks=num_blocks, shape="cosine", min_blocks=min_blocks)
+
+    @classmethod
+    def step(cls, num_blocks: int, table: Sequence[int], allow_increasing: bool = False) -> "ExitSchedule":
+        """One depth per equal-width bucket of `s`, from the data end to the noise end.
+
+        This is the released ASE code's form: `ExitSchedule.step(28, [28, 28, 24, 24, 20, 20, 16, 16, 12, 12])`.
+        """
+        return cls(num_blocks=num_blocks, shape="step", table=[int(d) for d in table], allow_increasing=allow_increasing)
+
+    @classmethod
+    def from_table(
+        cls,
+        num_blocks: int,
+        timesteps: Sequence[float] | torch.Tensor,
+        depths: Sequence[int],
+        num_train_timesteps: int = 1000,
+        allow_increasing: bool = False,
+    ) -> "ExitSchedule":
+        """Any measured or calibrated schedule: `depths[i]` blocks at `timesteps[i]`.
+
+        Points may be given in any order; they are sorted by timestep. Between points the depth is linearly
+        interpolated and rounded up; beyond the first and last point it is held constant.
+        """
+        timesteps = _as_float_list(timesteps)
+        if len(timesteps) != len(depths):
+            raise ValueError(
+                f"`timesteps` and `depths` must have the same length, got {len(timesteps)} and {len(depths)}."
+            )
+        points = sorted(zip(timesteps, [int(d) for d in depths]))
+        return cls(
+            num_blocks=num_blocks,
+            shape="table",
+            timesteps=[t for t, _ in points],
+            depths=[d for _, d in points],
+            num_train_timesteps=num_train_timesteps,
+            allow_increasing=allow_increasing,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def depth_at_position(self, s: float) -> int:
+        """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped)."""
+        s = min(max(float(s), 0.0), 1.0)
+        config = self.config
+        full, shape = config.num_blocks, config.shape
+        if shape == "constant":
+            return config.min_blocks
+        if shape == "linear":
+            depth = full - (full - config.min_blocks) * s
+        elif shape == "cosine":
+            depth = config.min_blocks + (full - config.min_blocks) * (1.0 + math.cos(math.pi * s)) / 2.0
+        elif shape == "step":
+            table = config.table
+            return table[min(int(s * len(table)), len(table) - 1)]
+        else:
+            return self._table_depth(s * config.num_train_timesteps)
+        return min(max(math.floor(depth + 0.5), 1), full)
+
+    def blocks_at(self, t: float | torch.Tensor, num_train_timesteps: int = 1000) -> int:
+        """Number of blocks to run at timestep `t` of a `num_train_timesteps` training schedule."""
+        values = _as_float_list(t)
+        if len(values) != 1:
+            raise ValueError(f"`blocks_at` takes one timestep, got {len(values)}; use `depths_for` for a batch.")
+        return self.depth_at_position(values[0] / num_train_timesteps)
+
+    def depths_for(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> list[int]:
+        """The depth at each timestep of `timesteps` (a list or a tensor of any shape, read flat)."""
+        return [self.depth_at_position(t / num_train_timesteps) for t in _as_float_list(timesteps)]
+
+    def compute_fraction(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> float:
+        """Expected fraction of block compute over a sampling run, e.g. `compute_fraction(scheduler.timesteps)`."""
+        depths = self.depths_for(timesteps, num_train_timesteps)
+        if not depths:
+            raise ValueError("`compute_fraction` needs at least one timestep.")
+        return sum(depths) / (len(depths) * self.config.num_blocks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExitSchedule) and _comparable(self.config) == _comparable(other.config)
+
+    __hash__ = None
+
+    # ------------------------------------------------------------------ helpers
+    def _table_depth(self, t: float) -> int:
+        timesteps, depths = self.config.timesteps, self.config.depths
+        if t <= timesteps[0]:
+            return depths[0]
+        if t >= timesteps[-1]:
+            return depths[-1]
+        for (t0, d0), (t1, d1) in zip(zip(timesteps, depths), zip(timesteps[1:], depths[1:])):
+            if t0 <= t <= t1:
+                return math.ceil(d0 + (d1 - d0) * (t - t0) / (t1 - t0) - 1e-9)
+        raise AssertionError("unreachable: timesteps are sorted")
+
+    @staticmethod
+    def _check_depth(name: str, depth: int, num_blocks: int) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_blocks:
+            raise ValueError(f"`{name}` depths must be integers in [1, num_blocks={num_blocks}], got {depth!r}.")
+
+    @staticmethod
+    def _check_not_increasing(name: str, depths: list[int], allow_increasing: bool) -> None:
+        if allow_increasing:
+            return
+        for i, (a, b) in enumerate(zip(depths, depths[1:])):
+            if b > a:
+                raise ValueError(
+                    f"`{name}` depth increases with noise ({a} -> {b} at entry {i + 1} of {depths}); tables run from "
+                    "the data end to the noise end. Pass `allow_increasing=True` if this is on purpose."
+                )
+
+
+def _comparable(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}

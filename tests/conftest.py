@@ -1,0 +1,58 @@
+"""Shared test helpers: tiny denoisers built from configs, and independent counting of the work they do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.attention_processor import Attention
+
+
+def make_tiny_dit(num_layers: int = 4, sample_size: int = 8, seed: int = 0) -> DiTTransformer2DModel:
+    """A randomly initialised class-conditional DiT with learned variance, small enough for CPU tests."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=sample_size,
+        patch_size=2,
+        norm_num_groups=1,
+        num_embeds_ada_norm=1000,
+    )
+    return model.eval()
+
+
+class AttentionCounter:
+    """Counts real attention work with plain torch forward hooks, independently of the exit hooks' own records.
+
+    `counts[i]` is how many times attention module `i` (in `named_modules` order) ran its forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> None:
+        self.modules = modules if modules is not None else [m for m in model.modules() if isinstance(m, Attention)]
+        self.counts = [0] * len(self.modules)
+        self.events: list[int] = []  # module index of every attention forward, in order
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            self.counts[index] += 1
+            self.events.append(index)
+
+        return hook
+
+    def reset(self) -> None:
+        self.counts = [0] * len(self.modules)
+        self.events.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.fixture
+def tiny_dit() -> DiTTransformer2DModel:
+    return make_tiny_dit()
