@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -147,6 +148,32 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             depths=[d for _, d in points],
             num_train_timesteps=num_train_timesteps,
             allow_increasing=allow_increasing,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: str, num_blocks: int) -> "ExitSchedule":
+        """Parse a command-line schedule: `linear:M`, `cosine:M`, `constant:M`, `step:d1,d2,...`, or a saved folder.
+
+        Each depth is a block count (`linear:6`) or, written with a decimal point, a fraction of `num_blocks`
+        (`linear:0.5` is `min_blocks = round(0.5 * num_blocks)`; `step:1.0,0.5` is `[num_blocks, num_blocks / 2]`).
+        """
+        if os.path.isdir(spec):
+            return cls.from_pretrained(spec)
+        shape, _, value = spec.partition(":")
+
+        def blocks(v: str) -> int:
+            return max(1, math.floor(float(v) * num_blocks + 0.5)) if "." in v else int(v)
+
+        try:
+            if shape == "step":
+                return cls.step(num_blocks, [blocks(v) for v in value.split(",")])
+            if shape in ("linear", "cosine", "constant") and value:
+                return cls(num_blocks=num_blocks, shape=shape, min_blocks=blocks(value))
+        except ValueError as error:
+            raise ValueError(f"Bad exit schedule {spec!r}: {error}") from None
+        raise ValueError(
+            f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a folder "
+            "holding exit_schedule.json."
         )
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,3 @@
+from .throughput import Timing, time_interleaved
+
+__all__ = ["Timing", "time_interleaved"]

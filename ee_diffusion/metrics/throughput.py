@@ -1,0 +1,54 @@
+"""Wall-clock timing that stays trustworthy on a noisy machine: warm-up, interleaved repeats, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per run of one method: every repeat, and their median."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def _synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    runs: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, Timing]:
+    """Time several methods side by side: round `r` runs every method once, in order, so drifts hit all alike.
+
+    Args:
+        runs: Method name to a callable doing one full run.
+        repeats: Timed rounds; the median is reported.
+        warmup: Untimed rounds first (allocator, caches, lazy initialisation).
+        device: Synchronised before and after each run when it is a CUDA device.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + repeats):
+        for name, run in runs.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            if round_index >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in seconds.items()}

@@ -1,0 +1,39 @@
+import json
+
+import pytest
+from diffusers import DPMSolverMultistepScheduler
+
+from ee_diffusion import ExitSchedule
+from ee_diffusion.cli import main
+from ee_diffusion.metrics import time_interleaved
+
+TINY = ["--num-layers", "4", "--heads", "2", "--head-dim", "8", "--sample-size", "8", "--steps", "5"]
+
+
+def test_speed_command_reports_every_method_with_the_executed_fraction(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    args = ["speed", *TINY, "--repeats", "1", "--warmup", "0", "--schedule", "linear:1", "--schedule", "step:4,2"]
+    assert main([*args, "--json", str(out)]) == 0
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["baseline", "full-depth hook", "ase linear:1", "ase step:4,2"]
+    scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
+    scheduler.set_timesteps(5)
+    for name, schedule in [("ase linear:1", ExitSchedule.linear(4, 1)), ("ase step:4,2", ExitSchedule.step(4, [4, 2]))]:
+        assert rows[name]["block_fraction"] == pytest.approx(schedule.compute_fraction(scheduler.timesteps))
+        assert rows[name]["predicted_speedup"] == pytest.approx(1 / rows[name]["block_fraction"])
+    assert rows["full-depth hook"]["block_fraction"] == 1.0 and rows["baseline"]["speedup"] == 1.0
+    assert "efficiency" in capsys.readouterr().out
+
+
+def test_speed_command_rejects_a_bad_schedule():
+    with pytest.raises(ValueError, match="Bad exit schedule 'linear:9'"):
+        main(["speed", *TINY, "--repeats", "1", "--schedule", "linear:9"])
+
+
+def test_time_interleaved_runs_methods_round_robin_after_warmup():
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3
+    assert len(timings["a"].seconds) == 2 and timings["b"].median >= 0
+    with pytest.raises(ValueError, match="repeats=0"):
+        time_interleaved({"a": lambda: None}, repeats=0)

@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+
+from ee_diffusion import ExitSchedule
+
+
+def test_linear_runs_all_blocks_at_data_end_and_min_at_noise_end():
+    schedule = ExitSchedule.linear(num_blocks=28, min_blocks=14)
+    assert schedule.blocks_at(0) == 28
+    assert schedule.blocks_at(999) == 14
+    assert schedule.blocks_at(500) == 21
+    depths = schedule.depths_for(range(0, 1000, 10))
+    assert depths == sorted(depths, reverse=True)
+
+
+def test_cosine_is_flat_at_both_ends_and_non_increasing():
+    schedule = ExitSchedule.cosine(num_blocks=12, min_blocks=4)
+    assert schedule.blocks_at(0) == 12 and schedule.blocks_at(999) == 4
+    assert schedule.blocks_at(500) == 8
+    depths = schedule.depths_for(torch.arange(1000))
+    assert depths == sorted(depths, reverse=True)
+    linear = ExitSchedule.linear(12, 4)
+    assert schedule.blocks_at(100) > linear.blocks_at(100)  # cosine stays deeper near the data end
+
+
+def test_constant():
+    schedule = ExitSchedule.constant(num_blocks=6, blocks=3)
+    assert set(schedule.depths_for(range(1000))) == {3}
+
+
+def test_step_matches_released_ase_buckets():
+    table = [28, 28, 24, 24, 20, 20, 16, 16, 12, 12]
+    schedule = ExitSchedule.step(28, table)
+    for t in range(1000):
+        assert schedule.blocks_at(t) == table[t // 100]
+    assert schedule.blocks_at(1000) == 12  # the noise end is the last bucket
+
+
+def test_from_table_interpolates_rounds_up_and_clamps():
+    schedule = ExitSchedule.from_table(12, timesteps=[800, 100, 500], depths=[4, 12, 8])
+    assert schedule.config.timesteps == [100.0, 500.0, 800.0]  # sorted
+    assert schedule.blocks_at(0) == 12 and schedule.blocks_at(100) == 12
+    assert schedule.blocks_at(500) == 8 and schedule.blocks_at(999) == 4
+    assert schedule.blocks_at(300) == 10
+    assert schedule.blocks_at(301) == 10  # 9.99 rounds up
+    assert schedule.blocks_at(650) == 6
+
+
+def test_blocks_at_other_num_train_timesteps_and_tensor_input():
+    schedule = ExitSchedule.linear(10, 2)
+    assert schedule.blocks_at(torch.tensor(50.0), num_train_timesteps=100) == schedule.blocks_at(500)
+    assert schedule.blocks_at(torch.tensor([999])) == 2
+    with pytest.raises(ValueError, match="one timestep"):
+        schedule.blocks_at(torch.tensor([1, 2]))
+
+
+def test_compute_fraction():
+    schedule = ExitSchedule.step(4, [4, 2])
+    assert schedule.compute_fraction([100, 900]) == pytest.approx(0.75)
+    assert schedule.compute_fraction(torch.tensor([900, 800])) == pytest.approx(0.5)
+    assert ExitSchedule.constant(8, 8).compute_fraction(range(0, 1000, 20)) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        schedule.compute_fraction([])
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: ExitSchedule.linear(28, 14),
+        lambda: ExitSchedule.cosine(12, 3),
+        lambda: ExitSchedule.constant(6, 6),
+        lambda: ExitSchedule.step(28, [28, 28, 24, 24, 20, 20, 16, 16, 12, 12]),
+        lambda: ExitSchedule.from_table(12, [10.5, 400, 990], [12, 9, 3], num_train_timesteps=1000),
+    ],
+)
+def test_save_pretrained_round_trip(tmp_path, factory):
+    schedule = factory()
+    schedule.save_pretrained(tmp_path)
+    assert (tmp_path / "exit_schedule.json").is_file()
+    loaded = ExitSchedule.from_pretrained(tmp_path)
+    assert loaded == schedule
+    assert loaded.depths_for(range(1000)) == schedule.depths_for(range(1000))
+    assert ExitSchedule.from_config(schedule.config) == schedule
+    assert json.loads((tmp_path / "exit_schedule.json").read_text())["shape"] == schedule.config.shape
+
+
+def test_equality_distinguishes_schedules():
+    assert ExitSchedule.linear(28, 14) != ExitSchedule.linear(28, 15)
+    assert ExitSchedule.linear(28, 14) != ExitSchedule.cosine(28, 14)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: ExitSchedule.linear(0, 1), "num_blocks"),
+        (lambda: ExitSchedule.linear(12.0, 4), "num_blocks"),
+        (lambda: ExitSchedule.linear(12, 0), r"in \[1, num_blocks=12\], got 0"),
+        (lambda: ExitSchedule.linear(12, 13), r"in \[1, num_blocks=12\], got 13"),
+        (lambda: ExitSchedule.cosine(12, -1), "got -1"),
+        (lambda: ExitSchedule.constant(12, 2.5), "got 2.5"),
+        (lambda: ExitSchedule.step(12, []), "non-empty `table`"),
+        (lambda: ExitSchedule.step(12, [12, 13]), "got 13"),
+        (lambda: ExitSchedule.step(12, [8, 12]), r"increases with noise \(8 -> 12"),
+        (lambda: ExitSchedule.from_table(12, [0, 500], [12]), "same length, got 2 and 1"),
+        (lambda: ExitSchedule.from_table(12, [100, 100], [12, 6]), "strictly increasing"),
+        (lambda: ExitSchedule.from_table(12, [0, 1500], [12, 6]), r"\[0, num_train_timesteps=1000\]"),
+        (lambda: ExitSchedule.from_table(12, [0, 500], [4, 12]), "increases with noise"),
+        (lambda: ExitSchedule(num_blocks=12, shape="zigzag"), "`shape` must be one of"),
+        (lambda: ExitSchedule(num_blocks=12, shape="linear"), "needs `min_blocks`"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_increasing_table_is_allowed_on_purpose():
+    schedule = ExitSchedule.step(12, [6, 12], allow_increasing=True)
+    assert schedule.blocks_at(0) == 6 and schedule.blocks_at(999) == 12
+    table = ExitSchedule.from_table(12, [0, 999], [4, 12], allow_increasing=True)
+    assert table.blocks_at(999) == 12
+
+
+def test_loading_a_tampered_file_validates(tmp_path):
+    ExitSchedule.linear(12, 6).save_pretrained(tmp_path)
+    path = tmp_path / "exit_schedule.json"
+    config = json.loads(path.read_text())
+    config["min_blocks"] = 40
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="got 40"):
+        ExitSchedule.from_pretrained(tmp_path)
+
+
+def test_from_spec(tmp_path):
+    assert ExitSchedule.from_spec("linear:0.5", 12) == ExitSchedule.linear(12, 6)
+    assert ExitSchedule.from_spec("cosine:3", 12) == ExitSchedule.cosine(12, 3)
+    assert ExitSchedule.from_spec("constant:1.0", 12) == ExitSchedule.constant(12, 12)
+    assert ExitSchedule.from_spec("step:12,12,8,4", 12) == ExitSchedule.step(12, [12, 12, 8, 4])
+    ExitSchedule.linear(12, 4).save_pretrained(tmp_path)
+    assert ExitSchedule.from_spec(str(tmp_path), 12) == ExitSchedule.linear(12, 4)
+    for bad in ["linear", "linear:x", "zigzag:3", "step:12,a", "linear:13"]:
+        with pytest.raises(ValueError, match="Bad exit schedule"):
+            ExitSchedule.from_spec(bad, 12)
+
+
+def test_from_spec_step_fractions():
+    assert ExitSchedule.from_spec("step:1.0,1.0,0.5,0.25", 12) == ExitSchedule.step(12, [12, 12, 6, 3])
