@@ -112,8 +112,10 @@ class ExitUnitHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
         state = self.state
-        if state.depths is None or state.min_depth > self.index:  # outside a scheduled call, or every sample runs it
-            state.units_executed += state.depths is not None
+        if state.depths is None:  # the unit was called on its own, outside a denoiser call
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if state.min_depth > self.index:  # every sample of the batch reaches this unit
+            state.units_executed += 1
             return self.fn_ref.original_forward(*args, **kwargs)
         skipped = self.skip(module, args, kwargs)
         if state.max_depth <= self.index:
