@@ -29,7 +29,11 @@ _UNIT_HOOK = "ee_exit_unit"
 
 @dataclass(frozen=True)
 class ExitCall:
-    """What one denoiser call ran: its timesteps and depth per sample, and how many units actually executed."""
+    """What one denoiser call ran: its timestep values and the depth of each, and how many units actually executed.
+
+    `timesteps` and `depths` have one entry per timestep value the denoiser received: one per sample when the
+    pipeline passes a batch of timesteps (DiT, PixArt, SD3), a single one when it passes a scalar (the U-Nets).
+    """
 
     timesteps: tuple[float, ...]
     depths: tuple[int, ...]
@@ -210,17 +214,26 @@ def apply_exit_schedule(
             ExitUnitHook(index, architecture, state), _UNIT_HOOK
         )
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    _keep_pipeline_component(pipe_or_model, schedule)
 
 
 def remove_exit_schedule(pipe_or_model: Any) -> None:
     """Remove the exit hooks, restoring the denoiser's original forwards (a no-op when none is applied)."""
     model, _ = _resolve(pipe_or_model)
+    _keep_pipeline_component(pipe_or_model, None)
     if _schedule_hook(model) is None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.remove_hook(_SCHEDULE_HOOK, recurse=False)
     registry.remove_hook(_UNIT_HOOK, recurse=True)
     registry.invalidate_child_registries_cache()
+
+
+def _keep_pipeline_component(pipe_or_model: Any, schedule: ExitSchedule | None) -> None:
+    """A pipeline that carries an `exit_schedule` component (the drop-in ones) records what its hooks apply."""
+    config = getattr(pipe_or_model, "config", None)
+    if not isinstance(pipe_or_model, torch.nn.Module) and config is not None and "exit_schedule" in config:
+        pipe_or_model.register_modules(exit_schedule=schedule)
 
 
 def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:

@@ -40,6 +40,10 @@ class EarlyExitPipelineMixin:
         super().__init_subclass__(**kwargs)
         if "exit_schedule" not in cls._optional_components:
             cls._optional_components = [*cls._optional_components, "exit_schedule"]
+        # diffusers' `from_pipe` matches components by the annotated types of `__init__`: take the parent's.
+        parent = next(base for base in cls.__mro__[1:] if not issubclass(base, EarlyExitPipelineMixin))
+        if "__init__" in cls.__dict__:
+            cls.__init__.__annotations__ = {**parent.__init__.__annotations__, **cls.__init__.__annotations__}
 
     def _register_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
         if exit_schedule is not None and not isinstance(exit_schedule, ExitSchedule):

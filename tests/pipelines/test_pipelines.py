@@ -1,0 +1,365 @@
+"""The drop-in early-exit pipelines: per-call depth, guidance batches, save/load, removal and errors.
+
+Executed depth is measured with plain torch hooks (`DepthRecorder`), never read from the package's own counters; the
+package's `pipe.exit_stats` is then checked against that measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DiTPipeline
+
+import ee_diffusion
+from ee_diffusion import (
+    EarlyExitDDPMPipeline,
+    EarlyExitDiTPipeline,
+    ExitSchedule,
+    apply_exit_schedule,
+    exit_units,
+    get_exit_schedule,
+    num_exit_blocks,
+    remove_exit_schedule,
+)
+
+from .conftest import (
+    CASES,
+    NUM_DIT_BLOCKS,
+    NUM_UNET2D_UNITS,
+    DepthRecorder,
+    assert_depths_follow_schedule,
+    decoder_units,
+    images_of,
+    make_ddpm_pipe,
+    make_dit_pipe,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ALL = sorted(CASES)
+GUIDED = sorted(name for name, case in CASES.items() if case.guided)
+
+
+def run(pipe, case, **overrides) -> torch.Tensor:
+    kwargs = case.inputs(**{k: overrides.pop(k) for k in ("batch", "guidance", "steps", "seed") if k in overrides})
+    kwargs.update(overrides)
+    return images_of(pipe(**kwargs))
+
+
+# ---------------------------------------------------------------------------------------------- 1. depth per call
+@pytest.mark.parametrize("name", ALL)
+def test_exit_units_are_the_denoiser_blocks(name):
+    """The units a schedule counts are the transformer blocks, or the U-Net decoder's resnets and attentions in
+    execution order (derived here from the model structure)."""
+    case = CASES[name]
+    pipe = case.make()
+    denoiser = pipe.unet if case.is_unet else pipe.transformer
+    expected = decoder_units(denoiser) if case.is_unet else list(denoiser.transformer_blocks)
+    units = exit_units(pipe)
+    assert len(units) == case.num_units == num_exit_blocks(pipe)
+    assert all(a is b for a, b in zip(units, expected))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_depth_per_call_follows_schedule(name):
+    case = CASES[name]
+    schedule = ExitSchedule.linear(num_blocks=case.num_units, min_blocks=1)
+    pipe = case.make(exit_schedule=schedule)
+    recorder = case.recorder(pipe)
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+
+    for _ in range(2):  # a second call starts a fresh record in `exit_stats`
+        recorder.reset()
+        images = run(pipe, case, steps=4)
+        depths = assert_depths_follow_schedule(recorder, schedule, num_train_timesteps, pipe.exit_stats)
+        timesteps = [call.timesteps[0] for call in recorder.calls]
+        assert timesteps == pytest.approx(pipe.scheduler.timesteps.float().tolist(), abs=1e-4)
+        assert len(set(depths)) >= 2, f"schedule did not vary over the run: {depths}"
+        assert min(depths) < case.num_units
+        assert torch.isfinite(images).all()
+
+    # Without a schedule, the same instrument sees every unit run, in order, at every call.
+    pipe.exit_schedule = None
+    recorder.reset()
+    run(pipe, case, steps=4)
+    assert recorder.depths and all(call.ran == list(range(case.num_units)) for call in recorder.calls)
+    assert pipe.exit_stats is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shallower_schedule_changes_the_output(name):
+    case = CASES[name]
+    pipe = case.make()
+    reference = run(pipe, case, steps=3)
+    pipe.exit_schedule = ExitSchedule.constant(case.num_units, 1)
+    shallow = run(pipe, case, steps=3)
+    assert shallow.shape == reference.shape
+    assert not torch.equal(shallow, reference)
+
+
+# ---------------------------------------------------------------------------------------------- 3. guidance batches
+@pytest.mark.parametrize("name", GUIDED)
+def test_guidance_batch_gets_one_depth_per_call(name):
+    """Two prompts/classes with classifier-free guidance: the denoiser sees a batch of 4 in one call, which runs one
+    depth (each unit exactly once), the depth of that call's timestep."""
+    case = CASES[name]
+    schedule = ExitSchedule.linear(num_blocks=case.num_units, min_blocks=1)
+    pipe = case.make(exit_schedule=schedule)
+    recorder = case.recorder(pipe)
+    images = run(pipe, case, batch=2, guidance=True, steps=4)
+    assert images.shape[0] == 2
+    assert [call.batch for call in recorder.calls] == [4] * len(pipe.scheduler.timesteps)
+    depths = assert_depths_follow_schedule(
+        recorder, schedule, pipe.scheduler.config.num_train_timesteps, pipe.exit_stats
+    )
+    assert len(set(depths)) >= 2
+    for call in pipe.exit_stats.calls:
+        assert len(set(call.depths)) == 1
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_guidance_batch_full_depth_is_bit_identical_and_shallower_differs(name):
+    case = CASES[name]
+    pipe = case.make()
+    reference = run(pipe, case, batch=2, guidance=True, steps=3)
+
+    pipe.exit_schedule = ExitSchedule.constant(case.num_units, case.num_units)
+    recorder = case.recorder(pipe)
+    full = run(pipe, case, batch=2, guidance=True, steps=3)
+    assert all(call.ran == list(range(case.num_units)) for call in recorder.calls)
+    assert torch.equal(full, reference)
+
+    pipe.exit_schedule = ExitSchedule.constant(case.num_units, case.num_units - 1)
+    shallower = run(pipe, case, batch=2, guidance=True, steps=3)
+    assert not torch.equal(shallower, reference)
+    assert (shallower - reference).abs().max() > 1e-6
+
+    pipe.exit_schedule = None  # and back, on the same pipeline object
+    assert torch.equal(run(pipe, case, batch=2, guidance=True, steps=3), reference)
+
+
+# ---------------------------------------------------------------------------------------------- 4. save / load
+def dit_kwargs(seed: int = 0) -> dict:
+    return CASES["dit"].inputs(batch=1, steps=4, seed=seed)
+
+
+def test_dit_save_load_round_trip(tmp_path):
+    schedule = ExitSchedule.step(NUM_DIT_BLOCKS, [4, 3, 2, 1])
+    pipe = make_dit_pipe(exit_schedule=schedule)
+    original = images_of(pipe(**dit_kwargs()))
+    pipe.save_pretrained(tmp_path)
+
+    saved = tmp_path / "exit_schedule" / "exit_schedule.json"
+    assert saved.is_file()
+    assert json.loads(saved.read_text())["table"] == [4, 3, 2, 1]
+    assert ExitSchedule.from_pretrained(tmp_path / "exit_schedule") == schedule
+    assert json.loads((tmp_path / "model_index.json").read_text())["exit_schedule"][1] == "ExitSchedule"
+
+    loaded = EarlyExitDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.exit_schedule, ExitSchedule)
+    assert loaded.exit_schedule == schedule
+    assert get_exit_schedule(loaded) == schedule  # applied at load time, not only stored
+    recorder = DepthRecorder.for_transformer(loaded)
+    assert torch.equal(images_of(loaded(**dit_kwargs())), original)
+    depths = assert_depths_follow_schedule(recorder, schedule, 1000, loaded.exit_stats)
+    assert len(set(depths)) >= 2
+
+
+def test_dit_save_without_schedule_loads_none(tmp_path):
+    pipe = make_dit_pipe()
+    reference = images_of(pipe(**dit_kwargs()))
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "exit_schedule" / "exit_schedule.json").exists()
+    loaded = EarlyExitDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.exit_schedule is None and get_exit_schedule(loaded) is None
+    assert torch.equal(images_of(loaded(**dit_kwargs())), reference)
+
+
+def test_load_folder_saved_by_plain_diffusers_pipeline(tmp_path):
+    plain = make_dit_pipe(pipeline_cls=DiTPipeline)
+    reference = images_of(plain(**dit_kwargs()))
+    plain.save_pretrained(tmp_path)
+    assert "exit_schedule" not in json.loads((tmp_path / "model_index.json").read_text())
+
+    loaded = EarlyExitDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.exit_schedule is None
+    assert loaded.exit_stats is None
+    recorder = DepthRecorder.for_transformer(loaded)
+    assert torch.equal(images_of(loaded(**dit_kwargs())), reference)
+    assert recorder.depths == [NUM_DIT_BLOCKS] * 4
+
+    # ... and a schedule can be given at load time.
+    schedule = ExitSchedule.linear(NUM_DIT_BLOCKS, 1)
+    scheduled = EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=schedule)
+    scheduled.set_progress_bar_config(disable=True)
+    recorder = DepthRecorder.for_transformer(scheduled)
+    scheduled(**dit_kwargs())
+    assert len(set(assert_depths_follow_schedule(recorder, schedule, 1000, scheduled.exit_stats))) >= 2
+
+
+def test_from_pretrained_exit_schedule_overrides_saved_one(tmp_path):
+    saved = ExitSchedule.linear(NUM_DIT_BLOCKS, 1)
+    make_dit_pipe(exit_schedule=saved).save_pretrained(tmp_path)
+    reference = images_of(make_dit_pipe()(**dit_kwargs()))
+
+    override = ExitSchedule.constant(NUM_DIT_BLOCKS, 2)
+    loaded = EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=override)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.exit_schedule == override and loaded.exit_schedule != saved
+    recorder = DepthRecorder.for_transformer(loaded)
+    loaded(**dit_kwargs())
+    assert recorder.depths == [2] * 4
+    assert_depths_follow_schedule(recorder, override, 1000, loaded.exit_stats)
+
+    unscheduled = EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=None)
+    unscheduled.set_progress_bar_config(disable=True)
+    assert unscheduled.exit_schedule is None and get_exit_schedule(unscheduled) is None
+    assert torch.equal(images_of(unscheduled(**dit_kwargs())), reference)
+
+
+def test_ddpm_save_load_round_trip(tmp_path):
+    schedule = ExitSchedule.step(NUM_UNET2D_UNITS, [6, 4, 2])
+    pipe = make_ddpm_pipe(exit_schedule=schedule)
+    kwargs = dict(num_inference_steps=4, output_type="np")
+    original = images_of(pipe(generator=torch.Generator().manual_seed(0), **kwargs))
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "exit_schedule" / "exit_schedule.json").is_file()
+
+    loaded = EarlyExitDDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.exit_schedule == schedule
+    recorder = DepthRecorder.for_unet(loaded)
+    assert torch.equal(images_of(loaded(generator=torch.Generator().manual_seed(0), **kwargs)), original)
+    assert len(set(assert_depths_follow_schedule(recorder, schedule, 1000, loaded.exit_stats))) >= 2
+
+    # A folder from plain diffusers loads without a schedule, and an explicit one overrides.
+    plain_dir = tmp_path / "plain"
+    make_ddpm_pipe(pipeline_cls=DDPMPipeline).save_pretrained(plain_dir)
+    assert EarlyExitDDPMPipeline.from_pretrained(plain_dir).exit_schedule is None
+    override = ExitSchedule.constant(NUM_UNET2D_UNITS, 3)
+    assert EarlyExitDDPMPipeline.from_pretrained(tmp_path, exit_schedule=override).exit_schedule == override
+
+
+def test_from_pipe_of_plain_diffusers_pipeline():
+    plain = make_dit_pipe(pipeline_cls=DiTPipeline)
+    schedule = ExitSchedule.linear(NUM_DIT_BLOCKS, 1)
+    pipe = EarlyExitDiTPipeline.from_pipe(plain, exit_schedule=schedule)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer is plain.transformer and pipe.exit_schedule == schedule
+    recorder = DepthRecorder.for_transformer(pipe)
+    pipe(**dit_kwargs())
+    assert len(set(assert_depths_follow_schedule(recorder, schedule, 1000, pipe.exit_stats))) >= 2
+
+
+# ---------------------------------------------------------------------------------------------- 5. removal
+@pytest.mark.parametrize("name", ["dit", "ddpm", "sd"])
+def test_exit_schedule_none_is_bit_identical_to_never_scheduled(name):
+    case = CASES[name]
+    never = run(case.make(), case, steps=3)
+
+    pipe = case.make(exit_schedule=ExitSchedule.linear(case.num_units, 1))
+    scheduled = run(pipe, case, steps=3)
+    assert not torch.equal(scheduled, never)
+
+    pipe.exit_schedule = None
+    assert torch.equal(run(pipe, case, steps=3), never)
+    assert get_exit_schedule(pipe) is None
+
+    pipe.set_exit_schedule(ExitSchedule.linear(case.num_units, 1))
+    assert torch.equal(run(pipe, case, steps=3), scheduled)
+    pipe.set_exit_schedule(None)
+    assert torch.equal(run(pipe, case, steps=3), never)
+
+
+def test_remove_exit_schedule_on_plain_diffusers_pipeline_is_bit_identical():
+    case = CASES["dit"]
+    pipe = make_dit_pipe(pipeline_cls=DiTPipeline)
+    never = run(pipe, case, steps=3)
+    apply_exit_schedule(pipe, ExitSchedule.linear(NUM_DIT_BLOCKS, 1))
+    assert not torch.equal(run(pipe, case, steps=3), never)
+    remove_exit_schedule(pipe)
+    assert get_exit_schedule(pipe) is None
+    assert torch.equal(run(pipe, case, steps=3), never)
+
+
+@pytest.mark.parametrize("name", ["dit", "ddpm"])
+def test_remove_exit_schedule_on_dropin_pipeline_is_bit_identical(name):
+    case = CASES[name]
+    never = run(case.make(), case, steps=3)
+    pipe = case.make(exit_schedule=ExitSchedule.linear(case.num_units, 1))
+    assert not torch.equal(run(pipe, case, steps=3), never)
+    remove_exit_schedule(pipe)
+    assert torch.equal(run(pipe, case, steps=3), never)
+
+
+def test_apply_exit_schedule_on_dropin_pipeline_is_honoured():
+    schedule = ExitSchedule.constant(NUM_DIT_BLOCKS, 2)
+    pipe = make_dit_pipe()
+    apply_exit_schedule(pipe, schedule)
+    recorder = DepthRecorder.for_transformer(pipe)
+    pipe(**dit_kwargs())
+    assert recorder.depths == [2] * 4
+
+
+# ---------------------------------------------------------------------------------------------- 6. errors
+def _names_both(message: str, a: int, b: int) -> bool:
+    return re.search(rf"\b{a}\b", message) is not None and re.search(rf"\b{b}\b", message) is not None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_num_blocks_raises_in_constructor(name):
+    case = CASES[name]
+    wrong = case.num_units + 3
+    with pytest.raises(ValueError) as info:
+        case.make(exit_schedule=ExitSchedule.constant(wrong, 1))
+    assert _names_both(str(info.value), wrong, case.num_units), str(info.value)
+
+
+def test_mismatched_num_blocks_raises_in_apply_and_set():
+    pipe = make_dit_pipe()
+    wrong = ExitSchedule.constant(7, 3)
+    for apply in (lambda: apply_exit_schedule(pipe, wrong), lambda: pipe.set_exit_schedule(wrong)):
+        with pytest.raises(ValueError) as info:
+            apply()
+        assert _names_both(str(info.value), 7, NUM_DIT_BLOCKS), str(info.value)
+    with pytest.raises(ValueError) as info:
+        apply_exit_schedule(make_ddpm_pipe(), ExitSchedule.constant(NUM_DIT_BLOCKS, 1))
+    assert _names_both(str(info.value), NUM_DIT_BLOCKS, NUM_UNET2D_UNITS), str(info.value)
+
+
+def test_mismatched_num_blocks_raises_in_from_pretrained(tmp_path):
+    make_dit_pipe().save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as info:
+        EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=ExitSchedule.constant(9, 3))
+    assert _names_both(str(info.value), 9, NUM_DIT_BLOCKS), str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["linear", 3, DDIMScheduler()], ids=["str", "int", "scheduler"])
+def test_non_schedule_raises_type_error(bad):
+    with pytest.raises(TypeError):
+        make_dit_pipe(exit_schedule=bad)
+    with pytest.raises(TypeError):
+        make_ddpm_pipe(exit_schedule=bad)
+    pipe = make_dit_pipe()
+    with pytest.raises(TypeError):
+        pipe.set_exit_schedule(bad)
+    with pytest.raises(TypeError):
+        apply_exit_schedule(pipe, bad)
+    with pytest.raises(TypeError):
+        ee_diffusion.apply_exit_schedule(pipe.transformer, bad)
+
+
+def test_non_schedule_assigned_or_loaded_raises_type_error(tmp_path):
+    pipe = make_dit_pipe()
+    pipe.exit_schedule = DDIMScheduler()  # a SchedulerMixin, so diffusers' own setattr accepts it
+    with pytest.raises(TypeError):
+        pipe(**dit_kwargs())
+    make_dit_pipe().save_pretrained(tmp_path)
+    with pytest.raises(TypeError):
+        EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=DDIMScheduler())
