@@ -32,7 +32,8 @@ def time_interleaved(
     warmup: int = 1,
     device: torch.device | str | None = None,
 ) -> dict[str, Timing]:
-    """Time several methods side by side: round `r` runs every method once, in order, so drifts hit all alike.
+    """Time several methods side by side: every round runs each method once, so drifts hit all alike, and the
+    order rotates from round to round, so no method always runs first (or right after a given other one).
 
     Args:
         runs: Method name to a callable doing one full run.
@@ -43,8 +44,11 @@ def time_interleaved(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for round_index in range(warmup + repeats):
-        for name, run in runs.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = runs[name]
             _synchronize(device)
             start = time.perf_counter()
             run()

@@ -29,6 +29,12 @@ from ..exits import (
 from ..schedules import ExitSchedule
 
 
+def _checked(exit_schedule: Any) -> ExitSchedule | None:
+    if exit_schedule is not None and not isinstance(exit_schedule, ExitSchedule):
+        raise TypeError(f"`exit_schedule` must be an ExitSchedule or None, got {type(exit_schedule).__name__}.")
+    return exit_schedule
+
+
 class EarlyExitPipelineMixin:
     """What the early-exit pipelines share: the `exit_schedule` component, its hooks and their per-call stats.
 
@@ -45,10 +51,16 @@ class EarlyExitPipelineMixin:
         if "__init__" in cls.__dict__:
             cls.__init__.__annotations__ = {**parent.__init__.__annotations__, **cls.__init__.__annotations__}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "exit_schedule":
+            return super().__setattr__(name, value)
+        super().__setattr__(name, _checked(value))
+        # diffusers records a component assigned where `None` stood as (None, None), which `save_pretrained` skips.
+        if value is not None and self.config.get(name, (None,))[0] is None:
+            self.register_modules(exit_schedule=value)
+
     def _register_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
-        if exit_schedule is not None and not isinstance(exit_schedule, ExitSchedule):
-            raise TypeError(f"`exit_schedule` must be an ExitSchedule or None, got {type(exit_schedule).__name__}.")
-        self.register_modules(exit_schedule=exit_schedule)
+        self.register_modules(exit_schedule=_checked(exit_schedule))
         self._sync_exit_hooks()
 
     def set_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:

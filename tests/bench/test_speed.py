@@ -30,10 +30,11 @@ def test_speed_command_rejects_a_bad_schedule():
         main(["speed", *TINY, "--repeats", "1", "--schedule", "linear:9"])
 
 
-def test_time_interleaved_runs_methods_round_robin_after_warmup():
+def test_time_interleaved_rotates_the_order_of_methods_each_round():
     calls = []
-    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
-    assert calls == ["a", "b"] * 3
-    assert len(timings["a"].seconds) == 2 and timings["b"].median >= 0
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = time_interleaved(runs, repeats=3, warmup=1)
+    assert "".join(calls) == "abc" + "bca" + "cab" + "abc"  # one warm-up round, then 3 timed, order rotating
+    assert len(timings["a"].seconds) == 3 and timings["b"].median >= 0
     with pytest.raises(ValueError, match="repeats=0"):
         time_interleaved({"a": lambda: None}, repeats=0)

@@ -180,6 +180,19 @@ def test_dit_save_without_schedule_loads_none(tmp_path):
     assert torch.equal(images_of(loaded(**dit_kwargs())), reference)
 
 
+def test_schedule_assigned_after_construction_is_saved(tmp_path):
+    pipe = make_dit_pipe()
+    schedule = ExitSchedule.linear(NUM_DIT_BLOCKS, 2)
+    pipe.exit_schedule = schedule  # where None stood: diffusers alone would record (None, None) and not save it
+    pipe.save_pretrained(tmp_path)
+    assert EarlyExitDiTPipeline.from_pretrained(tmp_path).exit_schedule == schedule
+    recorder = DepthRecorder.for_transformer(pipe)
+    pipe(**dit_kwargs())  # and it is applied at the next call
+    assert_depths_follow_schedule(recorder, schedule, 1000, pipe.exit_stats)
+    with pytest.raises(TypeError, match="must be an ExitSchedule or None, got str"):
+        pipe.exit_schedule = "linear:2"
+
+
 def test_load_folder_saved_by_plain_diffusers_pipeline(tmp_path):
     plain = make_dit_pipe(pipeline_cls=DiTPipeline)
     reference = images_of(plain(**dit_kwargs()))
@@ -357,9 +370,8 @@ def test_non_schedule_raises_type_error(bad):
 
 def test_non_schedule_assigned_or_loaded_raises_type_error(tmp_path):
     pipe = make_dit_pipe()
-    pipe.exit_schedule = DDIMScheduler()  # a SchedulerMixin, so diffusers' own setattr accepts it
-    with pytest.raises(TypeError):
-        pipe(**dit_kwargs())
+    with pytest.raises(TypeError, match="got DDIMScheduler"):
+        pipe.exit_schedule = DDIMScheduler()  # a SchedulerMixin, so diffusers' own setattr would accept it
     make_dit_pipe().save_pretrained(tmp_path)
     with pytest.raises(TypeError):
         EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=DDIMScheduler())
