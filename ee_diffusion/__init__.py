@@ -23,6 +23,8 @@ from .pipelines import (
     EarlyExitPixArtAlphaPipeline,
     EarlyExitStableDiffusion3Pipeline,
     EarlyExitStableDiffusionPipeline,
+    EarlyExitUNet2DPipeline,
+    load_early_exit_pipeline,
 )
 from .schedules import ExitSchedule
 
@@ -36,6 +38,7 @@ __all__ = [
     "EarlyExitPixArtAlphaPipeline",
     "EarlyExitStableDiffusion3Pipeline",
     "EarlyExitStableDiffusionPipeline",
+    "EarlyExitUNet2DPipeline",
     "ExitArchitecture",
     "ExitCall",
     "ExitSchedule",
@@ -45,6 +48,7 @@ __all__ = [
     "get_exit_architecture",
     "get_exit_schedule",
     "get_exit_stats",
+    "load_early_exit_pipeline",
     "num_exit_blocks",
     "register_exit_architecture",
     "remove_exit_schedule",

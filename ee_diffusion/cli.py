@@ -6,6 +6,7 @@ import argparse
 import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,141 @@ def _describe(schedule) -> str:
     return f"{config.shape}:{config.min_blocks}"
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.harness import BenchConfig, format_table, rows_as_dicts, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",") if args.methods else _default_methods(args.model)
+    config = BenchConfig(
+        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
+        steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    print(
+        f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples, "
+        f"{config.steps} {config.scheduler} steps, guidance {config.guidance_scale}, batches of {config.batch_size} "
+        f"interleaved; {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    rows = run_bench(config)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"config": vars(config), "rows": rows_as_dicts(rows)}, file, indent=2)
+    return 0
+
+
+def _default_methods(model: str) -> list[str]:
+    """baseline, and when the model has a shipped ASE fine-tuned sibling: its schedule on the model, and the sibling."""
+    from .pipelines import load_early_exit_pipeline, shipped_model_path
+
+    sibling = f"{model}-ase"
+    if shipped_model_path(sibling) is None:
+        return ["baseline", "ase:linear:0.5"]
+    schedule_dir = shipped_model_path(sibling) / "exit_schedule"
+    return ["baseline", f"ase:{schedule_dir}", f"finetuned:{sibling}"]
+
+
+def _train_config(args: argparse.Namespace, **overrides):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay, loss_weight=args.loss_weight, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, **overrides,
+    )  # fmt: skip
+
+
+def _model_card(title: str, args: argparse.Namespace, result, extra: str = "") -> str:
+    command = "ee-diffusion " + " ".join(args.argv)
+    return (
+        f"# {title}\n\n"
+        "Data: scikit-learn `load_digits()`, train split of `ee_diffusion.data.load_digits_split` (seed 0, 80% of\n"
+        "each class), 8x8 scans upsampled to 32x32 in [-1, 1]. Pixel space, no VAE.\n\n"
+        f"{extra}"
+        f"Trained with:\n\n```\n{command}\n```\n\n"
+        f"Steps: {result.total_steps} (batch {args.batch_size}); time: {result.seconds / 60:.1f} min for the last "
+        f"{result.steps_run} steps on {torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}).\n\n"
+        "Metrics: see the digits table of the project README (command there).\n"
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import load_digits_split
+    from .training import build_digits_denoiser, save_digits_pipeline, train_denoiser
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arch == "classifier":
+        return _train_classifier(args)
+    model = build_digits_denoiser(args.arch, seed=args.seed)
+    print(f"ee-diffusion train: digits-{args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    config = _train_config(args)
+    result = train_denoiser(model, load_digits_split("train"), config, out_dir=args.out, resume=args.resume)
+    save_digits_pipeline(model, args.out, card=_model_card(f"digits-{args.arch}", args, result))
+    print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from .data import load_digits_split
+    from .training.digits_classifier import train_digits_classifier
+
+    model, accuracy, seconds = train_digits_classifier(
+        load_digits_split("train"), load_digits_split("heldout"), epochs=args.epochs, seed=args.seed
+    )
+    model.save_pretrained(args.out)
+    card = (
+        "# digits-classifier\n\nThe digits feature network of `ee_diffusion.metrics` (FID/KID features and class "
+        "accuracy of the digits models).\nData: train split of `ee_diffusion.data.load_digits_split` (seed 0), random "
+        f"shifts of up to 2 pixels.\n\nTrained with:\n\n```\nee-diffusion {' '.join(args.argv)}\n```\n\n"
+        f"{args.epochs} epochs in {seconds:.0f} s on {torch.get_num_threads()} CPU threads. Held-out accuracy "
+        f"(359 images never trained on): {accuracy:.2%}.\n"
+    )
+    (Path(args.out) / "README.md").write_text(card)
+    print(f"saved {args.out}: held-out accuracy {accuracy:.2%} ({seconds:.0f} s)")
+    return 0
+
+
+def _finetune_ase(args: argparse.Namespace) -> int:
+    from .data import load_digits_split
+    from .exits import num_exit_blocks
+    from .pipelines import load_early_exit_pipeline
+    from .schedules import ExitSchedule
+    from .training import save_digits_pipeline, train_denoiser
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(denoiser))
+    config = _train_config(args, freeze_timestep_embedding=True, class_dropout=args.class_dropout)
+    print(f"ee-diffusion finetune-ase: {args.model} under {_describe(schedule)} ({config.steps} steps)")
+    result = train_denoiser(denoiser, load_digits_split("train"), config, out_dir=args.out, exit_schedule=schedule,
+                            resume=args.resume)  # fmt: skip
+    extra = (f"ASE fine-tuned from `{args.model}` under the exit schedule `{_describe(schedule)}` (saved in "
+             "`exit_schedule/`), timestep embedding frozen.\n\n")  # fmt: skip
+    save_digits_pipeline(denoiser, args.out, exit_schedule=schedule,
+                         card=_model_card(f"{Path(args.out).name}", args, result, extra))  # fmt: skip
+    print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
+                            loss_weight: str) -> None:  # fmt: skip
+    command.add_argument("--out", required=True, help="folder to write the pipeline (and checkpoint.pt) to")
+    command.add_argument("--steps", type=int, default=steps)
+    command.add_argument("--batch-size", type=int, default=batch)
+    command.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    command.add_argument("--warmup-steps", type=int, default=warmup)
+    command.add_argument("--ema-decay", type=float, default=0.999)
+    command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
+    command.add_argument("--checkpoint-every", type=int, default=250)
+    command.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,11 +217,59 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     speed.add_argument("--json", help="also write the rows to this JSON file")
     speed.set_defaults(func=_speed)
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
+        description="Generate the same class labels from the same seeds with each method, interleaved batch by "
+        "batch, and report speed (median per batch), executed block fraction and, for the digits models, FID/KID "
+        "against the held-out digits and class accuracy by the digits feature network.",
+    )
+    bench.add_argument("--model", default="digits-dit", help="shipped model name, folder or hub id")
+    bench.add_argument("--methods", help="comma-separated: baseline, ase:<schedule>, finetuned:<model> (default: "
+                       "baseline, and the shipped <model>-ase schedule and model when there is one)")  # fmt: skip
+    bench.add_argument("--num-samples", type=int, default=2000)
+    bench.add_argument("--batch-size", type=int, default=250)
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--scheduler", default="dpm-solver++", choices=["dpm-solver++", "ddim", "ddpm", "euler"])
+    bench.add_argument("--guidance-scale", type=float, default=1.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    bench.add_argument("--json", help="also write the config and rows to this JSON file")
+    bench.set_defaults(func=_bench)
+
+    train = commands.add_parser(
+        "train",
+        help="train a shipped digits model (digits-dit, digits-unet or the digits classifier) from scratch",
+        description="Train the class-conditional digits DiT or U-Net from scratch, seeded, with EMA and checkpoints, "
+        "and save it as a drop-in pipeline folder.",
+    )
+    train.add_argument("--arch", required=True, choices=["dit", "unet", "classifier"],
+                       help="the digits DiT, the digits U-Net, or the digits feature network for FID/KID/accuracy")
+    train.add_argument("--epochs", type=int, default=30, help="classifier only: epochs over the train split")
+    _add_training_arguments(train, steps=3000, batch=128, lr=5e-4, warmup=100, loss_weight="constant")
+    train.set_defaults(func=_train)
+
+    finetune = commands.add_parser(
+        "finetune-ase",
+        help="fine-tune a digits model under an exit schedule (ASE)",
+        description="ASE fine-tuning: start from a trained pipeline folder and train under an exit schedule (each "
+        "sample's output at its timestep's depth, batches grouped by depth), timestep embedding frozen, EMA, "
+        "lambda(t) loss weight. Saves a pipeline folder whose exit_schedule/ holds the schedule.",
+    )
+    finetune.add_argument("--model", required=True, help="pipeline folder to start from")
+    finetune.add_argument("--schedule", required=True, help="linear:M, cosine:M, step:d1,... or a schedule folder")
+    finetune.add_argument("--class-dropout", type=float, default=0.1)
+    _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight="min-snr")
+    finetune.set_defaults(func=_finetune_ase)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -6,7 +6,9 @@ from .early_exit import (
     EarlyExitPixArtAlphaPipeline,
     EarlyExitStableDiffusion3Pipeline,
     EarlyExitStableDiffusionPipeline,
+    EarlyExitUNet2DPipeline,
 )
+from .loading import load_early_exit_pipeline, shipped_model_path
 
 __all__ = [
     "EarlyExitDDIMPipeline",
@@ -16,4 +18,7 @@ __all__ = [
     "EarlyExitPixArtAlphaPipeline",
     "EarlyExitStableDiffusion3Pipeline",
     "EarlyExitStableDiffusionPipeline",
+    "EarlyExitUNet2DPipeline",
+    "load_early_exit_pipeline",
+    "shipped_model_path",
 ]

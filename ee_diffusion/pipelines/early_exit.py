@@ -11,6 +11,7 @@ from typing import Any
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
+    DiffusionPipeline,
     DiTPipeline,
     PixArtAlphaPipeline,
     StableDiffusion3Pipeline,
@@ -27,6 +28,7 @@ from ..exits import (
     set_exit_timestep_scale,
 )
 from ..schedules import ExitSchedule
+from .class_conditional import ClassConditionalSamplingMixin
 
 
 def _checked(exit_schedule: Any) -> ExitSchedule | None:
@@ -47,9 +49,13 @@ class EarlyExitPipelineMixin:
         if "exit_schedule" not in cls._optional_components:
             cls._optional_components = [*cls._optional_components, "exit_schedule"]
         # diffusers' `from_pipe` matches components by the annotated types of `__init__`: take the parent's.
-        parent = next(base for base in cls.__mro__[1:] if not issubclass(base, EarlyExitPipelineMixin))
+        parent = next(
+            base
+            for base in cls.__mro__[1:]
+            if issubclass(base, DiffusionPipeline) and not issubclass(base, EarlyExitPipelineMixin)
+        )
         if "__init__" in cls.__dict__:
-            cls.__init__.__annotations__ = {**parent.__init__.__annotations__, **cls.__init__.__annotations__}
+            cls.__init__.__annotations__ = {**getattr(parent.__init__, "__annotations__", {}), **cls.__init__.__annotations__}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "exit_schedule":
@@ -89,11 +95,33 @@ class EarlyExitPipelineMixin:
         return super().__call__(*args, **kwargs)
 
 
-class EarlyExitDiTPipeline(EarlyExitPipelineMixin, DiTPipeline):
-    """`DiTPipeline` with an exit schedule over the `transformer_blocks` of its `DiTTransformer2DModel`."""
+class EarlyExitDiTPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin, DiTPipeline):
+    """`DiTPipeline` with an exit schedule over the `transformer_blocks` of its `DiTTransformer2DModel`.
+
+    The VAE is optional (`vae=None`): without one the transformer denoises pixels and they are the images (the
+    shipped digits models). Classifier-free guidance uses the transformer's own null class (`num_embeds_ada_norm`).
+    """
+
+    _optional_components = ["vae"]
 
     def __init__(self, transformer, vae, scheduler, id2label=None, exit_schedule: ExitSchedule | None = None):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitUNet2DPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin, DiffusionPipeline):
+    """A class-conditional `UNet2DModel` (pixel space, or latent with a `vae`) under an exit schedule over its decoder.
+
+    The U-Net's last class embedding is the null class of classifier-free guidance (see `null_class_label`).
+    """
+
+    _optional_components = ["vae"]
+    _denoiser_name = "unet"
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet, scheduler, vae=None, exit_schedule: ExitSchedule | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self._register_exit_schedule(exit_schedule)
 
 

@@ -1,0 +1,94 @@
+"""The sampling loop of class-conditional image denoisers (DiT, UNet2DModel), in latent space or in pixel space.
+
+diffusers' `DiTPipeline` always decodes with a VAE and takes class 1000 as the unconditional label. Here the VAE is
+optional (without one the denoised pixels are the images) and the unconditional label is the model's own null class,
+so a 10-class pixel-space DiT trained in this package samples through the same loop as DiT-XL/2.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def null_class_label(denoiser: torch.nn.Module) -> int:
+    """The label that means "no class" for classifier-free guidance.
+
+    A class-conditional `DiTTransformer2DModel` keeps it after its `num_embeds_ada_norm` classes (1000 for DiT-XL/2).
+    A `UNet2DModel` has no such slot of its own: by this package's convention, its last class embedding is the null
+    class (the digits U-Net has `num_class_embeds=11`: digits 0-9 and the null label 10).
+    """
+    if isinstance(denoiser, DiTTransformer2DModel):
+        return int(denoiser.config.num_embeds_ada_norm)
+    if isinstance(denoiser, UNet2DModel) and denoiser.config.num_class_embeds:
+        return int(denoiser.config.num_class_embeds) - 1
+    raise TypeError(f"{type(denoiser).__name__} is not a class-conditional DiTTransformer2DModel or UNet2DModel.")
+
+
+class ClassConditionalSamplingMixin:
+    """`__call__` for pipelines whose denoiser (attribute `_denoiser_name`) takes `(sample, timestep, class_labels)`.
+
+    The pipeline has a `scheduler`, an optional `vae` (`None`: pixel space) and the usual `progress_bar`.
+    """
+
+    _denoiser_name = "transformer"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int] | torch.Tensor,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate one image per class label.
+
+        Args:
+            class_labels: Class ids, one per image.
+            guidance_scale: Classifier-free guidance scale; guidance (a doubled batch) is on when it is above 1.
+            generator: Generator(s) of the initial noise and of stochastic scheduler steps.
+            num_inference_steps: Number of scheduler steps.
+            output_type: `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            return_dict: Return an `ImagePipelineOutput` instead of a tuple.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        denoiser = getattr(self, self._denoiser_name)
+        device = self._execution_device
+        labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()
+        guided = guidance_scale > 1
+        channels, size = denoiser.config.in_channels, denoiser.config.sample_size
+        latents = randn_tensor((len(labels), channels, size, size), generator=generator, device=device,
+                               dtype=denoiser.dtype)  # fmt: skip
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, null_class_label(denoiser))])
+        latents = latents * self.scheduler.init_noise_sigma
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timesteps = t.expand(len(model_input)) if torch.is_tensor(t) else torch.full((len(model_input),), t)
+            noise_pred = denoiser(model_input, timesteps.to(device), class_labels=labels).sample
+            noise_pred = noise_pred[:, :channels]  # a learned variance (DiT's extra channels) is not used to sample
+            if guided:
+                cond, uncond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        vae = getattr(self, "vae", None)
+        images = latents if vae is None else vae.decode(1 / vae.config.scaling_factor * latents).sample
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

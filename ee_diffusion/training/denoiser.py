@@ -1,0 +1,230 @@
+"""Noise-prediction training of a class-conditional denoiser, from scratch or under an exit schedule (ASE).
+
+One loop serves both recipes. Plain training: DDPM noise at uniform timesteps, MSE on the noise, labels dropped to the
+null class for classifier-free guidance, AdamW with warm-up and cosine decay, EMA weights, checkpoints.
+
+ASE fine-tuning (Moon et al., Algorithm 1) adds three things: the exit schedule is applied to the student, so each
+sample's prediction comes from its timestep's depth; the timestep embedding is frozen; the loss is weighted by
+`lambda(t)`. Unlike the released code, which runs every block and then picks the exit output, a batch is grouped by
+depth and each group runs only its own blocks, so a training step costs what the schedule says it should.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.embeddings import LabelEmbedding
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..data.digits import DigitsSplit
+from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
+from ..pipelines.class_conditional import null_class_label
+from ..schedules import ExitSchedule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_WEIGHTS = ("constant", "min-snr")
+# Parameter names of the timestep embeddings of diffusers' DiT (per block) and UNet2DModel.
+_TIMESTEP_EMBEDDING_NAMES = ("timestep_embedder", "time_embedding")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `train_denoiser`.
+
+    Args:
+        steps: Optimiser steps.
+        batch_size: Samples per step.
+        learning_rate: Peak AdamW learning rate (reached after `warmup_steps`, then cosine decay to 0).
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        ema_decay: Highest EMA decay (warmed up as `1 - (1 + step) ** -0.75`, capped here).
+        class_dropout: Probability of replacing a label by the null class (classifier-free guidance).
+        loss_weight: `lambda(t)`: `"constant"` (1) or `"min-snr"` (`min(SNR(t), gamma) / SNR(t)`, which keeps the
+            noisy timesteps, where exit schedules cut deepest, at full weight and down-weights the clean ones).
+        min_snr_gamma: `gamma` of the min-SNR weight.
+        freeze_timestep_embedding: Keep the timestep embedding fixed (ASE fine-tuning).
+        checkpoint_every: Save `checkpoint.pt` (model, EMA, optimiser, generator) every this many steps.
+        seed: Seed of initial noise, timesteps, batches and label dropout.
+    """
+
+    steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1
+    loss_weight: Literal["constant", "min-snr"] = "constant"
+    min_snr_gamma: float = 5.0
+    freeze_timestep_embedding: bool = False
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"`loss_weight` must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}.")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"`class_dropout` must be in [0, 1), got {self.class_dropout}.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in (0, 1), got {self.ema_decay}.")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: steps taken in this run and in all, its wall-clock seconds, and the loss curve."""
+
+    steps_run: int
+    total_steps: int
+    seconds: float
+    losses: list[float]
+
+
+def loss_weights(
+    timesteps: torch.Tensor, noise_scheduler: DDPMScheduler, weighting: str, gamma: float = 5.0
+) -> torch.Tensor:
+    """`lambda(t)` for each timestep: ones, or the min-SNR weight of a noise-predicting model."""
+    if weighting == "constant":
+        return torch.ones(len(timesteps))
+    alphas_cumprod = noise_scheduler.alphas_cumprod[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
+def freeze_timestep_embedding(model: torch.nn.Module) -> list[str]:
+    """Stop gradients into the timestep embedding of a DiT or UNet2DModel; returns the frozen parameter names."""
+    frozen = [name for name, p in model.named_parameters() if any(k in name for k in _TIMESTEP_EMBEDDING_NAMES)]
+    if not frozen:
+        raise ValueError(f"Found no timestep-embedding parameters ({_TIMESTEP_EMBEDDING_NAMES}) in "
+                         f"{type(model).__name__}.")  # fmt: skip
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    return frozen
+
+
+def depth_groups(depths: list[int]) -> dict[int, torch.Tensor]:
+    """Indices of the samples at each depth, so that each group runs only the blocks it uses."""
+    by_depth = torch.tensor(depths)
+    return {int(depth): torch.nonzero(by_depth == depth).flatten() for depth in torch.unique(by_depth)}
+
+
+def train_denoiser(
+    model: torch.nn.Module,
+    data: DigitsSplit,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    exit_schedule: ExitSchedule | None = None,
+    resume: bool = False,
+    noise_scheduler: DDPMScheduler | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` in place to predict the noise of `data`; on return it holds the EMA weights.
+
+    Args:
+        model: A class-conditional DiT or UNet2DModel (see `null_class_label`).
+        data: Training images in [-1, 1] and their labels.
+        config: Hyper-parameters.
+        out_dir: Where `checkpoint.pt` is written every `config.checkpoint_every` steps (`None`: no checkpoints).
+        exit_schedule: Train under this schedule (ASE): each sample's output comes from its timestep's depth.
+        resume: Continue from `out_dir/checkpoint.pt` (same config) instead of starting over.
+        noise_scheduler: The forward process; defaults to 1000 linear-beta DDPM steps.
+        progress: Show a progress bar.
+    """
+    noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    null_label = null_class_label(model)
+    for module in model.modules():  # label dropout happens here, once per sample, not once per DiT block
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    if config.freeze_timestep_embedding:
+        freeze_timestep_embedding(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = 0
+    checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if resume:
+        if checkpoint is None or not checkpoint.exists():
+            raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {out_dir}.")
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint} was written with another config: {state['config']}.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    if exit_schedule is not None:
+        apply_exit_schedule(model, exit_schedule, num_train_timesteps)
+
+    model.train()
+    losses: list[float] = []
+    began = time.perf_counter()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+               desc="ASE fine-tuning" if exit_schedule is not None else "training")  # fmt: skip
+    try:
+        for step in bar:
+            index = torch.randint(len(data), (config.batch_size,), generator=generator)
+            images, labels = data.images[index], data.labels[index].clone()
+            drop = torch.rand(config.batch_size, generator=generator) < config.class_dropout
+            labels[drop] = null_label
+            timesteps = torch.randint(num_train_timesteps, (config.batch_size,), generator=generator)
+            noise = torch.randn(images.shape, generator=generator)
+            noisy = noise_scheduler.add_noise(images, noise, timesteps)
+            weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma)
+
+            groups = (
+                {None: torch.arange(config.batch_size)}
+                if exit_schedule is None
+                else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
+            )
+            loss = torch.zeros(())
+            for members in groups.values():
+                prediction = model(noisy[members], timesteps[members], class_labels=labels[members]).sample
+                per_sample = (prediction[:, : noise.shape[1]] - noise[members]).pow(2).mean(dim=(1, 2, 3))
+                loss = loss + (weights[members] * per_sample).sum() / config.batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            lr_schedule.step()
+            ema.step(model.parameters())
+            if exit_schedule is not None:
+                reset_exit_stats(model)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            done = step + 1
+            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"config": asdict(config), "step": done, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                     "ema": ema.state_dict(), "generator": generator.get_state()},
+                    checkpoint,
+                )  # fmt: skip
+    finally:
+        if exit_schedule is not None:
+            remove_exit_schedule(model)
+        model.eval()
+    ema.copy_to(model.parameters())
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    seconds = time.perf_counter() - began
+    logger.info("trained %d steps in %.0f s", config.steps - start, seconds)
+    return TrainResult(steps_run=config.steps - start, total_steps=config.steps, seconds=seconds, losses=losses)

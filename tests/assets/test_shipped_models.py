@@ -1,0 +1,55 @@
+"""The models shipped in ee_diffusion/assets load offline and sample; their sizes and schedules are as promised."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from ee_diffusion import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline, load_early_exit_pipeline
+from ee_diffusion.metrics import class_accuracy, load_digits_classifier
+from ee_diffusion.pipelines import shipped_model_path
+
+ASSETS = Path(__file__).resolve().parents[2] / "ee_diffusion" / "assets"
+MODELS = {"digits-dit": EarlyExitDiTPipeline, "digits-dit-ase": EarlyExitDiTPipeline,
+          "digits-unet": EarlyExitUNet2DPipeline}  # fmt: skip
+SHIPPED = [name for name in MODELS if shipped_model_path(name) is not None]
+
+
+def test_shipped_weights_are_small():
+    files = [p for p in ASSETS.rglob("*.safetensors")]
+    assert files
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    for folder in {p.parent.parent if p.parent.parent != ASSETS else p.parent for p in files}:
+        assert (folder / "README.md").exists(), f"{folder.name} has no model card"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_offline_and_samples(name):
+    pipe = load_early_exit_pipeline(name)
+    assert type(pipe) is MODELS[name] and pipe.vae is None
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[3, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images  # fmt: skip
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.skipif("digits-dit-ase" not in SHIPPED, reason="digits-dit-ase not shipped yet")
+def test_ase_model_schedule_runs_at_most_70_percent_of_blocks_over_50_dpm_steps():
+    pipe = load_early_exit_pipeline("digits-dit-ase")
+    assert pipe.exit_schedule is not None
+    pipe.scheduler.set_timesteps(50)
+    assert pipe.exit_schedule.compute_fraction(pipe.scheduler.timesteps) <= 0.70
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_samples_the_digits_asked_for(name):
+    """200 samples, 50 DPM-Solver++ steps, guidance 2: the feature network recognises at least 90% of them."""
+    pipe = load_early_exit_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(200) % 10
+    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=50,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    assert class_accuracy(images, labels, load_digits_classifier()) >= 0.9

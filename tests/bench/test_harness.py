@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from ee_diffusion import ExitSchedule
+from ee_diffusion.bench.harness import BenchConfig, format_table, run_bench
+from ee_diffusion.cli import main
+from ee_diffusion.training import save_digits_pipeline
+from diffusers import DiTTransformer2DModel
+
+ROW_KEYS = {"method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
+            "speedup", "block_fraction", "peak_memory_mb"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits_shaped_models(tmp_path_factory):
+    """Two tiny randomly initialised pixel-space DiTs shaped like the digits models; the second carries a schedule."""
+    root = tmp_path_factory.mktemp("models")
+    for name, schedule in (("base", None), ("tuned", ExitSchedule.step(2, [2, 1]))):
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
+                                      num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+        save_digits_pipeline(model, root / name, exit_schedule=schedule)
+    return root
+
+
+def test_bench_rows(digits_shaped_models):
+    config = BenchConfig(model=str(digits_shaped_models / "base"), num_samples=12, batch_size=5, steps=2,
+                         methods=["baseline", "ase:constant:1", f"finetuned:{digits_shaped_models / 'tuned'}"])  # fmt: skip
+    rows = run_bench(config, progress=False)
+    assert [row.method for row in rows] == config.methods
+    baseline, ase, tuned = rows
+    assert baseline.speedup == 1.0 and baseline.block_fraction == 1.0
+    assert ase.block_fraction == 0.5 and tuned.model.endswith("tuned")
+    # The DPM-Solver++ timesteps of 2 steps from 1000: 999 (depth 1) and 500 (depth 1 or 2: the table's boundary).
+    assert 0.5 <= tuned.block_fraction < 1.0
+    for row in rows:
+        assert row.num_samples == 12 and row.steps == 2 and row.scheduler == "dpm-solver++"
+        assert row.fid > 0 and row.kid is not None and 0 <= row.class_accuracy <= 1 and row.images_per_s > 0
+    # The same seeds and labels: the baseline and a full-depth schedule produce the same images, hence the same FID.
+    again = run_bench(BenchConfig(**{**vars(config), "methods": ["baseline", "ase:constant:2"]}), progress=False)
+    assert again[0].fid == again[1].fid == baseline.fid
+    assert "speedup" in format_table(rows)
+
+
+def test_bench_cli_json(digits_shaped_models, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["bench", "--model", str(digits_shaped_models / "base"), "--methods", "baseline,ase:linear:1",
+                 "--num-samples", "4", "--batch-size", "2", "--steps", "2", "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["config"]["num_samples"] == 4
+    assert [set(row) for row in report["rows"]] == [ROW_KEYS, ROW_KEYS]
+    assert "ase:linear:1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(methods=["fbcache"]), ValueError, "Unknown method 'fbcache'"),
+    (dict(methods=["baseline", "baseline"]), ValueError, "must be distinct"),
+    (dict(scheduler="plms"), ValueError, "`scheduler` must be one of"),
+    (dict(methods=[]), ValueError, "at least one method"),
+])  # fmt: skip
+def test_bad_bench_config(digits_shaped_models, overrides, error, match):
+    with pytest.raises(error, match=match):
+        run_bench(BenchConfig(**{"model": str(digits_shaped_models / "base"), "num_samples": 2, "steps": 1,
+                                 **overrides}), progress=False)  # fmt: skip

@@ -1,0 +1,158 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+
+from ee_diffusion import ExitSchedule, apply_exit_schedule, num_exit_blocks, remove_exit_schedule
+from ee_diffusion.data import DigitsSplit
+from ee_diffusion.exits import get_exit_schedule
+from ee_diffusion.training import TrainConfig, depth_groups, freeze_timestep_embedding, loss_weights, train_denoiser
+
+NUM_BLOCKS = 4
+
+
+def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=8, patch_size=2, num_layers=NUM_BLOCKS,
+                                 num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11)  # fmt: skip
+
+
+def tiny_data(n: int = 32) -> DigitsSplit:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 10
+    # A learnable pattern: a class-dependent bright row on a dark background.
+    images = -torch.ones(n, 1, 8, 8)
+    images[torch.arange(n), 0, labels % 8] = 1.0
+    return DigitsSplit(images=images + 0.05 * torch.randn(images.shape, generator=g), labels=labels)
+
+
+def fixed_loss(model: torch.nn.Module, data: DigitsSplit) -> float:
+    """Noise-prediction MSE on a fixed draw of timesteps and noise."""
+    g = torch.Generator().manual_seed(123)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.randint(1000, (len(data),), generator=g)
+    noise = torch.randn(data.images.shape, generator=g)
+    with torch.no_grad():
+        prediction = model(scheduler.add_noise(data.images, noise, timesteps), timesteps, class_labels=data.labels)
+    return (prediction.sample - noise).pow(2).mean().item()
+
+
+QUICK = dict(steps=12, batch_size=16, learning_rate=2e-3, warmup_steps=1, checkpoint_every=100)
+
+
+@pytest.mark.parametrize("make_model", [tiny_dit, tiny_unet], ids=["dit", "unet"])
+def test_training_reduces_the_loss(make_model):
+    model, data = make_model(), tiny_data()
+    before = fixed_loss(model, data)
+    result = train_denoiser(model, data, TrainConfig(**QUICK), progress=False)
+    assert result.steps_run == 12 and len(result.losses) == 12
+    assert fixed_loss(model, data) < 0.8 * before
+    assert not model.training
+
+
+@pytest.mark.parametrize("make_model", [tiny_dit, tiny_unet], ids=["dit", "unet"])
+def test_ase_step_reduces_the_loss_under_the_schedule_and_keeps_the_timestep_embedding(make_model):
+    model, data = make_model(), tiny_data()
+    schedule = ExitSchedule.linear(num_exit_blocks(model), 1)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "timestep_embedder" in n or "time_embedding" in n}
+    assert frozen
+    apply_exit_schedule(model, schedule)
+    before = fixed_loss(model, data)
+    remove_exit_schedule(model)
+    config = TrainConfig(**QUICK, freeze_timestep_embedding=True, loss_weight="min-snr")
+    train_denoiser(model, data, config, exit_schedule=schedule, progress=False)
+    assert get_exit_schedule(model) is None  # the schedule is removed again after training
+    apply_exit_schedule(model, schedule)
+    assert fixed_loss(model, data) < 0.8 * before
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+        assert parameter.requires_grad
+
+
+def test_ase_training_runs_each_block_only_for_the_samples_that_use_it():
+    model, data = tiny_dit(), tiny_data()
+    schedule = ExitSchedule.step(NUM_BLOCKS, [4, 4, 3, 3, 2, 2, 1, 1, 1, 1])
+    calls = []  # per denoiser call: its timesteps
+    block_batches = [[] for _ in range(NUM_BLOCKS)]  # per block: the batch size of each of its runs
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[1].tolist()), with_kwargs=True)
+    for i, block in enumerate(model.transformer_blocks):
+        block.attn1.register_forward_pre_hook(lambda m, args, kwargs, i=i: block_batches[i].append(args[0].shape[0]),
+                                              with_kwargs=True)  # fmt: skip
+    train_denoiser(model, data, TrainConfig(**{**QUICK, "steps": 3}), exit_schedule=schedule, progress=False)
+
+    assert len(calls) > 3  # more than one group per step
+    expected = [[] for _ in range(NUM_BLOCKS)]
+    for timesteps in calls:
+        depths = set(schedule.depths_for(timesteps))
+        assert len(depths) == 1, "a group mixes depths"
+        for i in range(depths.pop()):
+            expected[i].append(len(timesteps))
+    assert block_batches == expected
+    executed = sum(map(sum, block_batches))
+    assert executed == sum(sum(schedule.depths_for(t)) for t in calls) < 3 * QUICK["batch_size"] * NUM_BLOCKS
+
+
+def test_depth_groups():
+    groups = depth_groups([3, 1, 3, 2])
+    assert {depth: members.tolist() for depth, members in groups.items()} == {1: [1], 2: [3], 3: [0, 2]}
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    data, config = tiny_data(), TrainConfig(**{**QUICK, "steps": 4, "checkpoint_every": 2})
+    straight = tiny_dit()
+    train_denoiser(straight, data, config, out_dir=tmp_path / "straight", progress=False)
+
+    interrupted, forwards = tiny_dit(), []
+
+    def crash_on_third_step(module, args):
+        forwards.append(1)
+        if len(forwards) == 3:
+            raise KeyboardInterrupt
+
+    handle = interrupted.register_forward_pre_hook(crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(interrupted, data, config, out_dir=tmp_path / "resumed", progress=False)
+    handle.remove()
+    resumed = tiny_dit(seed=1)  # the checkpoint, not the initialisation, decides
+    result = train_denoiser(resumed, data, config, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert (result.steps_run, result.total_steps) == (2, 4)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="another config"):
+        train_denoiser(tiny_dit(), data, TrainConfig(**{**QUICK, "steps": 5}), out_dir=tmp_path / "resumed",
+                       resume=True, progress=False)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        train_denoiser(tiny_dit(), data, config, out_dir=tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_loss_weights():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([0, 100, 500, 999])
+    assert torch.equal(loss_weights(timesteps, scheduler, "constant"), torch.ones(4))
+    weights = loss_weights(timesteps, scheduler, "min-snr", gamma=5.0)
+    assert weights[0] < weights[1] < 1.0  # clean timesteps (high SNR) are down-weighted
+    assert weights[2] == 1.0 and weights[3] == 1.0  # noisy ones keep full weight
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(steps=0), "`steps` must be at least 1"),
+    (dict(loss_weight="snr"), "`loss_weight` must be one of"),
+    (dict(class_dropout=1.0), r"`class_dropout` must be in \[0, 1\)"),
+    (dict(ema_decay=1.0), r"`ema_decay` must be in \(0, 1\)"),
+])  # fmt: skip
+def test_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**overrides)
+
+
+def test_freeze_needs_a_timestep_embedding():
+    with pytest.raises(ValueError, match="no timestep-embedding parameters"):
+        freeze_timestep_embedding(torch.nn.Linear(2, 2))
