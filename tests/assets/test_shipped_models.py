@@ -44,7 +44,7 @@ def test_ase_model_schedule_runs_at_most_70_percent_of_blocks_over_50_dpm_steps(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [name for name in SHIPPED if "dit" in name])
 def test_shipped_model_samples_the_digits_asked_for(name):
     """200 samples, 50 DPM-Solver++ steps, guidance 2: the feature network recognises at least 90% of them."""
     pipe = load_early_exit_pipeline(name)
