@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .dllm.cli_commands import add_dllm_commands
+
 
 def _speed(args: argparse.Namespace) -> int:
     from .bench.speed import SpeedConfig, format_rows, rows_as_dicts, run_speed
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     speed.add_argument("--json", help="also write the rows to this JSON file")
     speed.set_defaults(func=_speed)
+    add_dllm_commands(commands)
     return parser
 
 

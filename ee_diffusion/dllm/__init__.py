@@ -3,6 +3,7 @@
 from .adapters import DreamAdapter, LLaDA2Adapter, LLaDAAdapter, MaskedLMAdapter, get_adapter
 from .rules import ProphetCommit, SchEDCommit, ThresholdCommit, prophet_threshold, sched_threshold
 from .sampler import SamplerOutput, generate
+from .schedulers import ProphetScheduler, SchEDScheduler
 
 __all__ = [
     "DreamAdapter",
@@ -10,8 +11,10 @@ __all__ = [
     "LLaDAAdapter",
     "MaskedLMAdapter",
     "ProphetCommit",
+    "ProphetScheduler",
     "SamplerOutput",
     "SchEDCommit",
+    "SchEDScheduler",
     "ThresholdCommit",
     "generate",
     "get_adapter",

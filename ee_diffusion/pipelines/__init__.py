@@ -7,6 +7,7 @@ from .early_exit import (
     EarlyExitStableDiffusion3Pipeline,
     EarlyExitStableDiffusionPipeline,
 )
+from .masked_diffusion_lm import MaskedDiffusionLMOutput, MaskedDiffusionLMPipeline
 
 __all__ = [
     "EarlyExitDDIMPipeline",

@@ -167,7 +167,7 @@ def train_mdlm(config: MDLMTrainConfig, progress: bool = True) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:

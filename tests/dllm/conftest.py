@@ -69,6 +69,10 @@ class BidirectionalToy(torch.nn.Module):
         self.qkv = torch.nn.Linear(hidden, 3 * hidden)
         self.head = torch.nn.Linear(hidden, vocab_size)
 
+    @property
+    def device(self) -> torch.device:  # what diffusers pipelines ask their model for, as of a transformers model
+        return self.head.weight.device
+
     def attend(self, input_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """`keep` `(batch, 1, length, length)` bool (True: may attend), or None for full attention."""
         h = self.embed(input_ids)
