@@ -28,6 +28,9 @@ from .pipelines import (
 )
 from .schedules import ExitSchedule
 
+from .dllm import ProphetCommit, ProphetScheduler, SchEDCommit, SchEDScheduler, ThresholdCommit  # isort: skip
+from .pipelines import MaskedDiffusionLMPipeline  # isort: skip
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,6 +46,12 @@ __all__ = [
     "ExitCall",
     "ExitSchedule",
     "ExitStats",
+    "MaskedDiffusionLMPipeline",
+    "ProphetCommit",
+    "ProphetScheduler",
+    "SchEDCommit",
+    "SchEDScheduler",
+    "ThresholdCommit",
     "apply_exit_schedule",
     "exit_units",
     "get_exit_architecture",

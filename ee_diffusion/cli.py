@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .dllm.cli_commands import add_dllm_commands
+
 
 def _speed(args: argparse.Namespace) -> int:
     from .bench.speed import SpeedConfig, format_rows, rows_as_dicts, run_speed
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--class-dropout", type=float, default=0.1)
     _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight="min-snr")
     finetune.set_defaults(func=_finetune_ase)
+    add_dllm_commands(commands)
     return parser
 
 

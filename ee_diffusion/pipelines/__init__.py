@@ -9,6 +9,7 @@ from .early_exit import (
     EarlyExitUNet2DPipeline,
 )
 from .loading import load_early_exit_pipeline, shipped_model_path
+from .masked_diffusion_lm import MaskedDiffusionLMOutput, MaskedDiffusionLMPipeline
 
 __all__ = [
     "EarlyExitDDIMPipeline",
@@ -19,6 +20,8 @@ __all__ = [
     "EarlyExitStableDiffusion3Pipeline",
     "EarlyExitStableDiffusionPipeline",
     "EarlyExitUNet2DPipeline",
+    "MaskedDiffusionLMOutput",
+    "MaskedDiffusionLMPipeline",
     "load_early_exit_pipeline",
     "shipped_model_path",
 ]

@@ -1,0 +1,92 @@
+"""The `train-mdlm` and `dllm-bench` subcommands of `ee-diffusion`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+
+import torch
+
+TINY_MDLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-mdlm")
+
+
+def _train_mdlm(args: argparse.Namespace) -> int:
+    from ..training.mdlm import MDLMTrainConfig, train_mdlm
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = MDLMTrainConfig(
+        output_dir=args.output_dir,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+    losses = train_mdlm(config)
+    print(f"trained to step {config.steps}; last loss {losses[-1]:.4f}; model in {config.output_dir}")
+    return 0
+
+
+def _dllm_bench(args: argparse.Namespace) -> int:
+    from ..pipelines import MaskedDiffusionLMPipeline
+    from .bench import format_rows, rows_as_dicts, run_dllm_bench
+
+    torch.set_num_threads(args.threads)
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    print(
+        f"ee-diffusion dllm-bench: {args.model}, {args.num_problems} fresh problems per task (seed {args.seed}), "
+        f"greedy, gen_length {pipe.config.gen_length}, {pipe.config.steps} steps for full, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved passes after {args.warmup} warm-up"
+    )
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    rows = run_dllm_bench(pipe, tasks, methods, args.num_problems, args.batch_size, args.repeats, args.warmup, args.seed)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows_as_dicts(rows), file, indent=2)
+    return 0
+
+
+def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `train-mdlm` and `dllm-bench` to the `ee-diffusion` subcommands."""
+    from ..training.mdlm import MDLMTrainConfig as Recipe
+    from .bench import METHODS
+    from .tasks import TASKS
+
+    train = commands.add_parser(
+        "train-mdlm",
+        help="train the tiny masked diffusion LM on addition and sorting (CPU, seeded, checkpointed)",
+        description="Train tiny-mdlm with the masked-diffusion objective; --resume continues from its checkpoint.",
+    )
+    train.add_argument("--output-dir", default=TINY_MDLM)
+    train.add_argument("--steps", type=int, default=Recipe.steps)
+    train.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    train.add_argument("--lr", type=float, default=Recipe.learning_rate)
+    train.add_argument("--seed", type=int, default=Recipe.seed)
+    train.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every)
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.set_defaults(func=_train_mdlm)
+
+    bench = commands.add_parser(
+        "dllm-bench",
+        help="accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*)",
+        description="Exact-match accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems.",
+    )
+    bench.add_argument("--model", default=TINY_MDLM)
+    bench.add_argument("--tasks", default=",".join(TASKS))
+    bench.add_argument("--methods", default=",".join(METHODS))
+    bench.add_argument("--num-problems", type=int, default=500)
+    bench.add_argument("--batch-size", type=int, default=100)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--seed", type=int, default=1234)
+    bench.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    bench.add_argument("--json", help="also write the rows to this JSON file")
+    bench.set_defaults(func=_dllm_bench)

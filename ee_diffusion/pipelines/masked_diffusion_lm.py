@@ -1,0 +1,173 @@
+"""`MaskedDiffusionLMPipeline`: text generation with a masked diffusion LM (LLaDA, Dream, LLaDA2, any masked LM),
+with optional Prophet / SchED early commit. It only wires tokenizer, adapter and sampler together."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, GenerationConfig
+
+from ..dllm.adapters import get_adapter
+from ..dllm.rules import EarlyCommit, ThresholdCommit, resolve_early_commit
+from ..dllm.sampler import generate
+
+GENERATION_KEYS = ("gen_length", "steps", "block_length", "mask_token_id", "eos_token_id")
+
+
+@dataclass
+class MaskedDiffusionLMOutput(BaseOutput):
+    """`texts`: decoded answers (cut at the first EOS); `sequences` `(batch, gen_length)`; `nfe` `(batch,)`:
+    denoiser forward passes per sample."""
+
+    texts: list[str] | None
+    sequences: torch.LongTensor
+    nfe: torch.LongTensor
+
+
+class MaskedDiffusionLMPipeline(DiffusionPipeline):
+    r"""
+    Generate text with a masked diffusion LM: semi-autoregressive blocks, low-confidence remasking and optional early
+    commit (`early_commit=SchEDCommit(...)`, `ProphetCommit(...)`, `"sched"` or `"prophet"`).
+
+    Args:
+        model: The denoiser: a transformers masked LM, or LLaDA / Dream / LLaDA2 (picked by `config.model_type`).
+        tokenizer: Its tokenizer (left padding is used for batches).
+        adapter: Calling convention, `"auto"` or one of `"masked-lm"`, `"llada"`, `"dream"`, `"llada2"`.
+        gen_length, steps, block_length, mask_token_id, eos_token_id: Default generation settings (saved with the
+            pipeline; `from_pretrained` on a transformers folder reads them from its `generation_config.json`).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        adapter: str = "auto",
+        gen_length: int | None = None,
+        steps: int | None = None,
+        block_length: int | None = None,
+        mask_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(model=model, tokenizer=tokenizer)
+        self.register_to_config(
+            adapter=adapter, gen_length=gen_length, steps=steps, block_length=block_length,
+            mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        if mask_token_id is None:
+            mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        self.adapter = get_adapter(model, adapter, mask_token_id=mask_token_id)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "MaskedDiffusionLMPipeline":
+        """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer.
+
+        For a transformers folder the model loads with `AutoModelForMaskedLM` (with `AutoModel` for architectures it
+        does not know, such as LLaDA and Dream with `trust_remote_code=True`), and the generation defaults come
+        from its `generation_config.json`. Keyword arguments (`torch_dtype`, `trust_remote_code`, and the generation
+        defaults of `__init__`) are passed on.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return super().from_pretrained(path, **kwargs)
+        init_kwargs = {key: kwargs.pop(key) for key in ("adapter", *GENERATION_KEYS) if key in kwargs}
+        try:
+            defaults = GenerationConfig.from_pretrained(path).to_dict()
+            init_kwargs = {**{k: defaults[k] for k in GENERATION_KEYS if defaults.get(k) is not None}, **init_kwargs}
+        except OSError:
+            pass  # no generation_config.json: settings come from the call
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+        except ValueError:
+            model = AutoModel.from_pretrained(path, **kwargs)
+        return cls(model=model.eval(), tokenizer=tokenizer, **init_kwargs)
+
+    def _default(self, name: str, value: Any) -> Any:
+        value = self.config.get(name) if value is None else value
+        if value is None:
+            raise ValueError(f"`{name}` is needed: pass it to the call, or store it with the model.")
+        return value
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        gen_length: int | None = None,
+        steps: int | None = None,
+        block_length: int | None = None,
+        temperature: float = 0.0,
+        cfg_scale: float = 0.0,
+        remasking: str = "low_confidence",
+        early_commit: EarlyCommit | str | None = None,
+        parallel: ThresholdCommit | None = None,
+        eos_token_id: int | None = None,
+        mask_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> MaskedDiffusionLMOutput | tuple:
+        """Generate an answer for each prompt.
+
+        Args:
+            prompt: Text prompt(s); or give `input_ids` (left-padded) and `attention_mask`.
+            gen_length: Tokens to generate (default: the model's).
+            steps: Refinement steps in all (default: the model's, at most `gen_length`).
+            block_length: Semi-autoregressive block length (default: the model's, at most `gen_length`).
+            temperature: 0 is greedy; otherwise Gumbel-max sampling through `generator`.
+            cfg_scale: Classifier-free guidance strength (0: off).
+            remasking: `"low_confidence"` or `"random"`.
+            early_commit: None, `"prophet"`, `"sched"`, or a rule such as `SchEDCommit(shape="exp", k=4)`.
+            parallel: A `ThresholdCommit` (Fast-dLLM's rule), composable with `early_commit`.
+            eos_token_id: Ends an answer (default: the model's, else the tokenizer's); None and no default: off.
+            mask_token_id: The mask token (default: the model's, else the adapter's).
+            generator: Randomness for sampling.
+        """
+        if input_ids is None:
+            if prompt is None:
+                raise ValueError("Give `prompt` or `input_ids`.")
+            self.tokenizer.padding_side = "left"
+            encoded = self.tokenizer([prompt] if isinstance(prompt, str) else list(prompt), return_tensors="pt",
+                                     padding=True, add_special_tokens=False)  # fmt: skip
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        gen_length = self._default("gen_length", gen_length)
+        steps = steps or min(self._default("steps", steps), gen_length)
+        block_length = block_length or min(self.config.get("block_length") or gen_length, gen_length)
+        mask_token_id = self._default("mask_token_id", mask_token_id or self.adapter.mask_token_id)
+        if eos_token_id is None:
+            eos_token_id = self.config.get("eos_token_id") or getattr(self.tokenizer, "eos_token_id", None)
+        device = self._execution_device
+        output = generate(
+            self.adapter,
+            input_ids.to(device),
+            None if attention_mask is None else attention_mask.to(device),
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            mask_token_id=mask_token_id,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            remasking=remasking,
+            early_commit=resolve_early_commit(early_commit),
+            parallel=parallel,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
+        texts = None
+        if self.tokenizer is not None:
+            answers = [row if eos_token_id is None else row[: _first(row, eos_token_id)] for row in output.sequences]
+            texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        if not return_dict:
+            return texts, output.sequences, output.nfe
+        return MaskedDiffusionLMOutput(texts=texts, sequences=output.sequences, nfe=output.nfe)
+
+
+def _first(row: torch.LongTensor, token: int) -> int:
+    hits = (row == token).nonzero()
+    return int(hits[0, 0]) if len(hits) else len(row)

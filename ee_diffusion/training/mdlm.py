@@ -1,0 +1,183 @@
+"""`ee-diffusion train-mdlm`: train the tiny masked diffusion LM (`tiny-mdlm`) on addition and digit sorting.
+
+The masked-diffusion (MDLM / LLaDA SFT) objective: draw `t ~ U(eps, 1)` per sequence, mask each answer token with
+probability `t` (the prompt is never masked), and take the cross-entropy on the masked positions weighted by
+`1 / t`, normalised by the number of answer positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import BertConfig, BertForMaskedLM, GenerationConfig, PreTrainedTokenizerBase
+
+from ..dllm.adapters import MaskedLMAdapter
+from ..dllm.tasks import TASKS, Problem, make_problem
+from ..dllm.tokenizer import build_char_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class MDLMTrainConfig:
+    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe."""
+
+    output_dir: str
+    steps: int = 14000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    eps: float = 1e-3
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    gen_length: int = 18
+    max_prompt_length: int = 22
+    tasks: tuple[str, ...] = TASKS
+    seed: int = 0
+    checkpoint_every: int = 1000
+    resume: bool = False
+
+
+def build_model(tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig) -> BertForMaskedLM:
+    """A small bidirectional BERT masked LM (no dropout, learned absolute positions) for `tokenizer`."""
+    bert = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=4 * config.hidden_size,
+        max_position_embeddings=config.max_prompt_length + config.gen_length,
+        type_vocab_size=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return BertForMaskedLM(bert)
+
+
+def encode_problems(
+    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, gen_length: int
+) -> tuple[torch.LongTensor, torch.LongTensor, int]:
+    """Left-padded `prompt + answer + EOS...` rows (the answer padded with EOS to `gen_length`).
+
+    Returns `(input_ids, attention_mask, prompt_length)`; the answer span is `input_ids[:, prompt_length:]`.
+    """
+    prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    prompt_length = max(map(len, prompts))
+    rows, masks = [], []
+    for problem, prompt in zip(problems, prompts):
+        answer = tokenizer(problem.answer, add_special_tokens=False)["input_ids"]
+        if len(answer) >= gen_length:
+            raise ValueError(f"Answer {problem.answer!r} needs more than gen_length={gen_length} tokens with its EOS.")
+        padding = prompt_length - len(prompt)
+        rows.append([tokenizer.pad_token_id] * padding + prompt + answer + [tokenizer.eos_token_id] * (gen_length - len(answer)))
+        masks.append([0] * padding + [1] * (len(prompt) + gen_length))
+    return torch.tensor(rows), torch.tensor(masks), prompt_length
+
+
+def mdlm_loss(
+    adapter: MaskedLMAdapter,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    prompt_length: int,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """The masked-diffusion loss of one batch (see the module docstring)."""
+    batch, length = input_ids.shape
+    t = eps + (1.0 - eps) * torch.rand(batch, 1, generator=generator, device=input_ids.device)
+    answer = (torch.arange(length, device=input_ids.device) >= prompt_length).expand(batch, -1)
+    masked = answer & (torch.rand(batch, length, generator=generator, device=input_ids.device) < t)
+    noisy = torch.where(masked, adapter.mask_token_id, input_ids)
+    logits = adapter(noisy, attention_mask)
+    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), input_ids, reduction="none")
+    return (token_loss * masked / t).sum() / answer.sum()
+
+
+def _learning_rate(step: int, config: MDLMTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def save_model(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig, path: str) -> None:
+    """Write a transformers folder: model, tokenizer and the default dLLM generation settings."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GenerationConfig(
+        gen_length=config.gen_length,
+        steps=config.gen_length,
+        block_length=config.gen_length,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(path)
+
+
+def train_mdlm(config: MDLMTrainConfig, progress: bool = True) -> list[float]:
+    """Train (or, with `config.resume`, continue training) `tiny-mdlm`; returns the loss of every step run.
+
+    Checkpoints (model + optimizer + random state) go to `{output_dir}/checkpoint` every `checkpoint_every` steps;
+    the final model is written to `output_dir`.
+    """
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(config.seed)
+    model = build_model(tokenizer, config).train()
+    adapter = MaskedLMAdapter(model, mask_token_id=tokenizer.mask_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    checkpoint = os.path.join(config.output_dir, "checkpoint")
+    start = 0
+    if config.resume:
+        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        logger.info("resumed from %s at step %d", checkpoint, start)
+
+    losses: list[float] = []
+    began = time.perf_counter()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress, desc="train-mdlm")
+    for step in bar:
+        problems = [make_problem(config.tasks[i % len(config.tasks)], generator) for i in range(config.batch_size)]
+        input_ids, attention_mask, prompt_length = encode_problems(problems, tokenizer, config.gen_length)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, config)
+        loss = mdlm_loss(adapter, input_ids, attention_mask, prompt_length, generator, config.eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_model(model, tokenizer, config, checkpoint)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+            torch.save({**state, "step": done, "config": asdict(config)}, os.path.join(checkpoint, STATE_FILE))
+            window = losses[-config.checkpoint_every :]
+            logger.info(
+                "step %d: mean loss %.4f over the last %d steps, %.0f s", done, sum(window) / len(window), len(window),
+                time.perf_counter() - began,
+            )  # fmt: skip
+    save_model(model.eval(), tokenizer, config, config.output_dir)
+    return losses

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from ee_diffusion import MaskedDiffusionLMPipeline, SchEDCommit
+from ee_diffusion.dllm.adapters import MaskedLMAdapter
+from ee_diffusion.dllm.sampler import generate
+from ee_diffusion.training.mdlm import save_model
+
+from .conftest import tiny_config
+
+
+@pytest.fixture
+def model_folder(tmp_path, tiny_bert, tokenizer):
+    save_model(tiny_bert, tokenizer, tiny_config(), str(tmp_path / "tiny"))
+    return tmp_path / "tiny"
+
+
+def test_from_pretrained_reads_model_tokenizer_and_generation_defaults(model_folder, tiny_bert, tokenizer):
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
+    assert (pipe.config.gen_length, pipe.config.steps, pipe.config.block_length) == (8, 8, 8)
+    assert (pipe.config.mask_token_id, pipe.config.eos_token_id) == (tokenizer.mask_token_id, tokenizer.eos_token_id)
+    prompts = ["123+4567=", "sort:4312="]
+    out = pipe(prompt=prompts)
+    assert out.sequences.shape == (2, 8) and out.nfe.tolist() == [8, 8] or (out.nfe <= 8).all()
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    direct = generate(MaskedLMAdapter(tiny_bert, 1), encoded["input_ids"], encoded["attention_mask"], gen_length=8,
+                      steps=8, block_length=8, mask_token_id=1, eos_token_id=2)  # fmt: skip
+    assert torch.equal(out.sequences, direct.sequences)
+    for text, row in zip(out.texts, direct.sequences.tolist()):
+        assert text == tokenizer.decode(row[: row.index(2)] if 2 in row else row, skip_special_tokens=True)
+
+
+def test_call_settings_and_early_commit(model_folder):
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
+    full = pipe(prompt="1+2=", gen_length=4, steps=4, block_length=2, eos_token_id=None)
+    assert full.sequences.shape == (1, 4) and full.nfe.tolist() == [4]
+    early = pipe(prompt="1+2=", gen_length=4, steps=4, early_commit=SchEDCommit(tau_high=0.0, tau_low=0.0))
+    assert early.nfe.tolist() == [1]
+    assert pipe(prompt="1+2=", early_commit="sched").nfe.shape == (1,)
+    with pytest.raises(TypeError, match="early_commit"):
+        pipe(prompt="1+2=", early_commit="fast")
+
+
+def test_model_and_tokenizer_directly_and_save_round_trip(tmp_path, tiny_bert, tokenizer):
+    pipe = MaskedDiffusionLMPipeline(model=tiny_bert, tokenizer=tokenizer, gen_length=8, steps=4)
+    with pytest.raises(ValueError, match="gen_length"):
+        MaskedDiffusionLMPipeline(model=tiny_bert, tokenizer=tokenizer)(prompt="1+2=")
+    before = pipe(prompt=["1+2=", "33+4="])
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = MaskedDiffusionLMPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.config.steps == 4
+    assert torch.equal(loaded(prompt=["1+2=", "33+4="]).sequences, before.sequences)
