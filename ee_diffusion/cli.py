@@ -85,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _default_methods(model: str) -> list[str]:
     """baseline, and when the model has a shipped ASE fine-tuned sibling: its schedule on the model, and the sibling."""
-    from .pipelines import load_early_exit_pipeline, shipped_model_path
+    from .pipelines import shipped_model_path
 
     sibling = f"{model}-ase"
     if shipped_model_path(sibling) is None:

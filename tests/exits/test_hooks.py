@@ -15,7 +15,7 @@ from ee_diffusion import (
     remove_exit_schedule,
     reset_exit_stats,
 )
-from tests.conftest import AttentionCounter, make_tiny_dit
+from tests.conftest import AttentionCounter
 
 
 def dit_inputs(batch=2, timestep=900, sample_size=8):
