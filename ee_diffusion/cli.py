@@ -60,11 +60,11 @@ def _describe(schedule) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.harness import BenchConfig, format_table, rows_as_dicts, run_bench
+    from .bench.harness import BenchConfig, format_table, parse_methods, rows_as_dicts, run_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = args.methods.split(",") if args.methods else _default_methods(args.model)
+    methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
     config = BenchConfig(
         model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
         steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -86,12 +86,15 @@ def _bench(args: argparse.Namespace) -> int:
 def _default_methods(model: str) -> list[str]:
     """baseline, and when the model has a shipped ASE fine-tuned sibling: its schedule on the model, and the sibling."""
     from .pipelines import shipped_model_path
+    from .schedules import ExitSchedule
 
     sibling = f"{model}-ase"
     if shipped_model_path(sibling) is None:
         return ["baseline", "ase:linear:0.5"]
     schedule_dir = shipped_model_path(sibling) / "exit_schedule"
-    return ["baseline", f"ase:{schedule_dir}", f"finetuned:{sibling}"]
+    schedule = ExitSchedule.from_pretrained(schedule_dir)
+    spec = schedule_dir if schedule.config.shape == "table" else _describe(schedule)  # the spec when it has one
+    return ["baseline", f"ase:{spec}", f"finetuned:{sibling}"]
 
 
 def _train_config(args: argparse.Namespace, **overrides):
@@ -104,6 +107,13 @@ def _train_config(args: argparse.Namespace, **overrides):
     )  # fmt: skip
 
 
+def _hardware(device: str) -> str:
+    """The machine a run used, in words, for model cards."""
+    if torch.device(device).type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)}"
+    return f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})"
+
+
 def _model_card(title: str, args: argparse.Namespace, result, extra: str = "") -> str:
     command = "ee-diffusion " + " ".join(args.argv)
     return (
@@ -113,7 +123,7 @@ def _model_card(title: str, args: argparse.Namespace, result, extra: str = "") -
         f"{extra}"
         f"Trained with:\n\n```\n{command}\n```\n\n"
         f"Steps: {result.total_steps} (batch {args.batch_size}); time: {result.seconds / 60:.1f} min for the last "
-        f"{result.steps_run} steps on {torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}).\n\n"
+        f"{result.steps_run} steps on {_hardware(args.device)}.\n\n"
         "Metrics: see the digits table of the project README (command there).\n"
     )
 
@@ -129,7 +139,8 @@ def _train(args: argparse.Namespace) -> int:
     model = build_digits_denoiser(args.arch, seed=args.seed)
     print(f"ee-diffusion train: digits-{args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     config = _train_config(args)
-    result = train_denoiser(model, load_digits_split("train"), config, out_dir=args.out, resume=args.resume)
+    result = train_denoiser(model, load_digits_split("train"), config, out_dir=args.out, resume=args.resume,
+                            device=args.device)  # fmt: skip
     save_digits_pipeline(model, args.out, card=_model_card(f"digits-{args.arch}", args, result))
     print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
     return 0
@@ -170,7 +181,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     config = _train_config(args, freeze_timestep_embedding=True, class_dropout=args.class_dropout)
     print(f"ee-diffusion finetune-ase: {args.model} under {_describe(schedule)} ({config.steps} steps)")
     result = train_denoiser(denoiser, load_digits_split("train"), config, out_dir=args.out, exit_schedule=schedule,
-                            resume=args.resume)  # fmt: skip
+                            resume=args.resume, device=args.device)  # fmt: skip
     extra = (f"ASE fine-tuned from `{args.model}` under the exit schedule `{_describe(schedule)}` (saved in "
              "`exit_schedule/`), timestep embedding frozen.\n\n")  # fmt: skip
     save_digits_pipeline(denoiser, args.out, exit_schedule=schedule,
@@ -192,6 +203,7 @@ def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch:
     command.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    command.add_argument("--device", default="cpu", help="torch device to train a denoiser on, e.g. cuda (the classifier trains on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,20 @@ SCHEDULERS = {
 }
 
 
+METHOD_KINDS = ("baseline", "ase", "finetuned")
+
+
+def parse_methods(text: str) -> list[str]:
+    """Split a `--methods` string on the commas that start a new method, so `ase:step:12,8,4` stays whole."""
+    methods: list[str] = []
+    for piece in text.split(","):
+        if piece.partition(":")[0] in METHOD_KINDS or not methods:
+            methods.append(piece)
+        else:
+            methods[-1] += "," + piece
+    return methods
+
+
 @dataclass
 class BenchConfig:
     """What `run_bench` measures.

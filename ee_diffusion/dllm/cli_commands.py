@@ -27,7 +27,7 @@ def _train_mdlm(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
     )
-    losses = train_mdlm(config)
+    losses = train_mdlm(config, device=args.device, workers=args.workers)
     print(f"trained to step {config.steps}; last loss {losses[-1]:.4f}; model in {config.output_dir}")
     return 0
 
@@ -72,6 +72,9 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every)
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
+    train.add_argument("--workers", type=int, default=0,
+                       help="DataLoader processes generating problems ahead of the model (same run for any number)")
     train.set_defaults(func=_train_mdlm)
 
     bench = commands.add_parser(

@@ -130,6 +130,7 @@ def train_denoiser(
     resume: bool = False,
     noise_scheduler: DDPMScheduler | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train `model` in place to predict the noise of `data`; on return it holds the EMA weights.
 
@@ -142,6 +143,8 @@ def train_denoiser(
         resume: Continue from `out_dir/checkpoint.pt` (same config) instead of starting over.
         noise_scheduler: The forward process; defaults to 1000 linear-beta DDPM steps.
         progress: Show a progress bar.
+        device: Where the model trains. Batches, noise and label dropout are drawn on the CPU from one seeded
+            generator whatever the device, so a run on a GPU sees the same data as one on the CPU.
     """
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
@@ -151,6 +154,7 @@ def train_denoiser(
             module.dropout_prob = 0.0
     if config.freeze_timestep_embedding:
         freeze_timestep_embedding(model)
+    model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
@@ -161,14 +165,14 @@ def train_denoiser(
     if resume:
         if checkpoint is None or not checkpoint.exists():
             raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {out_dir}.")
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint} was written with another config: {state['config']}.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
         start = state["step"]
     if exit_schedule is not None:
         apply_exit_schedule(model, exit_schedule, num_train_timesteps)
@@ -186,17 +190,19 @@ def train_denoiser(
             labels[drop] = null_label
             timesteps = torch.randint(num_train_timesteps, (config.batch_size,), generator=generator)
             noise = torch.randn(images.shape, generator=generator)
-            noisy = noise_scheduler.add_noise(images, noise, timesteps)
-            weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma)
+            noisy = noise_scheduler.add_noise(images, noise, timesteps).to(device)
+            weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
+            noise, labels, on_device_timesteps = noise.to(device), labels.to(device), timesteps.to(device)
 
             groups = (
                 {None: torch.arange(config.batch_size)}
                 if exit_schedule is None
                 else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
             )
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=device)
             for members in groups.values():
-                prediction = model(noisy[members], timesteps[members], class_labels=labels[members]).sample
+                members = members.to(device)
+                prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
                 per_sample = (prediction[:, : noise.shape[1]] - noise[members]).pow(2).mean(dim=(1, 2, 3))
                 loss = loss + (weights[members] * per_sample).sum() / config.batch_size
             optimizer.zero_grad(set_to_none=True)

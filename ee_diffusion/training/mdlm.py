@@ -98,9 +98,9 @@ def mdlm_loss(
 ) -> torch.Tensor:
     """The masked-diffusion loss of one batch (see the module docstring)."""
     batch, length = input_ids.shape
-    t = eps + (1.0 - eps) * torch.rand(batch, 1, generator=generator, device=input_ids.device)
+    t = (eps + (1.0 - eps) * torch.rand(batch, 1, generator=generator)).to(input_ids.device)
     answer = (torch.arange(length, device=input_ids.device) >= prompt_length).expand(batch, -1)
-    masked = answer & (torch.rand(batch, length, generator=generator, device=input_ids.device) < t)
+    masked = answer & (torch.rand(batch, length, generator=generator).to(input_ids.device) < t)
     noisy = torch.where(masked, adapter.mask_token_id, input_ids)
     logits = adapter(noisy, attention_mask)
     token_loss = F.cross_entropy(logits.transpose(1, 2).float(), input_ids, reduction="none")
@@ -129,55 +129,85 @@ def save_model(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerBase, confi
     ).save_pretrained(path)
 
 
-def train_mdlm(config: MDLMTrainConfig, progress: bool = True) -> list[float]:
+def step_seed(seed: int, step: int) -> int:
+    """The seed of training step `step`'s problems and masks: a run's data depends on (seed, step) alone."""
+    return seed * 1_000_003 + step
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is that step's batch, `(input_ids, attention_mask, prompt_length, seed)`, drawn from
+    `step_seed(config.seed, step)`. Being a function of the step, it is the same in any DataLoader worker and after a
+    resume, so workers only make problem generation (Python) run beside the model's steps."""
+
+    def __init__(self, config: MDLMTrainConfig, tokenizer: PreTrainedTokenizerBase):
+        self.config, self.tokenizer = config, tokenizer
+
+    def __len__(self) -> int:
+        return self.config.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.LongTensor, torch.LongTensor, int, int]:
+        seed = step_seed(self.config.seed, step)
+        generator = torch.Generator().manual_seed(seed)
+        tasks = self.config.tasks
+        problems = [make_problem(tasks[i % len(tasks)], generator) for i in range(self.config.batch_size)]
+        return (*encode_problems(problems, self.tokenizer, self.config.gen_length), seed)
+
+
+def train_mdlm(
+    config: MDLMTrainConfig, progress: bool = True, device: str | torch.device = "cpu", workers: int = 0
+) -> list[float]:
     """Train (or, with `config.resume`, continue training) `tiny-mdlm`; returns the loss of every step run.
 
-    Checkpoints (model + optimizer + random state) go to `{output_dir}/checkpoint` every `checkpoint_every` steps;
-    the final model is written to `output_dir`.
+    Checkpoints (model + optimizer) go to `{output_dir}/checkpoint` every `checkpoint_every` steps; the final model is
+    written to `output_dir`. Each step's problems and masks come from its own seed (`step_seed`), drawn on the CPU,
+    so the run is the same on any `device` and with any number of `workers` (DataLoader processes that generate the
+    problems ahead of the model).
     """
     for task in config.tasks:
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
-    model = build_model(tokenizer, config).train()
+    model = build_model(tokenizer, config).train().to(device)
     adapter = MaskedLMAdapter(model, mask_token_id=tokenizer.mask_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
     checkpoint = os.path.join(config.output_dir, "checkpoint")
     start = 0
     if config.resume:
-        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=False)
+        state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         start = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, start)
 
+    batches = torch.utils.data.DataLoader(StepBatches(config, tokenizer), batch_size=None,
+                                          sampler=range(start, config.steps), num_workers=workers)  # fmt: skip
     losses: list[float] = []
     began = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress, desc="train-mdlm")
-    for step in bar:
-        problems = [make_problem(config.tasks[i % len(config.tasks)], generator) for i in range(config.batch_size)]
-        input_ids, attention_mask, prompt_length = encode_problems(problems, tokenizer, config.gen_length)
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train-mdlm")
+    for step, (input_ids, attention_mask, prompt_length, seed) in enumerate(batches, start=start):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
+        generator = torch.Generator().manual_seed(seed + 2**40)  # the masks' stream, apart from any problems'
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         loss = mdlm_loss(adapter, input_ids, attention_mask, prompt_length, generator, config.eps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
+        bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
             save_model(model, tokenizer, config, checkpoint)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             torch.save({**state, "step": done, "config": asdict(config)}, os.path.join(checkpoint, STATE_FILE))
             window = losses[-config.checkpoint_every :]
             logger.info(
                 "step %d: mean loss %.4f over the last %d steps, %.0f s", done, sum(window) / len(window), len(window),
                 time.perf_counter() - began,
             )  # fmt: skip
+    bar.close()
     save_model(model.eval(), tokenizer, config, config.output_dir)
     return losses

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule
-from ee_diffusion.bench.harness import BenchConfig, format_table, run_bench
-from ee_diffusion.cli import main
+from ee_diffusion.bench.harness import BenchConfig, format_table, parse_methods, run_bench
+from ee_diffusion.cli import _default_methods, main
+from ee_diffusion.pipelines import shipped_model_path
 from ee_diffusion.training import save_digits_pipeline
 from diffusers import DiTTransformer2DModel
 
@@ -64,3 +65,16 @@ def test_bad_bench_config(digits_shaped_models, overrides, error, match):
     with pytest.raises(error, match=match):
         run_bench(BenchConfig(**{"model": str(digits_shaped_models / "base"), "num_samples": 2, "steps": 1,
                                  **overrides}), progress=False)  # fmt: skip
+
+
+def test_parse_methods_keeps_step_tables_whole():
+    text = "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase"
+    assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase"]
+
+
+def test_default_methods_name_the_shipped_schedule_by_its_spec():
+    schedule = ExitSchedule.from_pretrained(shipped_model_path("digits-dit-ase") / "exit_schedule")
+    assert _default_methods("digits-dit") == [
+        "baseline", "ase:step:" + ",".join(map(str, schedule.config.table)), "finetuned:digits-dit-ase"
+    ]
+    assert _default_methods("no-such-model") == ["baseline", "ase:linear:0.5"]

@@ -57,3 +57,6 @@ def test_training_reduces_the_loss_and_resumes(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "generation_config.json").exists()
     config.steps, config.resume = 70, True
     assert len(train_mdlm(config, progress=False)) == 10
+    # Each step's data comes from (seed, step): a DataLoader worker generating it changes nothing.
+    config.output_dir, config.resume, config.steps = str(tmp_path / "again"), False, 60
+    assert train_mdlm(config, progress=False, workers=1) == pytest.approx(losses, rel=1e-5)
