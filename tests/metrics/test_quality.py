@@ -127,6 +127,10 @@ def test_npz_round_trip_gives_the_same_fid_and_kid_as_the_in_memory_reference(di
     loaded = load_reference_statistics(tmp_path / "small.npz")
     assert loaded.features.shape == (100, 128) and torch.equal(loaded.mu, small.mu)
     assert compute_fid_kid(generated, loaded).fid == pytest.approx(in_memory.fid, rel=1e-9)
+    # A clean-fid statistics file (only mu and sigma) gives the FID, and no KID.
+    np.savez(tmp_path / "clean_fid_style.npz", mu=small.mu.numpy(), sigma=small.sigma.numpy())
+    fid_only = compute_fid_kid(generated, tmp_path / "clean_fid_style.npz")
+    assert fid_only.fid == pytest.approx(in_memory.fid, rel=1e-9) and fid_only.kid is None
     # Statistics of one network are never compared with features of another.
     with pytest.raises(ValueError, match="computed with the 'digits' backend, not 'torchmetrics'"):
         compute_fid_kid(generated, path, backend="torchmetrics", feature_module=nn.Flatten())
