@@ -5,17 +5,36 @@ from .digits_classifier import (
     digits_features,
     load_digits_classifier,
 )
-from .fid import frechet_distance, kernel_distance
+from .features import INCEPTION_FILENAME, INCEPTION_URL, FeatureExtractor, InceptionWeightsNotFoundError, load_images
+from .fid import frechet_distance, frechet_distance_from_moments, kernel_distance
+from .quality import (
+    FidKidResult,
+    ReferenceStatistics,
+    compute_fid_kid,
+    load_reference_statistics,
+    save_reference_statistics,
+)
 from .throughput import Timing, time_interleaved
 
 __all__ = [
     "DIGITS_CLASSIFIER_PATH",
+    "INCEPTION_FILENAME",
+    "INCEPTION_URL",
     "DigitsClassifier",
+    "FeatureExtractor",
+    "FidKidResult",
+    "InceptionWeightsNotFoundError",
+    "ReferenceStatistics",
     "Timing",
     "class_accuracy",
+    "compute_fid_kid",
     "digits_features",
     "frechet_distance",
+    "frechet_distance_from_moments",
     "kernel_distance",
     "load_digits_classifier",
+    "load_images",
+    "load_reference_statistics",
+    "save_reference_statistics",
     "time_interleaved",
 ]

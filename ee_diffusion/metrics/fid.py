@@ -13,8 +13,20 @@ import torch
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FID between two (N, d) feature sets."""
     a, b = _checked(features_a, features_b, minimum=2)
-    mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    return frechet_distance_from_moments(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def frechet_distance_from_moments(
+    mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
+    """FID between two Gaussians given by their (d,) means and (d, d) covariances (e.g. cached statistics)."""
+    d = mean_a.shape[-1]
+    if mean_a.shape != (d,) or mean_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(
+            f"Expected (d,) means and (d, d) covariances with one d, got means {tuple(mean_a.shape)}, "
+            f"{tuple(mean_b.shape)} and covariances {tuple(cov_a.shape)}, {tuple(cov_b.shape)}."
+        )
+    mean_a, cov_a, mean_b, cov_b = (t.double().cpu() for t in (mean_a, cov_a, mean_b, cov_b))
     eigenvalues = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
     distance = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eigenvalues.sqrt().sum()
     return distance.item()
