@@ -60,9 +60,7 @@ def _describe(schedule) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from .bench.harness import BenchConfig, run_bench
+    from .bench.harness import BenchConfig, process_state, run_bench
     from .bench.methods import parse_methods
     from .bench.report import format_table, plot, write_csv, write_json
 
@@ -75,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
         compile=args.compile, xformers=args.xformers, save_images=args.save_images,
     )  # fmt: skip
-    state = PartialState()
+    state = process_state(config.device)
     if state.is_main_process:
         cells = ", ".join(f"{scheduler}-{steps}" for scheduler, steps in config.cells())
         print(
@@ -274,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the same class labels from the same seeds with each method, interleaved batch by "
         "batch, and report speed (median per image), executed block fraction and, for the digits models, FID/KID "
         "against the held-out digits and class accuracy by the digits feature network. Under `accelerate launch -m "
-        "ee_diffusion.cli bench ...` the batches are split over the processes and scored once.",
+        "ee_diffusion.cli bench ...` (GPUs) or `torchrun --nproc_per_node N -m ee_diffusion.cli bench ...` (CPU "
+        "processes) the batches are split over the processes and scored once.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BENCH_METHODS_HELP,
     )
@@ -282,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)")  # fmt: skip
     bench.add_argument("--methods", help="comma-separated method specs, see below (default: baseline, and the shipped "
                        "<model>-ase schedule and model when there is one)")  # fmt: skip
-    bench.add_argument("--num-samples", type=int, default=500, help="images per method and cell")
+    bench.add_argument("--num-samples", type=int, default=250, help="images per method and cell")
     bench.add_argument("--batch-size", type=int, default=250)
-    bench.add_argument("--steps", default="25", help="scheduler steps, or a comma-separated list (a grid axis)")
+    bench.add_argument("--steps", default="50", help="scheduler steps, or a comma-separated list (a grid axis)")
     bench.add_argument("--scheduler", default="dpm-solver++", help="dpm-solver++, ddim, ddpm or euler, or a "
                        "comma-separated list of them (a grid axis)")  # fmt: skip
     bench.add_argument("--grid", default="zip", choices=["zip", "product"], help="zip: pair --scheduler and --steps "

@@ -17,7 +17,7 @@ method.
 Models: a shipped name, a pipeline folder or hub id, or `random:<name>` (see `RANDOM_MODELS`): a randomly initialised
 DiT built from its config offline, without a VAE (the latents are the output), for speed only.
 
-Processes: under `accelerate launch`, the batches are split over the processes (`PartialState.split_between_processes`)
+Processes: under `accelerate launch` (GPUs) or `torchrun` (CPU processes), the batches are split over the processes (`PartialState.split_between_processes`)
 and gathered on the main process (`gather_object`), which scores them and returns the rows (the other processes return
 no rows). Batch `i` is seeded with `seed + i` wherever it runs, so the images do not depend on the number of processes.
 `images_per_s` is then the number of processes over the median seconds per image of one process.
@@ -92,9 +92,9 @@ class BenchConfig:
 
     model: str = "digits-dit"
     methods: list[str] = field(default_factory=lambda: ["baseline"])
-    num_samples: int = 500
+    num_samples: int = 250
     batch_size: int = 250
-    steps: int | list[int] = 25
+    steps: int | list[int] = 50
     scheduler: str | list[str] = "dpm-solver++"
     grid: str = "zip"
     guidance_scale: float = 1.0
@@ -161,6 +161,11 @@ class _Run:
     peak_memory_mb: float | None = None
 
 
+def process_state(device: str) -> PartialState:
+    """accelerate's process state; on the CPU it joins the processes of a `torchrun` launch (gloo)."""
+    return PartialState(cpu=torch.device(device).type == "cpu")
+
+
 def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
     """The pipeline of a bench model, on `device` in the config's dtype, compiled / with xformers as asked."""
     if model.startswith("random:"):
@@ -168,7 +173,7 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
         if name not in RANDOM_MODELS:
             raise ValueError(f"Unknown random model {model!r}; accepted: {['random:' + n for n in RANDOM_MODELS]}.")
         torch.manual_seed(0)
-        transformer = DiTTransformer2DModel(**RANDOM_MODELS[name], in_channels=4, out_channels=8)
+        transformer = DiTTransformer2DModel(**RANDOM_MODELS[name], in_channels=4, out_channels=8).eval()
         pipe = EarlyExitDiTPipeline(transformer=transformer, vae=None, scheduler=DDPMScheduler())
     else:
         pipe = load_early_exit_pipeline(model, dtype=torch.float32)
@@ -210,7 +215,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
 
     Returns the rows on the main process (one per method and cell, cell by cell), and `[]` on the others.
     """
-    state = PartialState()
+    state = process_state(config.device)
     device = torch.device(config.device)
     if state.num_processes > 1 and state.device.type == device.type:
         device = state.device  # one accelerator per process
