@@ -1,5 +1,5 @@
 # Two set-up commands for a fresh clone; each makes its own virtual environment (.venv) and installs what it needs.
-#   make demo   runs the main job (the side-by-side speed benchmark)
+#   make demo   runs the main job (the bench: digits-dit, its shipped ASE schedule and digits-dit-ase, side by side)
 #   make test   installs the package with its test extras and runs the test suite
 VENV ?= .venv
 PYTHON ?= python3
@@ -14,7 +14,7 @@ $(BIN)/ee-diffusion: pyproject.toml
 	touch $@
 
 demo: $(BIN)/ee-diffusion
-	$(BIN)/ee-diffusion speed
+	$(BIN)/ee-diffusion bench
 
 test: $(BIN)/ee-diffusion
 	$(BIN)/python -m pytest -q

@@ -60,26 +60,42 @@ def _describe(schedule) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.harness import BenchConfig, format_table, parse_methods, rows_as_dicts, run_bench
+    from .bench.harness import BenchConfig, process_state, run_bench
+    from .bench.methods import parse_methods
+    from .bench.report import format_table, plot, write_csv, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
     config = BenchConfig(
         model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
-        steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
-        device=args.device,
+        steps=[int(steps) for steps in args.steps.split(",")], scheduler=args.scheduler.split(","), grid=args.grid,
+        guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
+        compile=args.compile, xformers=args.xformers, save_images=args.save_images,
     )  # fmt: skip
-    print(
-        f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples, "
-        f"{config.steps} {config.scheduler} steps, guidance {config.guidance_scale}, batches of {config.batch_size} "
-        f"interleaved; {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
-    rows = run_bench(config)
+    state = process_state(config.device)
+    if state.is_main_process:
+        cells = ", ".join(f"{scheduler}-{steps}" for scheduler, steps in config.cells())
+        print(
+            f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples in each of "
+            f"{cells} (scheduler-steps), guidance {config.guidance_scale}, batches of {config.batch_size} "
+            f"interleaved; {args.device} {args.dtype}, {state.num_processes} process(es), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        )
+    try:
+        rows = run_bench(config)
+    except ImportError as error:  # --xformers without xformers
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not state.is_main_process:
+        return 0
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"config": vars(config), "rows": rows_as_dicts(rows)}, file, indent=2)
+        write_json(args.json, vars(config), rows)
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.plot:
+        plot(args.plot, rows)
     return 0
 
 
@@ -206,6 +222,24 @@ def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch:
     command.add_argument("--device", default="cpu", help="torch device to train a denoiser on, e.g. cuda (the classifier trains on the CPU)")
 
 
+BENCH_METHODS_HELP = """\
+methods (--methods, comma-separated):
+  baseline                          the model at full depth
+  ase:<schedule>                    an exit schedule: linear:M, cosine:M, step:d1,d2,... or a schedule folder
+  finetuned:<model>                 another model folder with its saved exit schedule (ASE fine-tuned)
+  fbcache[:<threshold>]             diffusers FirstBlockCache (default 0.05)
+  layerskip[:<i,j,...>]             diffusers LayerSkip of these blocks (default: the middle block)
+  taylorseer[:<interval>[:<order>]] diffusers TaylorSeer cache (default 5:1)
+  magcache[:<threshold>[:<skips>]]  diffusers MagCache (default 0.06:3), ratios calibrated on the model
+  pab[:<range>[:<lo>-<hi>]]         diffusers PyramidAttentionBroadcast (default 2:100-800)
+An accelerator that does not apply to the model gets a row with the reason instead of numbers.
+
+example:
+  ee-diffusion bench --model random:dit-xl-2 --methods baseline,ase:linear:0.5,fbcache:0.08 \\
+      --batch-size 8 --num-samples 32 --steps 25 --dtype bfloat16 --device cuda
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -236,21 +270,36 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
         description="Generate the same class labels from the same seeds with each method, interleaved batch by "
-        "batch, and report speed (median per batch), executed block fraction and, for the digits models, FID/KID "
-        "against the held-out digits and class accuracy by the digits feature network.",
+        "batch, and report speed (median per image), executed block fraction and, for the digits models, FID/KID "
+        "against the held-out digits and class accuracy by the digits feature network. Under `accelerate launch -m "
+        "ee_diffusion.cli bench ...` (GPUs) or `torchrun --nproc_per_node N -m ee_diffusion.cli bench ...` (CPU "
+        "processes) the batches are split over the processes and scored once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BENCH_METHODS_HELP,
     )
-    bench.add_argument("--model", default="digits-dit", help="shipped model name, folder or hub id")
-    bench.add_argument("--methods", help="comma-separated: baseline, ase:<schedule>, finetuned:<model> (default: "
-                       "baseline, and the shipped <model>-ase schedule and model when there is one)")  # fmt: skip
-    bench.add_argument("--num-samples", type=int, default=2000)
+    bench.add_argument("--model", default="digits-dit", help="shipped model name, folder, hub id, or random:dit-xl-2 "
+                       "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)")  # fmt: skip
+    bench.add_argument("--methods", help="comma-separated method specs, see below (default: baseline, and the shipped "
+                       "<model>-ase schedule and model when there is one)")  # fmt: skip
+    bench.add_argument("--num-samples", type=int, default=250, help="images per method and cell")
     bench.add_argument("--batch-size", type=int, default=250)
-    bench.add_argument("--steps", type=int, default=50)
-    bench.add_argument("--scheduler", default="dpm-solver++", choices=["dpm-solver++", "ddim", "ddpm", "euler"])
+    bench.add_argument("--steps", default="50", help="scheduler steps, or a comma-separated list (a grid axis)")
+    bench.add_argument("--scheduler", default="dpm-solver++", help="dpm-solver++, ddim, ddpm or euler, or a "
+                       "comma-separated list of them (a grid axis)")  # fmt: skip
+    bench.add_argument("--grid", default="zip", choices=["zip", "product"], help="zip: pair --scheduler and --steps "
+                       "position by position (a single value is repeated); product: every combination")  # fmt: skip
     bench.add_argument("--guidance-scale", type=float, default=1.0)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="batch i is seeded with seed + i")
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    bench.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (needs the "
+                       "xformers extra: pip install 'ee-diffusion[xformers]')")  # fmt: skip
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    bench.add_argument("--json", help="also write the config and rows to this JSON file")
+    bench.add_argument("--json", help="write the config and rows to this JSON file")
+    bench.add_argument("--csv", help="write the rows to this CSV file")
+    bench.add_argument("--plot", help="write quality against images/s, Pareto front marked, to this PNG file")
+    bench.add_argument("--save-images", metavar="DIR", help="write every image to DIR/{method}/{index:05d}_class{label}.png")
     bench.set_defaults(func=_bench)
 
     train = commands.add_parser(

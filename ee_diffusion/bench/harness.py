@@ -2,33 +2,54 @@
 
 Every method generates the same class labels from the same seeds, batch by batch, and the methods take turns batch
 by batch (the order rotating each round), so a slow spell of the machine is shared out and the speed ratios are
-trustworthy. Speed is the median seconds per batch; `speedup` is against the `baseline` row. Quality is scored by the
-digits feature network against the held-out digits split (FID, KID) and by its predictions (class accuracy), for
-the digits models; other models get speed rows only.
+trustworthy. Speed is the median seconds per image over the timed batches (after one untimed warm-up call per
+method); `speedup` is against the `baseline` row of the same scheduler and steps. Quality is scored by the digits
+feature network against the held-out digits split (FID, KID) and by its predictions (class accuracy), for the digits
+models; other models get speed rows only.
 
-Methods (comma-separated in `--methods`):
-- `baseline`: the model at full depth;
-- `ase:<spec>`: the model under an exit schedule (`linear:M`, `cosine:M`, `step:d1,...` or a schedule folder);
-- `finetuned:<model>`: another model folder, typically ASE fine-tuned, with the exit schedule saved in it.
+Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
+`layerskip`, `taylorseer`, `magcache`, `pab`).
+
+Grid: `scheduler` and `steps` are lists. `grid="zip"` pairs them position by position (a list of one is repeated:
+`ddpm,ddim,dpm-solver++` x `250,50,20` is three cells); `grid="product"` runs every combination. Every cell runs every
+method.
+
+Models: a shipped name, a pipeline folder or hub id, or `random:<name>` (see `RANDOM_MODELS`): a randomly initialised
+DiT built from its config offline, without a VAE (the latents are the output), for speed only.
+
+Processes: under `accelerate launch` (GPUs) or `torchrun` (CPU processes), the batches are split over the processes (`PartialState.split_between_processes`)
+and gathered on the main process (`gather_object`), which scores them and returns the rows (the other processes return
+no rows). Batch `i` is seeded with `seed + i` wherever it runs, so the images do not depend on the number of processes.
+`images_per_s` is then the number of processes over the median seconds per image of one process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from itertools import product
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
 from tqdm.auto import tqdm
 
 from ..data import load_digits_split
-from ..exits import num_exit_blocks
 from ..metrics import class_accuracy, digits_features, frechet_distance, kernel_distance, load_digits_classifier
-from ..pipelines import load_early_exit_pipeline
-from ..schedules import ExitSchedule
+from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
+from .methods import Method, Target, build_method, denoiser_of
+from .report import save_images
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +60,13 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler.from_config,
 }
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-METHOD_KINDS = ("baseline", "ase", "finetuned")
-
-
-def parse_methods(text: str) -> list[str]:
-    """Split a `--methods` string on the commas that start a new method, so `ase:step:12,8,4` stays whole."""
-    methods: list[str] = []
-    for piece in text.split(","):
-        if piece.partition(":")[0] in METHOD_KINDS or not methods:
-            methods.append(piece)
-        else:
-            methods[-1] += "," + piece
-    return methods
+# `random:<name>` models: DiTTransformer2DModel configs (4 latent channels, learned sigma, 1000 classes).
+RANDOM_MODELS = {
+    "dit-xl-2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32, patch_size=2),
+    "dit-tiny": dict(num_layers=4, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=2),
+}
 
 
 @dataclass
@@ -59,38 +74,67 @@ class BenchConfig:
     """What `run_bench` measures.
 
     Args:
-        model: Shipped model name (`digits-dit`, `digits-unet`), folder or hub id of the baseline.
-        methods: Method specs (see the module docstring).
-        num_samples: Images per method (class labels cycle through 0..9).
+        model: Shipped model name (`digits-dit`, `digits-unet`), folder, hub id or `random:<name>` (`RANDOM_MODELS`).
+        methods: Method specs (see `ee_diffusion.bench.methods`).
+        num_samples: Images per method and cell (class labels cycle through 0..9).
         batch_size: Images per timed batch.
-        steps: Scheduler steps.
-        scheduler: One of `SCHEDULERS`.
+        steps: Scheduler steps, one value or a list (a grid axis).
+        scheduler: One of `SCHEDULERS`, or a list of them (a grid axis).
+        grid: `"zip"` (cells pair the lists position by position) or `"product"` (every combination).
         guidance_scale: Classifier-free guidance scale (1: off).
         seed: Seed of batch `i` is `seed + i`, for every method.
         device: Torch device.
+        dtype: `float32`, `float16` or `bfloat16`.
+        compile: `torch.compile` the denoiser (`nn.Module.compile`, so the hooks of the methods still apply).
+        xformers: Use xformers' memory-efficient attention (needs the `xformers` extra).
+        save_images: Folder to write every generated image to (see `ee_diffusion.bench.report.save_images`).
     """
 
     model: str = "digits-dit"
     methods: list[str] = field(default_factory=lambda: ["baseline"])
-    num_samples: int = 2000
+    num_samples: int = 250
     batch_size: int = 250
-    steps: int = 50
-    scheduler: str = "dpm-solver++"
+    steps: int | list[int] = 50
+    scheduler: str | list[str] = "dpm-solver++"
+    grid: str = "zip"
     guidance_scale: float = 1.0
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    xformers: bool = False
+    save_images: str | None = None
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
+        self.steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
+        self.scheduler = [self.scheduler] if isinstance(self.scheduler, str) else list(self.scheduler)
+        bad = [name for name in self.scheduler if name not in SCHEDULERS]
+        if bad or not self.scheduler:
             raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}.")
-        if self.num_samples < 1 or self.batch_size < 1 or self.steps < 1:
+        if self.num_samples < 1 or self.batch_size < 1 or not self.steps or min(self.steps) < 1:
             raise ValueError("`num_samples`, `batch_size` and `steps` must be at least 1.")
         if not self.methods:
             raise ValueError("Give at least one method.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.grid not in ("zip", "product"):
+            raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
+        if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:
+            raise ValueError(f"grid='zip' pairs {self.scheduler} with {self.steps}: give lists of the same length "
+                             "(or one of length 1), or use grid='product'.")  # fmt: skip
+
+    def cells(self) -> list[tuple[str, int]]:
+        """The (scheduler, steps) cells of the grid, in order."""
+        if self.grid == "product":
+            return list(product(self.scheduler, self.steps))
+        length = max(len(self.scheduler), len(self.steps))
+        return [(self.scheduler[i % len(self.scheduler)], self.steps[i % len(self.steps)]) for i in range(length)]
 
 
 @dataclass
 class BenchRow:
+    """One method in one (scheduler, steps) cell. `note` says why a method did not run (all numbers `None`)."""
+
     method: str
     model: str
     scheduler: str
@@ -99,141 +143,177 @@ class BenchRow:
     fid: float | None
     kid: float | None
     class_accuracy: float | None
-    images_per_s: float
+    images_per_s: float | None
     speedup: float | None
-    block_fraction: float
+    block_fraction: float | None
     peak_memory_mb: float | None
+    note: str | None = None
 
 
 @dataclass
-class _Method:
-    name: str
-    model: str
-    pipe: Any
-    schedule: ExitSchedule | None
+class _Run:
+    """What one method produced in one cell, batch by batch."""
+
+    method: Method
     seconds: list[float] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
-    images: list[torch.Tensor] = field(default_factory=list)
+    images: dict[int, torch.Tensor] = field(default_factory=dict)
     peak_memory_mb: float | None = None
 
 
-def _build_methods(config: BenchConfig) -> list[_Method]:
-    pipes: dict[str, Any] = {}
-
-    def pipe_of(model: str) -> Any:
-        if model not in pipes:
-            pipe = load_early_exit_pipeline(model, dtype=torch.float32).to(config.device)
-            pipe.scheduler = SCHEDULERS[config.scheduler](pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            pipes[model] = pipe
-        return pipes[model]
-
-    methods = []
-    for spec in config.methods:
-        kind, _, argument = spec.partition(":")
-        if kind == "baseline" and not argument:
-            methods.append(_Method(spec, config.model, pipe_of(config.model), None))
-        elif kind == "ase" and argument:
-            pipe = pipe_of(config.model)
-            methods.append(_Method(spec, config.model, pipe, ExitSchedule.from_spec(argument, num_exit_blocks(pipe))))
-        elif kind == "finetuned" and argument:
-            pipe = pipe_of(argument)
-            methods.append(_Method(spec, argument, pipe, pipe.exit_schedule))
-        else:
-            raise ValueError(f"Unknown method {spec!r}; expected baseline, ase:<schedule> or finetuned:<model>.")
-    if len({m.name for m in methods}) != len(methods):
-        raise ValueError(f"Methods must be distinct, got {config.methods}.")
-    return methods
+def process_state(device: str) -> PartialState:
+    """accelerate's process state; on the CPU it joins the processes of a `torchrun` launch (gloo)."""
+    return PartialState(cpu=torch.device(device).type == "cpu")
 
 
-def _generate(method: _Method, labels: list[int], seed: int, config: BenchConfig) -> tuple[torch.Tensor, float]:
-    pipe = method.pipe
-    pipe.exit_schedule = method.schedule
-    generator = torch.Generator(config.device).manual_seed(seed)
-    cuda = torch.device(config.device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    images = pipe(class_labels=labels, guidance_scale=config.guidance_scale, generator=generator,
-                  num_inference_steps=config.steps, output_type="pt").images  # fmt: skip
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        method.peak_memory_mb = max(method.peak_memory_mb or 0.0, peak)
-    return images.cpu(), time.perf_counter() - began
+def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
+    """The pipeline of a bench model, on `device` in the config's dtype, compiled / with xformers as asked."""
+    if model.startswith("random:"):
+        name = model.removeprefix("random:")
+        if name not in RANDOM_MODELS:
+            raise ValueError(f"Unknown random model {model!r}; accepted: {['random:' + n for n in RANDOM_MODELS]}.")
+        torch.manual_seed(0)
+        transformer = DiTTransformer2DModel(**RANDOM_MODELS[name], in_channels=4, out_channels=8).eval()
+        pipe = EarlyExitDiTPipeline(transformer=transformer, vae=None, scheduler=DDPMScheduler())
+    else:
+        pipe = load_early_exit_pipeline(model, dtype=torch.float32)
+    pipe = pipe.to(device, DTYPES[config.dtype])
+    if config.xformers:
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
+                              "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
+        pipe.enable_xformers_memory_efficient_attention()
+    if config.compile:
+        denoiser_of(pipe).compile()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
+              device: torch.device) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """One call of the method: its images, seconds and executed block fraction."""
+    generator = torch.Generator(device).manual_seed(seed)
+    cuda = device.type == "cuda"
+    with run.method.session(pipe) as block_fraction:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        began = time.perf_counter()
+        images = pipe(class_labels=labels, guidance_scale=config.guidance_scale, generator=generator,
+                      num_inference_steps=steps, output_type="pt").images  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
+        return images.float().cpu(), seconds, block_fraction()
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
-    """Generate `num_samples` images per method, interleaved batch by batch, and score them."""
-    methods = _build_methods(config)
+    """Generate `num_samples` images per method and cell, interleaved batch by batch, and score them.
+
+    Returns the rows on the main process (one per method and cell, cell by cell), and `[]` on the others.
+    """
+    state = process_state(config.device)
+    device = torch.device(config.device)
+    if state.num_processes > 1 and state.device.type == device.type:
+        device = state.device  # one accelerator per process
+    pipes: dict[str, Any] = {}
+    schedulers: dict[str, Any] = {}
+
+    def pipe_of(model: str) -> Any:
+        if model not in pipes:
+            pipes[model] = load_pipe(model, config, device)
+            schedulers[model] = pipes[model].scheduler.config
+        return pipes[model]
+
     labels = [i % 10 for i in range(config.num_samples)]
     batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
-    for method in methods:  # warm-up: first-call costs (allocations, kernel selection) stay out of the timings
-        _generate(method, labels[:2], config.seed, config)
-    bar = tqdm(total=len(batches) * len(methods), desc="generating", disable=not progress)
-    for index, batch in enumerate(batches):
-        for offset in range(len(methods)):
-            method = methods[(index + offset) % len(methods)]
-            images, seconds = _generate(method, batch, config.seed + index, config)
-            method.images.append(images)
-            method.seconds.append(seconds / len(batch))
-            stats = method.pipe.exit_stats
-            method.fractions.append(1.0 if stats is None else stats.block_fraction)
-            bar.update()
+    cells = config.cells()
+    bar = tqdm(total=len(batches) * len(config.methods) * len(cells), desc="generating",
+               disable=not (progress and state.is_main_process))  # fmt: skip
+    results = []
+    for scheduler, steps in cells:
+        def use_scheduler() -> None:
+            for model in [config.model, *pipes]:
+                pipe = pipe_of(model)
+                pipe.scheduler = SCHEDULERS[scheduler](schedulers[model])
+
+        use_scheduler()  # before building (MagCache calibrates at the cell's scheduler and steps)
+        methods = [build_method(spec, Target(config.model, pipe_of, steps)) for spec in config.methods]
+        use_scheduler()  # and on the `finetuned:` models the building loaded
+        if len({m.name for m in methods}) != len(methods):
+            raise ValueError(f"Methods must be distinct, got {config.methods}.")
+        runs = [_Run(method) for method in methods]
+        active = [run for run in runs if run.method.unsupported is None]
+        for run in active:  # warm-up: first-call costs (allocations, kernel selection) stay out of the timings
+            _generate(run, pipes[run.method.model], labels[:2], config.seed, config, steps, device)
+        with state.split_between_processes(list(range(len(batches)))) as mine:
+            for index in mine:
+                for offset in range(len(active)):
+                    run = active[(index + offset) % len(active)]
+                    images, seconds, fraction = _generate(run, pipes[run.method.model], batches[index],
+                                                          config.seed + index, config, steps, device)  # fmt: skip
+                    run.images[index] = images
+                    run.seconds.append(seconds / len(batches[index]))
+                    run.fractions.append(fraction)
+                    bar.update(state.num_processes)
+        results.append((scheduler, steps, runs))
     bar.close()
-    return _score(methods, labels, config)
+    gathered = gather_object([[(run.images, run.seconds, run.fractions, run.peak_memory_mb) for run in runs]
+                              for _, _, runs in results])  # fmt: skip
+    if not state.is_main_process:
+        return []
+    for position, (_, _, runs) in enumerate(results):  # every process's part of each cell, in process order
+        parts = gathered[position :: len(results)]
+        for number, run in enumerate(runs):
+            run.images = {i: image for part in parts for i, image in part[number][0].items()}
+            run.seconds = [s for part in parts for s in part[number][1]]
+            run.fractions = [f for part in parts for f in part[number][2]]
+            peaks = [part[number][3] for part in parts if part[number][3] is not None]
+            run.peak_memory_mb = max(peaks) if peaks else None
+    rows = _score(results, labels, config, state.num_processes, pipes, progress)
+    if config.save_images:
+        save_images(config.save_images, rows, [run.images for _, _, runs in results for run in runs], labels)
+    return rows
 
 
-def _score(methods: list[_Method], labels: list[int], config: BenchConfig) -> list[BenchRow]:
-    digits = all(getattr(m.pipe, "vae", None) is None and _is_digits_shaped(m.pipe) for m in methods)
+def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, processes: int,
+           pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
+    digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
     if digits:
         classifier = load_digits_classifier()
         reference = digits_features((load_digits_split("heldout").images + 1) / 2, classifier)
     else:
         logger.warning("Quality is scored for the pixel-space digits models only; this bench reports speed.")
-    baseline = next((m for m in methods if m.name == "baseline"), None)
     rows = []
-    for method in tqdm(methods, desc="scoring", disable=not digits):
-        seconds = statistics.median(method.seconds)
-        fid = kid = accuracy = None
-        if digits:
-            images = torch.cat(method.images)
-            features = digits_features(images, classifier)
-            fid = frechet_distance(features, reference)
-            kid = kernel_distance(features, reference)[0]
-            accuracy = class_accuracy(images, torch.tensor(labels), classifier)
-        rows.append(BenchRow(
-            method=method.name, model=method.model, scheduler=config.scheduler, steps=config.steps,
-            num_samples=config.num_samples, fid=fid, kid=kid, class_accuracy=accuracy, images_per_s=1.0 / seconds,
-            speedup=None if baseline is None else statistics.median(baseline.seconds) / seconds,
-            block_fraction=statistics.fmean(method.fractions), peak_memory_mb=method.peak_memory_mb,
-        ))  # fmt: skip
+    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring", disable=not (digits and progress))
+    for scheduler, steps, runs in results:
+        baseline = next((run for run in runs if run.method.name == "baseline"), None)
+        for run in runs:
+            bar.update()
+            row = BenchRow(method=run.method.name, model=run.method.model, scheduler=scheduler, steps=steps,
+                           num_samples=config.num_samples, fid=None, kid=None, class_accuracy=None, images_per_s=None,
+                           speedup=None, block_fraction=None, peak_memory_mb=None, note=run.method.unsupported)  # fmt: skip
+            rows.append(row)
+            if row.note is not None:
+                continue
+            seconds = statistics.median(run.seconds)
+            row.images_per_s = processes / seconds
+            row.speedup = None if baseline is None else statistics.median(baseline.seconds) / seconds
+            row.block_fraction = statistics.fmean(run.fractions)
+            row.peak_memory_mb = run.peak_memory_mb
+            if digits:
+                images = torch.cat([run.images[i] for i in sorted(run.images)])
+                features = digits_features(images, classifier)
+                row.fid = frechet_distance(features, reference)
+                row.kid = kernel_distance(features, reference)[0]
+                row.class_accuracy = class_accuracy(images, torch.tensor(labels), classifier)
+    bar.close()
     return rows
 
 
 def _is_digits_shaped(pipe: Any) -> bool:
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    denoiser = denoiser_of(pipe)
     return denoiser.config.in_channels == 1 and denoiser.config.sample_size == 32
-
-
-def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
-    return [asdict(row) for row in rows]
-
-
-def format_table(rows: list[BenchRow]) -> str:
-    """A plain-text table of the rows."""
-    header = ("method", "model", "FID", "KID x1e3", "class acc", "img/s", "speedup", "blocks")
-    lines = [header]
-    for row in rows:
-        lines.append((
-            row.method, row.model,
-            "-" if row.fid is None else f"{row.fid:.2f}",
-            "-" if row.kid is None else f"{row.kid * 1e3:.2f}",
-            "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}",
-            f"{row.images_per_s:.1f}",
-            "-" if row.speedup is None else f"{row.speedup:.2f}x",
-            f"{row.block_fraction:.1%}",
-        ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)

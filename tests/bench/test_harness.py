@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule
-from ee_diffusion.bench.harness import BenchConfig, format_table, parse_methods, run_bench
+from ee_diffusion.bench.harness import BenchConfig, run_bench
+from ee_diffusion.bench.methods import parse_methods
+from ee_diffusion.bench.report import format_table
 from ee_diffusion.cli import _default_methods, main
 from ee_diffusion.pipelines import shipped_model_path
 from ee_diffusion.training import save_digits_pipeline
@@ -56,7 +58,9 @@ def test_bench_cli_json(digits_shaped_models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (dict(methods=["fbcache"]), ValueError, "Unknown method 'fbcache'"),
+    (dict(methods=["nosuch:1"]), ValueError, r"Unknown method 'nosuch:1'; accepted kinds: baseline, ase:<schedule>, .*fbcache"),
+    (dict(methods=["baseline:1"]), ValueError, "Unknown method 'baseline:1'"),
+    (dict(methods=["fbcache:x"]), ValueError, "Bad method 'fbcache:x'"),
     (dict(methods=["baseline", "baseline"]), ValueError, "must be distinct"),
     (dict(scheduler="plms"), ValueError, "`scheduler` must be one of"),
     (dict(methods=[]), ValueError, "at least one method"),
@@ -68,8 +72,9 @@ def test_bad_bench_config(digits_shaped_models, overrides, error, match):
 
 
 def test_parse_methods_keeps_step_tables_whole():
-    text = "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase"
-    assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase"]
+    text = "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,magcache"
+    assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase",
+                                   "layerskip:1,3", "fbcache:0.08", "pab", "magcache"]  # fmt: skip
 
 
 def test_default_methods_name_the_shipped_schedule_by_its_spec():

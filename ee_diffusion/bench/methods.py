@@ -1,0 +1,368 @@
+"""The methods `ee-diffusion bench` compares: one registry entry per kind of method.
+
+A method spec is `kind` or `kind:argument`. Each kind builds a `Method` from its argument; a `Method` knows the model
+it runs on and, as a context manager (`Method.session`), how to put itself on the shared pipeline for the calls made
+inside and take itself off again, so methods sharing one pipeline never leak into each other. Adding a method is one
+entry in `METHOD_KINDS`.
+
+Kinds (arguments in brackets are optional):
+- `baseline`: the model at full depth.
+- `ase:<schedule>`: the model under an exit schedule (`linear:M`, `cosine:M`, `step:d1,d2,...` or a schedule folder).
+- `finetuned:<model>`: another model folder (typically ASE fine-tuned) with the exit schedule saved in it.
+- `fbcache[:<threshold>]`: diffusers' FirstBlockCache (default threshold 0.05): all blocks after the first are
+  skipped while the first block's residual changes by less than the threshold (relative mean absolute change).
+- `layerskip[:<i,j,...>]`: diffusers' LayerSkip: the listed transformer blocks (0-based) are skipped at every step
+  (default: the middle block).
+- `taylorseer[:<interval>[:<order>]]`: diffusers' TaylorSeer cache on the attention modules of the blocks
+  (`<name>blocks.<i>.attn<j>`): computed
+  every `interval` steps (default 5) after 3 warm-up steps, predicted in between by a Taylor series of `order`
+  (default 1).
+- `magcache[:<threshold>[:<max skips>]]`: diffusers' MagCache (default 0.06, at most 3 consecutive skips); its
+  magnitude ratios are calibrated on the model by one untimed 2-image call at the bench's scheduler and steps.
+- `pab[:<range>[:<lo>-<hi>]]`: diffusers' PyramidAttentionBroadcast: self-attention is recomputed every `range`
+  calls (default 2) while the timestep lies in (lo, hi) (default 100-800), and broadcast from the cache otherwise.
+
+The diffusers accelerators are applied to the denoiser with `diffusers.hooks` on the same model as `baseline`. Where
+one does not apply to the model (a U-Net, a block class diffusers has no metadata for, no attention it recognises),
+the method's row carries the reason (`Method.unsupported`) and no numbers. Their block fraction is measured by torch
+forward hooks on the `nn.Linear` layers of the attention and feed-forward modules in the denoiser's block lists: the
+weight-count-weighted share of those layers that ran per denoiser call (these counting hooks cost a little time, so accelerator speedups are, if anything,
+understated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    HookRegistry,
+    LayerSkipConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+    apply_first_block_cache,
+    apply_layer_skip,
+    apply_mag_cache,
+    apply_pyramid_attention_broadcast,
+    apply_taylorseer_cache,
+)
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.cache_utils import CacheMixin
+
+from ..exits import num_exit_blocks
+from ..schedules import ExitSchedule
+
+Session = Callable[[Any], contextlib.AbstractContextManager[Callable[[], float]]]
+
+
+@contextlib.contextmanager
+def _full_depth(pipe: Any) -> Iterator[Callable[[], float]]:
+    yield lambda: 1.0
+
+
+@dataclass
+class Method:
+    """One row of the bench.
+
+    Args:
+        name: The spec it was built from.
+        model: The model it runs on (a key of the bench's pipelines).
+        session: `session(pipe)` is a context manager that applies the method to `pipe`, yields a function returning
+            the block fraction executed by the calls made inside, and removes the method on exit.
+        unsupported: Why the method cannot run on this model (then it is never run).
+    """
+
+    name: str
+    model: str
+    session: Session = _full_depth
+    unsupported: str | None = None
+
+
+@dataclass
+class Target:
+    """What a method is built for: the bench's model, its pipeline loader, and the cell's scheduler steps."""
+
+    model: str
+    pipe_of: Callable[[str], Any]
+    steps: int
+    labels: list[int] = field(default_factory=lambda: [0, 1])
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def _scheduled(schedule: ExitSchedule) -> Session:
+    @contextlib.contextmanager
+    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+        pipe.exit_schedule = schedule
+        try:
+            yield lambda: pipe.exit_stats.block_fraction
+        finally:
+            pipe.exit_schedule = None
+
+    return session
+
+
+def _baseline(argument: str, target: Target) -> Method:
+    return Method("baseline", target.model)
+
+
+def _ase(argument: str, target: Target) -> Method:
+    schedule = ExitSchedule.from_spec(argument, num_exit_blocks(target.pipe_of(target.model)))
+    return Method(f"ase:{argument}", target.model, _scheduled(schedule))
+
+
+def _finetuned(argument: str, target: Target) -> Method:
+    return Method(f"finetuned:{argument}", argument, _scheduled(target.pipe_of(argument).exit_schedule))
+
+
+class _BlockWork:
+    """Weight-count-weighted share of the attention and feed-forward `nn.Linear` layers of the denoiser's block lists
+    that ran per call (the blocks' conditioning layers are left out: DiT also calls the first block's outside it)."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        blocks = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
+        layers = [module for block in blocks for module in block.modules() if isinstance(module, (Attention, FeedForward))]
+        linears = [linear for layer in layers for linear in layer.modules() if isinstance(linear, torch.nn.Linear)]
+        self.total = sum(linear.weight.numel() for linear in linears)
+        self.done = self.calls = 0
+        self.handles = [linear.register_forward_hook(self._ran) for linear in linears]
+        self.handles.append(denoiser.register_forward_hook(self._called))
+
+    def _ran(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.done += module.weight.numel()
+
+    def _called(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.calls += 1
+
+    def fraction(self) -> float:
+        return self.done / (self.calls * self.total) if self.calls and self.total else 1.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# The names diffusers registers each accelerator's hooks under (what `CacheMixin.disable_cache` removes).
+_HOOK_NAMES = {
+    "fbcache": ("fbc_leader_block_hook", "fbc_block_hook"),
+    "layerskip": ("layer_skip_hook",),
+    "taylorseer": ("taylorseer_cache",),
+    "magcache": ("mag_cache_leader_block_hook", "mag_cache_block_hook"),
+    "pab": ("pyramid_attention_broadcast",),
+}
+
+
+def _remove_hooks(denoiser: torch.nn.Module, kind: str, handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    for name in _HOOK_NAMES[kind]:
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+def _count_hooks(denoiser: torch.nn.Module, kind: str) -> int:
+    registries = [getattr(module, "_diffusers_hook", None) for module in denoiser.modules()]
+    return sum(name in registry.hooks for registry in registries if registry is not None for name in _HOOK_NAMES[kind])
+
+
+def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any], spec: str, target: Target) -> Method:
+    """A diffusers hook-based accelerator as a method; `apply(denoiser)` puts its hooks on and returns the torch hook
+    handles it added besides (or `None`)."""
+
+    @contextlib.contextmanager
+    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+        denoiser = denoiser_of(pipe)
+        handles = apply(denoiser) or []
+        HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+        work = _BlockWork(denoiser)
+        try:
+            # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers' context.
+            with CacheMixin.cache_context(denoiser, "cond"):
+                yield work.fraction
+        finally:
+            work.remove()
+            _remove_hooks(denoiser, kind, handles)
+
+    denoiser = denoiser_of(target.pipe_of(target.model))
+    handles = []
+    try:  # a trial application on the real denoiser tells whether the accelerator supports it
+        handles = apply(denoiser) or []
+        applied = _count_hooks(denoiser, kind)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        reason = f"diffusers' {label} does not apply to {type(denoiser).__name__}: {error or type(error).__name__}"
+        return Method(spec, target.model, unsupported=reason)
+    finally:
+        _remove_hooks(denoiser, kind, handles)
+    if not applied:
+        reason = f"diffusers' {label} found no module of {type(denoiser).__name__} to hook"
+        return Method(spec, target.model, unsupported=reason)
+    return Method(spec, target.model, session)
+
+
+def _numbers(argument: str, spec: str, defaults: tuple, types: tuple) -> list:
+    """`a:b` -> [type(a), type(b)], missing trailing values from `defaults`."""
+    parts = argument.split(":") if argument else []
+    if len(parts) > len(defaults):
+        raise ValueError(f"Bad method {spec!r}: at most {len(defaults)} ':'-separated arguments.")
+    try:
+        return [kind(part) for kind, part in zip(types, parts)] + list(defaults[len(parts) :])
+    except ValueError:
+        raise ValueError(f"Bad method {spec!r}: arguments must be numbers.") from None
+
+
+def _fbcache(argument: str, target: Target) -> Method:
+    spec = f"fbcache:{argument}" if argument else "fbcache"
+    (threshold,) = _numbers(argument, spec, (0.05,), (float,))
+    config = FirstBlockCacheConfig(threshold=threshold)
+    return _accelerator("fbcache", "FirstBlockCache", lambda denoiser: apply_first_block_cache(denoiser, config),
+                        spec, target)  # fmt: skip
+
+
+def _layerskip(argument: str, target: Target) -> Method:
+    spec = f"layerskip:{argument}" if argument else "layerskip"
+    try:
+        indices = [int(index) for index in argument.split(",")] if argument else None
+    except ValueError:
+        raise ValueError(f"Bad method {spec!r}: expected layerskip:<i,j,...> with block indices.") from None
+
+    def apply(denoiser: torch.nn.Module) -> None:
+        blocks = next((c for c in denoiser.children() if isinstance(c, torch.nn.ModuleList)), [])
+        apply_layer_skip(denoiser, LayerSkipConfig(indices=indices or [len(blocks) // 2]))
+
+    return _accelerator("layerskip", "LayerSkip", apply, spec, target)
+
+
+# The attention modules of a block list (`transformer_blocks.3.attn1`); diffusers' default patterns miss DiT's `attn1`.
+_BLOCK_ATTENTION = r"[^.]*blocks\.\d+\.attn\d*"
+
+
+def _taylorseer(argument: str, target: Target) -> Method:
+    spec = f"taylorseer:{argument}" if argument else "taylorseer"
+    interval, order = _numbers(argument, spec, (5, 1), (int, int))
+
+    def apply(denoiser: torch.nn.Module) -> None:
+        config = TaylorSeerCacheConfig(cache_interval=interval, max_order=order, taylor_factors_dtype=denoiser.dtype,
+                                       cache_identifiers=[_BLOCK_ATTENTION])  # fmt: skip
+        apply_taylorseer_cache(denoiser, config)
+
+    return _accelerator("taylorseer", "TaylorSeer", apply, spec, target)
+
+
+def _magcache(argument: str, target: Target) -> Method:
+    spec = f"magcache:{argument}" if argument else "magcache"
+    threshold, max_skips = _numbers(argument, spec, (0.06, 3), (float, int))
+    configs = [MagCacheConfig(calibrate=True, num_inference_steps=target.steps)]  # for the trial application
+    method = _accelerator("magcache", "MagCache", lambda denoiser: apply_mag_cache(denoiser, configs[-1]), spec, target)
+    if method.unsupported is None:
+        ratios = _magnitude_ratios(target.pipe_of(target.model), target)
+        configs.append(MagCacheConfig(threshold=threshold, max_skip_steps=max_skips, num_inference_steps=target.steps,
+                                      mag_ratios=ratios))  # fmt: skip
+    return method
+
+
+def _magnitude_ratios(pipe: Any, target: Target) -> list[float]:
+    """MagCache's calibration: per step, the mean over tokens of |residual_t| / |residual_t-1|, where the residual
+    is the last block's output minus the first block's input; measured on one 2-image call."""
+    blocks = next(c for c in denoiser_of(pipe).children() if isinstance(c, torch.nn.ModuleList))
+    inputs: list[torch.Tensor] = []
+    residuals: list[torch.Tensor] = []
+    head = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: inputs.append(args[0] if args else
+                                               kwargs["hidden_states"]), with_kwargs=True)  # fmt: skip
+    tail = blocks[-1].register_forward_hook(lambda module, args, output: residuals.append(
+        (output[0] if isinstance(output, tuple) else output).float() - inputs[-1].float()))  # fmt: skip
+    try:
+        pipe(class_labels=target.labels, guidance_scale=1.0, num_inference_steps=target.steps, output_type="pt",
+             generator=torch.Generator(pipe.device).manual_seed(0))  # fmt: skip
+    finally:
+        head.remove()
+        tail.remove()
+    norms = [residual.norm(dim=-1) for residual in residuals]
+    return [1.0] + [(now / (before + 1e-8)).mean().item() for before, now in zip(norms, norms[1:])]
+
+
+def _pab(argument: str, target: Target) -> Method:
+    spec = f"pab:{argument}" if argument else "pab"
+    skip, _, window = (argument or "2").partition(":")
+    try:
+        low, high = (int(value) for value in (window or "100-800").split("-"))
+        skip_range = int(skip)
+    except ValueError:
+        raise ValueError(f"Bad method {spec!r}: expected pab:<range>[:<lo>-<hi>], e.g. pab:2:100-800.") from None
+
+    def apply(denoiser: torch.nn.Module) -> list:
+        timestep = _TimestepProbe(denoiser)
+        config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip_range,
+                                                 spatial_attention_timestep_skip_range=(low, high),
+                                                 current_timestep_callback=timestep)  # fmt: skip
+        apply_pyramid_attention_broadcast(denoiser, config)
+        return [timestep.handle]
+
+    return _accelerator("pab", "PyramidAttentionBroadcast", apply, spec, target)
+
+
+class _TimestepProbe:
+    """The timestep of the denoiser's current call (PAB asks for it), read by a forward pre-hook on the denoiser."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        self.timestep: torch.Tensor | None = None
+        self.handle = denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+
+    def __call__(self) -> int:
+        return int(torch.as_tensor(self.timestep).flatten()[0])
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """How to build a kind of method from its argument, and how to write it (for `--help` and errors)."""
+
+    syntax: str
+    build: Callable[[str, Target], Method]
+    needs_argument: bool | None  # True: required, False: none, None: optional
+
+
+METHOD_KINDS: dict[str, MethodKind] = {
+    "baseline": MethodKind("baseline", _baseline, False),
+    "ase": MethodKind("ase:<schedule>", _ase, True),
+    "finetuned": MethodKind("finetuned:<model>", _finetuned, True),
+    "fbcache": MethodKind("fbcache[:<threshold>]", _fbcache, None),
+    "layerskip": MethodKind("layerskip[:<i,j,...>]", _layerskip, None),
+    "taylorseer": MethodKind("taylorseer[:<interval>[:<order>]]", _taylorseer, None),
+    "magcache": MethodKind("magcache[:<threshold>[:<max skips>]]", _magcache, None),
+    "pab": MethodKind("pab[:<range>[:<lo>-<hi>]]", _pab, None),
+}
+
+
+def method_syntax() -> str:
+    return ", ".join(kind.syntax for kind in METHOD_KINDS.values())
+
+
+def build_method(spec: str, target: Target) -> Method:
+    """The method a spec names (see the module docstring), built for `target`."""
+    kind, _, argument = spec.partition(":")
+    entry = METHOD_KINDS.get(kind)
+    if entry is None or (entry.needs_argument is True and not argument) or (entry.needs_argument is False and argument):
+        raise ValueError(f"Unknown method {spec!r}; accepted kinds: {method_syntax()}.")
+    return entry.build(argument, target)
+
+
+def parse_methods(text: str) -> list[str]:
+    """Split a `--methods` string on the commas that start a new method, so `ase:step:12,8,4` stays whole."""
+    methods: list[str] = []
+    for piece in text.split(","):
+        if piece.partition(":")[0] in METHOD_KINDS or not methods:
+            methods.append(piece)
+        else:
+            methods[-1] += "," + piece
+    return methods

@@ -1,0 +1,137 @@
+"""What `ee-diffusion bench` writes: a console table (rich), JSON, CSV, a Pareto plot (PNG) and the images (PNG).
+
+JSON: `{"config": {...}, "rows": [{ROW_KEYS}], "notes": {method: reason}}`; the rows carry exactly `ROW_KEYS`, and a
+method that could not run (an accelerator that does not support the model) has a row of `None` numbers and its reason
+in `notes`. The CSV has the `ROW_KEYS` columns and a last `note` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .harness import BenchRow
+
+ROW_KEYS = ("method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
+            "speedup", "block_fraction", "peak_memory_mb")  # fmt: skip
+
+
+def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
+    return [{key: value for key, value in asdict(row).items() if key in ROW_KEYS} for row in rows]
+
+
+def notes(rows: list[BenchRow]) -> dict[str, str]:
+    """Why each method that did not run did not run."""
+    return {row.method: row.note for row in rows if row.note is not None}
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """The rows as a console table (rich), one block of rows per (scheduler, steps) cell."""
+    table = Table(show_edge=False, pad_edge=False)
+    headers = ["method", "model", "scheduler", "steps", "n", "FID", "KID x1e3", "class acc", "img/s", "speedup",
+               "blocks", "peak MB"]  # fmt: skip
+    with_notes = any(row.note for row in rows)
+    for header in headers + ["note"] * with_notes:
+        table.add_column(header, overflow="fold")
+    for index, row in enumerate(rows):
+        following = rows[index + 1] if index + 1 < len(rows) else row
+        table.add_row(
+            row.method, row.model, row.scheduler, str(row.steps), str(row.num_samples), _cell(row.fid, ".2f"),
+            _cell(None if row.kid is None else row.kid * 1e3, ".2f"), _cell(row.class_accuracy, ".1%"),
+            _cell(row.images_per_s, ".1f"), _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
+            _cell(row.block_fraction, ".1%"), _cell(row.peak_memory_mb, ".0f"), *[row.note or ""] * with_notes,
+            end_section=(following.scheduler, following.steps) != (row.scheduler, row.steps),
+        )  # fmt: skip
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(table)
+    return console.file.getvalue().rstrip()
+
+
+def write_json(path: str, config: dict[str, Any], rows: list[BenchRow]) -> None:
+    report = {"config": config, "rows": rows_as_dicts(rows), "notes": notes(rows)}
+    Path(path).write_text(json.dumps(report, indent=2))
+
+
+def write_csv(path: str, rows: list[BenchRow]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[*ROW_KEYS, "note"])
+        writer.writeheader()
+        for row, values in zip(rows, rows_as_dicts(rows)):
+            writer.writerow({**values, "note": row.note or ""})
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (x: higher is better, y: lower is better)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(x2 >= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)]  # fmt: skip
+
+
+def plot(path: str, rows: list[BenchRow]) -> None:
+    """Quality against images/s, one point per method and cell, the Pareto front joined; FID when the rows have it,
+    otherwise class accuracy (as error, 1 - accuracy), otherwise the block fraction (speed-only rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row.images_per_s is not None]
+    if all(row.fid is not None for row in rows):
+        label, quality = "FID (lower is better)", [row.fid for row in rows]
+    elif all(row.class_accuracy is not None for row in rows):
+        label, quality = "class error, 1 - accuracy", [1 - row.class_accuracy for row in rows]
+    else:
+        label, quality = "executed block fraction (speed-only rows)", [row.block_fraction for row in rows]
+    speed = [row.images_per_s for row in rows]
+    several_cells = len({(row.scheduler, row.steps) for row in rows}) > 1
+    figure, axes = plt.subplots(figsize=(7, 5))
+    axes.scatter(speed, quality, color="tab:blue")
+    for row, x, y in zip(rows, speed, quality):
+        name = f"{row.method} ({row.scheduler}-{row.steps})" if several_cells else row.method
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = sorted(pareto_front(list(zip(speed, quality))), key=lambda i: speed[i])
+    axes.plot([speed[i] for i in front], [quality[i] for i in front], "--o", color="tab:red", label="Pareto front")
+    axes.set_xlabel("images / s")
+    axes.set_ylabel(label)
+    axes.set_title(f"{rows[0].model}, {rows[0].num_samples} samples per method" if rows else "no rows")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def safe_name(text: str) -> str:
+    """A method spec as a folder name: runs of characters other than letters, digits, '.', '-', '_' become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+
+
+def save_images(folder: str, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int]) -> None:
+    """Write `{folder}/{method}/{index:05d}_class{label}.png` (under `{scheduler}-{steps}/` when there are several
+    cells); `images[k]` holds row `k`'s batches by batch index, NCHW in [0, 1]. 1, 3 and 4 channels are grey, RGB
+    and RGBA (the latents of `random:` models are written as they are)."""
+    several_cells = len({(row.scheduler, row.steps) for row in rows}) > 1
+    for row, batches in zip(rows, images):
+        if row.note is not None:
+            continue
+        out = Path(folder) / (f"{row.scheduler}-{row.steps}" if several_cells else "") / safe_name(row.method)
+        out.mkdir(parents=True, exist_ok=True)
+        pictures = torch.cat([batches[i] for i in sorted(batches)])
+        pixels = (pictures.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for index, (array, label) in enumerate(zip(pixels, labels)):
+            Image.fromarray(np.squeeze(array, axis=-1) if array.shape[-1] == 1 else array).save(
+                out / f"{index:05d}_class{label}.png")  # fmt: skip

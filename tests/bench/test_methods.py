@@ -1,0 +1,93 @@
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from ee_diffusion.bench.harness import BenchConfig, load_pipe, run_bench
+from ee_diffusion.bench.methods import METHOD_KINDS, Target, build_method
+from ee_diffusion.pipelines import EarlyExitUNet2DPipeline
+from diffusers import DDPMScheduler
+
+ACCELERATORS = ["fbcache:10", "layerskip:1,2", "taylorseer:2", "magcache:0.5", "pab:2:0-1000"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    return load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny"), torch.device("cpu"))
+
+
+def _target(pipe, steps=6):
+    return Target("random:dit-tiny", lambda model: pipe, steps)
+
+
+def _images(pipe, method, steps=6):
+    with method.session(pipe) as fraction:
+        images = pipe(class_labels=[1, 2, 3], guidance_scale=1.0, num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return images, fraction()
+
+
+def test_every_kind_is_registered_with_its_syntax():
+    assert set(METHOD_KINDS) == {"baseline", "ase", "finetuned", "fbcache", "layerskip", "taylorseer", "magcache", "pab"}
+
+
+def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
+    blocks = tiny_dit.transformer.transformer_blocks
+    calls = [0] * len(blocks)
+    handles = [block.attn1.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, block in enumerate(blocks)]  # fmt: skip
+    try:
+        _, full = _images(tiny_dit, build_method("baseline", _target(tiny_dit)))
+        baseline_calls, calls[:] = list(calls), [0] * len(blocks)
+        _, fraction = _images(tiny_dit, build_method("fbcache:10", _target(tiny_dit)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert baseline_calls == [6] * len(blocks) and full == 1.0
+    # The first block runs at every step; the others only at the first (no cached residual yet).
+    assert calls == [6] + [1] * (len(blocks) - 1)
+    assert fraction == pytest.approx(sum(calls) / sum(baseline_calls))
+
+
+@pytest.mark.parametrize("spec", ACCELERATORS)
+def test_removing_an_accelerator_restores_the_model_bit_for_bit(tiny_dit, spec):
+    baseline = build_method("baseline", _target(tiny_dit))
+    before, _ = _images(tiny_dit, baseline)
+    method = build_method(spec, _target(tiny_dit))
+    assert method.unsupported is None
+    accelerated, fraction = _images(tiny_dit, method)
+    after, _ = _images(tiny_dit, baseline)
+    assert torch.equal(before, after)
+    assert fraction < 1.0 and not torch.equal(before, accelerated)
+
+
+def test_accelerators_that_do_not_apply_give_a_row_with_the_reason(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=11, norm_num_groups=4)  # fmt: skip
+    EarlyExitUNet2DPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "unet")
+    methods = ["baseline", "fbcache", "layerskip", "magcache", "taylorseer", "pab"]
+    rows = run_bench(BenchConfig(model=str(tmp_path / "unet"), methods=methods, num_samples=2, batch_size=2, steps=2),
+                     progress=False)  # fmt: skip
+    assert rows[0].note is None and rows[0].images_per_s > 0
+    for row in rows[1:]:
+        assert "UNet2DModel" in row.note and row.method in methods
+        assert row.images_per_s is row.speedup is row.block_fraction is None
+
+
+def test_grid_speedup_is_against_the_baseline_of_the_same_cell():
+    config = BenchConfig(model="random:dit-tiny", methods=["baseline", "layerskip:0,1,2"], num_samples=4, batch_size=2,
+                         scheduler=["ddim", "dpm-solver++"], steps=[2, 8])  # fmt: skip
+    rows = run_bench(config, progress=False)
+    assert [(row.method, row.scheduler, row.steps) for row in rows] == [
+        ("baseline", "ddim", 2), ("layerskip:0,1,2", "ddim", 2),
+        ("baseline", "dpm-solver++", 8), ("layerskip:0,1,2", "dpm-solver++", 8),
+    ]  # fmt: skip
+    for baseline, method in (rows[:2], rows[2:]):
+        assert baseline.speedup == 1.0
+        assert method.speedup == pytest.approx(method.images_per_s / baseline.images_per_s)
+    assert rows[0].images_per_s > 1.5 * rows[2].images_per_s  # 2 steps against 8: the cells differ
+    product = BenchConfig(model="random:dit-tiny", scheduler=["ddim", "ddpm"], steps=[2, 3], grid="product")
+    assert product.cells() == [("ddim", 2), ("ddim", 3), ("ddpm", 2), ("ddpm", 3)]
+    with pytest.raises(ValueError, match="lists of the same length"):
+        BenchConfig(scheduler=["ddim", "ddpm"], steps=[2, 3, 4])

@@ -1,0 +1,73 @@
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ee_diffusion.cli import main
+from ee_diffusion.bench.report import ROW_KEYS, pareto_front
+
+TINY = ["bench", "--model", "random:dit-tiny", "--num-samples", "6", "--batch-size", "2", "--steps", "3"]
+
+
+def test_json_csv_plot_and_images(tmp_path, capsys):
+    out = {name: tmp_path / name for name in ("out.json", "out.csv", "pareto.png", "images")}
+    assert main([*TINY, "--methods", "baseline,ase:linear:0.5,fbcache:0.1,taylorseer:2", "--json", str(out["out.json"]),
+                 "--csv", str(out["out.csv"]), "--plot", str(out["pareto.png"]),
+                 "--save-images", str(out["images"])]) == 0  # fmt: skip
+    report = json.loads(out["out.json"].read_text())
+    assert set(report) == {"config", "rows", "notes"} and report["notes"] == {}
+    assert report["config"]["steps"] == [3] and report["config"]["scheduler"] == ["dpm-solver++"]
+    assert [list(row) for row in report["rows"]] == [list(ROW_KEYS)] * 4
+    assert [row["method"] for row in report["rows"]] == ["baseline", "ase:linear:0.5", "fbcache:0.1", "taylorseer:2"]
+    with open(out["out.csv"]) as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == [*ROW_KEYS, "note"] and len(rows) == 4 and rows[0]["speedup"] == "1.0"
+    png = out["pareto.png"].read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    names = sorted(path.relative_to(out["images"]).as_posix() for path in out["images"].rglob("*.png"))
+    assert names[:6] == [f"ase_linear_0.5/{i:05d}_class{i}.png" for i in range(6)]
+    assert len(names) == 24 and "fbcache_0.1/00005_class5.png" in names
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_pareto_front():
+    # x: images/s (higher is better), y: FID (lower is better)
+    assert pareto_front([(1, 5), (2, 6), (3, 4), (0.5, 7)]) == [2]
+    assert pareto_front([(1, 1), (2, 2), (3, 3)]) == [0, 1, 2]
+
+
+def test_default_methods_on_a_model_without_a_shipped_sibling(capsys):
+    assert main(TINY) == 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "ase:linear:0.5" in printed
+
+
+def test_xformers_missing_gives_the_install_hint(capsys):
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    assert main([*TINY, "--xformers"]) == 2
+    assert "pip install 'ee-diffusion[xformers]'" in capsys.readouterr().err
+
+
+def _pixels(folder):
+    return {path.relative_to(folder).as_posix(): np.asarray(Image.open(path)) for path in folder.rglob("*.png")}
+
+
+def test_two_processes_make_the_same_images_as_one(tmp_path):
+    args = [*TINY, "--num-samples", "5", "--methods", "baseline,fbcache:0.2"]
+    assert main([*args, "--save-images", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ee_diffusion.cli"]
+    done = subprocess.run([*launch, *args, "--save-images", str(tmp_path / "two")], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    one, two = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")
+    assert len(one) == 10 and one.keys() == two.keys()
+    assert all(np.array_equal(one[name], two[name]) for name in one)
