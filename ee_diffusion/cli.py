@@ -72,6 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
         steps=[int(steps) for steps in args.steps.split(",")], scheduler=args.scheduler.split(","), grid=args.grid,
         guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
         compile=args.compile, xformers=args.xformers, save_images=args.save_images,
+        reference=args.reference, fid_backend=args.fid_backend, inception_path=args.inception_path,
     )  # fmt: skip
     state = process_state(config.device)
     if state.is_main_process:
@@ -299,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the config and rows to this JSON file")
     bench.add_argument("--csv", help="write the rows to this CSV file")
     bench.add_argument("--plot", help="write quality against images/s, Pareto front marked, to this PNG file")
+    bench.add_argument("--reference", help="real images to score FID/KID against: a folder of images or an .npz of "
+                       "reference statistics (default: the held-out digits, for the digits models)")
+    bench.add_argument("--fid-backend", choices=["clean-fid", "torchmetrics", "digits"],
+                       help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
+                       "images, else clean-fid's Inception)")
+    bench.add_argument("--inception-path", help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid")
     bench.add_argument("--save-images", metavar="DIR", help="write every image to DIR/{method}/{index:05d}_class{label}.png")
     bench.set_defaults(func=_bench)
 

@@ -46,7 +46,17 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from ..data import load_digits_split
-from ..metrics import class_accuracy, digits_features, frechet_distance, kernel_distance, load_digits_classifier
+from ..metrics import (
+    FeatureExtractor,
+    ReferenceStatistics,
+    class_accuracy,
+    compute_fid_kid,
+    digits_features,
+    frechet_distance,
+    kernel_distance,
+    load_digits_classifier,
+    load_reference_statistics,
+)
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import Method, Target, build_method, denoiser_of
 from .report import save_images
@@ -88,6 +98,12 @@ class BenchConfig:
         compile: `torch.compile` the denoiser (`nn.Module.compile`, so the hooks of the methods still apply).
         xformers: Use xformers' memory-efficient attention (needs the `xformers` extra).
         save_images: Folder to write every generated image to (see `ee_diffusion.bench.report.save_images`).
+        reference: Real images to score FID/KID against, a folder of image files or an `.npz` of reference
+            statistics (`ee_diffusion.metrics.save_reference_statistics`), for any model. Default: the held-out digits
+            split, for the digits models only.
+        fid_backend: Feature network of FID/KID against `reference`: "clean-fid", "torchmetrics" or "digits"
+            (default: the one stored in the `.npz`, else "digits" for 1x32x32 images and "clean-fid" otherwise).
+        inception_path: The local `inception-2015-12-05.pt` (or its folder) for the "clean-fid" backend.
     """
 
     model: str = "digits-dit"
@@ -104,6 +120,9 @@ class BenchConfig:
     compile: bool = False
     xformers: bool = False
     save_images: str | None = None
+    reference: str | None = None
+    fid_backend: str | None = None
+    inception_path: str | None = None
 
     def __post_init__(self) -> None:
         self.steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
@@ -282,13 +301,22 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
 def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, processes: int,
            pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
     digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
+    extractor = reference_stats = None
+    if config.reference is not None:
+        reference_stats = load_reference_statistics(config.reference) if config.reference.endswith(".npz") else None
+        backend = config.fid_backend or (reference_stats.backend if reference_stats else None)
+        backend = backend or ("digits" if digits else "clean-fid")
+        extractor = FeatureExtractor(backend, inception_path=config.inception_path, device=config.device)
+        if reference_stats is None:  # a folder: its features once, for every method
+            reference_stats = ReferenceStatistics.from_features(extractor.features(config.reference), backend=backend)
     if digits:
         classifier = load_digits_classifier()
         reference = digits_features((load_digits_split("heldout").images + 1) / 2, classifier)
-    else:
-        logger.warning("Quality is scored for the pixel-space digits models only; this bench reports speed.")
+    elif extractor is None:
+        logger.warning("No --reference: quality is scored for the pixel-space digits models only; speed rows only.")
     rows = []
-    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring", disable=not (digits and progress))
+    scored = digits or extractor is not None
+    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring", disable=not (scored and progress))
     for scheduler, steps, runs in results:
         baseline = next((run for run in runs if run.method.name == "baseline"), None)
         for run in runs:
@@ -304,11 +332,17 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
             row.speedup = None if baseline is None else statistics.median(baseline.seconds) / seconds
             row.block_fraction = statistics.fmean(run.fractions)
             row.peak_memory_mb = run.peak_memory_mb
-            if digits:
-                images = torch.cat([run.images[i] for i in sorted(run.images)])
+            if not scored:
+                continue
+            images = torch.cat([run.images[i] for i in sorted(run.images)])
+            if extractor is not None:
+                quality = compute_fid_kid(images, reference_stats, extractor=extractor)
+                row.fid, row.kid = quality.fid, quality.kid
+            else:
                 features = digits_features(images, classifier)
                 row.fid = frechet_distance(features, reference)
                 row.kid = kernel_distance(features, reference)[0]
+            if digits:
                 row.class_accuracy = class_accuracy(images, torch.tensor(labels), classifier)
     bar.close()
     return rows

@@ -83,3 +83,17 @@ def test_default_methods_name_the_shipped_schedule_by_its_spec():
         "baseline", "ase:step:" + ",".join(map(str, schedule.config.table)), "finetuned:digits-dit-ase"
     ]
     assert _default_methods("no-such-model") == ["baseline", "ase:linear:0.5"]
+
+
+def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
+    """--reference with an .npz of the held-out digits' statistics gives the default digits scoring's FID."""
+    from ee_diffusion.data import load_digits_split
+    from ee_diffusion.metrics import FeatureExtractor, save_reference_statistics
+
+    features = FeatureExtractor("digits").features((load_digits_split("heldout").images + 1) / 2)
+    save_reference_statistics(tmp_path / "ref.npz", features, backend="digits")
+    common = dict(model=str(digits_shaped_models / "base"), num_samples=6, batch_size=6, steps=2)
+    default = run_bench(BenchConfig(**common), progress=False)[0]
+    saved = run_bench(BenchConfig(**common, reference=str(tmp_path / "ref.npz")), progress=False)[0]
+    assert saved.fid == pytest.approx(default.fid, rel=1e-5) and saved.kid is not None
+    assert saved.class_accuracy == default.class_accuracy
