@@ -12,7 +12,7 @@ from ee_diffusion.pipelines import shipped_model_path
 
 ASSETS = Path(__file__).resolve().parents[2] / "ee_diffusion" / "assets"
 MODELS = {"digits-dit": EarlyExitDiTPipeline, "digits-dit-ase": EarlyExitDiTPipeline,
-          "digits-unet": EarlyExitUNet2DPipeline}  # fmt: skip
+          "digits-unet": EarlyExitUNet2DPipeline, "digits-unet-ase": EarlyExitUNet2DPipeline}  # fmt: skip
 SHIPPED = [name for name in MODELS if shipped_model_path(name) is not None]
 
 
