@@ -184,6 +184,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _finetune_ase(args: argparse.Namespace) -> int:
+    from .bench.methods import denoiser_of
     from .data import load_digits_split
     from .exits import num_exit_blocks
     from .pipelines import load_early_exit_pipeline
@@ -193,7 +194,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
-    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    denoiser = denoiser_of(pipe)
     schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(denoiser))
     config = _train_config(args, freeze_timestep_embedding=True, class_dropout=args.class_dropout)
     print(f"ee-diffusion finetune-ase: {args.model} under {_describe(schedule)} ({config.steps} steps)")
