@@ -273,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
         description="Generate the same class labels from the same seeds with each method, interleaved batch by "
         "batch, and report speed (median per image), executed block fraction and, for the digits models, FID/KID "
-        "against the held-out digits and class accuracy by the digits feature network. Under `accelerate launch -m "
-        "ee_diffusion.cli bench ...` (GPUs) or `torchrun --nproc_per_node N -m ee_diffusion.cli bench ...` (CPU "
-        "processes) the batches are split over the processes and scored once.",
+        "against the held-out digits and class accuracy by the digits feature network (any model: --reference). Under "
+        "`accelerate launch --multi_gpu --num_processes N -m ee_diffusion.cli bench ...` (GPUs or CPU processes) the "
+        "batches are split over the processes and scored once.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BENCH_METHODS_HELP,
     )

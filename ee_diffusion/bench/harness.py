@@ -3,9 +3,10 @@
 Every method generates the same class labels from the same seeds, batch by batch, and the methods take turns batch
 by batch (the order rotating each round), so a slow spell of the machine is shared out and the speed ratios are
 trustworthy. Speed is the median seconds per image over the timed batches (after one untimed warm-up call per
-method); `speedup` is against the `baseline` row of the same scheduler and steps. Quality is scored by the digits
-feature network against the held-out digits split (FID, KID) and by its predictions (class accuracy), for the digits
-models; other models get speed rows only.
+method); `speedup` is against the `baseline` row of the same scheduler and steps. FID and KID are scored against
+`reference` (`ee_diffusion.metrics.compute_fid_kid`); the digits models default to the held-out digits split seen
+through the digits feature network, whose predictions also give their class accuracy. Other models without a reference
+get speed rows only.
 
 Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
 `layerskip`, `taylorseer`, `magcache`, `pab`).
@@ -17,10 +18,11 @@ method.
 Models: a shipped name, a pipeline folder or hub id, or `random:<name>` (see `RANDOM_MODELS`): a randomly initialised
 DiT built from its config offline, without a VAE (the latents are the output), for speed only.
 
-Processes: under `accelerate launch` (GPUs) or `torchrun` (CPU processes), the batches are split over the processes (`PartialState.split_between_processes`)
-and gathered on the main process (`gather_object`), which scores them and returns the rows (the other processes return
-no rows). Batch `i` is seeded with `seed + i` wherever it runs, so the images do not depend on the number of processes.
-`images_per_s` is then the number of processes over the median seconds per image of one process.
+Processes: under `accelerate launch --multi_gpu --num_processes N` (or `torchrun`), with GPUs or CPU processes, the
+batches are split over the processes (`PartialState.split_between_processes`) and gathered on the main process
+(`gather_object`), which scores them and returns the rows (the other processes return no rows). Batch `i` is seeded
+with `seed + i` wherever it runs, so the images do not depend on the number of processes. `images_per_s` is then the
+number of processes over the median seconds per image of one process.
 """
 
 from __future__ import annotations
@@ -51,9 +53,6 @@ from ..metrics import (
     ReferenceStatistics,
     class_accuracy,
     compute_fid_kid,
-    digits_features,
-    frechet_distance,
-    kernel_distance,
     load_digits_classifier,
     load_reference_statistics,
 )
@@ -181,7 +180,7 @@ class _Run:
 
 
 def process_state(device: str) -> PartialState:
-    """accelerate's process state; on the CPU it joins the processes of a `torchrun` launch (gloo)."""
+    """accelerate's process state; on the CPU it joins the processes of the launch with gloo."""
     return PartialState(cpu=torch.device(device).type == "cpu")
 
 
@@ -250,8 +249,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
     labels = [i % 10 for i in range(config.num_samples)]
     batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
     cells = config.cells()
-    bar = tqdm(total=len(batches) * len(config.methods) * len(cells), desc="generating",
-               disable=not (progress and state.is_main_process))  # fmt: skip
+    bar = tqdm(total=0, desc="generating", disable=not (progress and state.is_main_process))  # this process's calls
     results = []
     for scheduler, steps in cells:
         def use_scheduler() -> None:
@@ -269,6 +267,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
         for run in active:  # warm-up: first-call costs (allocations, kernel selection) stay out of the timings
             _generate(run, pipes[run.method.model], labels[:2], config.seed, config, steps, device)
         with state.split_between_processes(list(range(len(batches)))) as mine:
+            bar.total += len(mine) * len(active)
+            bar.refresh()
             for index in mine:
                 for offset in range(len(active)):
                     run = active[(index + offset) % len(active)]
@@ -277,7 +277,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
                     run.images[index] = images
                     run.seconds.append(seconds / len(batches[index]))
                     run.fractions.append(fraction)
-                    bar.update(state.num_processes)
+                    bar.update()
         results.append((scheduler, steps, runs))
     bar.close()
     gathered = gather_object([[(run.images, run.seconds, run.fractions, run.peak_memory_mb) for run in runs]
@@ -301,22 +301,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
 def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, processes: int,
            pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
     digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
-    extractor = reference_stats = None
-    if config.reference is not None:
-        reference_stats = load_reference_statistics(config.reference) if config.reference.endswith(".npz") else None
-        backend = config.fid_backend or (reference_stats.backend if reference_stats else None)
-        backend = backend or ("digits" if digits else "clean-fid")
-        extractor = FeatureExtractor(backend, inception_path=config.inception_path, device=config.device)
-        if reference_stats is None:  # a folder: its features once, for every method
-            reference_stats = ReferenceStatistics.from_features(extractor.features(config.reference), backend=backend)
-    if digits:
-        classifier = load_digits_classifier()
-        reference = digits_features((load_digits_split("heldout").images + 1) / 2, classifier)
-    elif extractor is None:
-        logger.warning("No --reference: quality is scored for the pixel-space digits models only; speed rows only.")
+    extractor, reference = _quality_reference(config, digits)
+    classifier = load_digits_classifier() if digits else None
     rows = []
-    scored = digits or extractor is not None
-    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring", disable=not (scored and progress))
+    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring",
+               disable=not (extractor is not None and progress))  # fmt: skip
     for scheduler, steps, runs in results:
         baseline = next((run for run in runs if run.method.name == "baseline"), None)
         for run in runs:
@@ -332,20 +321,33 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
             row.speedup = None if baseline is None else statistics.median(baseline.seconds) / seconds
             row.block_fraction = statistics.fmean(run.fractions)
             row.peak_memory_mb = run.peak_memory_mb
-            if not scored:
+            if extractor is None:
                 continue
             images = torch.cat([run.images[i] for i in sorted(run.images)])
-            if extractor is not None:
-                quality = compute_fid_kid(images, reference_stats, extractor=extractor)
-                row.fid, row.kid = quality.fid, quality.kid
-            else:
-                features = digits_features(images, classifier)
-                row.fid = frechet_distance(features, reference)
-                row.kid = kernel_distance(features, reference)[0]
-            if digits:
+            quality = compute_fid_kid(images, reference, extractor=extractor)
+            row.fid, row.kid = quality.fid, quality.kid
+            if classifier is not None:
                 row.class_accuracy = class_accuracy(images, torch.tensor(labels), classifier)
     bar.close()
     return rows
+
+
+def _quality_reference(config: BenchConfig, digits: bool) -> tuple[FeatureExtractor | None, ReferenceStatistics | None]:
+    """The feature network and reference statistics FID/KID are scored with: `--reference`, else (for the digits
+    models) the held-out digits split through the digits network; `(None, None)` when quality cannot be scored."""
+    if config.reference is None and not digits:
+        logger.warning("No --reference: quality is scored for the pixel-space digits models only; speed rows only.")
+        return None, None
+    if config.reference is None:
+        extractor = FeatureExtractor("digits", device=config.device)
+        heldout = (load_digits_split("heldout").images + 1) / 2
+        return extractor, ReferenceStatistics.from_features(extractor.features(heldout), backend="digits")
+    stored = load_reference_statistics(config.reference) if config.reference.endswith(".npz") else None
+    backend = config.fid_backend or (stored.backend if stored else None) or ("digits" if digits else "clean-fid")
+    extractor = FeatureExtractor(backend, inception_path=config.inception_path, device=config.device)
+    if stored is None:  # a folder: its features once, for every method
+        stored = ReferenceStatistics.from_features(extractor.features(config.reference), backend=backend)
+    return extractor, stored
 
 
 def _is_digits_shaped(pipe: Any) -> bool:

@@ -2,7 +2,6 @@ from .digits_classifier import (
     DIGITS_CLASSIFIER_PATH,
     DigitsClassifier,
     class_accuracy,
-    digits_features,
     load_digits_classifier,
 )
 from .features import INCEPTION_FILENAME, INCEPTION_URL, FeatureExtractor, InceptionWeightsNotFoundError, load_images
@@ -28,7 +27,6 @@ __all__ = [
     "Timing",
     "class_accuracy",
     "compute_fid_kid",
-    "digits_features",
     "frechet_distance",
     "frechet_distance_from_moments",
     "kernel_distance",

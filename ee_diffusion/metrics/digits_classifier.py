@@ -56,12 +56,6 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
 
 
 @torch.no_grad()
-def digits_features(images: torch.Tensor, classifier: DigitsClassifier, batch_size: int = 500) -> torch.Tensor:
-    """Features of images in [0, 1], computed in batches."""
-    return torch.cat([classifier.features(chunk) for chunk in images.split(batch_size)])
-
-
-@torch.no_grad()
 def class_accuracy(
     images: torch.Tensor, labels: torch.Tensor, classifier: DigitsClassifier, batch_size: int = 500
 ) -> float:

@@ -63,7 +63,10 @@ def test_two_processes_make_the_same_images_as_one(tmp_path):
     args = [*TINY, "--num-samples", "5", "--methods", "baseline,fbcache:0.2"]
     assert main([*args, "--save-images", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ee_diffusion.cli"]
+    # What the README says: `accelerate launch --multi_gpu` starts the processes through torchrun, CPUs or not (its
+    # `--cpu` launcher starts one process unless MPI is set up); the bench joins them with gloo on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ee_diffusion.cli"]
     done = subprocess.run([*launch, *args, "--save-images", str(tmp_path / "two")], env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ee_diffusion.data import load_digits_split
-from ee_diffusion.metrics import DigitsClassifier, class_accuracy, digits_features, load_digits_classifier
+from ee_diffusion.metrics import DigitsClassifier, FeatureExtractor, class_accuracy, load_digits_classifier
 
 
 def test_shipped_classifier_scores_the_heldout_split_at_its_stated_accuracy():
@@ -12,7 +12,7 @@ def test_shipped_classifier_scores_the_heldout_split_at_its_stated_accuracy():
     assert class_accuracy(images, heldout.labels, classifier) >= 0.97
     card = (classifier_path() / "README.md").read_text()
     assert "Held-out accuracy" in card
-    features = digits_features(images[:10], classifier)
+    features = FeatureExtractor("digits").features(images[:10])
     assert features.shape == (10, 128) and (features >= 0).all()
     # Labels that are wrong on purpose score near zero.
     assert class_accuracy(images, (heldout.labels + 1) % 10, classifier) < 0.05
