@@ -45,6 +45,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
 )
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from tqdm.auto import tqdm
 
 from ..data import load_digits_split
@@ -68,6 +71,9 @@ SCHEDULERS = {
     "ddpm": DDPMScheduler.from_config,
     "euler": EulerDiscreteScheduler.from_config,
 }
+
+# What `--compile` compiles: the modules that hold the arithmetic, below every hook of the methods.
+COMPILED_MODULES = (Attention, FeedForward, ResnetBlock2D)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,7 +100,7 @@ class BenchConfig:
         seed: Seed of batch `i` is `seed + i`, for every method.
         device: Torch device.
         dtype: `float32`, `float16` or `bfloat16`.
-        compile: `torch.compile` the denoiser (`nn.Module.compile`, so the hooks of the methods still apply).
+        compile: `torch.compile` the denoiser's attention, feed-forward and resnet modules (`compile_regions`).
         xformers: Use xformers' memory-efficient attention (needs the `xformers` extra).
         save_images: Folder to write every generated image to (see `ee_diffusion.bench.report.save_images`).
         reference: Real images to score FID/KID against, a folder of image files or an `.npz` of reference
@@ -202,9 +208,22 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
                               "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
         pipe.enable_xformers_memory_efficient_attention()
     if config.compile:
-        denoiser_of(pipe).compile()
+        compile_regions(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def compile_regions(pipe: Any) -> None:
+    """`torch.compile` the forward of each attention, feed-forward and resnet module of the denoiser (regional
+    compilation), beneath the hooks the methods put on blocks and attention modules: their per-step decisions (which
+    block to skip, what to reuse) stay in Python and never invalidate a compiled graph, as they would in a compiled
+    whole denoiser."""
+    schedule = getattr(pipe, "exit_schedule", None)
+    pipe.exit_schedule = None  # a loaded schedule's hooks come off while the forwards beneath them are swapped
+    for module in denoiser_of(pipe).modules():
+        if isinstance(module, COMPILED_MODULES):
+            module.forward = torch.compile(module.forward)
+    pipe.exit_schedule = schedule
 
 
 def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,

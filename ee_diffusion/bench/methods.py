@@ -42,6 +42,7 @@ from diffusers.hooks import (
     FirstBlockCacheConfig,
     HookRegistry,
     LayerSkipConfig,
+    ModelHook,
     MagCacheConfig,
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
@@ -123,21 +124,39 @@ def _finetuned(argument: str, target: Target) -> Method:
     return Method(f"finetuned:{argument}", argument, _scheduled(target.pipe_of(argument).exit_schedule))
 
 
+class _RunCounter(ModelHook):
+    """Adds its module's `nn.Linear` weight count to a tally each time the module's own forward really runs."""
+
+    def __init__(self, tally: _BlockWork, weights: int) -> None:
+        super().__init__()
+        self.tally, self.weights = tally, weights
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
+        self.tally.done += self.weights
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
 class _BlockWork:
-    """Weight-count-weighted share of the attention and feed-forward `nn.Linear` layers of the denoiser's block lists
-    that ran per call (the blocks' conditioning layers are left out: DiT also calls the first block's outside it)."""
+    """Share of the attention and feed-forward work of the denoiser's block lists that ran per call, weighted by the
+    `nn.Linear` weights of each `Attention` and `FeedForward` module (the blocks' conditioning layers are left out:
+    DiT also calls the first block's outside it).
+
+    Put on before an accelerator, its counters are the innermost hooks of those modules: an accelerator hook that
+    answers from a cache, or skips the block around them, keeps them from counting. They run in Python around the
+    module's forward, so they count the same when the bench has compiled those forwards (`--compile`).
+    """
+
+    NAME = "ee_block_work"
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         blocks = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
-        layers = [module for block in blocks for module in block.modules() if isinstance(module, (Attention, FeedForward))]
-        linears = [linear for layer in layers for linear in layer.modules() if isinstance(linear, torch.nn.Linear)]
-        self.total = sum(linear.weight.numel() for linear in linears)
-        self.done = self.calls = 0
-        self.handles = [linear.register_forward_hook(self._ran) for linear in linears]
-        self.handles.append(denoiser.register_forward_hook(self._called))
-
-    def _ran(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.done += module.weight.numel()
+        self.layers = [module for block in blocks for module in block.modules() if isinstance(module, (Attention, FeedForward))]
+        self.total = self.done = self.calls = 0
+        for layer in self.layers:
+            weights = sum(linear.weight.numel() for linear in layer.modules() if isinstance(linear, torch.nn.Linear))
+            HookRegistry.check_if_exists_or_initialize(layer).register_hook(_RunCounter(self, weights), self.NAME)
+            self.total += weights
+        self.handle = denoiser.register_forward_hook(self._called)
 
     def _called(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self.calls += 1
@@ -146,8 +165,9 @@ class _BlockWork:
         return self.done / (self.calls * self.total) if self.calls and self.total else 1.0
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.handle.remove()
+        for layer in self.layers:
+            HookRegistry.check_if_exists_or_initialize(layer).remove_hook(self.NAME, recurse=False)
 
 
 # The names diffusers registers each accelerator's hooks under (what `CacheMixin.disable_cache` removes).
@@ -181,16 +201,17 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
     @contextlib.contextmanager
     def session(pipe: Any) -> Iterator[Callable[[], float]]:
         denoiser = denoiser_of(pipe)
-        handles = apply(denoiser) or []
-        HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
-        work = _BlockWork(denoiser)
+        work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
+        handles = []
         try:
+            handles = apply(denoiser) or []
+            HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
             # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers' context.
             with CacheMixin.cache_context(denoiser, "cond"):
                 yield work.fraction
         finally:
-            work.remove()
             _remove_hooks(denoiser, kind, handles)
+            work.remove()
 
     denoiser = denoiser_of(target.pipe_of(target.model))
     handles = []

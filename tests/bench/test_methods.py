@@ -91,3 +91,19 @@ def test_grid_speedup_is_against_the_baseline_of_the_same_cell():
     assert product.cells() == [("ddim", 2), ("ddim", 3), ("ddpm", 2), ("ddpm", 3)]
     with pytest.raises(ValueError, match="lists of the same length"):
         BenchConfig(scheduler=["ddim", "ddpm"], steps=[2, 3, 4])
+
+
+def test_compile_keeps_images_and_block_counts_and_the_hooks_never_recompile(tiny_dit):
+    torch._dynamo.reset()
+    compiled = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", compile=True), torch.device("cpu"))
+    _images(compiled, build_method("baseline", _target(compiled)))  # compiles the attention and feed-forward forwards
+    fractions = []
+    # Skipping blocks, caching attention, adding and removing hooks: all of it stays outside the compiled graphs.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for spec in ["baseline", "ase:linear:0.5", "fbcache:0.1", "taylorseer:2"]:
+            images, fraction = _images(compiled, build_method(spec, _target(compiled)))
+            expected, expected_fraction = _images(tiny_dit, build_method(spec, _target(tiny_dit)))
+            torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+            assert fraction == expected_fraction
+            fractions.append(fraction)
+    assert fractions[0] == 1.0 and fractions[1] < 1.0 and fractions[3] < 1.0
