@@ -60,6 +60,14 @@ def _describe(schedule) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    try:
+        return _run_bench(args)
+    except (ValueError, ImportError, FileNotFoundError) as error:  # bad options, a missing package or file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     from .bench.harness import BenchConfig, process_state, run_bench
     from .bench.methods import parse_methods
     from .bench.report import format_table, plot, write_csv, write_json
@@ -83,11 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
             f"interleaved; {args.device} {args.dtype}, {state.num_processes} process(es), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"
         )
-    try:
-        rows = run_bench(config)
-    except ImportError as error:  # --xformers without xformers
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = run_bench(config)
     if not state.is_main_process:
         return 0
     print(format_table(rows))

@@ -33,6 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,6 +142,15 @@ class BenchConfig:
             raise ValueError("Give at least one method.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.xformers and torch.device(self.device).type != "cuda":
+            raise ValueError(f"xformers' memory-efficient attention runs on CUDA devices only, got device={self.device!r}; "
+                             "leave out --xformers or use --device cuda.")  # fmt: skip
+        if self.xformers and importlib.util.find_spec("xformers") is None:
+            raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
+                              "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
+        if self.reference is not None and not Path(self.reference).exists():
+            raise FileNotFoundError(f"No reference at {self.reference}: give a folder of images or an .npz of "
+                                    "reference statistics (ee_diffusion.metrics.save_reference_statistics).")  # fmt: skip
         if self.grid not in ("zip", "product"):
             raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
         if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:
@@ -203,9 +213,6 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
         pipe = load_early_exit_pipeline(model, dtype=torch.float32)
     pipe = pipe.to(device, DTYPES[config.dtype])
     if config.xformers:
-        if importlib.util.find_spec("xformers") is None:
-            raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
-                              "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
         pipe.enable_xformers_memory_efficient_attention()
     if config.compile:
         compile_regions(pipe)
@@ -320,7 +327,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
 def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, processes: int,
            pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
     digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
-    extractor, reference = _quality_reference(config, digits)
+    extractor, reference = _quality_reference(config, digits, progress)
     classifier = load_digits_classifier() if digits else None
     rows = []
     bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring",
@@ -343,7 +350,7 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
             if extractor is None:
                 continue
             images = torch.cat([run.images[i] for i in sorted(run.images)])
-            quality = compute_fid_kid(images, reference, extractor=extractor)
+            quality = compute_fid_kid(images, reference, extractor=extractor, progress=progress)
             row.fid, row.kid = quality.fid, quality.kid
             if classifier is not None:
                 row.class_accuracy = class_accuracy(images, torch.tensor(labels), classifier)
@@ -351,7 +358,9 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
     return rows
 
 
-def _quality_reference(config: BenchConfig, digits: bool) -> tuple[FeatureExtractor | None, ReferenceStatistics | None]:
+def _quality_reference(
+    config: BenchConfig, digits: bool, progress: bool
+) -> tuple[FeatureExtractor | None, ReferenceStatistics | None]:
     """The feature network and reference statistics FID/KID are scored with: `--reference`, else (for the digits
     models) the held-out digits split through the digits network; `(None, None)` when quality cannot be scored."""
     if config.reference is None and not digits:
@@ -365,7 +374,7 @@ def _quality_reference(config: BenchConfig, digits: bool) -> tuple[FeatureExtrac
     backend = config.fid_backend or (stored.backend if stored else None) or ("digits" if digits else "clean-fid")
     extractor = FeatureExtractor(backend, inception_path=config.inception_path, device=config.device)
     if stored is None:  # a folder: its features once, for every method
-        stored = ReferenceStatistics.from_features(extractor.features(config.reference), backend=backend)
+        stored = ReferenceStatistics.from_features(extractor.features(config.reference, progress), backend=backend)
     return extractor, stored
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from .digits_classifier import DigitsClassifier, load_digits_classifier
 
@@ -173,11 +174,14 @@ class FeatureExtractor:
         return 1 if isinstance(self.network, _DigitsFeatureModule) else 3
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor | Sequence[torch.Tensor] | str | os.PathLike) -> torch.Tensor:
+    def features(
+        self, images: torch.Tensor | Sequence[torch.Tensor] | str | os.PathLike, progress: bool = False
+    ) -> torch.Tensor:
         """(N, d) float32 features (on the CPU) of images in [0, 1].
 
         Args:
             images: An (N, C, H, W) float tensor in [0, 1], a list of (C, H, W) tensors, or a folder of image files.
+            progress: Show a progress bar over the batches.
         """
         if isinstance(images, (str, os.PathLike)):
             images = load_images(images, channels=self.channels)
@@ -186,7 +190,8 @@ class FeatureExtractor:
         if len(images) == 0:
             raise ValueError("Got no images.")
         chunks = []
-        for start in range(0, len(images), self.batch_size):
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc=f"{self.backend} features", leave=False, disable=not progress):
             batch = images[start : start + self.batch_size]
             if self.backend == "clean-fid":
                 batch = self._clean_fid_input(batch)

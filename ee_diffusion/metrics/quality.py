@@ -140,6 +140,7 @@ def compute_fid_kid(
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> FidKidResult:
     """FID and KID of `images` against `reference`.
 
@@ -158,6 +159,7 @@ def compute_fid_kid(
         kid_subset_size: Samples per KID subset, capped at the smaller set's size.
         kid_subsets: Number of KID subsets.
         generator: Draws the KID subsets (default: seeded with 0, so repeated calls agree).
+        progress: Show progress bars while features are extracted.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -175,14 +177,14 @@ def compute_fid_kid(
         raise ValueError(f"backend={backend!r} disagrees with the given extractor's backend {extractor.backend!r}.")
     if not isinstance(reference, ReferenceStatistics):
         reference = ReferenceStatistics.from_features(
-            extractor.features(reference), backend=extractor.backend, max_features=None
+            extractor.features(reference, progress=progress), backend=extractor.backend, max_features=None
         )
     elif reference.backend is not None and reference.backend != extractor.backend:
         raise ValueError(
             f"The reference statistics were computed with the {reference.backend!r} backend, "
             f"not {extractor.backend!r}; features of different networks cannot be compared."
         )
-    fake = extractor.features(images)
+    fake = extractor.features(images, progress=progress)
     if fake.shape[1] != reference.mu.shape[0]:
         raise ValueError(f"The images have {fake.shape[1]} features but the reference {reference.mu.shape[0]}.")
     if len(fake) < 2:

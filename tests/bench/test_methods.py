@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -107,3 +109,17 @@ def test_compile_keeps_images_and_block_counts_and_the_hooks_never_recompile(tin
             assert fraction == expected_fraction
             fractions.append(fraction)
     assert fractions[0] == 1.0 and fractions[1] < 1.0 and fractions[3] < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None,
+                    reason="xformers' attention needs a CUDA device and the xformers package")  # fmt: skip
+def test_xformers_attention_makes_the_same_images_on_cuda():
+    cuda = torch.device("cuda")
+    plain, xformers = (load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", device="cuda", xformers=flag),
+                                 cuda) for flag in (False, True))  # fmt: skip
+    processors = {type(p).__name__ for p in xformers.transformer.attn_processors.values()}
+    assert processors == {"XFormersAttnProcessor"}
+    for spec in ["baseline", "ase:linear:0.5"]:
+        expected, _ = _images(plain, build_method(spec, _target(plain)))
+        images, _ = _images(xformers, build_method(spec, _target(xformers)))
+        torch.testing.assert_close(images, expected, atol=1e-3, rtol=0)

@@ -48,11 +48,22 @@ def test_default_methods_on_a_model_without_a_shipped_sibling(capsys):
     assert "baseline" in printed and "ase:linear:0.5" in printed
 
 
-def test_xformers_missing_gives_the_install_hint(capsys):
+def test_xformers_off_cuda_or_missing_stops_with_what_to_do(capsys):
+    assert main([*TINY, "--xformers"]) == 2  # the default device is the CPU
+    assert "CUDA devices only" in capsys.readouterr().err
     if importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers is installed here")
-    assert main([*TINY, "--xformers"]) == 2
+    assert main([*TINY, "--xformers", "--device", "cuda"]) == 2  # refused before anything touches the device
     assert "pip install 'ee-diffusion[xformers]'" in capsys.readouterr().err
+
+
+def test_bad_options_and_missing_files_stop_with_a_message(tmp_path, capsys):
+    assert main([*TINY, "--methods", "baseline,warp:9"]) == 2
+    assert "warp" in capsys.readouterr().err
+    assert main([*TINY, "--scheduler", "heun"]) == 2
+    assert "heun" in capsys.readouterr().err
+    assert main([*TINY, "--reference", str(tmp_path / "nowhere"), "--fid-backend", "digits"]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 def _pixels(folder):
