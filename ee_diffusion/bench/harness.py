@@ -143,14 +143,14 @@ class BenchConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.xformers and torch.device(self.device).type != "cuda":
-            raise ValueError(f"xformers' memory-efficient attention runs on CUDA devices only, got device={self.device!r}; "
-                             "leave out --xformers or use --device cuda.")  # fmt: skip
+            raise ValueError(f"xformers' memory-efficient attention runs on CUDA devices only, got "
+                             f"device={self.device!r}; leave out --xformers or use --device cuda.")  # fmt: skip
         if self.xformers and importlib.util.find_spec("xformers") is None:
             raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
                               "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
         if self.reference is not None and not Path(self.reference).exists():
             raise FileNotFoundError(f"No reference at {self.reference}: give a folder of images or an .npz of "
-                                    "reference statistics (ee_diffusion.metrics.save_reference_statistics).")  # fmt: skip
+                                    "statistics from ee_diffusion.metrics.save_reference_statistics.")  # fmt: skip
         if self.grid not in ("zip", "product"):
             raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
         if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:

@@ -150,7 +150,9 @@ class _BlockWork:
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         blocks = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
-        self.layers = [module for block in blocks for module in block.modules() if isinstance(module, (Attention, FeedForward))]
+        self.layers = [
+            layer for block in blocks for layer in block.modules() if isinstance(layer, (Attention, FeedForward))
+        ]
         self.total = self.done = self.calls = 0
         for layer in self.layers:
             weights = sum(linear.weight.numel() for linear in layer.modules() if isinstance(linear, torch.nn.Linear))
