@@ -1,11 +1,15 @@
 # Two set-up commands for a fresh clone; each makes its own virtual environment (.venv) and installs what it needs.
 #   make demo   runs the main job (the bench: digits-dit, its shipped ASE schedule and digits-dit-ase, side by side)
 #   make test   installs the package with its test extras and runs the test suite
+# CI also runs `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned to the lowest
+# version pyproject.toml allows (.ci/lower-bounds.txt).
 VENV ?= .venv
+LOWER_VENV ?= .venv-lower-bounds
 PYTHON ?= python3
 BIN := $(VENV)/bin
+LOWER_BIN := $(LOWER_VENV)/bin
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow test-lower-bounds clean
 
 $(BIN)/ee-diffusion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +26,14 @@ test: $(BIN)/ee-diffusion
 test-slow: $(BIN)/ee-diffusion
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no slow test collected yet
 
+$(LOWER_BIN)/ee-diffusion: pyproject.toml .ci/lower-bounds.txt
+	$(PYTHON) -m venv $(LOWER_VENV)
+	$(LOWER_BIN)/python -m pip install -q --upgrade pip
+	$(LOWER_BIN)/python -m pip install -q -e ".[dev]" -c .ci/lower-bounds.txt
+	touch $@
+
+test-lower-bounds: $(LOWER_BIN)/ee-diffusion
+	$(LOWER_BIN)/python -m pytest -q
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOWER_VENV)

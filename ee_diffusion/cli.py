@@ -70,13 +70,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench.harness import BenchConfig, process_state, run_bench
     from .bench.methods import parse_methods
-    from .bench.report import format_table, plot, write_csv, write_json
+    from .bench.report import UNSTABLE_SPREAD, format_table, plot, unstable, write_csv, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
     config = BenchConfig(
-        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
+        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size, repeats=args.repeats,
         steps=[int(steps) for steps in args.steps.split(",")], scheduler=args.scheduler.split(","), grid=args.grid,
         guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
         compile=args.compile, xformers=args.xformers, save_images=args.save_images,
@@ -87,14 +87,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         cells = ", ".join(f"{scheduler}-{steps}" for scheduler, steps in config.cells())
         print(
             f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples in each of "
-            f"{cells} (scheduler-steps), guidance {config.guidance_scale}, batches of {config.batch_size} "
-            f"interleaved; {args.device} {args.dtype}, {state.num_processes} process(es), "
+            f"{cells} (scheduler-steps), guidance {config.guidance_scale}, batches of {config.batch_size}; speed: "
+            f"{config.repeats} interleaved rounds of one batch per method; {args.device} {args.dtype}, "
+            f"{state.num_processes} process(es), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"
         )
     rows = run_bench(config)
     if not state.is_main_process:
         return 0
     print(format_table(rows))
+    for row in unstable(rows):
+        print(f"warning: the {config.repeats} timed rounds of {row.method} ({row.scheduler}, {row.steps} steps) "
+              f"disagree by {row.timing_spread:.0%} of their median (interquartile range; above "
+              f"{UNSTABLE_SPREAD:.0%} its speed and speedup are not to be trusted): close other work on the machine, "
+              "set --threads to the cores free for it, or raise --repeats or --batch-size.", file=sys.stderr)  # fmt: skip
     if args.json:
         write_json(args.json, vars(config), rows)
     if args.csv:
@@ -275,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
-        description="Generate the same class labels from the same seeds with each method, interleaved batch by "
-        "batch, and report speed (median per image), executed block fraction and, for the digits models, FID/KID "
-        "against the held-out digits and class accuracy by the digits feature network (any model: --reference). Under "
+        description="Generate the same class labels from the same seeds with each method, batch by batch, then time "
+        "--repeats rounds of one batch per method (interleaved, rotating order), and report speed (median and "
+        "spread), speedup (median of the per-round ratios to the baseline), executed block fraction and, for the "
+        "digits models, FID/KID against the held-out digits and class accuracy by the digits feature network (any "
+        "model: --reference). Under "
         "`accelerate launch --multi_gpu --num_processes N -m ee_diffusion.cli bench ...` (GPUs or CPU processes) the "
         "batches are split over the processes and scored once.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -287,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)")  # fmt: skip
     bench.add_argument("--methods", help="comma-separated method specs, see below (default: baseline, and the shipped "
                        "<model>-ase schedule and model when there is one)")  # fmt: skip
-    bench.add_argument("--num-samples", type=int, default=250, help="images per method and cell")
-    bench.add_argument("--batch-size", type=int, default=250)
+    bench.add_argument("--num-samples", type=int, default=250, help="images per method and cell, for quality")
+    bench.add_argument("--batch-size", type=int, default=10, help="images per generated batch (default 10); a timed "
+                       "round generates one batch per method")  # fmt: skip
+    bench.add_argument("--repeats", type=int, default=5, help="timed rounds per cell after quality generation, methods "
+                       "interleaved with rotating order (default 5); the table gives the median and the spread")  # fmt: skip
     bench.add_argument("--steps", default="50", help="scheduler steps, or a comma-separated list (a grid axis)")
     bench.add_argument("--scheduler", default="dpm-solver++", help="dpm-solver++, ddim, ddpm or euler, or a "
                        "comma-separated list of them (a grid axis)")  # fmt: skip

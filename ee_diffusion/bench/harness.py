@@ -1,12 +1,16 @@
 """`ee-diffusion bench`: methods side by side on one model, in one run: speed, executed blocks and sample quality.
 
-Every method generates the same class labels from the same seeds, batch by batch, and the methods take turns batch
-by batch (the order rotating each round), so a slow spell of the machine is shared out and the speed ratios are
-trustworthy. Speed is the median seconds per image over the timed batches (after one untimed warm-up call per
-method); `speedup` is against the `baseline` row of the same scheduler and steps. FID and KID are scored against
-`reference` (`ee_diffusion.metrics.compute_fid_kid`); the digits models default to the held-out digits split seen
-through the digits feature network, whose predictions also give their class accuracy. Other models without a reference
-get speed rows only.
+Quality: every method generates the same class labels from the same seeds, batch by batch, the methods taking turns.
+FID and KID are scored against `reference` (`ee_diffusion.metrics.compute_fid_kid`); the digits models default to the
+held-out digits split seen through the digits feature network, whose predictions also give their class accuracy.
+Other models without a reference get speed rows only.
+
+Speed is timed apart from quality generation, after it (which is its warm-up): `repeats` rounds in which every method
+generates one batch, the order rotating from round to round (`ee_diffusion.metrics.time_interleaved`). `images_per_s`
+comes from the median round, `timing_spread` is the rounds' interquartile range over their median, and `speedup` is
+the median over rounds of the `baseline` row's seconds over the method's (same scheduler and steps), each ratio taken
+within one round, so a slow spell of the machine cancels out of it. Each timed call puts the method on the pipeline
+and takes it off again around the generation.
 
 Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
 `layerskip`, `taylorseer`, `magcache`, `pab`).
@@ -21,8 +25,8 @@ DiT built from its config offline, without a VAE (the latents are the output), f
 Processes: under `accelerate launch --multi_gpu --num_processes N` (or `torchrun`), with GPUs or CPU processes, the
 batches are split over the processes (`PartialState.split_between_processes`) and gathered on the main process
 (`gather_object`), which scores them and returns the rows (the other processes return no rows). Batch `i` is seeded
-with `seed + i` wherever it runs, so the images do not depend on the number of processes. `images_per_s` is then the
-number of processes over the median seconds per image of one process.
+with `seed + i` wherever it runs, so the images do not depend on the number of processes. Every process runs the timed
+rounds at once, and `images_per_s` is the number of processes times the images per second of one process.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -56,13 +60,16 @@ from ..metrics import (
     FeatureExtractor,
     ReferenceStatistics,
     class_accuracy,
+    Timing,
     compute_fid_kid,
     load_digits_classifier,
     load_reference_statistics,
+    round_speedups,
+    time_interleaved,
 )
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import Method, Target, build_method, denoiser_of
-from .report import save_images
+from .report import BenchRow, save_images
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +99,9 @@ class BenchConfig:
     Args:
         model: Shipped model name (`digits-dit`, `digits-unet`), folder, hub id or `random:<name>` (`RANDOM_MODELS`).
         methods: Method specs (see `ee_diffusion.bench.methods`).
-        num_samples: Images per method and cell (class labels cycle through 0..9).
-        batch_size: Images per timed batch.
+        num_samples: Images per method and cell (class labels cycle through 0..9), for quality.
+        batch_size: Images per generated batch; a timed round generates one batch per method.
+        repeats: Timed rounds per cell (after quality generation, interleaved with rotating order).
         steps: Scheduler steps, one value or a list (a grid axis).
         scheduler: One of `SCHEDULERS`, or a list of them (a grid axis).
         grid: `"zip"` (cells pair the lists position by position) or `"product"` (every combination).
@@ -115,7 +123,8 @@ class BenchConfig:
     model: str = "digits-dit"
     methods: list[str] = field(default_factory=lambda: ["baseline"])
     num_samples: int = 250
-    batch_size: int = 250
+    batch_size: int = 10
+    repeats: int = 5
     steps: int | list[int] = 50
     scheduler: str | list[str] = "dpm-solver++"
     grid: str = "zip"
@@ -136,8 +145,8 @@ class BenchConfig:
         bad = [name for name in self.scheduler if name not in SCHEDULERS]
         if bad or not self.scheduler:
             raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}.")
-        if self.num_samples < 1 or self.batch_size < 1 or not self.steps or min(self.steps) < 1:
-            raise ValueError("`num_samples`, `batch_size` and `steps` must be at least 1.")
+        if self.num_samples < 1 or self.batch_size < 1 or self.repeats < 1 or not self.steps or min(self.steps) < 1:
+            raise ValueError("`num_samples`, `batch_size`, `repeats` and `steps` must be at least 1.")
         if not self.methods:
             raise ValueError("Give at least one method.")
         if self.dtype not in DTYPES:
@@ -166,32 +175,16 @@ class BenchConfig:
 
 
 @dataclass
-class BenchRow:
-    """One method in one (scheduler, steps) cell. `note` says why a method did not run (all numbers `None`)."""
-
-    method: str
-    model: str
-    scheduler: str
-    steps: int
-    num_samples: int
-    fid: float | None
-    kid: float | None
-    class_accuracy: float | None
-    images_per_s: float | None
-    speedup: float | None
-    block_fraction: float | None
-    peak_memory_mb: float | None
-    note: str | None = None
-
-
-@dataclass
 class _Run:
-    """What one method produced in one cell, batch by batch."""
+    """What one method produced in one cell: its images and block fractions batch by batch, its timed rounds (one
+    `Timing` per process) and its speedups round by round."""
 
     method: Method
-    seconds: list[float] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
     images: dict[int, torch.Tensor] = field(default_factory=dict)
+    timings: list[Timing] = field(default_factory=list)
+    speedups: list[float] = field(default_factory=list)
+    images_per_timed_batch: int = 0
     peak_memory_mb: float | None = None
 
 
@@ -208,10 +201,12 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
             raise ValueError(f"Unknown random model {model!r}; accepted: {['random:' + n for n in RANDOM_MODELS]}.")
         torch.manual_seed(0)
         transformer = DiTTransformer2DModel(**RANDOM_MODELS[name], in_channels=4, out_channels=8).eval()
+        # torch's own cast: diffusers' `to(dtype)` warns of float32 modules even when a model has none
+        torch.nn.Module.to(transformer, DTYPES[config.dtype])
         pipe = EarlyExitDiTPipeline(transformer=transformer, vae=None, scheduler=DDPMScheduler())
     else:
-        pipe = load_early_exit_pipeline(model, dtype=torch.float32)
-    pipe = pipe.to(device, DTYPES[config.dtype])
+        pipe = load_early_exit_pipeline(model, dtype=DTYPES[config.dtype])
+    pipe = pipe.to(device)
     if config.xformers:
         pipe.enable_xformers_memory_efficient_attention()
     if config.compile:
@@ -234,24 +229,23 @@ def compile_regions(pipe: Any) -> None:
 
 
 def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
-              device: torch.device) -> tuple[torch.Tensor, float, float]:  # fmt: skip
-    """One call of the method: its images, seconds and executed block fraction."""
-    generator = torch.Generator(device).manual_seed(seed)
+              device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """One call of the method: its images (on the CPU) and executed block fraction."""
     cuda = device.type == "cuda"
     with run.method.session(pipe) as block_fraction:
         if cuda:
-            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        began = time.perf_counter()
-        images = pipe(class_labels=labels, guidance_scale=config.guidance_scale, generator=generator,
-                      num_inference_steps=steps, output_type="pt").images  # fmt: skip
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - began
+        images = _call(pipe, labels, seed, config, steps, device)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
-        return images.float().cpu(), seconds, block_fraction()
+        return images.float().cpu(), block_fraction()
+
+
+def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device) -> Any:
+    generator = torch.Generator(device).manual_seed(seed)
+    return pipe(class_labels=labels, guidance_scale=config.guidance_scale, generator=generator,
+                num_inference_steps=steps, output_type="pt").images  # fmt: skip
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
@@ -290,41 +284,60 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
             raise ValueError(f"Methods must be distinct, got {config.methods}.")
         runs = [_Run(method) for method in methods]
         active = [run for run in runs if run.method.unsupported is None]
-        for run in active:  # warm-up: first-call costs (allocations, kernel selection) stay out of the timings
-            _generate(run, pipes[run.method.model], labels[:2], config.seed, config, steps, device)
         with state.split_between_processes(list(range(len(batches)))) as mine:
-            bar.total += len(mine) * len(active)
+            bar.total += (len(mine) + config.repeats) * len(active)
             bar.refresh()
             for index in mine:
                 for offset in range(len(active)):
                     run = active[(index + offset) % len(active)]
-                    images, seconds, fraction = _generate(run, pipes[run.method.model], batches[index],
-                                                          config.seed + index, config, steps, device)  # fmt: skip
+                    images, fraction = _generate(run, pipes[run.method.model], batches[index], config.seed + index,
+                                                 config, steps, device)  # fmt: skip
                     run.images[index] = images
-                    run.seconds.append(seconds / len(batches[index]))
                     run.fractions.append(fraction)
                     bar.update()
+        _time(active, pipes, batches[0], config, steps, device, bar)
         results.append((scheduler, steps, runs))
     bar.close()
-    gathered = gather_object([[(run.images, run.seconds, run.fractions, run.peak_memory_mb) for run in runs]
-                              for _, _, runs in results])  # fmt: skip
+    gathered = gather_object([[(run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb)
+                               for run in runs] for _, _, runs in results])  # fmt: skip
     if not state.is_main_process:
         return []
     for position, (_, _, runs) in enumerate(results):  # every process's part of each cell, in process order
         parts = gathered[position :: len(results)]
         for number, run in enumerate(runs):
             run.images = {i: image for part in parts for i, image in part[number][0].items()}
-            run.seconds = [s for part in parts for s in part[number][1]]
-            run.fractions = [f for part in parts for f in part[number][2]]
-            peaks = [part[number][3] for part in parts if part[number][3] is not None]
+            run.fractions = [f for part in parts for f in part[number][1]]
+            run.timings = [timing for part in parts for timing in part[number][2]]
+            run.speedups = [ratio for part in parts for ratio in part[number][3]]
+            peaks = [part[number][4] for part in parts if part[number][4] is not None]
             run.peak_memory_mb = max(peaks) if peaks else None
-    rows = _score(results, labels, config, state.num_processes, pipes, progress)
+    rows = _score(results, labels, config, len(batches[0]), pipes, progress)
     if config.save_images:
         save_images(config.save_images, rows, [run.images for _, _, runs in results for run in runs], labels)
     return rows
 
 
-def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, processes: int,
+def _time(active: list[_Run], pipes: dict[str, Any], labels: list[int], config: BenchConfig, steps: int,
+          device: torch.device, bar: tqdm) -> None:  # fmt: skip
+    """`config.repeats` timed rounds of one batch per method, interleaved with rotating order; this process's
+    `Timing` and round-by-round speedups against the baseline go to each run."""
+
+    def timed_call(run: _Run) -> None:
+        with run.method.session(pipes[run.method.model]):
+            _call(pipes[run.method.model], labels, config.seed, config, steps, device)
+        bar.update()
+
+    calls = {run.method.name: partial(timed_call, run) for run in active}
+    timings = time_interleaved(calls, repeats=config.repeats, warmup=0, device=device)
+    baseline = timings.get("baseline")
+    for run in active:
+        timing = timings[run.method.name]
+        run.timings.append(timing)
+        if baseline is not None:
+            run.speedups.extend(round_speedups(baseline, timing))
+
+
+def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, timed_images: int,
            pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
     digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
     extractor, reference = _quality_reference(config, digits, progress)
@@ -338,13 +351,15 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
             bar.update()
             row = BenchRow(method=run.method.name, model=run.method.model, scheduler=scheduler, steps=steps,
                            num_samples=config.num_samples, fid=None, kid=None, class_accuracy=None, images_per_s=None,
-                           speedup=None, block_fraction=None, peak_memory_mb=None, note=run.method.unsupported)  # fmt: skip
+                           timing_spread=None, speedup=None, block_fraction=None, peak_memory_mb=None,
+                           note=run.method.unsupported)  # fmt: skip
             rows.append(row)
             if row.note is not None:
                 continue
-            seconds = statistics.median(run.seconds)
-            row.images_per_s = processes / seconds
-            row.speedup = None if baseline is None else statistics.median(baseline.seconds) / seconds
+            # Every process timed its rounds at the same time: their throughputs add up.
+            row.images_per_s = sum(timed_images / timing.median for timing in run.timings)
+            row.timing_spread = max(timing.spread for timing in run.timings)
+            row.speedup = statistics.median(run.speedups) if baseline is not None else None
             row.block_fraction = statistics.fmean(run.fractions)
             row.peak_memory_mb = run.peak_memory_mb
             if extractor is None:

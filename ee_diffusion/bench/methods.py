@@ -63,8 +63,25 @@ Session = Callable[[Any], contextlib.AbstractContextManager[Callable[[], float]]
 
 
 @contextlib.contextmanager
-def _full_depth(pipe: Any) -> Iterator[Callable[[], float]]:
-    yield lambda: 1.0
+def _exit_schedule(pipe: Any, schedule: ExitSchedule | None) -> Iterator[None]:
+    """`schedule` in force on `pipe` inside, and the pipeline's own schedule (a `finetuned:` model's, say) back after."""
+    own = pipe.exit_schedule
+    pipe.exit_schedule = schedule
+    try:
+        yield
+    finally:
+        pipe.exit_schedule = own
+
+
+def _scheduled(schedule: ExitSchedule | None) -> Session:
+    """The model under `schedule`; `None`: at full depth, whatever schedule its folder carries."""
+
+    @contextlib.contextmanager
+    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+        with _exit_schedule(pipe, schedule):
+            yield (lambda: 1.0) if schedule is None else (lambda: pipe.exit_stats.block_fraction)
+
+    return session
 
 
 @dataclass
@@ -75,13 +92,13 @@ class Method:
         name: The spec it was built from.
         model: The model it runs on (a key of the bench's pipelines).
         session: `session(pipe)` is a context manager that applies the method to `pipe`, yields a function returning
-            the block fraction executed by the calls made inside, and removes the method on exit.
+            the block fraction executed by the calls made inside, and leaves `pipe` as it found it on exit.
         unsupported: Why the method cannot run on this model (then it is never run).
     """
 
     name: str
     model: str
-    session: Session = _full_depth
+    session: Session = _scheduled(None)
     unsupported: str | None = None
 
 
@@ -97,18 +114,6 @@ class Target:
 
 def denoiser_of(pipe: Any) -> torch.nn.Module:
     return getattr(pipe, "transformer", None) or pipe.unet
-
-
-def _scheduled(schedule: ExitSchedule) -> Session:
-    @contextlib.contextmanager
-    def session(pipe: Any) -> Iterator[Callable[[], float]]:
-        pipe.exit_schedule = schedule
-        try:
-            yield lambda: pipe.exit_stats.block_fraction
-        finally:
-            pipe.exit_schedule = None
-
-    return session
 
 
 def _baseline(argument: str, target: Target) -> Method:
@@ -203,17 +208,18 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
     @contextlib.contextmanager
     def session(pipe: Any) -> Iterator[Callable[[], float]]:
         denoiser = denoiser_of(pipe)
-        work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
-        handles = []
-        try:
-            handles = apply(denoiser) or []
-            HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
-            # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers' context.
-            with CacheMixin.cache_context(denoiser, "cond"):
-                yield work.fraction
-        finally:
-            _remove_hooks(denoiser, kind, handles)
-            work.remove()
+        with _exit_schedule(pipe, None):  # the accelerator alone, on the model at full depth
+            work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
+            handles = []
+            try:
+                handles = apply(denoiser) or []
+                HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+                # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers' context.
+                with CacheMixin.cache_context(denoiser, "cond"):
+                    yield work.fraction
+            finally:
+                _remove_hooks(denoiser, kind, handles)
+                work.remove()
 
     denoiser = denoiser_of(target.pipe_of(target.model))
     handles = []

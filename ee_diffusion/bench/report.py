@@ -1,4 +1,5 @@
-"""What `ee-diffusion bench` writes: a console table (rich), JSON, CSV, a Pareto plot (PNG) and the images (PNG).
+"""The rows of `ee-diffusion bench` (`BenchRow`) and what it writes of them: a console table (rich), JSON, CSV, a
+Pareto plot (PNG) and the images (PNG).
 
 JSON: `{"config": {...}, "rows": [{ROW_KEYS}], "notes": {method: reason}}`; the rows carry exactly `ROW_KEYS`, and a
 method that could not run (an accelerator that does not support the model) has a row of `None` numbers and its reason
@@ -11,9 +12,9 @@ import csv
 import io
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +22,36 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from .harness import BenchRow
+# A timing spread (interquartile range over median of the timed rounds) above this is reported as unstable.
+UNSTABLE_SPREAD = 0.10
+
+
+@dataclass
+class BenchRow:
+    """One method in one (scheduler, steps) cell. `note` says why a method did not run (all numbers `None`).
+
+    `images_per_s` comes from the median of the timed rounds, `timing_spread` is their interquartile range over
+    their median, and `speedup` is the median over rounds of the baseline's seconds over this method's (see
+    `ee_diffusion.metrics.paired_speedup`)."""
+
+    method: str
+    model: str
+    scheduler: str
+    steps: int
+    num_samples: int
+    fid: float | None
+    kid: float | None
+    class_accuracy: float | None
+    images_per_s: float | None
+    timing_spread: float | None
+    speedup: float | None
+    block_fraction: float | None
+    peak_memory_mb: float | None
+    note: str | None = None
+
 
 ROW_KEYS = ("method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "speedup", "block_fraction", "peak_memory_mb")  # fmt: skip
+            "timing_spread", "speedup", "block_fraction", "peak_memory_mb")  # fmt: skip
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
@@ -37,6 +63,11 @@ def notes(rows: list[BenchRow]) -> dict[str, str]:
     return {row.method: row.note for row in rows if row.note is not None}
 
 
+def unstable(rows: list[BenchRow]) -> list[BenchRow]:
+    """The rows whose timed rounds disagree by more than `UNSTABLE_SPREAD` of their median."""
+    return [row for row in rows if row.timing_spread is not None and row.timing_spread > UNSTABLE_SPREAD]
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -44,8 +75,8 @@ def _cell(value: float | None, spec: str) -> str:
 def format_table(rows: list[BenchRow]) -> str:
     """The rows as a console table (rich), one block of rows per (scheduler, steps) cell."""
     table = Table(show_edge=False, pad_edge=False)
-    headers = ["method", "model", "scheduler", "steps", "n", "FID", "KID x1e3", "class acc", "img/s", "speedup",
-               "blocks", "peak MB"]  # fmt: skip
+    headers = ["method", "model", "scheduler", "steps", "n", "FID", "KID x1e3", "class acc", "img/s", "spread",
+               "speedup", "blocks", "peak MB"]  # fmt: skip
     with_notes = any(row.note for row in rows)
     for header in headers + ["note"] * with_notes:
         table.add_column(header, overflow="fold")
@@ -54,8 +85,8 @@ def format_table(rows: list[BenchRow]) -> str:
         table.add_row(
             row.method, row.model, row.scheduler, str(row.steps), str(row.num_samples), _cell(row.fid, ".2f"),
             _cell(None if row.kid is None else row.kid * 1e3, ".2f"), _cell(row.class_accuracy, ".1%"),
-            _cell(row.images_per_s, ".1f"), _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
-            _cell(row.block_fraction, ".1%"), _cell(row.peak_memory_mb, ".0f"), *[row.note or ""] * with_notes,
+            _cell(row.images_per_s, ".1f"), _cell(row.timing_spread, ".0%"),
+            _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""), _cell(row.block_fraction, ".1%"), _cell(row.peak_memory_mb, ".0f"), *[row.note or ""] * with_notes,
             end_section=(following.scheduler, following.steps) != (row.scheduler, row.steps),
         )  # fmt: skip
     console = Console(file=io.StringIO(), width=160, color_system=None)

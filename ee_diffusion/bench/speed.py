@@ -1,21 +1,23 @@
 """`ee-diffusion speed`: time a DiT denoising loop with and without exit schedules, side by side in one run.
 
 The model is a randomly initialised `DiTTransformer2DModel` (speed does not depend on the weights). Every method runs
-the same DPM-Solver++ loop on the same latents and class labels; the methods are interleaved round by round and the
-median of the timed rounds is reported. `full-depth hook` applies a schedule that runs every block, so its ratio to
+the same DPM-Solver++ loop on the same latents and class labels; the methods are interleaved round by round, the
+median of the timed rounds and their spread (interquartile range over median) are reported, and `speedup` is the
+median over rounds of the baseline's seconds over the method's. `full-depth hook` applies a schedule that runs every block, so its ratio to
 `baseline` is the cost of the hooks themselves. For each schedule the block fraction is read from the hooks' record
 of what actually ran, and `efficiency` is the measured speedup over the speedup that fraction predicts (`1 / f`).
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler
 
 from ..exits import apply_exit_schedule, get_exit_stats, remove_exit_schedule
-from ..metrics import time_interleaved
+from ..metrics import round_speedups, time_interleaved
 from ..schedules import ExitSchedule
 
 
@@ -23,6 +25,7 @@ from ..schedules import ExitSchedule
 class SpeedRow:
     method: str
     seconds: float
+    spread: float
     speedup: float
     block_fraction: float
     predicted_speedup: float
@@ -107,20 +110,21 @@ def run_speed(
         warmup=config.warmup,
         device=device,
     )
-    base = timings["baseline"].median
     rows = []
     for name, timing in timings.items():
-        speedup, predicted = base / timing.median, 1.0 / fractions[name]
-        rows.append(SpeedRow(name, timing.median, speedup, fractions[name], predicted, speedup / predicted))
+        speedup = statistics.median(round_speedups(timings["baseline"], timing))
+        predicted = 1.0 / fractions[name]
+        rows.append(SpeedRow(name, timing.median, timing.spread, speedup, fractions[name], predicted,
+                             speedup / predicted))  # fmt: skip
     return rows
 
 
 def format_rows(rows: list[SpeedRow]) -> str:
-    header = f"{'method':<34}{'s/run':>8}{'speedup':>9}{'blocks':>8}{'predicted':>11}{'efficiency':>12}"
+    header = f"{'method':<34}{'s/run':>8}{'spread':>8}{'speedup':>9}{'blocks':>8}{'predicted':>11}{'efficiency':>12}"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row.method:<34}{row.seconds:>8.3f}{row.speedup:>8.2f}x{row.block_fraction:>8.1%}"
+            f"{row.method:<34}{row.seconds:>8.3f}{row.spread:>8.1%}{row.speedup:>8.2f}x{row.block_fraction:>8.1%}"
             f"{row.predicted_speedup:>10.2f}x{row.efficiency:>12.1%}"
         )
     return "\n".join(lines)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 
 import torch
 
-TINY_MDLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-mdlm")
+TINY_MDLM = "tiny-mdlm"  # the shipped model, by name
 
 
 def _train_mdlm(args: argparse.Namespace) -> int:
@@ -19,7 +18,7 @@ def _train_mdlm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = MDLMTrainConfig(
-        output_dir=args.output_dir,
+        output_dir=args.out,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -64,13 +63,14 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
         help="train the tiny masked diffusion LM on addition and sorting (CPU, seeded, checkpointed)",
         description="Train tiny-mdlm with the masked-diffusion objective; --resume continues from its checkpoint.",
     )
-    train.add_argument("--output-dir", default=TINY_MDLM)
+    train.add_argument("--out", "--output-dir", dest="out", required=True, help="folder to write the model (and its "
+                       "checkpoint) to; nothing is written into the package unless this names it")  # fmt: skip
     train.add_argument("--steps", type=int, default=Recipe.steps)
     train.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     train.add_argument("--lr", type=float, default=Recipe.learning_rate)
     train.add_argument("--seed", type=int, default=Recipe.seed)
     train.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every)
-    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
     train.add_argument("--workers", type=int, default=0,
@@ -82,7 +82,7 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
         help="accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*)",
         description="Exact-match accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems.",
     )
-    bench.add_argument("--model", default=TINY_MDLM)
+    bench.add_argument("--model", default=TINY_MDLM, help="shipped model name, folder or hub id (default: tiny-mdlm)")
     bench.add_argument("--tasks", default=",".join(TASKS))
     bench.add_argument("--methods", default=",".join(METHODS))
     bench.add_argument("--num-problems", type=int, default=500)

@@ -173,6 +173,15 @@ def num_exit_blocks(pipe_or_model: Any) -> int:
     return len(exit_units(pipe_or_model))
 
 
+def _timestep_scale(num_train_timesteps: Any) -> int:
+    """A positive integer scale of timesteps (numpy / torch integers accepted), or a clear error."""
+    if isinstance(num_train_timesteps, bool) or not hasattr(num_train_timesteps, "__index__"):
+        raise TypeError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+    if num_train_timesteps.__index__() < 1:
+        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+    return num_train_timesteps.__index__()
+
+
 def apply_exit_schedule(
     pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None
 ) -> None:
@@ -205,7 +214,7 @@ def apply_exit_schedule(
         )
     remove_exit_schedule(model)
     state = _ExitState(len(units))
-    timesteps = default_timesteps if num_train_timesteps is None else int(num_train_timesteps)
+    timesteps = default_timesteps if num_train_timesteps is None else _timestep_scale(num_train_timesteps)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
         ExitScheduleHook(schedule, architecture, state, timesteps), _SCHEDULE_HOOK
     )
@@ -245,7 +254,7 @@ def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
 def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> None:
     """Change the training timestep count the applied schedule normalises timesteps with."""
     hook = _require_hook(pipe_or_model)
-    hook.num_train_timesteps = int(num_train_timesteps)
+    hook.num_train_timesteps = _timestep_scale(num_train_timesteps)
 
 
 def get_exit_stats(pipe_or_model: Any) -> ExitStats:

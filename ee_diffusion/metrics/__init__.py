@@ -13,7 +13,7 @@ from .quality import (
     load_reference_statistics,
     save_reference_statistics,
 )
-from .throughput import Timing, time_interleaved
+from .throughput import Timing, round_speedups, time_interleaved
 
 __all__ = [
     "DIGITS_CLASSIFIER_PATH",
@@ -33,6 +33,7 @@ __all__ = [
     "load_digits_classifier",
     "load_images",
     "load_reference_statistics",
+    "round_speedups",
     "save_reference_statistics",
     "time_interleaved",
 ]

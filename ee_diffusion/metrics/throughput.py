@@ -12,13 +12,30 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per run of one method: every repeat, and their median."""
+    """Seconds per run of one method: every repeat (in round order), their median and their spread."""
 
     seconds: tuple[float, ...]
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range of the repeats over their median (0 for a single repeat): how far the repeats
+        disagree. Above 0.1 the machine was too busy, or the runs too short, for the median to be trusted."""
+        if len(self.seconds) < 2:
+            return 0.0
+        low, _, high = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return (high - low) / self.median
+
+
+def round_speedups(baseline: Timing, other: Timing) -> list[float]:
+    """`baseline / other` seconds round by round of `time_interleaved`: each ratio compares two runs made next to each
+    other in time, so a slow spell of the machine cancels out of it. Their median is the speedup to report."""
+    if len(baseline.seconds) != len(other.seconds):
+        raise ValueError(f"Paired timings need the same rounds, got {len(baseline.seconds)} and {len(other.seconds)}.")
+    return [b / o for b, o in zip(baseline.seconds, other.seconds)]
 
 
 def _synchronize(device: torch.device | str | None) -> None:

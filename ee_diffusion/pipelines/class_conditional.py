@@ -8,6 +8,8 @@ so a 10-class pixel-space DiT trained in this package samples through the same l
 from __future__ import annotations
 
 import inspect
+import math
+from typing import Any
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
@@ -27,6 +29,20 @@ def null_class_label(denoiser: torch.nn.Module) -> int:
     if isinstance(denoiser, UNet2DModel) and denoiser.config.num_class_embeds:
         return int(denoiser.config.num_class_embeds) - 1
     raise TypeError(f"{type(denoiser).__name__} is not a class-conditional DiTTransformer2DModel or UNet2DModel.")
+
+
+def _checked_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
+    """`class_labels` as a flat long tensor, every label a class id in `[0, num_classes)` (the null class excluded)."""
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("`class_labels` is empty: give one class id per image.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"`class_labels` must be integer class ids, got {class_labels!r}.")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"`class_labels` must lie in [0, {num_classes - 1}] (this model has {num_classes} classes; "
+                         f"{num_classes} is its null class), got {bad.tolist()}.")  # fmt: skip
+    return labels.long()
 
 
 class ClassConditionalSamplingMixin:
@@ -59,9 +75,17 @@ class ClassConditionalSamplingMixin:
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if isinstance(num_inference_steps, bool) or not hasattr(num_inference_steps, "__index__"):
+            raise TypeError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+            guidance_scale
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
         denoiser = getattr(self, self._denoiser_name)
         device = self._execution_device
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()
+        labels = _checked_labels(class_labels, null_class_label(denoiser)).to(device)
         guided = guidance_scale > 1
         channels, size = denoiser.config.in_channels, denoiser.config.sample_size
         latents = randn_tensor((len(labels), channels, size, size), generator=generator, device=device,

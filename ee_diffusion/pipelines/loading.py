@@ -1,7 +1,8 @@
-"""Open any supported pipeline folder (or hub id) as its early-exit drop-in pipeline."""
+"""Open any supported pipeline folder (or hub id) as its early-exit drop-in pipeline; the names of shipped models."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,32 @@ _DROP_INS = {
 _BY_PARENT = {name.removeprefix("EarlyExit"): cls for name, cls in _DROP_INS.items()}
 
 
-def shipped_model_path(name: str) -> Path | None:
+# What a hub id looks like: `owner/name`, one slash, neither part starting with a dot.
+_HUB_ID = re.compile(r"[A-Za-z0-9_-][\w.-]*/[A-Za-z0-9_-][\w.-]*")
+
+
+def shipped_models(marker: str = "model_index.json") -> list[str]:
+    """Names of the models shipped with the package whose folder holds `marker` (`model_index.json`: the diffusion
+    pipelines; `tokenizer.json`: the language models)."""
+    return sorted(path.name for path in SHIPPED_MODELS_DIR.iterdir() if (path / marker).is_file())
+
+
+def shipped_model_path(name: str, marker: str = "model_index.json") -> Path | None:
     """The folder of a model shipped with the package (`digits-dit`, `digits-unet`, ...), or `None`."""
-    path = SHIPPED_MODELS_DIR / name
-    return path if "/" not in name and (path / "model_index.json").exists() else None
+    return SHIPPED_MODELS_DIR / name if name in shipped_models(marker) else None
+
+
+def resolve_pretrained(name: str | Path, marker: str = "model_index.json") -> str:
+    """A shipped model name as its folder; a folder as it is; an `owner/name` hub id as it is. Anything else raises a
+    `ValueError` at once, naming the shipped models, instead of a trip to the hub."""
+    name = str(name)
+    shipped = shipped_model_path(name, marker)
+    if shipped is not None:
+        return str(shipped)
+    if Path(name).exists() or _HUB_ID.fullmatch(name):
+        return name
+    raise ValueError(f"No model {name!r}: it is not a shipped model ({', '.join(shipped_models(marker))}), not a "
+                     "folder that exists, and not a hub id (owner/name).")  # fmt: skip
 
 
 def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipeline:
@@ -32,7 +55,9 @@ def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipelin
     Folders saved by these pipelines and folders of their diffusers parents (`DiTPipeline`, `DDPMPipeline`, ...) are
     accepted; `kwargs` go to `from_pretrained` (for example `exit_schedule=` or `dtype=`).
     """
-    pretrained = str(shipped_model_path(pretrained) or pretrained)
+    pretrained = resolve_pretrained(pretrained)
+    if Path(pretrained).is_dir() and not (Path(pretrained) / "model_index.json").is_file():
+        raise ValueError(f"{pretrained} has no model_index.json: it is not a diffusers pipeline folder.")
     class_name = DiffusionPipeline.load_config(pretrained)["_class_name"]
     cls = _DROP_INS.get(class_name) or _BY_PARENT.get(class_name)
     if cls is None:

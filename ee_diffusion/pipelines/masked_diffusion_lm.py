@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Generat
 from ..dllm.adapters import get_adapter
 from ..dllm.rules import EarlyCommit, ThresholdCommit, resolve_early_commit
 from ..dllm.sampler import generate
+from .loading import resolve_pretrained
 
 GENERATION_KEYS = ("gen_length", "steps", "block_length", "mask_token_id", "eos_token_id")
 
@@ -65,14 +66,15 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "MaskedDiffusionLMPipeline":
-        """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer.
+        """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer, or a shipped
+        model by name (`tiny-mdlm`).
 
         For a transformers folder the model loads with `AutoModelForMaskedLM` (with `AutoModel` for architectures it
         does not know, such as LLaDA and Dream with `trust_remote_code=True`), and the generation defaults come
         from its `generation_config.json`. Keyword arguments (`torch_dtype`, `trust_remote_code`, and the generation
         defaults of `__init__`) are passed on.
         """
-        path = str(pretrained_model_name_or_path)
+        path = resolve_pretrained(pretrained_model_name_or_path, marker="tokenizer.json")
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return super().from_pretrained(path, **kwargs)
         init_kwargs = {key: kwargs.pop(key) for key in ("adapter", *GENERATION_KEYS) if key in kwargs}

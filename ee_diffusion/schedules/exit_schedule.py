@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +20,16 @@ def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[fl
     if isinstance(timesteps, (int, float)):
         return [float(timesteps)]
     return [float(v) for v in timesteps]
+
+
+def _as_int(name: str, value: object) -> int:
+    """`value` as a Python int: ints and numpy / torch integer scalars; a float, a bool or anything else raises."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an integer (a depth is a number of blocks), got {value!r}.") from None
 
 
 class ExitSchedule(SchedulerMixin, ConfigMixin):
@@ -63,12 +74,24 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         allow_increasing: bool = False,
     ):
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        num_blocks, num_train_timesteps = _as_int("num_blocks", num_blocks), _as_int("num_train_timesteps",
+                                                                                  num_train_timesteps)  # fmt: skip
+        if num_blocks < 1:
             raise ValueError(f"`num_blocks` must be a positive integer, got {num_blocks!r}.")
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        if num_train_timesteps < 1:
             raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+        # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
+        min_blocks = None if min_blocks is None else _as_int("min_blocks", min_blocks)
+        table = None if table is None else [_as_int("table", depth) for depth in table]
+        depths = None if depths is None else [_as_int("depths", depth) for depth in depths]
+        if timesteps is not None:
+            timesteps = [float(t) for t in timesteps]
+            if not all(math.isfinite(t) for t in timesteps):
+                raise ValueError(f"`timesteps` must be finite numbers, got {timesteps}.")
+        self.register_to_config(num_blocks=num_blocks, min_blocks=min_blocks, table=table, timesteps=timesteps,
+                                depths=depths, num_train_timesteps=num_train_timesteps)  # fmt: skip
 
         if shape in ("constant", "linear", "cosine"):
             if min_blocks is None:
@@ -119,7 +142,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
         This is the released ASE code's form: `ExitSchedule.step(28, [28, 28, 24, 24, 20, 20, 16, 16, 12, 12])`.
         """
-        return cls(num_blocks=num_blocks, shape="step", table=[int(d) for d in table], allow_increasing=allow_increasing)
+        return cls(num_blocks=num_blocks, shape="step", table=list(table), allow_increasing=allow_increasing)
 
     @classmethod
     def from_table(
@@ -140,7 +163,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`timesteps` and `depths` must have the same length, got {len(timesteps)} and {len(depths)}."
             )
-        points = sorted(zip(timesteps, [int(d) for d in depths]))
+        points = sorted(zip(timesteps, [_as_int("depths", d) for d in depths]))
         return cls(
             num_blocks=num_blocks,
             shape="table",
@@ -162,14 +185,19 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         shape, _, value = spec.partition(":")
 
         def blocks(v: str) -> int:
-            return max(1, math.floor(float(v) * num_blocks + 0.5)) if "." in v else int(v)
+            if "." not in v:
+                return int(v)
+            fraction = float(v)
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"a depth written as a fraction of the model's depth must lie in (0, 1], got {v}")
+            return max(1, math.floor(fraction * num_blocks + 0.5))
 
         try:
             if shape == "step":
                 return cls.step(num_blocks, [blocks(v) for v in value.split(",")])
             if shape in ("linear", "cosine", "constant") and value:
                 return cls(num_blocks=num_blocks, shape=shape, min_blocks=blocks(value))
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise ValueError(f"Bad exit schedule {spec!r}: {error}") from None
         raise ValueError(
             f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a folder "

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule
+from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, run_bench
 from ee_diffusion.bench.methods import parse_methods
 from ee_diffusion.bench.report import format_table
@@ -13,7 +14,7 @@ from ee_diffusion.training import save_digits_pipeline
 from diffusers import DiTTransformer2DModel
 
 ROW_KEYS = {"method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "speedup", "block_fraction", "peak_memory_mb"}  # fmt: skip
+            "timing_spread", "speedup", "block_fraction", "peak_memory_mb"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,24 @@ def test_bench_rows(digits_shaped_models):
     again = run_bench(BenchConfig(**{**vars(config), "methods": ["baseline", "ase:constant:2"]}), progress=False)
     assert again[0].fid == again[1].fid == baseline.fid
     assert "speedup" in format_table(rows)
+
+
+def test_methods_leave_every_pipeline_as_they_found_it_across_a_grid(digits_shaped_models, monkeypatch):
+    """The bench model itself carries a schedule: `baseline` runs it at full depth, `finetuned:` under its own schedule,
+    in every cell (the second cell reads the schedule again), and the folder's schedule is in force afterwards."""
+    tuned = str(digits_shaped_models / "tuned")
+    config = BenchConfig(model=tuned, methods=["baseline", f"finetuned:{tuned}", "ase:constant:1", "fbcache:10"],
+                         num_samples=2, batch_size=2, steps=[2, 3], repeats=1)  # fmt: skip
+    pipes, load = {}, harness.load_pipe
+    monkeypatch.setattr(harness, "load_pipe", lambda model, *args: pipes.setdefault(model, load(model, *args)))
+    rows = run_bench(config, progress=False)
+    assert [(row.method.partition(":")[0], row.steps) for row in rows] == [
+        (kind, steps) for steps in (2, 3) for kind in ("baseline", "finetuned", "ase", "fbcache")
+    ]
+    assert [row.block_fraction for row in rows if row.method == "baseline"] == [1.0, 1.0]
+    assert all(0.5 <= row.block_fraction < 1.0 for row in rows if row.method.startswith("finetuned"))
+    assert [row.block_fraction for row in rows if row.method == "ase:constant:1"] == [0.5, 0.5]
+    assert pipes[tuned].exit_schedule == ExitSchedule.step(2, [2, 1])
 
 
 def test_bench_cli_json(digits_shaped_models, tmp_path, capsys):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ee_diffusion.bench import harness
 from ee_diffusion.cli import main
 from ee_diffusion.bench.report import ROW_KEYS, pareto_front
+from ee_diffusion.metrics import Timing
 
 TINY = ["bench", "--model", "random:dit-tiny", "--num-samples", "6", "--batch-size", "2", "--steps", "3"]
 
@@ -34,6 +36,25 @@ def test_json_csv_plot_and_images(tmp_path, capsys):
     assert names[:6] == [f"ase_linear_0.5/{i:05d}_class{i}.png" for i in range(6)]
     assert len(names) == 24 and "fbcache_0.1/00005_class5.png" in names
     assert "speedup" in capsys.readouterr().out
+
+
+def test_timed_rounds_that_disagree_are_reported_with_a_warning(monkeypatch, tmp_path, capsys):
+    def busy_machine(runs, repeats, warmup, device):  # every call made; the baseline's rounds made to disagree
+        for _ in range(warmup + repeats):
+            for run in runs.values():
+                run()
+        return {name: Timing((1.0, 1.0, 1.5, 2.0, 2.0) if name == "baseline" else (0.5,) * 5) for name in runs}
+
+    monkeypatch.setattr(harness, "time_interleaved", busy_machine)
+    out = tmp_path / "out.json"
+    assert main([*TINY, "--methods", "baseline,ase:linear:0.5", "--repeats", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "warning: the 5 timed rounds of baseline (dpm-solver++, 3 steps) disagree by 67%" in printed.err
+    assert "--threads" in printed.err and "ase:linear:0.5" not in printed.err
+    baseline, ase = json.loads(out.read_text())["rows"]
+    assert baseline["timing_spread"] == pytest.approx(1.0 / 1.5) and ase["timing_spread"] == 0.0
+    assert ase["speedup"] == 3.0  # the median of the per-round ratios 2, 2, 3, 4, 4
+    assert baseline["images_per_s"] == pytest.approx(2 / 1.5) and ase["images_per_s"] == 4.0  # batches of 2
 
 
 def test_pareto_front():
@@ -62,6 +83,8 @@ def test_bad_options_and_missing_files_stop_with_a_message(tmp_path, capsys):
     assert "warp" in capsys.readouterr().err
     assert main([*TINY, "--scheduler", "heun"]) == 2
     assert "heun" in capsys.readouterr().err
+    assert main([*TINY, "--repeats", "0"]) == 2
+    assert "`repeats`" in capsys.readouterr().err
     assert main([*TINY, "--reference", str(tmp_path / "nowhere"), "--fid-backend", "digits"]) == 2
     assert "nowhere" in capsys.readouterr().err
 

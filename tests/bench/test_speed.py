@@ -5,7 +5,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from ee_diffusion import ExitSchedule
 from ee_diffusion.cli import main
-from ee_diffusion.metrics import time_interleaved
+from ee_diffusion.metrics import Timing, round_speedups, time_interleaved
 
 TINY = ["--num-layers", "4", "--heads", "2", "--head-dim", "8", "--sample-size", "8", "--steps", "5"]
 
@@ -38,3 +38,18 @@ def test_time_interleaved_rotates_the_order_of_methods_each_round():
     assert len(timings["a"].seconds) == 3 and timings["b"].median >= 0
     with pytest.raises(ValueError, match="repeats=0"):
         time_interleaved({"a": lambda: None}, repeats=0)
+
+
+def test_timing_spread_is_the_interquartile_range_over_the_median():
+    steady, noisy = Timing((1.0, 1.0, 1.0, 1.0, 1.0)), Timing((1.0, 1.0, 1.2, 1.6, 2.0))
+    assert steady.spread == 0.0 and Timing((3.0,)).spread == 0.0
+    # inclusive quartiles of (1, 1, 1.2, 1.6, 2): 1.0 and 1.6; median 1.2
+    assert noisy.median == 1.2 and noisy.spread == pytest.approx(0.6 / 1.2)
+
+
+def test_speedups_pair_the_runs_of_each_round():
+    # A slow spell in round 2 hits both methods of that round: every per-round ratio stays 2.
+    baseline, method = Timing((2.0, 8.0, 2.0)), Timing((1.0, 4.0, 1.0))
+    assert round_speedups(baseline, method) == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="same rounds"):
+        round_speedups(baseline, Timing((1.0,)))

@@ -57,8 +57,12 @@ def test_scheduler_that_never_fires_decodes_like_the_block_refinement_scheduler(
     never = SchEDScheduler(tau_high=1e9, tau_low=1e9)
     for kwargs in ({}, {"threshold": 0.0}):  # one token per step; or whole blocks at their first step
         assert torch.equal(run(model, never, tokenizer, **kwargs), run(model, BlockRefinementScheduler(), tokenizer, **kwargs))
-    sampled = run(model, never, tokenizer, sampling_method="multinomial", temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert not (sampled == tokenizer.mask_token_id).any()
+    # Sampling too, from the same generator. (What the draws are depends on torch's random streams, which change
+    # between releases; on some a row draws EOS first and diffusers' pipeline stops it there, masks left behind.)
+    sampled = {name: run(model, scheduler, tokenizer, sampling_method="multinomial", temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+               for name, scheduler in (("never", never), ("stock", BlockRefinementScheduler()))}  # fmt: skip
+    assert torch.equal(sampled["never"], sampled["stock"])
 
 
 def test_step_keeps_the_block_refinement_contract():

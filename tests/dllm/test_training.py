@@ -60,3 +60,11 @@ def test_training_reduces_the_loss_and_resumes(tmp_path):
     # Each step's data comes from (seed, step): a DataLoader worker generating it changes nothing.
     config.output_dir, config.resume, config.steps = str(tmp_path / "again"), False, 60
     assert train_mdlm(config, progress=False, workers=1) == pytest.approx(losses, rel=1e-5)
+
+
+def test_train_mdlm_writes_nowhere_unless_told_where(capsys):
+    from ee_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train-mdlm", "--steps", "1"])  # the shipped tiny-mdlm is never a default destination
+    assert stopped.value.code == 2 and "--out" in capsys.readouterr().err

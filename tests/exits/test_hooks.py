@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DModel
@@ -218,7 +219,10 @@ def test_bad_arguments_raise(tiny_dit):
         apply_exit_schedule("model", ExitSchedule.linear(4, 2))
     with pytest.raises(ValueError, match="No exit schedule is applied"):
         get_exit_stats(tiny_dit)
-    apply_exit_schedule(tiny_dit, ExitSchedule.linear(4, 2))
+    for scale, error in ((-1000, ValueError), (0, ValueError), (1000.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"`num_train_timesteps` must be a positive integer, got {scale!r}"):
+            apply_exit_schedule(tiny_dit, ExitSchedule.linear(4, 2), num_train_timesteps=scale)
+    apply_exit_schedule(tiny_dit, ExitSchedule.linear(4, 2), num_train_timesteps=np.int64(1000))
     x, _, y = dit_inputs()
     with pytest.raises(ValueError, match="timestep=None"):
         tiny_dit(x, timestep=None, class_labels=y)

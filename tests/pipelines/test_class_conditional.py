@@ -1,7 +1,9 @@
 """Class-conditional pixel-space pipelines (no VAE): DiT and UNet2DModel, guidance with the model's null class."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
@@ -14,6 +16,8 @@ from ee_diffusion import (
     num_exit_blocks,
 )
 from ee_diffusion.pipelines.class_conditional import null_class_label
+
+from tests.conftest import assert_same_after_reload
 
 from .conftest import DepthRecorder, assert_depths_follow_schedule, make_dit_pipe
 
@@ -118,7 +122,7 @@ def test_schedule_depths_and_save_load_round_trip_without_vae(kind, tmp_path):
     for loaded in (type(pipe).from_pretrained(tmp_path), load_early_exit_pipeline(str(tmp_path))):
         assert type(loaded) is type(pipe) and loaded.vae is None and loaded.exit_schedule == schedule
         loaded.set_progress_bar_config(disable=True)
-        assert torch.equal(run(loaded), images)
+        assert_same_after_reload(run(loaded), images)
 
 
 def test_loader_opens_diffusers_parent_folders_and_refuses_others(tmp_path):
@@ -134,3 +138,41 @@ def test_other_schedulers_drive_the_same_loop():
     pipe = make_pipe("unet")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     assert torch.allclose(run(pipe), manual_loop(pipe, [1, 2]), atol=1e-5)
+
+
+def test_shipped_names_resolve_offline_and_unknown_names_fail_at_once(tmp_path):
+    from ee_diffusion import MaskedDiffusionLMPipeline, load_early_exit_pipeline
+    from ee_diffusion.pipelines.loading import SHIPPED_MODELS_DIR, resolve_pretrained, shipped_models
+
+    assert {"digits-dit", "digits-dit-ase", "digits-unet", "digits-unet-ase"} <= set(shipped_models())
+    assert shipped_models("tokenizer.json") == ["tiny-mdlm"]
+    assert resolve_pretrained("facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"  # a hub id is left to the hub
+    assert resolve_pretrained(tmp_path) == str(tmp_path)
+    for load, name, shipped in ((load_early_exit_pipeline, "digits-ditt", "digits-dit, digits-dit-ase"),
+                                (MaskedDiffusionLMPipeline.from_pretrained, "tiny-mlm", "tiny-mdlm"),
+                                (load_early_exit_pipeline, str(tmp_path / "nowhere"), "digits-unet")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"No model '{re.escape(name)}': it is not a shipped model \\(.*{shipped}"):
+            load(name)
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        load_early_exit_pipeline(str(SHIPPED_MODELS_DIR / "tiny-mdlm"))
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+@pytest.mark.parametrize("call, error, match", [
+    (dict(class_labels=[10]), ValueError, r"in \[0, 9\] \(this model has 10 classes; 10 is its null class\), got \[10\]"),
+    (dict(class_labels=[1, -1]), ValueError, r"got \[-1\]"),
+    (dict(class_labels=[]), ValueError, "`class_labels` is empty"),
+    (dict(class_labels=[1.5]), TypeError, "integer class ids"),
+    (dict(num_inference_steps=0), ValueError, "`num_inference_steps` must be at least 1, got 0"),
+    (dict(num_inference_steps=2.5), TypeError, "`num_inference_steps` must be an integer, got 2.5"),
+    (dict(guidance_scale=float("nan")), ValueError, "`guidance_scale` must be a finite number, got nan"),
+    (dict(output_type="latent"), ValueError, "`output_type` must be"),
+])  # fmt: skip
+def test_bad_call_arguments_raise_before_sampling(kind, call, error, match):
+    pipe = make_pipe(kind)
+    calls = []
+    denoiser_of(pipe).register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(error, match=match):
+        pipe(**{"class_labels": [1], "num_inference_steps": 2, **call})
+    assert calls == []  # refused before any denoiser work
+    assert run(pipe, labels=np.array([0, 9]), steps=np.int64(2)).shape[0] == 2  # numpy integers are accepted

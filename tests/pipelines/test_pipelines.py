@@ -25,6 +25,8 @@ from ee_diffusion import (
     remove_exit_schedule,
 )
 
+from tests.conftest import assert_same_after_reload
+
 from .conftest import (
     CASES,
     NUM_DIT_BLOCKS,
@@ -164,7 +166,7 @@ def test_dit_save_load_round_trip(tmp_path):
     assert loaded.exit_schedule == schedule
     assert get_exit_schedule(loaded) == schedule  # applied at load time, not only stored
     recorder = DepthRecorder.for_transformer(loaded)
-    assert torch.equal(images_of(loaded(**dit_kwargs())), original)
+    assert_same_after_reload(images_of(loaded(**dit_kwargs())), original)
     depths = assert_depths_follow_schedule(recorder, schedule, 1000, loaded.exit_stats)
     assert len(set(depths)) >= 2
 
@@ -177,7 +179,7 @@ def test_dit_save_without_schedule_loads_none(tmp_path):
     loaded = EarlyExitDiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.exit_schedule is None and get_exit_schedule(loaded) is None
-    assert torch.equal(images_of(loaded(**dit_kwargs())), reference)
+    assert_same_after_reload(images_of(loaded(**dit_kwargs())), reference)
 
 
 def test_schedule_assigned_after_construction_is_saved(tmp_path):
@@ -204,7 +206,7 @@ def test_load_folder_saved_by_plain_diffusers_pipeline(tmp_path):
     assert loaded.exit_schedule is None
     assert loaded.exit_stats is None
     recorder = DepthRecorder.for_transformer(loaded)
-    assert torch.equal(images_of(loaded(**dit_kwargs())), reference)
+    assert_same_after_reload(images_of(loaded(**dit_kwargs())), reference)
     assert recorder.depths == [NUM_DIT_BLOCKS] * 4
 
     # ... and a schedule can be given at load time.
@@ -233,7 +235,7 @@ def test_from_pretrained_exit_schedule_overrides_saved_one(tmp_path):
     unscheduled = EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=None)
     unscheduled.set_progress_bar_config(disable=True)
     assert unscheduled.exit_schedule is None and get_exit_schedule(unscheduled) is None
-    assert torch.equal(images_of(unscheduled(**dit_kwargs())), reference)
+    assert_same_after_reload(images_of(unscheduled(**dit_kwargs())), reference)
 
 
 def test_ddpm_save_load_round_trip(tmp_path):
@@ -248,7 +250,7 @@ def test_ddpm_save_load_round_trip(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.exit_schedule == schedule
     recorder = DepthRecorder.for_unet(loaded)
-    assert torch.equal(images_of(loaded(generator=torch.Generator().manual_seed(0), **kwargs)), original)
+    assert_same_after_reload(images_of(loaded(generator=torch.Generator().manual_seed(0), **kwargs)), original)
     assert len(set(assert_depths_follow_schedule(recorder, schedule, 1000, loaded.exit_stats))) >= 2
 
     # A folder from plain diffusers loads without a schedule, and an explicit one overrides.

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,11 +96,9 @@ def test_equality_distinguishes_schedules():
     ("factory", "message"),
     [
         (lambda: ExitSchedule.linear(0, 1), "num_blocks"),
-        (lambda: ExitSchedule.linear(12.0, 4), "num_blocks"),
         (lambda: ExitSchedule.linear(12, 0), r"in \[1, num_blocks=12\], got 0"),
         (lambda: ExitSchedule.linear(12, 13), r"in \[1, num_blocks=12\], got 13"),
         (lambda: ExitSchedule.cosine(12, -1), "got -1"),
-        (lambda: ExitSchedule.constant(12, 2.5), "got 2.5"),
         (lambda: ExitSchedule.step(12, []), "non-empty `table`"),
         (lambda: ExitSchedule.step(12, [12, 13]), "got 13"),
         (lambda: ExitSchedule.step(12, [8, 12]), r"increases with noise \(8 -> 12"),
@@ -109,11 +108,36 @@ def test_equality_distinguishes_schedules():
         (lambda: ExitSchedule.from_table(12, [0, 500], [4, 12]), "increases with noise"),
         (lambda: ExitSchedule(num_blocks=12, shape="zigzag"), "`shape` must be one of"),
         (lambda: ExitSchedule(num_blocks=12, shape="linear"), "needs `min_blocks`"),
+        (lambda: ExitSchedule.from_spec("linear:-0.5", 12), r"'linear:-0.5': .* must lie in \(0, 1\], got -0.5"),
+        (lambda: ExitSchedule.from_spec("step:1.0,1.5", 12), r"must lie in \(0, 1\], got 1.5"),
+        (lambda: ExitSchedule.from_spec("step:12,6.9x", 12), "Bad exit schedule 'step:12,6.9x'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: ExitSchedule.linear(12.0, 4), "`num_blocks` must be an integer"),
+        (lambda: ExitSchedule.constant(12, 2.5), "got 2.5"),
+        (lambda: ExitSchedule.constant(12, True), "`min_blocks` must be an integer, got True"),
+        (lambda: ExitSchedule.step(12, [12.9, 6.5]), r"`table` must be an integer .*got 12.9"),  # never truncated
+        (lambda: ExitSchedule.from_table(12, [0, 500], [12, 6.5]), "`depths` must be an integer"),
+    ],
+)
+def test_depths_of_the_wrong_type_raise_type_errors(factory, message):
+    with pytest.raises(TypeError, match=message):
+        factory()
+
+
+def test_numpy_and_torch_integers_are_depths_and_save_as_plain_ints(tmp_path):
+    schedule = ExitSchedule.step(np.int64(12), [np.int32(12), torch.tensor(6)])
+    assert schedule == ExitSchedule.step(12, [12, 6]) and type(schedule.config.table[1]) is int
+    schedule.save_pretrained(tmp_path)
+    assert ExitSchedule.from_pretrained(tmp_path) == schedule
 
 
 def test_increasing_table_is_allowed_on_purpose():
