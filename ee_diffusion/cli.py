@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
+from . import cli_args as arg
 from .dllm.cli_commands import add_dllm_commands
+
+DESCRIPTION = """\
+Early exit for diffusion models: make them sample faster by running fewer denoiser blocks where that is enough, and
+measure it honestly (speed, executed blocks and sample quality, side by side with plain alternatives).
+
+`ee-diffusion COMMAND --help` gives each command's options, with their defaults and accepted values."""
 
 
 def _speed(args: argparse.Namespace) -> int:
@@ -60,14 +67,6 @@ def _describe(schedule) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    try:
-        return _run_bench(args)
-    except (ValueError, ImportError, FileNotFoundError) as error:  # bad options, a missing package or file
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_bench(args: argparse.Namespace) -> int:
     from .bench.harness import BenchConfig, process_state, run_bench
     from .bench.methods import parse_methods
     from .bench.report import UNSTABLE_SPREAD, format_table, plot, unstable, write_csv, write_json
@@ -76,8 +75,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
     config = BenchConfig(
-        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size, repeats=args.repeats,
-        steps=[int(steps) for steps in args.steps.split(",")], scheduler=args.scheduler.split(","), grid=args.grid,
+        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
+        repeats=args.repeats,
+        steps=args.steps, scheduler=args.scheduler, grid=args.grid,
         guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
         compile=args.compile, xformers=args.xformers, save_images=args.save_images,
         reference=args.reference, fid_backend=args.fid_backend, inception_path=args.inception_path,
@@ -100,7 +100,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"warning: the {config.repeats} timed rounds of {row.method} ({row.scheduler}, {row.steps} steps) "
               f"disagree by {row.timing_spread:.0%} of their median (interquartile range; above "
               f"{UNSTABLE_SPREAD:.0%} its speed and speedup are not to be trusted): close other work on the machine, "
-              "set --threads to the cores free for it, or raise --repeats or --batch-size.", file=sys.stderr)  # fmt: skip
+              "set --threads to the cores free for it, or raise --repeats or --batch-size.",
+              file=sys.stderr)  # fmt: skip
     if args.json:
         write_json(args.json, vars(config), rows)
     if args.csv:
@@ -220,18 +221,20 @@ def _finetune_ase(args: argparse.Namespace) -> int:
 
 def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
                             loss_weight: str) -> None:  # fmt: skip
-    command.add_argument("--out", required=True, help="folder to write the pipeline (and checkpoint.pt) to")
-    command.add_argument("--steps", type=int, default=steps)
-    command.add_argument("--batch-size", type=int, default=batch)
-    command.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
-    command.add_argument("--warmup-steps", type=int, default=warmup)
-    command.add_argument("--ema-decay", type=float, default=0.999)
+    command.add_argument("--out", required=True, type=arg.output_folder,
+                         help="folder to write the pipeline (and checkpoint.pt) to")
+    command.add_argument("--steps", type=arg.integer(1), default=steps, help="optimiser steps")
+    command.add_argument("--batch-size", type=arg.integer(1), default=batch, help="images per step")
+    command.add_argument("--lr", type=arg.number(0, low_open=True), default=lr, help="peak AdamW learning rate")
+    command.add_argument("--warmup-steps", type=arg.integer(0), default=warmup, help="linear learning-rate warm-up")
+    command.add_argument("--ema-decay", type=arg.number(0, 1, high_open=True), default=0.999, help="EMA decay, [0, 1)")
     command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
-    command.add_argument("--checkpoint-every", type=int, default=250)
+    command.add_argument("--checkpoint-every", type=arg.integer(1), default=250, help="steps between checkpoints")
     command.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    command.add_argument("--device", default="cpu", help="torch device to train a denoiser on, e.g. cuda (the classifier trains on the CPU)")
+    command.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    command.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+    command.add_argument("--device", type=arg.device, default="cpu",
+                         help="torch device to train a denoiser on, e.g. cuda (the classifier trains on the CPU)")
 
 
 BENCH_METHODS_HELP = """\
@@ -253,33 +256,39 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ee-diffusion", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from .bench.harness import SCHEDULERS
+
+    SCHEDULER_NAMES = list(SCHEDULERS)
+    parser = argparse.ArgumentParser(prog="ee-diffusion", description=DESCRIPTION, formatter_class=arg.HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     speed = commands.add_parser(
         "speed",
+        formatter_class=arg.HelpFormatter,
         help="time a DiT denoising loop with and without exit schedules, side by side",
         description="Time a DiT denoising loop with and without exit schedules, interleaved, medians.",
     )
     speed.add_argument("--schedule", action="append", help="linear:M, cosine:M, constant:M, step:d1,... or a folder "
-                       "(repeatable; M is blocks, or a fraction when written with a '.')")  # fmt: skip
-    speed.add_argument("--num-layers", type=int, default=12)
-    speed.add_argument("--heads", type=int, default=6)
-    speed.add_argument("--head-dim", type=int, default=64)
-    speed.add_argument("--sample-size", type=int, default=32, help="latent side (tokens = (side / 2) ** 2)")
-    speed.add_argument("--batch-size", type=int, default=2)
-    speed.add_argument("--steps", type=int, default=25)
-    speed.add_argument("--repeats", type=int, default=5)
-    speed.add_argument("--warmup", type=int, default=1)
-    speed.add_argument("--seed", type=int, default=0)
-    speed.add_argument("--device", default="cpu")
-    speed.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    speed.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    speed.add_argument("--json", help="also write the rows to this JSON file")
+                       "(repeatable; M is blocks, or a fraction when written with a '.'; default: linear:0.5 and the "
+                       "ASE table scaled to the model)")  # fmt: skip
+    speed.add_argument("--num-layers", type=arg.integer(1), default=12, help="DiT blocks")
+    speed.add_argument("--heads", type=arg.integer(1), default=6, help="attention heads")
+    speed.add_argument("--head-dim", type=arg.integer(1), default=64, help="channels per head")
+    speed.add_argument("--sample-size", type=arg.integer(2), default=32, help="latent side (tokens = (side / 2) ** 2)")
+    speed.add_argument("--batch-size", type=arg.integer(1), default=2, help="latents per denoising loop")
+    speed.add_argument("--steps", type=arg.integer(1), default=25, help="DPM-Solver++ steps")
+    speed.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds")
+    speed.add_argument("--warmup", type=arg.integer(0), default=1, help="untimed rounds first")
+    speed.add_argument("--seed", type=int, default=0, help="seed of the weights and latents")
+    speed.add_argument("--device", type=arg.device, default="cpu", help="torch device")
+    speed.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    speed.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+    speed.add_argument("--json", type=arg.output_file, help="also write the rows to this JSON file")
     speed.set_defaults(func=_speed)
 
     bench = commands.add_parser(
         "bench",
+        formatter_class=arg.HelpFormatter,
         help="compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
         description="Generate the same class labels from the same seeds with each method, batch by batch, then time "
         "--repeats rounds of one batch per method (interleaved, rotating order), and report speed (median and "
@@ -288,57 +297,67 @@ def build_parser() -> argparse.ArgumentParser:
         "model: --reference). Under "
         "`accelerate launch --multi_gpu --num_processes N -m ee_diffusion.cli bench ...` (GPUs or CPU processes) the "
         "batches are split over the processes and scored once.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BENCH_METHODS_HELP,
     )
     bench.add_argument("--model", default="digits-dit", help="shipped model name, folder, hub id, or random:dit-xl-2 "
                        "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)")  # fmt: skip
     bench.add_argument("--methods", help="comma-separated method specs, see below (default: baseline, and the shipped "
                        "<model>-ase schedule and model when there is one)")  # fmt: skip
-    bench.add_argument("--num-samples", type=int, default=250, help="images per method and cell, for quality")
-    bench.add_argument("--batch-size", type=int, default=10, help="images per generated batch (default 10); a timed "
+    bench.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per method and cell, for "
+                       "quality (FID/KID need at least 2)")  # fmt: skip
+    bench.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch; a timed "
                        "round generates one batch per method")  # fmt: skip
-    bench.add_argument("--repeats", type=int, default=5, help="timed rounds per cell after quality generation, methods "
-                       "interleaved with rotating order (default 5); the table gives the median and the spread")  # fmt: skip
-    bench.add_argument("--steps", default="50", help="scheduler steps, or a comma-separated list (a grid axis)")
-    bench.add_argument("--scheduler", default="dpm-solver++", help="dpm-solver++, ddim, ddpm or euler, or a "
-                       "comma-separated list of them (a grid axis)")  # fmt: skip
+    bench.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per cell after quality "
+                       "generation, methods interleaved with rotating order; the table gives the median and the "
+                       "spread")  # fmt: skip
+    bench.add_argument("--steps", type=arg.integers(1), default=[50], metavar="N[,N...]",
+                       help="scheduler steps, or a comma-separated list (a grid axis)")  # fmt: skip
+    bench.add_argument("--scheduler", type=arg.names(SCHEDULER_NAMES), default=["dpm-solver++"],
+                       metavar="NAME[,NAME...]", help=f"{', '.join(SCHEDULER_NAMES)}, or a comma-separated list of "
+                       "them (a grid axis)")  # fmt: skip
     bench.add_argument("--grid", default="zip", choices=["zip", "product"], help="zip: pair --scheduler and --steps "
                        "position by position (a single value is repeated); product: every combination")  # fmt: skip
-    bench.add_argument("--guidance-scale", type=float, default=1.0)
+    bench.add_argument("--guidance-scale", type=arg.number(0), default=1.0, help="classifier-free guidance (1: off)")
     bench.add_argument("--seed", type=int, default=0, help="batch i is seeded with seed + i")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    bench.add_argument("--device", type=arg.device, default="cpu", help="torch device")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser's attention, feed-forward "
+                       "and resnet modules (regional)")  # fmt: skip
     bench.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (needs the "
                        "xformers extra: pip install 'ee-diffusion[xformers]')")  # fmt: skip
-    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    bench.add_argument("--json", help="write the config and rows to this JSON file")
-    bench.add_argument("--csv", help="write the rows to this CSV file")
-    bench.add_argument("--plot", help="write quality against images/s, Pareto front marked, to this PNG file")
-    bench.add_argument("--reference", help="real images to score FID/KID against: a folder of images or an .npz of "
+    bench.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+    bench.add_argument("--json", type=arg.output_file, help="write the config and rows to this JSON file")
+    bench.add_argument("--csv", type=arg.output_file, help="write the rows to this CSV file")
+    bench.add_argument("--plot", type=arg.output_file, help="write quality against images/s, Pareto front marked, to "
+                       "this PNG file")  # fmt: skip
+    bench.add_argument("--reference", type=arg.existing_path, help="real images to score FID/KID against: a folder "
+                       "of images or an .npz of "
                        "reference statistics (default: the held-out digits, for the digits models)")
     bench.add_argument("--fid-backend", choices=["clean-fid", "torchmetrics", "digits"],
                        help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
                        "images, else clean-fid's Inception)")
     bench.add_argument("--inception-path", help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid")
-    bench.add_argument("--save-images", metavar="DIR", help="write every image to DIR/{method}/{index:05d}_class{label}.png")
+    bench.add_argument("--save-images", metavar="DIR", type=arg.output_folder,
+                       help="write every image to DIR/{method}/{index:05d}_class{label}.png")
     bench.set_defaults(func=_bench)
 
     train = commands.add_parser(
         "train",
+        formatter_class=arg.HelpFormatter,
         help="train a shipped digits model (digits-dit, digits-unet or the digits classifier) from scratch",
         description="Train the class-conditional digits DiT or U-Net from scratch, seeded, with EMA and checkpoints, "
         "and save it as a drop-in pipeline folder.",
     )
     train.add_argument("--arch", required=True, choices=["dit", "unet", "classifier"],
                        help="the digits DiT, the digits U-Net, or the digits feature network for FID/KID/accuracy")
-    train.add_argument("--epochs", type=int, default=30, help="classifier only: epochs over the train split")
+    train.add_argument("--epochs", type=arg.integer(1), default=30,
+                       help="classifier only: epochs over the train split")
     _add_training_arguments(train, steps=3000, batch=128, lr=5e-4, warmup=100, loss_weight="constant")
     train.set_defaults(func=_train)
 
     finetune = commands.add_parser(
         "finetune-ase",
+        formatter_class=arg.HelpFormatter,
         help="fine-tune a digits model under an exit schedule (ASE)",
         description="ASE fine-tuning: start from a trained pipeline folder and train under an exit schedule (each "
         "sample's output at its timestep's depth, batches grouped by depth), timestep embedding frozen, EMA, "
@@ -346,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("--model", required=True, help="pipeline folder to start from")
     finetune.add_argument("--schedule", required=True, help="linear:M, cosine:M, step:d1,... or a schedule folder")
-    finetune.add_argument("--class-dropout", type=float, default=0.1)
+    finetune.add_argument("--class-dropout", type=arg.number(0, 1, high_open=True), default=0.1,
+                          help="share of labels replaced by the null class (guidance training), [0, 1)")
     _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight="min-snr")
     finetune.set_defaults(func=_finetune_ase)
     add_dllm_commands(commands)
@@ -355,9 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad options end here: `error: ...`, exit status 2
     args.argv = argv
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, FileNotFoundError) as error:  # found once loaded: a bad spec, package or file
+        print(f"ee-diffusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

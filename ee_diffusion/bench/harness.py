@@ -157,7 +157,8 @@ class BenchConfig:
         if self.xformers and importlib.util.find_spec("xformers") is None:
             raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
                               "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
-        if self.reference is not None and not Path(self.reference).exists():
+        if self.reference is not None and not (Path(self.reference).is_dir() or (
+                Path(self.reference).is_file() and self.reference.endswith(".npz"))):  # fmt: skip
             raise FileNotFoundError(f"No reference at {self.reference}: give a folder of images or an .npz of "
                                     "statistics from ee_diffusion.metrics.save_reference_statistics.")  # fmt: skip
         if self.grid not in ("zip", "product"):

@@ -1,0 +1,146 @@
+"""argparse types of the `ee-diffusion` options: each turns bad input into `error: ...` and exit status 2 while the
+command line is parsed, before anything is loaded or computed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import textwrap
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help (unless it has none); in descriptions and epilogs, paragraphs are wrapped
+    and lines that start with a space (tables, examples) are printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "%(default)" not in text:
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if any(line.startswith(" ") for line in paragraph.splitlines()):
+                paragraphs.append(paragraph)
+            else:
+                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent))  # fmt: skip
+        return "\n\n".join(paragraphs)
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer in `[low, high]` (no upper end when `high` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {accepted}, got {value}")
+        return value
+
+    return parse
+
+
+def number(
+    low: float, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """A finite number between `low` and `high`, each end closed unless said open."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            ends = ("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high is None else f"{high:g}" + (
+                ")" if high_open else "]"))  # fmt: skip
+            raise argparse.ArgumentTypeError(f"expected a finite number in {ends}, got {text}")
+        return value
+
+    return parse
+
+
+def integers(low: int) -> Callable[[str], list[int]]:
+    """A comma-separated list of integers, each at least `low`."""
+    single = integer(low)
+    return lambda text: [single(part) for part in text.split(",")]
+
+
+def names(accepted: Iterable[str]) -> Callable[[str], list[str]]:
+    """A comma-separated list of names, each one of `accepted`."""
+    accepted = list(accepted)
+
+    def parse(text: str) -> list[str]:
+        values = text.split(",")
+        bad = [value for value in values if value not in accepted]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, bad))}; accepted: {', '.join(accepted)}")
+        return values
+
+    return parse
+
+
+def device(text: str) -> str:
+    """A torch device this machine has (`cpu`, `cuda`, `cuda:1`, `mps`)."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N, mps)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch {torch.__version__})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    return text
+
+
+def _writable_place(path: Path) -> None:
+    """Raise unless `path` could be created or written: its nearest existing ancestor is a writable folder."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {str(path)!r}: {str(existing)!r} is not a writable folder")
+
+
+def output_file(text: str) -> str:
+    """A file the command will write at the end: its folder must exist and be writable now."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(folder)!r} is not an existing writable folder")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder the command will write into: an existing writable folder, or one that can be created."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    _writable_place(path)
+    return text
+
+
+def existing_path(text: str) -> str:
+    """A file or folder that exists."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or folder: {text!r}")
+    return text
