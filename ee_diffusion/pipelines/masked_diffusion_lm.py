@@ -3,6 +3,7 @@ with optional Prophet / SchED early commit. It only wires tokenizer, adapter and
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             mask_token_id: The mask token (default: the model's, else the adapter's).
             generator: Randomness for sampling.
         """
+        for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if input_ids is None:
             if prompt is None:
                 raise ValueError("Give `prompt` or `input_ids`.")
@@ -138,6 +142,10 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             encoded = self.tokenizer([prompt] if isinstance(prompt, str) else list(prompt), return_tensors="pt",
                                      padding=True, add_special_tokens=False)  # fmt: skip
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            unknown = self.tokenizer.unk_token_id
+            if unknown is not None and bool((input_ids[attention_mask.bool()] == unknown).any()):
+                raise ValueError(f"The prompt {prompt!r} has characters the tokenizer does not know (they would "
+                                 f"become {self.tokenizer.unk_token}); the model was trained on its vocabulary only.")
         gen_length = self._default("gen_length", gen_length)
         steps = steps or min(self._default("steps", steps), gen_length)
         block_length = block_length or min(self.config.get("block_length") or gen_length, gen_length)

@@ -51,3 +51,15 @@ def test_model_and_tokenizer_directly_and_save_round_trip(tmp_path, tiny_bert, t
     loaded = MaskedDiffusionLMPipeline.from_pretrained(tmp_path / "pipe")
     assert loaded.config.steps == 4
     assert torch.equal(loaded(prompt=["1+2=", "33+4="]).sequences, before.sequences)
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(temperature=float("nan")), r"`temperature` must be a finite number >= 0, got nan"),
+    (dict(temperature=-1.0), r"`temperature` must be a finite number >= 0, got -1.0"),
+    (dict(cfg_scale=float("inf")), r"`cfg_scale` must be a finite number >= 0, got inf"),
+    (dict(prompt="12×3="), r"characters the tokenizer does not know"),
+])  # fmt: skip
+def test_bad_call_arguments_raise_instead_of_a_silent_wrong_answer(model_folder, call, match):
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
+    with pytest.raises(ValueError, match=match):
+        pipe(**{"prompt": "1+2=", **call})
