@@ -6,6 +6,8 @@ Each class is its diffusers parent plus an optional `exit_schedule` component: p
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 from diffusers import (
@@ -56,6 +58,14 @@ class EarlyExitPipelineMixin:
         )
         if "__init__" in cls.__dict__:
             cls.__init__.__annotations__ = {**getattr(parent.__init__, "__annotations__", {}), **cls.__init__.__annotations__}
+        if "__call__" not in cls.__dict__:
+            # Each drop-in's `__call__` shows its parent's signature and docstring (`inspect.signature`, `help`), as
+            # diffusers' own tests and users' code read it, while running the mixin's `__call__`.
+            @functools.wraps(super(EarlyExitPipelineMixin, cls).__call__)
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                return EarlyExitPipelineMixin.__call__(self, *args, **kwargs)
+
+            cls.__call__ = __call__
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "exit_schedule":

@@ -6,6 +6,7 @@ package's `pipe.exit_stats` is then checked against that measurement.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 
@@ -377,3 +378,22 @@ def test_non_schedule_assigned_or_loaded_raises_type_error(tmp_path):
     make_dit_pipe().save_pretrained(tmp_path)
     with pytest.raises(TypeError):
         EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=DDIMScheduler())
+
+
+@pytest.mark.parametrize("drop_in, parent", [
+    (ee_diffusion.EarlyExitPixArtAlphaPipeline, "PixArtAlphaPipeline"),
+    (ee_diffusion.EarlyExitStableDiffusion3Pipeline, "StableDiffusion3Pipeline"),
+    (ee_diffusion.EarlyExitDDPMPipeline, "DDPMPipeline"),
+    (ee_diffusion.EarlyExitDDIMPipeline, "DDIMPipeline"),
+    (ee_diffusion.EarlyExitStableDiffusionPipeline, "StableDiffusionPipeline"),
+])  # fmt: skip
+def test_drop_in_call_shows_the_parent_signature(drop_in, parent):
+    import diffusers
+
+    stock = getattr(diffusers, parent).__call__
+    assert inspect.signature(drop_in.__call__) == inspect.signature(stock) and drop_in.__call__.__doc__ == stock.__doc__
+
+
+def test_dit_drop_in_call_shows_its_own_loop_signature():
+    parameters = inspect.signature(EarlyExitDiTPipeline.__call__).parameters
+    assert list(parameters)[1:4] == ["class_labels", "guidance_scale", "generator"]
