@@ -7,6 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ee_diffusion import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline, load_early_exit_pipeline
+from ee_diffusion.bench.harness import SCHEDULERS
 from ee_diffusion.metrics import class_accuracy, load_digits_classifier
 from ee_diffusion.pipelines import shipped_model_path
 
@@ -43,13 +44,23 @@ def test_ase_model_schedule_runs_at_most_70_percent_of_blocks_over_50_dpm_steps(
     assert pipe.exit_schedule.compute_fraction(pipe.scheduler.timesteps) <= 0.70
 
 
+# The digits U-Net's clean-image predictions leave [-1, 1] at the noisy steps; DPM-Solver++, DDIM and DDPM keep them
+# in range (its shipped config has `thresholding`), Euler has no such option and diverges on a third of the seeds.
+UNRELIABLE = {("digits-unet", "euler"), ("digits-unet-ase", "euler")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in SHIPPED if "dit" in name])
-def test_shipped_model_samples_the_digits_asked_for(name):
-    """200 samples, 50 DPM-Solver++ steps, guidance 2: the feature network recognises at least 90% of them."""
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_samples_the_digits_asked_for_under_every_bench_scheduler(name, scheduler):
+    """100 samples, 25 steps of each scheduler the bench offers (built as the bench builds it), guidance 2: the
+    feature network recognises at least 90% of them."""
+    if (name, scheduler) in UNRELIABLE:
+        pytest.xfail(f"{name} under {scheduler}: 62-73% class accuracy, measured; the U-Net needs retraining")
     pipe = load_early_exit_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(200) % 10
-    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=50,
+    pipe.scheduler = SCHEDULERS[scheduler](pipe.scheduler.config)
+    labels = torch.arange(100) % 10
+    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=25,
                   generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
     assert class_accuracy(images, labels, load_digits_classifier()) >= 0.9

@@ -9,7 +9,7 @@ from ee_diffusion.bench.harness import BenchConfig, run_bench
 from ee_diffusion.bench.methods import parse_methods
 from ee_diffusion.bench.report import format_table
 from ee_diffusion.cli import _default_methods, main
-from ee_diffusion.pipelines import shipped_model_path
+from ee_diffusion.pipelines import load_early_exit_pipeline, shipped_model_path
 from ee_diffusion.training import save_digits_pipeline
 from diffusers import DiTTransformer2DModel
 
@@ -116,3 +116,14 @@ def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
     saved = run_bench(BenchConfig(**common, reference=str(tmp_path / "ref.npz")), progress=False)[0]
     assert saved.fid == pytest.approx(default.fid, rel=1e-5) and saved.kid is not None
     assert saved.class_accuracy == default.class_accuracy
+
+
+def test_bench_schedulers_keep_the_models_range_control_and_never_clip():
+    from ee_diffusion.bench.harness import SCHEDULERS
+
+    for name, thresholding in (("digits-dit", False), ("digits-unet", True), ("digits-unet-ase", True)):
+        config = load_early_exit_pipeline(name).scheduler.config
+        for kind, build in SCHEDULERS.items():
+            scheduler = build(config)
+            assert not scheduler.config.get("clip_sample", False), (name, kind)
+            assert scheduler.config.get("thresholding", thresholding) == thresholding, (name, kind)
