@@ -8,8 +8,8 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import Attention
 
 
-# Outputs of a model reloaded from disk against the model that was saved. The weights are bit-identical, but they live at
-# other memory addresses (safetensors' buffers), and torch's CPU matrix kernels may take another code path for them:
+# Outputs of a model reloaded from disk against the model that was saved. The weights are bit-identical, but they live
+# at other memory addresses (safetensors' buffers), and torch's CPU matrix kernels may take another code path for them:
 # on torch 2.14.1 a plain diffusers DDPM round trip, with no exit schedule, differs by up to 2.3e-6 (images in [0, 1]),
 # while torch 2.15 happens to give the same bits. So a reload is compared within 1e-5, about 4x what was seen.
 RELOAD_ATOL = 1e-5

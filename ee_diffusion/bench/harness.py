@@ -188,7 +188,6 @@ class _Run:
     images: dict[int, torch.Tensor] = field(default_factory=dict)
     timings: list[Timing] = field(default_factory=list)
     speedups: list[float] = field(default_factory=list)
-    images_per_timed_batch: int = 0
     peak_memory_mb: float | None = None
 
 

@@ -214,7 +214,8 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
             try:
                 handles = apply(denoiser) or []
                 HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
-                # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers' context.
+                # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers'
+                # context.
                 with CacheMixin.cache_context(denoiser, "cond"):
                     yield work.fraction
             finally:
