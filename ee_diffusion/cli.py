@@ -8,8 +8,6 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
 from . import cli_args as arg
 from .dllm.cli_commands import add_dllm_commands
 
@@ -40,8 +38,7 @@ def _speed(args: argparse.Namespace) -> int:
     for spec in specs:
         schedule = ExitSchedule.from_spec(spec, config.num_layers)
         schedules[f"ase {_describe(schedule)}"] = schedule
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch = arg.torch_with_threads(args.threads)
     print(
         f"ee-diffusion speed: randomly initialised DiT ({config.num_layers} blocks, hidden {config.hidden_size}, "
         f"{(config.sample_size // config.patch_size) ** 2} tokens), batch {config.batch_size}, "
@@ -71,8 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.methods import parse_methods
     from .bench.report import UNSTABLE_SPREAD, format_table, plot, unstable, write_csv, write_json
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch = arg.torch_with_threads(args.threads)
     methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
     config = BenchConfig(
         model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
@@ -137,6 +133,8 @@ def _train_config(args: argparse.Namespace, **overrides):
 
 def _hardware(device: str) -> str:
     """The machine a run used, in words, for model cards."""
+    import torch
+
     if torch.device(device).type == "cuda":
         return f"one {torch.cuda.get_device_name(device)}"
     return f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})"
@@ -160,8 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import load_digits_split
     from .training import build_digits_denoiser, save_digits_pipeline, train_denoiser
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch = arg.torch_with_threads(args.threads)
     if args.arch == "classifier":
         return _train_classifier(args)
     model = build_digits_denoiser(args.arch, seed=args.seed)
@@ -176,6 +173,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_classifier(args: argparse.Namespace) -> int:
     from .data import load_digits_split
+    import torch
+
     from .training.digits_classifier import train_digits_classifier
 
     model, accuracy, seconds = train_digits_classifier(
@@ -202,8 +201,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     from .schedules import ExitSchedule
     from .training import save_digits_pipeline, train_denoiser
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
     denoiser = denoiser_of(pipe)
     schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(denoiser))
@@ -256,7 +254,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.harness import SCHEDULERS
+    from .bench.schedulers import SCHEDULERS
 
     SCHEDULER_NAMES = list(SCHEDULERS)
     parser = argparse.ArgumentParser(prog="ee-diffusion", description=DESCRIPTION, formatter_class=arg.HelpFormatter)
@@ -336,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fid-backend", choices=["clean-fid", "torchmetrics", "digits"],
                        help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
                        "images, else clean-fid's Inception)")
-    bench.add_argument("--inception-path", help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid")
+    bench.add_argument("--inception-path", type=arg.existing_path,
+                       help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid")
     bench.add_argument("--save-images", metavar="DIR", type=arg.output_folder,
                        help="write every image to DIR/{method}/{index:05d}_class{label}.png")
     bench.set_defaults(func=_bench)

@@ -9,6 +9,7 @@ import os
 import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -17,7 +18,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        shown = action.option_strings and not (action.default is None or action.default is False
+                                                or action.default == argparse.SUPPRESS)  # 0 is a default to show
         if shown and "%(default)" not in text:
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
             text += f" (default: {shown})"
@@ -106,6 +108,15 @@ def device(text: str) -> str:
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
     return text
+
+
+def torch_with_threads(threads: int) -> ModuleType:
+    """torch, imported when a command runs (never for `--help`), using `threads` CPU threads (0: torch's default)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch
 
 
 def _writable_place(path: Path) -> None:

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import Attention
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline():
+    """The suite runs offline: a connection to anything but this machine (the hub, a download) raises in the test that
+    tries it. Loopback stays open (the two-process bench test talks to itself)."""
+    connect = socket.socket.connect
+
+    def local_connect(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(str(address[0])):
+            raise OSError(f"the test suite runs offline: refused a connection to {address}")
+        return connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", local_connect)
+        yield
 
 
 # Outputs of a model reloaded from disk against the model that was saved. The weights are bit-identical, but they live

@@ -43,13 +43,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiTTransformer2DModel,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
@@ -60,6 +54,7 @@ from ..metrics import (
     FeatureExtractor,
     ReferenceStatistics,
     class_accuracy,
+    image_files,
     Timing,
     compute_fid_kid,
     load_digits_classifier,
@@ -70,18 +65,9 @@ from ..metrics import (
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import Method, Target, build_method, denoiser_of
 from .report import BenchRow, save_images
+from .schedulers import SCHEDULERS, build_scheduler
 
 logger = logging.getLogger(__name__)
-
-# Each built from the model's own scheduler config. DDIM and DDPM default to `clip_sample=True`, which no other
-# scheduler has and a model's config does not mention (a DPM-Solver++ config has no such key): it cut `digits-dit` to
-# 30% class accuracy. So they take the config's own range control, `thresholding`, and no clipping.
-SCHEDULERS = {
-    "dpm-solver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
-    "ddim": lambda config: DDIMScheduler.from_config(config, clip_sample=False),
-    "ddpm": lambda config: DDPMScheduler.from_config(config, clip_sample=False),
-    "euler": EulerDiscreteScheduler.from_config,
-}
 
 # What `--compile` compiles: the modules that hold the arithmetic, below every hook of the methods.
 COMPILED_MODULES = (Attention, FeedForward, ResnetBlock2D)
@@ -164,6 +150,8 @@ class BenchConfig:
                 Path(self.reference).is_file() and self.reference.endswith(".npz"))):  # fmt: skip
             raise FileNotFoundError(f"No reference at {self.reference}: give a folder of images or an .npz of "
                                     "statistics from ee_diffusion.metrics.save_reference_statistics.")  # fmt: skip
+        if self.reference is not None and Path(self.reference).is_dir():
+            image_files(self.reference)  # every image readable, before anything is generated
         if self.grid not in ("zip", "product"):
             raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
         if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:
@@ -269,6 +257,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
             schedulers[model] = pipes[model].scheduler.config
         return pipes[model]
 
+    if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model))):
+        raise ValueError(f"FID/KID of {config.model} need at least 2 samples per method, got num_samples="
+                         f"{config.num_samples}.")  # fmt: skip
     labels = [i % 10 for i in range(config.num_samples)]
     batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
     cells = config.cells()
@@ -278,7 +269,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
         def use_scheduler() -> None:
             for model in [config.model, *pipes]:
                 pipe = pipe_of(model)
-                pipe.scheduler = SCHEDULERS[scheduler](schedulers[model])
+                pipe.scheduler = build_scheduler(scheduler, schedulers[model])
 
         use_scheduler()  # before building (MagCache calibrates at the cell's scheduler and steps)
         methods = [build_method(spec, Target(config.model, pipe_of, steps)) for spec in config.methods]
@@ -342,7 +333,7 @@ def _time(active: list[_Run], pipes: dict[str, Any], labels: list[int], config: 
 
 def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, timed_images: int,
            pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
-    digits = all(getattr(pipe, "vae", None) is None and _is_digits_shaped(pipe) for pipe in pipes.values())
+    digits = all(_is_digits_shaped(pipe) for pipe in pipes.values())
     extractor, reference = _quality_reference(config, digits, progress)
     classifier = load_digits_classifier() if digits else None
     rows = []
@@ -397,5 +388,6 @@ def _quality_reference(
 
 
 def _is_digits_shaped(pipe: Any) -> bool:
+    """A pixel-space model of 1 x 32 x 32 images: scored against the held-out digits by default."""
     denoiser = denoiser_of(pipe)
-    return denoiser.config.in_channels == 1 and denoiser.config.sample_size == 32
+    return getattr(pipe, "vae", None) is None and denoiser.config.in_channels == 1 and denoiser.config.sample_size == 32

@@ -1,23 +1,13 @@
 """Masked diffusion LM decoding: early-commit rules (Prophet, SchED), model adapters, the sampler."""
 
-from .adapters import DreamAdapter, LLaDA2Adapter, LLaDAAdapter, MaskedLMAdapter, get_adapter
-from .rules import ProphetCommit, SchEDCommit, ThresholdCommit, prophet_threshold, sched_threshold
-from .sampler import SamplerOutput, generate
-from .schedulers import ProphetScheduler, SchEDScheduler
+from ..lazy_imports import lazy_exports
 
-__all__ = [
-    "DreamAdapter",
-    "LLaDA2Adapter",
-    "LLaDAAdapter",
-    "MaskedLMAdapter",
-    "ProphetCommit",
-    "ProphetScheduler",
-    "SamplerOutput",
-    "SchEDCommit",
-    "SchEDScheduler",
-    "ThresholdCommit",
-    "generate",
-    "get_adapter",
-    "prophet_threshold",
-    "sched_threshold",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        ".adapters": ["DreamAdapter", "LLaDA2Adapter", "LLaDAAdapter", "MaskedLMAdapter", "get_adapter"],
+        ".rules": ["ProphetCommit", "SchEDCommit", "ThresholdCommit", "prophet_threshold", "sched_threshold"],
+        ".sampler": ["SamplerOutput", "generate"],
+        ".schedulers": ["ProphetScheduler", "SchEDScheduler"],
+    },
+)

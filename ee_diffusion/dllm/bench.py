@@ -13,26 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..metrics.throughput import time_interleaved
-from .rules import ProphetCommit, SchEDCommit, ThresholdCommit
+from .methods import METHODS, method_settings
 from .tasks import Problem, exact_match, make_problems
 
-METHODS = ("full", "halfsteps", "threshold", "prophet", "sched-linear", "sched-exp")
 GAMMA = 4
-
-
-def method_settings(method: str, steps: int) -> dict:
-    """Call settings of a method, for a model whose full decoding takes `steps` steps."""
-    settings = {
-        "full": {},
-        "halfsteps": {"steps": max(steps // 2, 1)},
-        "threshold": {"parallel": ThresholdCommit(0.9)},
-        "prophet": {"early_commit": ProphetCommit()},
-        "sched-linear": {"early_commit": SchEDCommit(tau_high=7.5, tau_low=2.5, shape="linear")},
-        "sched-exp": {"early_commit": SchEDCommit(tau_high=7.5, tau_low=2.5, shape="exp", k=4.0)},
-    }
-    if method not in settings:
-        raise ValueError(f"Unknown method {method!r}; expected some of {METHODS}.")
-    return {"steps": steps, **settings[method]}
 
 
 @dataclass(frozen=True)

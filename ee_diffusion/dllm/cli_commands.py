@@ -7,8 +7,6 @@ import json
 import logging
 import platform
 
-import torch
-
 from .. import cli_args as arg
 
 TINY_MDLM = "tiny-mdlm"  # the shipped model, by name
@@ -17,7 +15,7 @@ TINY_MDLM = "tiny-mdlm"  # the shipped model, by name
 def _train_mdlm(args: argparse.Namespace) -> int:
     from ..training.mdlm import MDLMTrainConfig, train_mdlm
 
-    torch.set_num_threads(args.threads)
+    arg.torch_with_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = MDLMTrainConfig(
         output_dir=args.out,
@@ -37,7 +35,7 @@ def _dllm_bench(args: argparse.Namespace) -> int:
     from ..pipelines import MaskedDiffusionLMPipeline
     from .bench import format_rows, rows_as_dicts, run_dllm_bench
 
-    torch.set_num_threads(args.threads)
+    torch = arg.torch_with_threads(args.threads)
     pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
     tasks, methods = args.tasks, args.methods
     print(
@@ -56,8 +54,8 @@ def _dllm_bench(args: argparse.Namespace) -> int:
 
 def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train-mdlm` and `dllm-bench` to the `ee-diffusion` subcommands."""
-    from ..training.mdlm import MDLMTrainConfig as Recipe
-    from .bench import METHODS
+    from ..training.config import MDLMTrainConfig as Recipe
+    from .methods import METHODS
     from .tasks import TASKS
 
     train = commands.add_parser(

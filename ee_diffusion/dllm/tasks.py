@@ -1,10 +1,15 @@
-"""The two toy tasks of the shipped `tiny-mdlm`: addition and digit sorting, as fresh random problems."""
+"""The two toy tasks of the shipped `tiny-mdlm`: addition and digit sorting, as fresh random problems.
+
+torch is imported when the first problem is drawn, so the CLI can list `TASKS` without loading it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TASKS = ("addition", "sorting")
 
@@ -18,14 +23,17 @@ class Problem:
     answer: str
 
 
-def _digits(count: int, generator: torch.Generator) -> list[int]:
-    return torch.randint(0, 10, (count,), generator=generator).tolist()
+def _randint(low: int, high: int, count: int, generator: torch.Generator) -> list[int]:
+    """`count` integers drawn uniformly from `[low, high)`."""
+    import torch
+
+    return torch.randint(low, high, (count,), generator=generator).tolist()
 
 
 def _integer(generator: torch.Generator, max_digits: int) -> int:
-    num_digits = int(torch.randint(1, max_digits + 1, (1,), generator=generator))
+    (num_digits,) = _randint(1, max_digits + 1, 1, generator)
     low = 0 if num_digits == 1 else 10 ** (num_digits - 1)
-    return int(torch.randint(low, 10**num_digits, (1,), generator=generator))
+    return _randint(low, 10**num_digits, 1, generator)[0]
 
 
 def make_problem(task: str, generator: torch.Generator) -> Problem:
@@ -40,14 +48,16 @@ def make_problem(task: str, generator: torch.Generator) -> Problem:
         a, b = _integer(generator, 4), _integer(generator, 4)
         return Problem(task, f"{a}+{b}=", str(a + b))
     if task == "sorting":
-        count = int(torch.randint(4, 17, (1,), generator=generator))
-        digits = _digits(count, generator)
+        (count,) = _randint(4, 17, 1, generator)
+        digits = _randint(0, 10, count, generator)
         return Problem(task, "sort:" + "".join(map(str, digits)) + "=", "".join(map(str, sorted(digits))))
     raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
 
 
 def make_problems(task: str, count: int, seed: int = 0) -> list[Problem]:
     """`count` fresh problems of `task`, reproducible from `seed`."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     return [make_problem(task, generator) for _ in range(count)]
 

@@ -21,6 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import BaseOutput
 
 from ..schedules import ExitSchedule
+from ..validation import as_int
 from .architectures import ExitArchitecture, _argument, get_exit_architecture
 
 _SCHEDULE_HOOK = "ee_exit_schedule"
@@ -173,15 +174,6 @@ def num_exit_blocks(pipe_or_model: Any) -> int:
     return len(exit_units(pipe_or_model))
 
 
-def _timestep_scale(num_train_timesteps: Any) -> int:
-    """A positive integer scale of timesteps (numpy / torch integers accepted), or a clear error."""
-    if isinstance(num_train_timesteps, bool) or not hasattr(num_train_timesteps, "__index__"):
-        raise TypeError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
-    if num_train_timesteps.__index__() < 1:
-        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
-    return num_train_timesteps.__index__()
-
-
 def apply_exit_schedule(
     pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None
 ) -> None:
@@ -214,7 +206,7 @@ def apply_exit_schedule(
         )
     remove_exit_schedule(model)
     state = _ExitState(len(units))
-    timesteps = default_timesteps if num_train_timesteps is None else _timestep_scale(num_train_timesteps)
+    timesteps = default_timesteps if num_train_timesteps is None else as_int("num_train_timesteps", num_train_timesteps, low=1)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
         ExitScheduleHook(schedule, architecture, state, timesteps), _SCHEDULE_HOOK
     )
@@ -254,7 +246,7 @@ def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
 def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> None:
     """Change the training timestep count the applied schedule normalises timesteps with."""
     hook = _require_hook(pipe_or_model)
-    hook.num_train_timesteps = _timestep_scale(num_train_timesteps)
+    hook.num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
 
 
 def get_exit_stats(pipe_or_model: Any) -> ExitStats:

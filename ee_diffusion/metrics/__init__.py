@@ -4,7 +4,14 @@ from .digits_classifier import (
     class_accuracy,
     load_digits_classifier,
 )
-from .features import INCEPTION_FILENAME, INCEPTION_URL, FeatureExtractor, InceptionWeightsNotFoundError, load_images
+from .features import (
+    INCEPTION_FILENAME,
+    INCEPTION_URL,
+    FeatureExtractor,
+    InceptionWeightsNotFoundError,
+    image_files,
+    load_images,
+)
 from .fid import frechet_distance, frechet_distance_from_moments, kernel_distance
 from .quality import (
     FidKidResult,
@@ -28,6 +35,7 @@ __all__ = [
     "class_accuracy",
     "compute_fid_kid",
     "frechet_distance",
+    "image_files",
     "frechet_distance_from_moments",
     "kernel_distance",
     "load_digits_classifier",

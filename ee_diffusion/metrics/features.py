@@ -68,6 +68,23 @@ def find_inception_weights(inception_path: str | os.PathLike | None = None) -> P
     return candidate
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a folder (sorted by name, not recursive), each checked to be a readable image (its header
+    only, so that a bad file is reported before any work, not when it is reached)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No folder of images at {folder}.")
+    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
+    for path in files:
+        try:
+            Image.open(path).close()
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{path} is not a readable image ({error}).") from None
+    return files
+
+
 def load_images(folder: str | os.PathLike, channels: int = 3) -> list[torch.Tensor]:
     """The images of a folder (sorted by name, not recursive), each a (channels, H, W) float tensor in [0, 1].
 
@@ -77,14 +94,8 @@ def load_images(folder: str | os.PathLike, channels: int = 3) -> list[torch.Tens
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No folder of images at {folder}.")
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
     images = []
-    for path in files:
+    for path in image_files(folder):
         with Image.open(path) as image:
             array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         tensor = torch.from_numpy(array.copy()).float().div(255)

@@ -1,20 +1,31 @@
 """The sampling loop of class-conditional image denoisers (DiT, UNet2DModel), in latent space or in pixel space.
 
-diffusers' `DiTPipeline` always decodes with a VAE and takes class 1000 as the unconditional label. Here the VAE is
-optional (without one the denoised pixels are the images) and the unconditional label is the model's own null class,
-so a 10-class pixel-space DiT trained in this package samples through the same loop as DiT-XL/2.
+It is diffusers' `DiTPipeline.__call__` (same arguments, noise, guidance and decoding: with DDIM or DPM-Solver++ and a
+VAE the images are bit-identical) except where that loop is tied to DiT-XL/2 or is wrong for some schedulers:
+
+- the VAE is optional: without one the denoised pixels are the images, so a 10-class pixel-space DiT or U-Net trained
+  in this package samples through the same loop as DiT-XL/2;
+- the unconditional label is the model's own null class (`null_class_label`; 1000 for DiT-XL/2, as in diffusers);
+- the first noise is scaled by the scheduler's `init_noise_sigma` (`DiTPipeline` does not, so under Euler, whose first
+  sigma is 157 with DiT-XL/2's betas, it starts from noise 157 times too small);
+- a stochastic scheduler (DDPM) draws its noise from `generator` (`DiTPipeline` draws it from torch's global random
+  state, so its samples do not follow the generator);
+- `output_type="latent"` returns the denoised latents undecoded, as other diffusers pipelines do (`DiTPipeline` has
+  no such option);
+- bad arguments (labels outside the model's classes, zero steps, a non-finite guidance scale) raise before sampling.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..validation import as_int, as_number
 
 
 def null_class_label(denoiser: torch.nn.Module) -> int:
@@ -70,19 +81,14 @@ class ClassConditionalSamplingMixin:
             guidance_scale: Classifier-free guidance scale; guidance (a doubled batch) is on when it is above 1.
             generator: Generator(s) of the initial noise and of stochastic scheduler steps.
             num_inference_steps: Number of scheduler steps.
-            output_type: `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            output_type: `"pil"`, `"np"` (NHWC in [0, 1]), `"pt"` (NCHW in [0, 1]) or `"latent"` (the denoised
+                latents, NCHW, undecoded).
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        if isinstance(num_inference_steps, bool) or not hasattr(num_inference_steps, "__index__"):
-            raise TypeError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
-            guidance_scale
-        ):
-            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        as_int("num_inference_steps", num_inference_steps, low=1)
+        as_number("guidance_scale", guidance_scale)
         denoiser = getattr(self, self._denoiser_name)
         device = self._execution_device
         labels = _checked_labels(class_labels, null_class_label(denoiser)).to(device)
@@ -107,6 +113,12 @@ class ClassConditionalSamplingMixin:
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
 
+        images = latents if output_type == "latent" else self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Images in [0, 1] of the denoised latents (pixels without a VAE), as `output_type` asks."""
         vae = getattr(self, "vae", None)
         images = latents if vae is None else vae.decode(1 / vae.config.scaling_factor * latents).sample
         images = (images / 2 + 0.5).clamp(0, 1)
@@ -114,5 +126,4 @@ class ClassConditionalSamplingMixin:
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return images

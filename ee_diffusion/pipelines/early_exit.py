@@ -7,9 +7,9 @@ Each class is its diffusers parent plus an optional `exit_schedule` component: p
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
@@ -85,12 +85,29 @@ class EarlyExitPipelineMixin:
 
     def _sync_exit_hooks(self) -> None:
         schedule = self.exit_schedule
+        if not any(isinstance(getattr(self, name, None), torch.nn.Module) for name in ("transformer", "unet")):
+            # Built without its denoiser (diffusers allows it, e.g. to encode prompts only): nothing to hook yet.
+            if schedule is not None:
+                raise ValueError(f"{type(self).__name__} has no denoiser to run `exit_schedule` on; give it one, or "
+                                 "set the schedule once it has one.")  # fmt: skip
+            return
         if get_exit_schedule(self) is schedule:
             return
         if schedule is None:
             remove_exit_schedule(self)
         else:
             apply_exit_schedule(self, schedule)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """diffusers' `components`, with `exit_schedule` only when one is set: without a schedule they build the stock
+        parent too (`DiTPipeline(**pipe.components)`). With one, the stock parent refuses it (it cannot run it); use
+        `Parent.from_pipe(pipe)`, which shares the denoiser -- and the schedule's hooks on it, until
+        `pipe.set_exit_schedule(None)`."""
+        components = super().components
+        if components.get("exit_schedule") is None:
+            components.pop("exit_schedule", None)
+        return components
 
     @property
     def exit_stats(self) -> ExitStats | None:

@@ -3,7 +3,6 @@ with optional Prophet / SchED early commit. It only wires tokenizer, adapter and
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Generat
 from ..dllm.adapters import get_adapter
 from ..dllm.rules import EarlyCommit, ThresholdCommit, resolve_early_commit
 from ..dllm.sampler import generate
+from ..validation import as_number
 from .loading import resolve_pretrained
 
 GENERATION_KEYS = ("gen_length", "steps", "block_length", "mask_token_id", "eos_token_id")
@@ -132,9 +132,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             mask_token_id: The mask token (default: the model's, else the adapter's).
             generator: Randomness for sampling.
         """
-        for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        as_number("temperature", temperature, low=0)
+        as_number("cfg_scale", cfg_scale, low=0)
         if input_ids is None:
             if prompt is None:
                 raise ValueError("Give `prompt` or `input_ids`.")

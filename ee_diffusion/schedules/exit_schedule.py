@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import operator
 import os
 from collections.abc import Iterable, Sequence
 
 import torch
 from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from ..validation import as_int
 
 SHAPES = ("constant", "linear", "cosine", "step", "table")
 
@@ -20,16 +21,6 @@ def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[fl
     if isinstance(timesteps, (int, float)):
         return [float(timesteps)]
     return [float(v) for v in timesteps]
-
-
-def _as_int(name: str, value: object) -> int:
-    """`value` as a Python int: ints and numpy / torch integer scalars; a float, a bool or anything else raises."""
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an integer (a depth is a number of blocks), got {value!r}.") from None
 
 
 class ExitSchedule(SchedulerMixin, ConfigMixin):
@@ -74,18 +65,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         allow_increasing: bool = False,
     ):
-        num_blocks, num_train_timesteps = _as_int("num_blocks", num_blocks), _as_int("num_train_timesteps",
-                                                                                  num_train_timesteps)  # fmt: skip
-        if num_blocks < 1:
-            raise ValueError(f"`num_blocks` must be a positive integer, got {num_blocks!r}.")
+        num_blocks = as_int("num_blocks", num_blocks, low=1)
+        num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
-        if num_train_timesteps < 1:
-            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
-        min_blocks = None if min_blocks is None else _as_int("min_blocks", min_blocks)
-        table = None if table is None else [_as_int("table", depth) for depth in table]
-        depths = None if depths is None else [_as_int("depths", depth) for depth in depths]
+        min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
+        table = None if table is None else [as_int("table", depth) for depth in table]
+        depths = None if depths is None else [as_int("depths", depth) for depth in depths]
         if timesteps is not None:
             timesteps = [float(t) for t in timesteps]
             if not all(math.isfinite(t) for t in timesteps):
@@ -163,7 +150,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`timesteps` and `depths` must have the same length, got {len(timesteps)} and {len(depths)}."
             )
-        points = sorted(zip(timesteps, [_as_int("depths", d) for d in depths]))
+        points = sorted(zip(timesteps, [as_int("depths", d) for d in depths]))
         return cls(
             num_blocks=num_blocks,
             shape="table",

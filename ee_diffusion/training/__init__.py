@@ -1,16 +1,12 @@
-"""Training recipes: the shipped digits models, and ASE fine-tuning under an exit schedule."""
+"""Training recipes: the shipped digits models, ASE fine-tuning under an exit schedule, and the tiny masked LM."""
 
-from .denoiser import TrainConfig, TrainResult, depth_groups, freeze_timestep_embedding, loss_weights, train_denoiser
-from .digits_models import build_digits_denoiser, digits_noise_scheduler, save_digits_pipeline
+from ..lazy_imports import lazy_exports
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "build_digits_denoiser",
-    "depth_groups",
-    "digits_noise_scheduler",
-    "freeze_timestep_embedding",
-    "loss_weights",
-    "save_digits_pipeline",
-    "train_denoiser",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        ".config": ["MDLMTrainConfig", "TrainConfig"],
+        ".denoiser": ["TrainResult", "depth_groups", "freeze_timestep_embedding", "loss_weights", "train_denoiser"],
+        ".digits_models": ["build_digits_denoiser", "digits_noise_scheduler", "save_digits_pipeline"],
+    },
+)

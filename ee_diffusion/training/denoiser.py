@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler
@@ -28,58 +27,13 @@ from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import ExitSchedule
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_WEIGHTS = ("constant", "min-snr")
 # Parameter names of the timestep embeddings of diffusers' DiT (per block) and UNet2DModel.
 _TIMESTEP_EMBEDDING_NAMES = ("timestep_embedder", "time_embedding")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of `train_denoiser`.
-
-    Args:
-        steps: Optimiser steps.
-        batch_size: Samples per step.
-        learning_rate: Peak AdamW learning rate (reached after `warmup_steps`, then cosine decay to 0).
-        warmup_steps: Linear warm-up steps.
-        weight_decay: AdamW weight decay.
-        ema_decay: Highest EMA decay (warmed up as `1 - (1 + step) ** -0.75`, capped here).
-        class_dropout: Probability of replacing a label by the null class (classifier-free guidance).
-        loss_weight: `lambda(t)`: `"constant"` (1) or `"min-snr"` (`min(SNR(t), gamma) / SNR(t)`, which keeps the
-            noisy timesteps, where exit schedules cut deepest, at full weight and down-weights the clean ones).
-        min_snr_gamma: `gamma` of the min-SNR weight.
-        freeze_timestep_embedding: Keep the timestep embedding fixed (ASE fine-tuning).
-        checkpoint_every: Save `checkpoint.pt` (model, EMA, optimiser, generator) every this many steps.
-        seed: Seed of initial noise, timesteps, batches and label dropout.
-    """
-
-    steps: int = 3000
-    batch_size: int = 128
-    learning_rate: float = 5e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    class_dropout: float = 0.1
-    loss_weight: Literal["constant", "min-snr"] = "constant"
-    min_snr_gamma: float = 5.0
-    freeze_timestep_embedding: bool = False
-    checkpoint_every: int = 500
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-        if self.loss_weight not in LOSS_WEIGHTS:
-            raise ValueError(f"`loss_weight` must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}.")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"`class_dropout` must be in [0, 1), got {self.class_dropout}.")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in (0, 1), got {self.ema_decay}.")
 
 
 @dataclass

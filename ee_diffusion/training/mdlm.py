@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -21,32 +21,11 @@ from transformers import BertConfig, BertForMaskedLM, GenerationConfig, PreTrain
 from ..dllm.adapters import MaskedLMAdapter
 from ..dllm.tasks import TASKS, Problem, make_problem
 from ..dllm.tokenizer import build_char_tokenizer
+from .config import MDLMTrainConfig
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
-
-
-@dataclass
-class MDLMTrainConfig:
-    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe."""
-
-    output_dir: str
-    steps: int = 14000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
-    eps: float = 1e-3
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    gen_length: int = 18
-    max_prompt_length: int = 22
-    tasks: tuple[str, ...] = TASKS
-    seed: int = 0
-    checkpoint_every: int = 1000
-    resume: bool = False
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig) -> BertForMaskedLM:

@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ee_diffusion import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline, load_early_exit_pipeline
-from ee_diffusion.bench.harness import SCHEDULERS
+from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
 from ee_diffusion.metrics import class_accuracy, load_digits_classifier
 from ee_diffusion.pipelines import shipped_model_path
 
@@ -59,7 +59,7 @@ def test_shipped_model_samples_the_digits_asked_for_under_every_bench_scheduler(
         pytest.xfail(f"{name} under {scheduler}: 62-73% class accuracy, measured; the U-Net needs retraining")
     pipe = load_early_exit_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SCHEDULERS[scheduler](pipe.scheduler.config)
+    pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     labels = torch.arange(100) % 10
     images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=25,
                   generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip

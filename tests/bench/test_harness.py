@@ -90,6 +90,17 @@ def test_bad_bench_config(digits_shaped_models, overrides, error, match):
                                  **overrides}), progress=False)  # fmt: skip
 
 
+def test_bench_refuses_what_it_cannot_score_before_generating(digits_shaped_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "_call", lambda *args: pytest.fail("generated before refusing"))
+    base = dict(model=str(digits_shaped_models / "base"), methods=["baseline"], steps=1)
+    with pytest.raises(ValueError, match="need at least 2 samples per method, got num_samples=1"):
+        run_bench(BenchConfig(**base, num_samples=1), progress=False)
+    (tmp_path / "real.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="real.png is not a readable image"):
+        BenchConfig(**base, num_samples=2, reference=str(tmp_path))
+    assert main(["bench", "--model", base["model"], "--reference", str(tmp_path)]) == 2
+
+
 def test_parse_methods_keeps_step_tables_whole():
     text = "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,magcache"
     assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase",
@@ -119,11 +130,11 @@ def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
 
 
 def test_bench_schedulers_keep_the_models_range_control_and_never_clip():
-    from ee_diffusion.bench.harness import SCHEDULERS
+    from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
 
     for name, thresholding in (("digits-dit", False), ("digits-unet", True), ("digits-unet-ase", True)):
         config = load_early_exit_pipeline(name).scheduler.config
-        for kind, build in SCHEDULERS.items():
-            scheduler = build(config)
+        for kind in SCHEDULERS:
+            scheduler = build_scheduler(kind, config)
             assert not scheduler.config.get("clip_sample", False), (name, kind)
             assert scheduler.config.get("thresholding", thresholding) == thresholding, (name, kind)

@@ -56,6 +56,26 @@ def test_exit_equals_a_model_truncated_to_that_depth(tiny_dit):
 
 
 @torch.no_grad()
+def test_pixart_exit_equals_a_pixart_truncated_to_that_depth():
+    from diffusers import PixArtTransformer2DModel
+
+    config = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+                  caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                  norm_elementwise_affine=False, norm_eps=1e-6)  # fmt: skip
+    torch.manual_seed(0)
+    full = PixArtTransformer2DModel(**config).eval()
+    truncated = PixArtTransformer2DModel(**{**config, "num_layers": 2}).eval()
+    truncated.load_state_dict(full.state_dict(), strict=False)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 6, 16),
+                  timestep=torch.tensor([900, 100]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    apply_exit_schedule(full, ExitSchedule.constant(4, 2))
+    assert torch.equal(full(**inputs).sample, truncated(**inputs).sample)
+    remove_exit_schedule(full)
+    assert not torch.equal(full(**inputs).sample, truncated(**inputs).sample)
+
+
+@torch.no_grad()
 def test_remove_restores_bit_identical_output(tiny_dit):
     x, t, y = dit_inputs()
     reference = tiny_dit(x, timestep=t, class_labels=y).sample
@@ -220,7 +240,7 @@ def test_bad_arguments_raise(tiny_dit):
     with pytest.raises(ValueError, match="No exit schedule is applied"):
         get_exit_stats(tiny_dit)
     for scale, error in ((-1000, ValueError), (0, ValueError), (1000.0, TypeError), (True, TypeError)):
-        with pytest.raises(error, match=f"`num_train_timesteps` must be a positive integer, got {scale!r}"):
+        with pytest.raises(error, match=f"`num_train_timesteps` must be an integer( >= 1)?, got {scale!r}"):
             apply_exit_schedule(tiny_dit, ExitSchedule.linear(4, 2), num_train_timesteps=scale)
     apply_exit_schedule(tiny_dit, ExitSchedule.linear(4, 2), num_train_timesteps=np.int64(1000))
     x, _, y = dit_inputs()
@@ -243,8 +263,11 @@ class TinyStack(torch.nn.Module):
 
 def test_unsupported_class_names_the_supported_ones_and_can_be_registered():
     model = TinyStack().eval()
-    with pytest.raises(TypeError, match=r"does not support TinyStack\. Supported classes: DiTTransformer2DModel"):
+    with pytest.raises(TypeError, match=r"does not support TinyStack\. Supported classes: ") as refused:
         apply_exit_schedule(model, ExitSchedule.linear(3, 1))
+    for supported in ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "UNet2DModel",
+                      "UNet2DConditionModel"):  # fmt: skip
+        assert supported in str(refused.value)
     register_exit_architecture(TinyStack, ExitArchitecture(units=lambda m: list(m.layers)))
     apply_exit_schedule(model, ExitSchedule.constant(3, 1))
     counter = AttentionCounter(model, [layer.attn1 for layer in model.layers])

@@ -9,9 +9,10 @@ def test_shipped_classifier_scores_the_heldout_split_at_its_stated_accuracy():
     classifier = load_digits_classifier()
     heldout = load_digits_split("heldout")
     images = (heldout.images + 1) / 2
-    assert class_accuracy(images, heldout.labels, classifier) >= 0.97
+    accuracy = class_accuracy(images, heldout.labels, classifier)
+    assert accuracy >= 358 / 359  # the card's and the README's 99.72%: at most one of the 359 images wrong
     card = (classifier_path() / "README.md").read_text()
-    assert "Held-out accuracy" in card
+    assert "Held-out accuracy (359 images never trained on): 99.72%" in card
     features = FeatureExtractor("digits").features(images[:10])
     assert features.shape == (10, 128) and (features >= 0).all()
     # Labels that are wrong on purpose score near zero.

@@ -163,10 +163,10 @@ def test_shipped_names_resolve_offline_and_unknown_names_fail_at_once(tmp_path):
     (dict(class_labels=[1, -1]), ValueError, r"got \[-1\]"),
     (dict(class_labels=[]), ValueError, "`class_labels` is empty"),
     (dict(class_labels=[1.5]), TypeError, "integer class ids"),
-    (dict(num_inference_steps=0), ValueError, "`num_inference_steps` must be at least 1, got 0"),
+    (dict(num_inference_steps=0), ValueError, "`num_inference_steps` must be an integer >= 1, got 0"),
     (dict(num_inference_steps=2.5), TypeError, "`num_inference_steps` must be an integer, got 2.5"),
     (dict(guidance_scale=float("nan")), ValueError, "`guidance_scale` must be a finite number, got nan"),
-    (dict(output_type="latent"), ValueError, "`output_type` must be"),
+    (dict(output_type="tensor"), ValueError, "`output_type` must be"),
 ])  # fmt: skip
 def test_bad_call_arguments_raise_before_sampling(kind, call, error, match):
     pipe = make_pipe(kind)

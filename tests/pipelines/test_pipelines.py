@@ -239,6 +239,23 @@ def test_from_pretrained_exit_schedule_overrides_saved_one(tmp_path):
     assert_same_after_reload(images_of(unscheduled(**dit_kwargs())), reference)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_every_drop_in_saves_and_loads_its_schedule(name, tmp_path):
+    case = CASES[name]
+    schedule = ExitSchedule.linear(case.num_units, 1)
+    pipe = case.make(exit_schedule=schedule)
+    original = run(pipe, case, steps=3)
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "exit_schedule" / "exit_schedule.json").is_file()
+    absent = {name: None for name, component in pipe.components.items() if component is None}  # as for stock
+    loaded = type(pipe).from_pretrained(tmp_path, **absent)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.exit_schedule == schedule
+    recorder = case.recorder(loaded)
+    assert_same_after_reload(run(loaded, case, steps=3), original)
+    assert len(set(assert_depths_follow_schedule(recorder, schedule, 1000, loaded.exit_stats))) >= 2
+
+
 def test_ddpm_save_load_round_trip(tmp_path):
     schedule = ExitSchedule.step(NUM_UNET2D_UNITS, [6, 4, 2])
     pipe = make_ddpm_pipe(exit_schedule=schedule)
@@ -397,3 +414,73 @@ def test_drop_in_call_shows_the_parent_signature(drop_in, parent):
 def test_dit_drop_in_call_shows_its_own_loop_signature():
     parameters = inspect.signature(EarlyExitDiTPipeline.__call__).parameters
     assert list(parameters)[1:4] == ["class_labels", "guidance_scale", "generator"]
+
+
+# ---------------------------------------------------------------------------------------------- 7. drop-in
+@pytest.mark.parametrize("name", ALL)
+def test_components_build_the_parent_without_a_schedule_and_carry_a_set_one(name):
+    """diffusers' way to share components: `Parent(**pipe.components)`. Without a schedule the drop-in's components
+    are the parent's; with one they carry it to another drop-in, and the stock parent refuses it by name."""
+    case = CASES[name]
+    pipe = case.make()
+    parent = next(base for base in type(pipe).__mro__ if base.__module__.startswith("diffusers."))
+    stock = parent(**pipe.components)
+    denoiser = "unet" if case.is_unet else "transformer"
+    assert getattr(stock, denoiser) is getattr(pipe, denoiser) and "exit_schedule" not in pipe.components
+
+    schedule = ExitSchedule.linear(case.num_units, 1)
+    scheduled = case.make(exit_schedule=schedule)
+    assert type(scheduled)(**scheduled.components).exit_schedule == schedule
+    with pytest.raises(TypeError, match="exit_schedule"):
+        parent(**scheduled.components)
+    assert type(parent.from_pipe(scheduled)) is parent
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_drop_in_builds_without_its_denoiser_but_refuses_a_schedule_then(name):
+    case = CASES[name]
+    denoiser = "unet" if case.is_unet else "transformer"
+    components = {**case.make().components, denoiser: None}
+    pipe = type(case.make())(**components)
+    assert getattr(pipe, denoiser) is None and pipe.exit_schedule is None
+    with pytest.raises(ValueError, match="has no denoiser to run `exit_schedule` on"):
+        type(pipe)(**components, exit_schedule=ExitSchedule.linear(case.num_units, 1))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_dit_drop_in_with_a_vae_is_bit_identical_to_stock_dit_pipeline(scheduler, guidance):
+    from ee_diffusion.bench.schedulers import build_scheduler
+
+    stock, drop_in = make_dit_pipe(pipeline_cls=DiTPipeline), make_dit_pipe(exit_schedule=ExitSchedule.linear(4, 4))
+    for pipe in (stock, drop_in):
+        pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
+    kwargs = dict(class_labels=[3, 999], guidance_scale=guidance, num_inference_steps=4, output_type="np")
+    expected = stock(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (drop_in(**kwargs, generator=torch.Generator().manual_seed(0)).images == expected).all()
+
+
+def test_dit_drop_in_latent_output_is_what_it_decodes():
+    pipe = make_dit_pipe()
+    kwargs = dict(class_labels=[3, 7], num_inference_steps=3)
+    latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert latents.shape == (2, 4, 8, 8)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(1 / pipe.vae.config.scaling_factor * latents).sample
+    assert torch.equal((decoded / 2 + 0.5).clamp(0, 1), images)
+
+
+def test_dit_drop_in_stochastic_steps_follow_the_generator():
+    """Where `DiTPipeline` draws DDPM's noise from torch's global random state, the drop-in draws it from
+    `generator`: the same generator gives the same images whatever the global state."""
+    from diffusers import DDPMScheduler
+
+    pipe = make_dit_pipe()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    images = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        images.append(pipe(class_labels=[3], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                           output_type="pt").images)  # fmt: skip
+    assert torch.equal(*images)
