@@ -390,4 +390,5 @@ def _quality_reference(
 def _is_digits_shaped(pipe: Any) -> bool:
     """A pixel-space model of 1 x 32 x 32 images: scored against the held-out digits by default."""
     denoiser = denoiser_of(pipe)
-    return getattr(pipe, "vae", None) is None and denoiser.config.in_channels == 1 and denoiser.config.sample_size == 32
+    shape = (denoiser.config.in_channels, denoiser.config.sample_size)
+    return getattr(pipe, "vae", None) is None and shape == (1, 32)

@@ -196,7 +196,7 @@ def apply_exit_schedule(
     """
     if not isinstance(schedule, ExitSchedule):
         raise TypeError(f"`schedule` must be an ExitSchedule, got {type(schedule).__name__}.")
-    model, default_timesteps = _resolve(pipe_or_model)
+    model, timestep_scale = _resolve(pipe_or_model)
     architecture = get_exit_architecture(model)
     units = architecture.units(model)
     if schedule.config.num_blocks != len(units):
@@ -206,9 +206,10 @@ def apply_exit_schedule(
         )
     remove_exit_schedule(model)
     state = _ExitState(len(units))
-    timesteps = default_timesteps if num_train_timesteps is None else as_int("num_train_timesteps", num_train_timesteps, low=1)
+    if num_train_timesteps is not None:
+        timestep_scale = as_int("num_train_timesteps", num_train_timesteps, low=1)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        ExitScheduleHook(schedule, architecture, state, timesteps), _SCHEDULE_HOOK
+        ExitScheduleHook(schedule, architecture, state, timestep_scale), _SCHEDULE_HOOK
     )
     for index, unit in enumerate(units):
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(
