@@ -38,7 +38,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "MaskedDiffusionLMPipeline",
             "load_early_exit_pipeline",
         ],
-        ".schedules": ["ExitSchedule"],
+        ".schedules": ["REUSE", "ExitSchedule"],
         ".dllm": ["ProphetCommit", "ProphetScheduler", "SchEDCommit", "SchEDScheduler", "ThresholdCommit"],
     },
 )

@@ -58,8 +58,8 @@ def _describe(schedule) -> str:
     config = schedule.config
     if config.shape == "step":
         return "step:" + ",".join(map(str, config.table))
-    if config.shape == "table":
-        return f"table of {len(config.depths)} points"
+    if config.shape in ("table", "plan"):
+        return f"{config.shape} of {len(config.depths)} {'points' if config.shape == 'table' else 'steps'}"
     return f"{config.shape}:{config.min_blocks}"
 
 

@@ -55,11 +55,22 @@ class ExitArchitecture:
             rule for the unit's class (transformer blocks known to diffusers, `ResnetBlock2D`, `Attention`,
             `Transformer2DModel`).
         timestep_argument: Name of the denoiser's forward argument that carries the timestep.
+        sample_argument: Name of the denoiser's forward argument that carries the noisy sample (its batch size).
+        reuse: What a plan's reuse step reuses: `"residual"`, the last computed step's change across the units
+            (their output minus the first unit's skip output), added to this step's input of the first unit -- for
+            units whose input and output have one shape, like transformer blocks; or `"output"`, the last computed
+            step's whole prediction (a U-Net's decoder units change shape, so they have no residual span).
     """
 
     units: Callable[[torch.nn.Module], list[torch.nn.Module]]
     skip: SkipFn | None = None
     timestep_argument: str = "timestep"
+    sample_argument: str = "hidden_states"
+    reuse: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.reuse not in ("residual", "output"):
+            raise ValueError(f"`reuse` must be 'residual' or 'output', got {self.reuse!r}.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,11 +156,11 @@ def _unet_decoder_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 _ARCHITECTURES: dict[type, ExitArchitecture] = {
-    DiTTransformer2DModel: ExitArchitecture(units=_transformer_blocks),
-    PixArtTransformer2DModel: ExitArchitecture(units=_transformer_blocks),
-    SD3Transformer2DModel: ExitArchitecture(units=_transformer_blocks),
-    UNet2DModel: ExitArchitecture(units=_unet_decoder_units),
-    UNet2DConditionModel: ExitArchitecture(units=_unet_decoder_units),
+    DiTTransformer2DModel: ExitArchitecture(units=_transformer_blocks, reuse="residual"),
+    PixArtTransformer2DModel: ExitArchitecture(units=_transformer_blocks, reuse="residual"),
+    SD3Transformer2DModel: ExitArchitecture(units=_transformer_blocks, reuse="residual"),
+    UNet2DModel: ExitArchitecture(units=_unet_decoder_units, sample_argument="sample"),
+    UNet2DConditionModel: ExitArchitecture(units=_unet_decoder_units, sample_argument="sample"),
 }
 
 

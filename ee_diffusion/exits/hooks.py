@@ -7,8 +7,11 @@ halves share one call and one timestep, gets one depth. A batch whose samples ca
 per sample: units are run up to the deepest sample and samples past their own depth keep their skip output.
 
 The decision is made once per denoiser call, from the timestep, so nothing carries over from one call or one run to
-the next except the record of what ran (`get_exit_stats`). `remove_exit_schedule` restores the original forwards,
-and with them bit-identical outputs.
+the next except the record of what ran (`get_exit_stats`) -- and, under a plan with `REUSE` steps, the work of the last
+computed call, which a reuse call takes instead of running any unit (see `ExitArchitecture.reuse`). That cache is
+dropped when a call's timestep is higher than the last one (a new sampling run) and by `reset_exit_stats`; a reuse step
+with nothing cached for its batch runs at full depth. `remove_exit_schedule` restores the original forwards, and with
+them bit-identical outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import BaseOutput
 
-from ..schedules import ExitSchedule
+from ..schedules import REUSE, ExitSchedule
 from ..validation import as_int
 from .architectures import ExitArchitecture, _argument, get_exit_architecture
 
@@ -62,9 +65,11 @@ class ExitStats:
 
 
 class _ExitState:
-    """The decision of the denoiser call in flight, shared by the schedule hook and its unit hooks."""
+    """The decision of the denoiser call in flight, shared by the schedule hook and its unit hooks, and the work a
+    plan's reuse steps take (`cached`, made by a call on `cached_batch` samples at timestep `last_timestep`)."""
 
     def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self.depths: list[int] | None = None
         self.max_depth = num_blocks
         self.min_depth = num_blocks
@@ -72,6 +77,15 @@ class _ExitState:
         self.timesteps: tuple[float, ...] = ()
         self.units_executed = 0
         self.stats = ExitStats(num_blocks=num_blocks)
+        self.reusing = False
+        self.start: Any = None  # the first unit's skip output in this call (residual reuse)
+        self.batch = 0  # samples in the call in flight (under a plan with reuse steps)
+        self.cached: Any = None
+        self.cached_batch: int | None = None
+        self.last_timestep: float | None = None
+
+    def forget_cache(self) -> None:
+        self.cached, self.cached_batch, self.last_timestep = None, None, None
 
 
 class ExitScheduleHook(ModelHook):
@@ -94,10 +108,42 @@ class ExitScheduleHook(ModelHook):
         timesteps = torch.as_tensor(timestep).detach().reshape(-1).float().cpu().tolist()
         depths = self.schedule.depths_for(timesteps, self.num_train_timesteps)
         state = self.state
+        state.reusing = False
+        if self.schedule.reuses:
+            depths = self._reuse_or_compute(module, args, kwargs, timesteps, depths)
         state.depths, state.max_depth, state.min_depth = depths, max(depths), min(depths)
         state.depth_tensor = torch.tensor(depths) if state.min_depth != state.max_depth else None
         state.timesteps, state.units_executed = tuple(timesteps), 0
         return args, kwargs
+
+    def _reuse_or_compute(self, module: torch.nn.Module, args: tuple, kwargs: dict, timesteps: list[float],
+                          depths: list[int]) -> list[int]:  # fmt: skip
+        """Under a plan: whether this call reuses (every sample at a `REUSE` step, and work cached for its batch),
+        and the depths it runs otherwise (a reuse step with nothing to reuse runs at full depth)."""
+        state = self.state
+        if state.last_timestep is not None and max(timesteps) > state.last_timestep:
+            state.forget_cache()  # the timestep went up: a new sampling run
+        state.last_timestep = max(timesteps)
+        state.batch = _argument(module, self.architecture.sample_argument, args, kwargs).shape[0]
+        if REUSE not in depths:
+            return depths
+        if any(depth != REUSE for depth in depths):
+            raise ValueError(f"This call's timesteps {timesteps} mix the plan's reuse steps with computed ones; a "
+                             "reuse step needs the whole batch at it.")  # fmt: skip
+        if state.cached is None or state.cached_batch != state.batch:
+            return [state.num_blocks] * len(depths)
+        state.reusing = True
+        return depths
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
+        state = self.state
+        whole_output = self.architecture.reuse == "output" and self.schedule.reuses
+        if whole_output and state.reusing:
+            return state.cached
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if whole_output:
+            state.cached, state.cached_batch = output, state.batch
+        return output
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = self.state
@@ -107,18 +153,38 @@ class ExitScheduleHook(ModelHook):
 
 
 class ExitUnitHook(ModelHook):
-    """Runs unit `index` of the denoiser, or returns its skip output when the call's depth does not reach it."""
+    """Runs unit `index` of the denoiser, or returns its skip output when the call's depth does not reach it.
 
-    def __init__(self, index: int, architecture: ExitArchitecture, state: _ExitState) -> None:
+    Under a plan whose reuse is `"residual"`, the first unit also records its skip output (the span's start) and the
+    last unit the span's end, whose difference reuse steps add to their own start instead of running any unit.
+    """
+
+    def __init__(self, index: int, architecture: ExitArchitecture, state: _ExitState, last: bool,
+                 residual: bool) -> None:  # fmt: skip
         super().__init__()
         self.index = index
         self.skip = architecture.skip
         self.state = state
+        self.last = last
+        self.residual = residual  # record the span's residual (a plan with reuse steps, on a residual architecture)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
         state = self.state
         if state.depths is None:  # the unit was called on its own, outside a denoiser call
             return self.fn_ref.original_forward(*args, **kwargs)
+        if not self.residual:
+            return self._run_or_skip(module, args, kwargs)
+        if self.index == 0:
+            state.start = self.skip(module, args, kwargs)
+            if state.reusing:
+                return _zip_map(torch.add, state.start, state.cached)
+        output = self._run_or_skip(module, args, kwargs)
+        if self.last and not state.reusing:
+            state.cached, state.cached_batch = _zip_map(torch.sub, output, state.start), state.batch
+        return output
+
+    def _run_or_skip(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        state = self.state
         if state.min_depth > self.index:  # every sample of the batch reaches this unit
             state.units_executed += 1
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -130,16 +196,21 @@ class ExitUnitHook(ModelHook):
         return _select(state.depth_tensor > self.index, output, skipped)
 
 
+def _zip_map(fn: Any, a: Any, b: Any) -> Any:
+    """`fn(x, y)` on each pair of tensors of two unit outputs of one structure (tensors, tuples, diffusers outputs);
+    where either side has no tensor (None, e.g. the encoder states of SD3's context_pre_only last block), `a`'s part."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return fn(a, b)
+    if isinstance(a, BaseOutput):
+        return type(a)(**{key: _zip_map(fn, value, b[key]) for key, value in a.items()})
+    if isinstance(a, tuple):
+        return tuple(_zip_map(fn, x, y) for x, y in zip(a, b))
+    return a
+
+
 def _select(keep: torch.Tensor, run: Any, skipped: Any) -> Any:
-    """Per sample of the batch: `run` where `keep`, else `skipped`, through tensors, tuples and diffusers outputs."""
-    if isinstance(run, torch.Tensor):
-        mask = keep.to(run.device).view(-1, *([1] * (run.ndim - 1)))
-        return torch.where(mask, run, skipped)
-    if isinstance(run, BaseOutput):
-        return type(run)(**{key: _select(keep, value, skipped[key]) for key, value in run.items()})
-    if isinstance(run, tuple):
-        return tuple(_select(keep, a, b) for a, b in zip(run, skipped))
-    return run  # None, e.g. the encoder states of SD3's context_pre_only last block
+    """Per sample of the batch: `run` where `keep`, else `skipped`."""
+    return _zip_map(lambda r, s: torch.where(keep.to(r.device).view(-1, *([1] * (r.ndim - 1))), r, s), run, skipped)
 
 
 def _resolve(pipe_or_model: Any) -> tuple[torch.nn.Module, int]:
@@ -211,9 +282,10 @@ def apply_exit_schedule(
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
         ExitScheduleHook(schedule, architecture, state, timestep_scale), _SCHEDULE_HOOK
     )
+    residual = schedule.reuses and architecture.reuse == "residual"
     for index, unit in enumerate(units):
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(
-            ExitUnitHook(index, architecture, state), _UNIT_HOOK
+            ExitUnitHook(index, architecture, state, last=index == len(units) - 1, residual=residual), _UNIT_HOOK
         )
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     _keep_pipeline_component(pipe_or_model, schedule)
@@ -257,8 +329,11 @@ def get_exit_stats(pipe_or_model: Any) -> ExitStats:
 
 
 def reset_exit_stats(pipe_or_model: Any) -> None:
-    """Forget the recorded calls (the drop-in pipelines do this at the start of every `__call__`)."""
-    _require_hook(pipe_or_model).state.stats.calls.clear()
+    """Forget the recorded calls, and the work a plan's reuse steps would take (the drop-in pipelines do this at the
+    start of every `__call__`)."""
+    state = _require_hook(pipe_or_model).state
+    state.stats.calls.clear()
+    state.forget_cache()
 
 
 def _require_hook(pipe_or_model: Any) -> ExitScheduleHook:

@@ -1,3 +1,3 @@
-from .exit_schedule import ExitSchedule
+from .exit_schedule import REUSE, ExitSchedule
 
-__all__ = ["ExitSchedule"]
+__all__ = ["REUSE", "ExitSchedule"]

@@ -1,4 +1,5 @@
-"""`ExitSchedule`: how many denoiser blocks to run at each timestep (the ASE exit schedule)."""
+"""`ExitSchedule`: how many denoiser blocks to run at each timestep (the ASE exit schedule), or at each step of one
+sampling run, where a step may also reuse the last computed step's blocks (a plan)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..validation import as_int
 
-SHAPES = ("constant", "linear", "cosine", "step", "table")
+SHAPES = ("constant", "linear", "cosine", "step", "table", "plan")
+REUSE = 0  # a plan's action for a step that runs no block and reuses the last computed step's work
 
 
 def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[float]:
@@ -29,7 +31,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     The schedule is a function of the normalised position `s = t / num_train_timesteps` in `[0, 1]`, where `s = 0` is
     the clean-data end and `s = 1` is pure noise. Build one with a constructor (`constant`, `linear`, `cosine`, `step`,
-    `from_table`) rather than calling `__init__` directly.
+    `from_table`, `plan`) rather than calling `__init__` directly.
+
+    A *plan* (`ExitSchedule.plan`) is the per-step form, made for the timesteps of one sampling run (a scheduler and a
+    step count): each step gets a depth, or `REUSE` (0): run no block and reuse the last computed step's work (the
+    block residual of transformers, as diffusers' FirstBlockCache and MagCache do; the whole prediction of U-Nets,
+    whose decoder has no residual span). It is the same class, so every consumer of a schedule (the hooks, the
+    drop-in pipelines' `exit_schedule` component, `from_pretrained`, the bench's `ase:<folder>`, `finetune-ase`)
+    takes a plan unchanged.
 
     It is a diffusers `ConfigMixin`, so `save_pretrained(dir)` writes `exit_schedule.json` and
     `ExitSchedule.from_pretrained(dir)` / `from_config` read it back. It also derives from `SchedulerMixin`, which is
@@ -38,14 +47,16 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     Args:
         num_blocks (`int`): Number of skippable blocks of the denoiser the schedule is made for.
-        shape (`str`): One of `"constant"`, `"linear"`, `"cosine"`, `"step"`, `"table"`.
+        shape (`str`): One of `"constant"`, `"linear"`, `"cosine"`, `"step"`, `"table"`, `"plan"`.
         min_blocks (`int`, *optional*): Depth at `s = 1` (`linear`, `cosine`) or everywhere (`constant`).
         table (`list[int]`, *optional*): Depths of equal-width buckets of `s`, from the data end to the noise end
             (`step`).
-        timesteps (`list[float]`, *optional*): Increasing timesteps, in units of `num_train_timesteps` (`table`).
-        depths (`list[int]`, *optional*): The depth at each of `timesteps` (`table`); linearly interpolated in
-            between and rounded up, held constant beyond the ends.
-        num_train_timesteps (`int`, defaults to 1000): Scale of `timesteps` in a `table` schedule.
+        timesteps (`list[float]`, *optional*): Increasing timesteps, in units of `num_train_timesteps` (`table`,
+            `plan`).
+        depths (`list[int]`, *optional*): The depth at each of `timesteps`. `table`: linearly interpolated in
+            between and rounded up, held constant beyond the ends. `plan`: a depth or `REUSE` per step; a timestep
+            between steps takes the nearest step's.
+        num_train_timesteps (`int`, defaults to 1000): Scale of `timesteps` in a `table` schedule or a plan.
         allow_increasing (`bool`, defaults to `False`): Accept a `step` or `table` schedule whose depth increases
             with noise. Without it such a table raises, since it is almost always a reversed table.
     """
@@ -93,7 +104,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         else:
             if not timesteps or depths is None or len(timesteps) != len(depths):
                 raise ValueError(
-                    "A 'table' schedule needs `timesteps` and `depths` of the same non-zero length, got "
+                    f"A {shape!r} schedule needs `timesteps` and `depths` of the same non-zero length, got "
                     f"{0 if not timesteps else len(timesteps)} timesteps and {0 if depths is None else len(depths)} "
                     "depths."
                 )
@@ -103,9 +114,17 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                 raise ValueError(
                     f"`timesteps` must lie in [0, num_train_timesteps={num_train_timesteps}], got {list(timesteps)}."
                 )
-            for depth in depths:
-                self._check_depth("depths", depth, num_blocks)
-            self._check_not_increasing("depths", list(depths), allow_increasing)
+            if shape == "plan":
+                for depth in depths:
+                    if depth != REUSE:
+                        self._check_depth("depths", depth, num_blocks)
+                if depths[-1] == REUSE:
+                    raise ValueError("A plan's first sampling step (its highest timestep) cannot reuse: nothing has "
+                                     "been computed before it.")  # fmt: skip
+            else:
+                for depth in depths:
+                    self._check_depth("depths", depth, num_blocks)
+                self._check_not_increasing("depths", list(depths), allow_increasing)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -161,6 +180,35 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         )
 
     @classmethod
+    def plan(
+        cls,
+        num_blocks: int,
+        timesteps: Sequence[float] | torch.Tensor,
+        actions: Sequence[int],
+        num_train_timesteps: int = 1000,
+    ) -> "ExitSchedule":
+        """A per-step plan for one sampling run: `actions[i]` at the step of `timesteps[i]` (e.g.
+        `scheduler.timesteps`), each a depth in `[1, num_blocks]` or `REUSE` (0). The first step cannot reuse.
+
+        Example: `ExitSchedule.plan(12, scheduler.timesteps, [12, REUSE, 8, 8, REUSE, 12, 12, 12])`.
+        """
+        timesteps = _as_float_list(timesteps)
+        if len(timesteps) != len(actions):
+            raise ValueError(
+                f"`timesteps` and `actions` must have the same length, got {len(timesteps)} and {len(actions)}."
+            )
+        if len(set(timesteps)) != len(timesteps):
+            raise ValueError(f"A plan has one action per step: `timesteps` must be distinct, got {timesteps}.")
+        points = sorted(zip(timesteps, [as_int("actions", action) for action in actions]))
+        return cls(num_blocks=num_blocks, shape="plan", timesteps=[t for t, _ in points],
+                   depths=[d for _, d in points], num_train_timesteps=num_train_timesteps)  # fmt: skip
+
+    @property
+    def reuses(self) -> bool:
+        """Whether some step reuses the last computed step's work (a plan with `REUSE` steps)."""
+        return self.config.shape == "plan" and REUSE in self.config.depths
+
+    @classmethod
     def from_spec(cls, spec: str, num_blocks: int) -> "ExitSchedule":
         """Parse a command-line schedule: `linear:M`, `cosine:M`, `constant:M`, `step:d1,d2,...`, or a saved folder.
 
@@ -193,7 +241,8 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ evaluation
     def depth_at_position(self, s: float) -> int:
-        """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped)."""
+        """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped); `REUSE` (0) at a
+        plan's reuse steps."""
         s = min(max(float(s), 0.0), 1.0)
         config = self.config
         full, shape = config.num_blocks, config.shape
@@ -206,6 +255,10 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         elif shape == "step":
             table = config.table
             return table[min(int(s * len(table)), len(table) - 1)]
+        elif shape == "plan":
+            t = s * config.num_train_timesteps
+            nearest = min(range(len(config.timesteps)), key=lambda i: (abs(config.timesteps[i] - t), -i))
+            return config.depths[nearest]
         else:
             return self._table_depth(s * config.num_train_timesteps)
         return min(max(math.floor(depth + 0.5), 1), full)

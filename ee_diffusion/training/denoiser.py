@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
 from ..pipelines.class_conditional import null_class_label
-from ..schedules import ExitSchedule
+from ..schedules import REUSE, ExitSchedule
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,9 @@ def train_denoiser(
                 else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
             )
             loss = torch.zeros((), device=device)
-            for members in groups.values():
+            for depth, members in groups.items():
+                if depth == REUSE:  # a plan's reuse steps run no block: nothing of the model to train there
+                    continue
                 members = members.to(device)
                 prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
                 per_sample = (prediction[:, : noise.shape[1]] - noise[members]).pow(2).mean(dim=(1, 2, 3))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule
+from ee_diffusion.schedules import REUSE
 
 
 def test_linear_runs_all_blocks_at_data_end_and_min_at_noise_end():
@@ -174,3 +175,30 @@ def test_from_spec(tmp_path):
 
 def test_from_spec_step_fractions():
     assert ExitSchedule.from_spec("step:1.0,1.0,0.5,0.25", 12) == ExitSchedule.step(12, [12, 12, 6, 3])
+
+
+def test_a_plan_gives_each_step_its_action_and_the_nearest_step_in_between(tmp_path):
+    plan = ExitSchedule.plan(4, torch.tensor([999, 666, 333, 0]), [4, REUSE, 2, 3])
+    assert plan.config.timesteps == [0.0, 333.0, 666.0, 999.0] and plan.config.depths == [3, 2, REUSE, 4]
+    assert plan.depths_for([999, 666, 333, 0, 700, 100]) == [4, REUSE, 2, 3, REUSE, 3]
+    assert plan.reuses and not ExitSchedule.plan(4, [999, 0], [4, 2]).reuses
+    assert plan.compute_fraction([999, 666, 333, 0]) == (4 + 0 + 2 + 3) / 16
+    plan.save_pretrained(tmp_path)
+    assert ExitSchedule.from_pretrained(tmp_path) == plan
+
+
+@pytest.mark.parametrize(
+    ("factory", "error", "message"),
+    [
+        (lambda: ExitSchedule.plan(4, [999, 500], [REUSE, 4]), ValueError, "first sampling step .* cannot reuse"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4]), ValueError, "same length, got 2 and 1"),
+        (lambda: ExitSchedule.plan(4, [999, 999], [4, 2]), ValueError, "`timesteps` must be distinct"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4, 5]), ValueError, r"in \[1, num_blocks=4\], got 5"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4, -1]), ValueError, "got -1"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4, 2.5]), TypeError, "`actions` must be an integer, got 2.5"),
+        (lambda: ExitSchedule.plan(4, [999, 1500], [4, 2]), ValueError, "must lie in"),
+    ],
+)
+def test_bad_plans_raise_clear_errors(factory, error, message):
+    with pytest.raises(error, match=message):
+        factory()

@@ -5,6 +5,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from ee_diffusion import ExitSchedule, apply_exit_schedule, num_exit_blocks, remove_exit_schedule
 from ee_diffusion.data import DigitsSplit
 from ee_diffusion.exits import get_exit_schedule
+from ee_diffusion.schedules import REUSE
 from ee_diffusion.training import TrainConfig, depth_groups, freeze_timestep_embedding, loss_weights, train_denoiser
 
 NUM_BLOCKS = 4
@@ -76,9 +77,12 @@ def test_ase_step_reduces_the_loss_under_the_schedule_and_keeps_the_timestep_emb
         assert parameter.requires_grad
 
 
-def test_ase_training_runs_each_block_only_for_the_samples_that_use_it():
+@pytest.mark.parametrize("schedule", [
+    ExitSchedule.step(NUM_BLOCKS, [4, 4, 3, 3, 2, 2, 1, 1, 1, 1]),
+    ExitSchedule.plan(NUM_BLOCKS, [999, 666, 333, 0], [4, REUSE, 2, REUSE]),  # reuse steps: nothing to train
+], ids=["schedule", "plan"])  # fmt: skip
+def test_ase_training_runs_each_block_only_for_the_samples_that_use_it(schedule):
     model, data = tiny_dit(), tiny_data()
-    schedule = ExitSchedule.step(NUM_BLOCKS, [4, 4, 3, 3, 2, 2, 1, 1, 1, 1])
     calls = []  # per denoiser call: its timesteps
     block_batches = [[] for _ in range(NUM_BLOCKS)]  # per block: the batch size of each of its runs
     model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[1].tolist()), with_kwargs=True)
@@ -95,6 +99,7 @@ def test_ase_training_runs_each_block_only_for_the_samples_that_use_it():
         for i in range(depths.pop()):
             expected[i].append(len(timesteps))
     assert block_batches == expected
+    assert all(REUSE not in schedule.depths_for(timesteps) for timesteps in calls)
     executed = sum(map(sum, block_batches))
     assert executed == sum(sum(schedule.depths_for(t)) for t in calls) < 3 * QUICK["batch_size"] * NUM_BLOCKS
 

@@ -1,0 +1,95 @@
+"""Plans: per-step depths and reuse steps, on every drop-in pipeline's architecture.
+
+Reuse is checked with plain torch hooks: the units that really ran (`DepthRecorder`), the hidden state entering the
+first block and the one leaving the last (transformers), the denoiser's output (U-Nets).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_stats
+from ee_diffusion.schedules import REUSE
+
+from tests.conftest import make_tiny_dit
+
+from .conftest import CASES, assert_depths_follow_schedule, images_of
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+class SpanRecorder:
+    """Per denoiser call: the hidden state entering the first block and the one the output norm receives."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        self.starts, self.ends = [], []
+        denoiser.transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: self.starts.append(_hidden_states(args, kwargs)), with_kwargs=True
+        )
+        denoiser.norm_out.register_forward_pre_hook(lambda module, args: self.ends.append(args[0]))
+
+
+def _run(pipe, case, steps=5):
+    return images_of(pipe(**case.inputs(steps=steps, guidance=case.guided)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reuse_steps_run_no_block_and_take_the_last_computed_steps_work(name):
+    case = CASES[name]
+    pipe = case.make()
+    recorder = case.recorder(pipe)
+    full = _run(pipe, case)
+    timesteps = [call.timesteps[0] for call in recorder.calls]
+    actions = [case.num_units, REUSE, case.num_units - 1, REUSE, case.num_units]
+    plan = ExitSchedule.plan(case.num_units, timesteps, actions)
+    pipe.exit_schedule = plan
+    recorder.reset()
+    denoiser = pipe.unet if case.is_unet else pipe.transformer
+    if case.is_unet:
+        outputs = []
+        denoiser.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    else:
+        span = SpanRecorder(denoiser)
+    planned = _run(pipe, case)
+
+    assert assert_depths_follow_schedule(recorder, plan, 1000, pipe.exit_stats) == actions
+    assert pipe.exit_stats.block_fraction == pytest.approx(sum(actions) / (5 * case.num_units))
+    for step in (1, 3):  # the reuse steps
+        if case.is_unet:  # the whole prediction of the step before
+            assert torch.equal(outputs[step], outputs[step - 1])
+        else:  # this step's input to the blocks plus the last computed step's change across them
+            residual = span.ends[step - 1] - span.starts[step - 1]
+            assert torch.equal(span.ends[step], span.starts[step] + residual)
+    assert not torch.equal(planned, full)
+    assert torch.equal(_run(pipe, case), planned)  # nothing carries over from one call to the next
+
+
+def test_a_reuse_step_with_nothing_cached_runs_at_full_depth_and_a_new_run_forgets_the_cache():
+    model = make_tiny_dit()
+    apply_exit_schedule(model, ExitSchedule.plan(4, [999, 500], [4, REUSE]))
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        model(x, timestep=torch.tensor([500, 500]), class_labels=y)  # reuse, but nothing computed yet
+        model(x, timestep=torch.tensor([999, 999]), class_labels=y)  # a new run: computes
+        model(x, timestep=torch.tensor([500, 500]), class_labels=y)  # reuses
+        model(x[:1], timestep=torch.tensor([500]), class_labels=y[:1])  # another batch: nothing cached for it
+        model(x, timestep=torch.tensor([999, 999]), class_labels=y)
+        model(x, timestep=torch.tensor([500, 500]), class_labels=y)
+    assert get_exit_stats(model).blocks_per_call == [4, 4, 0, 4, 4, 0]
+    with pytest.raises(ValueError, match="mix the plan's reuse steps with computed ones"):
+        model(x, timestep=torch.tensor([999, 500]), class_labels=y)
+
+
+def test_plans_round_trip_through_a_pipeline_folder(tmp_path):
+    case = CASES["dit"]
+    plan = ExitSchedule.plan(case.num_units, [999, 749, 499, 249], [4, REUSE, 2, REUSE], num_train_timesteps=1000)
+    pipe = case.make(exit_schedule=plan)
+    pipe.save_pretrained(tmp_path)
+    loaded = type(pipe).from_pretrained(tmp_path)
+    assert loaded.exit_schedule == plan and loaded.exit_schedule.reuses
+    assert ExitSchedule.from_spec(str(tmp_path / "exit_schedule"), case.num_units) == plan
