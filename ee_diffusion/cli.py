@@ -217,6 +217,43 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .bench.methods import denoiser_of
+    from .bench.schedulers import build_scheduler
+    from .pipelines import load_early_exit_pipeline
+    from .pipelines.class_conditional import null_class_label
+    from .schedules import calibrate_plan
+
+    torch = arg.torch_with_threads(args.threads)
+    pipe = load_early_exit_pipeline(args.model, dtype=torch.float32).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = build_scheduler(args.scheduler, pipe.scheduler.config)
+    classes = null_class_label(denoiser_of(pipe))
+    labels = [i % classes for i in range(args.num_probes)]
+    budget = f"tolerance {args.tolerance}" if args.tolerance is not None else f"target compute {args.target_compute}"
+    print(f"ee-diffusion calibrate: {args.model}, {args.scheduler} {args.steps} steps, guidance "
+          f"{args.guidance_scale}, {args.num_probes} probes (seed {args.seed}), {budget}")  # fmt: skip
+    result = calibrate_plan(pipe, {"class_labels": labels, "guidance_scale": args.guidance_scale}, args.steps,
+                            tolerance=args.tolerance, target_compute=args.target_compute, seed=args.seed)  # fmt: skip
+    result.plan.save_pretrained(args.out)
+    report = {
+        "command": "ee-diffusion " + " ".join(args.argv),
+        "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": args.guidance_scale,
+        "num_probes": args.num_probes, "seed": args.seed, "tolerance": args.tolerance,
+        "target_compute": args.target_compute, "compute_fraction": result.compute_fraction, "error": result.error,
+        "timesteps": list(result.timesteps),
+        "chain": [{"actions": list(p.actions), "compute_fraction": p.compute_fraction, "error": p.error}
+                  for p in result.chain],
+        "sensitivity": [{str(action): error for action, error in step.items()} for step in result.sensitivity],
+    }  # fmt: skip
+    (Path(args.out) / "calibration.json").write_text(json.dumps(report, indent=2))
+    actions = ", ".join("reuse" if a == 0 else str(a) for a in reversed(result.plan.config.depths))
+    print(f"plan (per step, first to last): {actions}")
+    print(f"block compute {result.compute_fraction:.1%} of the full model's, final-image error {result.error:.4f} "
+          f"(RMS, pixels in [0, 1]); saved {args.out} (use it as --methods ase:{args.out})")  # fmt: skip
+    return 0
+
+
 def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
                             loss_weight: str) -> None:  # fmt: skip
     command.add_argument("--out", required=True, type=arg.output_folder,
@@ -339,6 +376,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--save-images", metavar="DIR", type=arg.output_folder,
                        help="write every image to DIR/{method}/{index:05d}_class{label}.png")
     bench.set_defaults(func=_bench)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        formatter_class=arg.HelpFormatter,
+        help="find the cheapest per-step plan of depths and reuse steps within an error budget",
+        description="Calibrate a plan for one scheduler and step count from the model's own sampling runs (probes, "
+        "no data): per step, the final-image error of each depth and of reusing the last computed step's work; then "
+        "a chain of plans from full to cheapest, each measured; the budget picks one. The error is the RMS difference "
+        "of the final images from the full model's (same noise and labels, pixel values in [0, 1]). Saves "
+        "OUT/exit_schedule.json (the plan: --methods ase:OUT in the bench, exit_schedule= in a pipeline) and "
+        "OUT/calibration.json (every plan measured).",
+    )
+    calibrate.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
+    calibrate.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm-solver++", help="the plan's scheduler")
+    calibrate.add_argument("--steps", type=arg.integer(2), default=10, help="the plan's step count")
+    budget = calibrate.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tolerance", type=arg.number(0), help="largest final-image error (RMS, pixels in [0, 1]); "
+                        "0 gives the full model")  # fmt: skip
+    budget.add_argument("--target-compute", type=arg.number(0, 1, low_open=True),
+                        help="share of the full block compute to spend, in (0, 1]")
+    calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
+    calibrate.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images (labels cycle)")
+    calibrate.add_argument("--guidance-scale", type=arg.number(0), default=1.0,
+                           help="classifier-free guidance the plan is for (1: off)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the probes' noise")
+    calibrate.add_argument("--device", type=arg.device, default="cpu", help="torch device")
+    calibrate.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+    calibrate.set_defaults(func=_calibrate)
 
     train = commands.add_parser(
         "train",

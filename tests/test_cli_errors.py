@@ -47,6 +47,12 @@ CASES = [
     (["finetune-ase", "--model", "digits-dit", "--schedule", "linear:6", "--out", "/tmp/x", "--ema-decay", "1"],
      "--ema-decay: expected a finite number in [0, 1), got 1"),
     (["finetune-ase", "--model", "nowhere", "--schedule", "linear:6", "--out", "/tmp/x"], "No model 'nowhere'"),
+    (["calibrate", "--out", "/tmp/x"], "one of the arguments --tolerance --target-compute is required"),
+    (["calibrate", "--out", "/tmp/x", "--target-compute", "0"], "--target-compute: expected a finite number in (0, 1]"),
+    (["calibrate", "--out", "/tmp/x", "--tolerance", "-1"], "--tolerance: expected a finite number in [0, inf)"),
+    (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--target-compute", "0.5"], "not allowed with argument"),
+    (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--steps", "1"], "--steps: expected an integer >= 2"),
+    (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--model", "nowhere"], "No model 'nowhere'"),
     (["train-mdlm", "--out", "/tmp/x", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train-mdlm", "--out", "/tmp/x", "--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
     (["dllm-bench", "--tasks", "addition,division"], "--tasks: unknown 'division'; accepted: addition, sorting"),
@@ -63,8 +69,8 @@ def test_bad_input_ends_with_an_error_and_status_2(argv, message, capsys):
     assert "error: " in err and message in err and "Traceback" not in err
 
 
-PARSE_TIME = [(argv, message) for argv, message in CASES if message.startswith("--") or "arguments are required" in
-              message]  # fmt: skip
+PARSE_TIME = [(argv, message) for argv, message in CASES
+              if message.startswith("--") or "required" in message or "not allowed" in message]
 
 
 @pytest.mark.parametrize("argv, message", PARSE_TIME, ids=[" ".join(argv) for argv, _ in PARSE_TIME])

@@ -1,0 +1,105 @@
+"""Calibrated plans: budgets honoured, repeatable, on transformers, U-Nets and flow matching, and bad budgets refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ee_diffusion.cli import main
+from ee_diffusion.schedules import REUSE, ExitSchedule, calibrate_plan
+
+from .conftest import CASES, DepthRecorder
+
+pytestmark = pytest.mark.timeout(120)
+
+STEPS = 4
+
+
+def calibrate(name: str, **budget):
+    case = CASES[name]
+    pipe = case.make()
+    kwargs = case.inputs(batch=2, steps=STEPS, guidance=case.guided)
+    for key in ("num_inference_steps", "generator", "output_type"):
+        kwargs.pop(key)
+    return case, pipe, calibrate_plan(pipe, kwargs, STEPS, progress=False, **budget)
+
+
+def test_zero_tolerance_gives_the_full_model_and_larger_tolerances_never_cost_more():
+    case, pipe, exact = calibrate("dit", tolerance=0)
+    assert exact.plan.config.depths == [case.num_units] * STEPS and exact.error == 0 and exact.compute_fraction == 1
+    computes = [calibrate("dit", tolerance=tolerance)[2].compute_fraction for tolerance in (0.001, 0.01, 0.05, 1.0)]
+    assert computes == sorted(computes, reverse=True) and computes[-1] < 1
+    assert pipe.exit_schedule is None  # the pipeline is left as it was found
+
+
+@pytest.mark.parametrize("target", [0.9, 0.6, 0.3])
+def test_a_compute_target_is_met_within_one_block_per_step(target):
+    case, pipe, result = calibrate("dit", target_compute=target)
+    assert result.compute_fraction <= target + 1e-12
+    assert target - result.compute_fraction < 1 / case.num_units
+    # what the plan really runs, counted by independent hooks, is what it claims
+    recorder = DepthRecorder.for_transformer(pipe)
+    pipe.exit_schedule = result.plan
+    kwargs = case.inputs(batch=2, steps=STEPS, guidance=True)
+    pipe(**kwargs)
+    assert sum(recorder.depths) / (STEPS * case.num_units) == pytest.approx(result.compute_fraction)
+
+
+def test_calibration_is_repeatable_and_every_chain_plan_is_measured():
+    _, _, first = calibrate("dit", tolerance=0.02)
+    _, _, again = calibrate("dit", tolerance=0.02)
+    assert first.plan == again.plan and first.chain == again.chain
+    assert first.chain[0].error == 0 and first.chain[0].compute_fraction == 1
+    assert [p.compute_fraction for p in first.chain] == sorted((p.compute_fraction for p in first.chain), reverse=True)
+    assert first.sensitivity[0].keys() == set(range(1, 5))  # the first step cannot reuse
+    assert REUSE in first.sensitivity[1]
+
+
+@pytest.mark.parametrize("name", ["ddim", "sd3"])
+def test_u_nets_and_flow_matching_calibrate_too(name):
+    case, pipe, result = calibrate(name, target_compute=0.5)
+    assert 0.5 - 1 / case.num_units < result.compute_fraction <= 0.5
+    assert result.plan.config.shape == "plan" and len(result.timesteps) == STEPS
+
+
+@pytest.mark.parametrize("budget, error, match", [
+    (dict(), ValueError, "exactly one budget"),
+    (dict(tolerance=0.1, target_compute=0.5), ValueError, "exactly one budget"),
+    (dict(tolerance=-0.1), ValueError, "`tolerance` must be a finite number >= 0"),
+    (dict(tolerance=float("nan")), ValueError, "`tolerance` must be a finite number"),
+    (dict(target_compute=0), ValueError, r"`target_compute` must lie in \(0, 1\]"),
+    (dict(target_compute=1.5), ValueError, r"`target_compute` must lie in \(0, 1\]"),
+    (dict(target_compute="half"), TypeError, "`target_compute` must be a number"),
+])  # fmt: skip
+def test_bad_budgets_are_refused_before_any_run(budget, error, match):
+    case = CASES["dit"]
+    pipe = case.make()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(error, match=match):
+        calibrate_plan(pipe, {"class_labels": [1]}, STEPS, progress=False, **budget)
+    assert not calls
+
+
+def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from ee_diffusion.bench.harness import BenchConfig, run_bench
+    from ee_diffusion.training import save_digits_pipeline
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
+                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    save_digits_pipeline(model, tmp_path / "model")
+    out = tmp_path / "plan"
+    assert main(["calibrate", "--model", str(tmp_path / "model"), "--steps", "3", "--target-compute", "0.5",
+                 "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "calibration.json").read_text())
+    plan = ExitSchedule.from_pretrained(out)
+    assert report["compute_fraction"] == plan.compute_fraction(report["timesteps"]) <= 0.5
+    assert "ase:" in capsys.readouterr().out
+    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=["baseline", f"ase:{out}"], num_samples=2,
+                                 steps=3, repeats=1), progress=False)  # fmt: skip
+    assert rows[1].block_fraction == pytest.approx(report["compute_fraction"])
