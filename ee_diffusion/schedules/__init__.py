@@ -1,4 +1,4 @@
-from .calibration import Calibration, PlanPoint, calibrate_plan
+from .calibration import Calibration, PlanCalibrator, PlanPoint, calibrate_plan
 from .exit_schedule import REUSE, ExitSchedule
 
-__all__ = ["REUSE", "Calibration", "ExitSchedule", "PlanPoint", "calibrate_plan"]
+__all__ = ["REUSE", "Calibration", "ExitSchedule", "PlanCalibrator", "PlanPoint", "calibrate_plan"]

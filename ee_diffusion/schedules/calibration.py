@@ -97,6 +97,129 @@ def _planned(pipe: Any) -> Iterator[Any]:
             apply_exit_schedule(pipe, own)
 
 
+class PlanCalibrator:
+    """The measurements behind calibrated plans for one pipeline, scheduler, step count and set of probes: made once
+    (on first use), then any number of budgets pick from them (`for_tolerance`, `for_target_compute`).
+
+    Args:
+        pipe: A pipeline whose denoiser the exit hooks support (a drop-in one, or a stock diffusers one), with the
+            scheduler the plan is for.
+        call_kwargs: What each probe call passes besides the steps, generator and output type: the probes'
+            conditioning, e.g. `{"class_labels": [0, 1, ..., 9], "guidance_scale": 2.0}` (its batch is the probes).
+        num_inference_steps: The step count the plans are for.
+        seed: Seed of the probes' noise (the same in every run).
+        progress: Show a progress bar over the runs.
+    """
+
+    def __init__(self, pipe: Any, call_kwargs: dict[str, Any], num_inference_steps: int, seed: int = 0,
+                 progress: bool = True) -> None:  # fmt: skip
+        if not isinstance(call_kwargs, dict):
+            raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
+        from ..exits import num_exit_blocks
+
+        self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
+        self.num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
+        self.denoiser = _denoiser(pipe)
+        self.num_blocks = num_exit_blocks(self.denoiser)
+        self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
+        self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
+        self.sensitivity: tuple[dict[int, float], ...] = ()
+        self._measured: dict[tuple[int, ...], float] = {}
+        self._chain: tuple[PlanPoint, ...] | None = None
+
+    def for_tolerance(self, tolerance: float) -> Calibration:
+        """The cheapest plan of the chain whose measured error is at most `tolerance` (0: the full model)."""
+        tolerance = as_number("tolerance", tolerance, low=0)
+        chain = self.chain
+        chosen = min((p for p in chain if p.error <= tolerance), key=lambda p: (p.compute_fraction, p.error))
+        return self._result(chosen)
+
+    def for_target_compute(self, target_compute: float) -> Calibration:
+        """The most accurate plan of the chain at or under `target_compute`, filled back up to it block by block."""
+        if not 0 < as_number("target_compute", target_compute) <= 1:
+            raise ValueError(f"`target_compute` must lie in (0, 1], got {target_compute!r}.")
+        chain = self.chain
+        under = [p for p in chain if p.compute_fraction <= target_compute + 1e-12]
+        if not under:
+            raise ValueError(f"`target_compute={target_compute}` is below the cheapest plan's "
+                             f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps.")  # fmt: skip
+        best = min(under, key=lambda p: (p.error, -p.compute_fraction))
+        filled = _fill(best.actions, self.sensitivity, self.num_blocks, target_compute)
+        if filled != best.actions:
+            with self._session() as (measure, _):
+                best = PlanPoint(filled, self._compute(filled), measure(filled))
+        return self._result(best)
+
+    @property
+    def chain(self) -> tuple[PlanPoint, ...]:
+        """Every plan measured, from full to cheapest (made on first use)."""
+        if self._chain is None:
+            self._calibrate()
+        return self._chain
+
+    # ------------------------------------------------------------------ measurement
+    def _calibrate(self) -> None:
+        steps, full = self.num_inference_steps, (self.num_blocks,) * self.num_inference_steps
+        options = [[*range(self.num_blocks - 1, 0, -1), *([REUSE] if i else [])] for i in range(steps)]
+        with self._session(total=sum(map(len, options)), desc="calibrating: sensitivity") as (measure, bar):
+            sensitivity = tuple(
+                {action: measure(full[:i] + (action,) + full[i + 1 :]) for action in options[i]} for i in range(steps)
+            )
+            for step in sensitivity:
+                step[self.num_blocks] = 0.0
+            self.sensitivity = sensitivity
+            chain = _chain(full, sensitivity)
+            bar.reset(total=len(chain))
+            bar.set_description("calibrating: chain")
+            self._chain = tuple(PlanPoint(actions, self._compute(actions), measure(actions)) for actions in chain)
+
+    @contextlib.contextmanager
+    def _session(self, total: int = 1, desc: str = "calibrating") -> Iterator[Any]:
+        """Inside: `measure(actions)`, the final-image error of a plan (each plan run once), and the progress bar."""
+        pipe = self.pipe
+
+        def sample() -> np.ndarray:
+            generator = torch.Generator(self.denoiser.device).manual_seed(self.seed)
+            images = pipe(**self.call_kwargs, num_inference_steps=self.num_inference_steps, generator=generator,
+                          output_type="np").images  # fmt: skip
+            return np.asarray(images, dtype=np.float64)
+
+        with _planned(pipe) as use, tqdm(total=total, desc=desc, disable=not self.progress) as bar:
+            if not self._measured:  # the reference: the full model, whose calls give the plan its steps
+                recorded: list[float] = []
+                handle = self.denoiser.register_forward_pre_hook(
+                    lambda module, args, kwargs: recorded.append(_timestep(args, kwargs)), with_kwargs=True
+                )
+                use(None)
+                try:
+                    self._reference = sample()
+                finally:
+                    handle.remove()
+                self.timesteps = tuple(_one_per_step(recorded, self.num_inference_steps))
+                self._measured[(self.num_blocks,) * self.num_inference_steps] = 0.0
+
+            def measure(actions: tuple[int, ...]) -> float:
+                if actions not in self._measured:
+                    use(self.plan_of(actions))
+                    self._measured[actions] = float(np.sqrt(np.mean((sample() - self._reference) ** 2)))
+                    bar.update()
+                return self._measured[actions]
+
+            yield measure, bar
+
+    def plan_of(self, actions: tuple[int, ...]) -> ExitSchedule:
+        """The plan that takes `actions[i]` at step `i`."""
+        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions, num_train_timesteps=self.num_train_timesteps)
+
+    def _compute(self, actions: tuple[int, ...]) -> float:
+        return sum(actions) / (len(actions) * self.num_blocks)
+
+    def _result(self, point: PlanPoint) -> Calibration:
+        return Calibration(plan=self.plan_of(point.actions), compute_fraction=point.compute_fraction,
+                           error=point.error, timesteps=self.timesteps, sensitivity=self.sensitivity,
+                           chain=self.chain)  # fmt: skip
+
+
 def calibrate_plan(
     pipe: Any,
     call_kwargs: dict[str, Any],
@@ -106,93 +229,23 @@ def calibrate_plan(
     seed: int = 0,
     progress: bool = True,
 ) -> Calibration:
-    """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one).
+    """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one); see
+    `PlanCalibrator` for the arguments, and to pick plans for several budgets from one set of measurements.
 
     Args:
-        pipe: A pipeline whose denoiser the exit hooks support (a drop-in one, or a stock diffusers one), with the
-            scheduler the plan is for.
-        call_kwargs: What each probe call passes besides the steps, generator and output type: the probes'
-            conditioning, e.g. `{"class_labels": [0, 1, ..., 9], "guidance_scale": 2.0}` (its batch is the probes).
-        num_inference_steps: The step count the plan is for.
         tolerance: Largest final-image error allowed (RMS, pixel values in [0, 1]; 0 gives the full model).
         target_compute: Share of the full block compute to spend, in (0, 1].
-        seed: Seed of the probes' noise (the same in every run).
-        progress: Show a progress bar over the runs.
     """
     if (tolerance is None) == (target_compute is None):
         raise ValueError("Give exactly one budget: `tolerance` or `target_compute`.")
     if tolerance is not None:
-        tolerance = as_number("tolerance", tolerance, low=0)
-    if target_compute is not None and not 0 < as_number("target_compute", target_compute) <= 1:
+        as_number("tolerance", tolerance, low=0)
+    elif not 0 < as_number("target_compute", target_compute) <= 1:
         raise ValueError(f"`target_compute` must lie in (0, 1], got {target_compute!r}.")
-    num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
-    if not isinstance(call_kwargs, dict):
-        raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
-    from ..exits import num_exit_blocks
-
-    denoiser = _denoiser(pipe)
-    num_blocks = num_exit_blocks(denoiser)
-    num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
-    device = denoiser.device
-
-    def sample() -> np.ndarray:
-        generator = torch.Generator(device).manual_seed(seed)
-        images = pipe(**call_kwargs, num_inference_steps=num_inference_steps, generator=generator,
-                      output_type="np").images  # fmt: skip
-        return np.asarray(images, dtype=np.float64)
-
-    def plan_of(actions: tuple[int, ...]) -> ExitSchedule:
-        return ExitSchedule.plan(num_blocks, timesteps, actions, num_train_timesteps=num_train_timesteps)
-
-    def compute(actions: tuple[int, ...]) -> float:
-        return sum(actions) / (len(actions) * num_blocks)
-
-    with _planned(pipe) as use:
-        recorded: list[float] = []
-        handle = denoiser.register_forward_pre_hook(
-            lambda module, args, kwargs: recorded.append(_timestep(args, kwargs)), with_kwargs=True
-        )
-        use(None)
-        try:
-            reference = sample()
-        finally:
-            handle.remove()
-        timesteps = _one_per_step(recorded, num_inference_steps)
-        full = (num_blocks,) * num_inference_steps
-        options = [[*range(num_blocks - 1, 0, -1), *([REUSE] if i else [])] for i in range(num_inference_steps)]
-        bar = tqdm(total=sum(map(len, options)), desc="calibrating: sensitivity", disable=not progress)
-        measured: dict[tuple[int, ...], float] = {full: 0.0}
-
-        def error(actions: tuple[int, ...]) -> float:
-            if actions not in measured:
-                use(plan_of(actions))
-                measured[actions] = float(np.sqrt(np.mean((sample() - reference) ** 2)))
-                bar.update()
-            return measured[actions]
-
-        sensitivity = tuple(
-            {action: error(full[:i] + (action,) + full[i + 1 :]) for action in options[i]}
-            for i in range(num_inference_steps)
-        )
-        for i in range(num_inference_steps):
-            sensitivity[i][num_blocks] = 0.0
-        chain = _chain(full, sensitivity)
-        bar.reset(total=len(chain))
-        bar.set_description("calibrating: chain")
-        points = [PlanPoint(actions, compute(actions), error(actions)) for actions in chain]
-        if tolerance is not None:
-            chosen = min((p for p in points if p.error <= tolerance), key=lambda p: (p.compute_fraction, p.error))
-        else:
-            under = [p for p in points if p.compute_fraction <= target_compute + 1e-12]
-            if not under:
-                raise ValueError(f"`target_compute={target_compute}` is below the cheapest plan's "
-                                 f"{points[-1].compute_fraction:.3f} for {num_inference_steps} steps.")  # fmt: skip
-            best = min(under, key=lambda p: (p.error, -p.compute_fraction))
-            filled = _fill(best.actions, sensitivity, num_blocks, target_compute)
-            chosen = best if filled == best.actions else PlanPoint(filled, compute(filled), error(filled))
-        bar.close()
-    return Calibration(plan=plan_of(chosen.actions), compute_fraction=chosen.compute_fraction, error=chosen.error,
-                       timesteps=tuple(timesteps), sensitivity=sensitivity, chain=tuple(points))  # fmt: skip
+    calibrator = PlanCalibrator(pipe, call_kwargs, num_inference_steps, seed=seed, progress=progress)
+    if tolerance is not None:
+        return calibrator.for_tolerance(tolerance)
+    return calibrator.for_target_compute(target_compute)
 
 
 def _timestep(args: tuple, kwargs: dict) -> float:

@@ -25,6 +25,17 @@ def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[fl
     return [float(v) for v in timesteps]
 
 
+def _sorted_points(
+    timesteps: Sequence[float] | torch.Tensor, values: Sequence[int], name: str
+) -> tuple[list[float], list[int]]:
+    """`(timesteps, values)` as parallel lists sorted by timestep, each value an integer."""
+    timesteps = _as_float_list(timesteps)
+    if len(timesteps) != len(values):
+        raise ValueError(f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}.")
+    points = sorted(zip(timesteps, [as_int(name, value) for value in values]))
+    return [t for t, _ in points], [value for _, value in points]
+
+
 class ExitSchedule(SchedulerMixin, ConfigMixin):
     r"""
     A time-dependent exit schedule: it maps a timestep to the number of denoiser blocks to run.
@@ -164,20 +175,9 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         Points may be given in any order; they are sorted by timestep. Between points the depth is linearly
         interpolated and rounded up; beyond the first and last point it is held constant.
         """
-        timesteps = _as_float_list(timesteps)
-        if len(timesteps) != len(depths):
-            raise ValueError(
-                f"`timesteps` and `depths` must have the same length, got {len(timesteps)} and {len(depths)}."
-            )
-        points = sorted(zip(timesteps, [as_int("depths", d) for d in depths]))
-        return cls(
-            num_blocks=num_blocks,
-            shape="table",
-            timesteps=[t for t, _ in points],
-            depths=[d for _, d in points],
-            num_train_timesteps=num_train_timesteps,
-            allow_increasing=allow_increasing,
-        )
+        timesteps, depths = _sorted_points(timesteps, depths, "depths")
+        return cls(num_blocks=num_blocks, shape="table", timesteps=timesteps, depths=depths,
+                   num_train_timesteps=num_train_timesteps, allow_increasing=allow_increasing)  # fmt: skip
 
     @classmethod
     def plan(
@@ -192,16 +192,11 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
         Example: `ExitSchedule.plan(12, scheduler.timesteps, [12, REUSE, 8, 8, REUSE, 12, 12, 12])`.
         """
-        timesteps = _as_float_list(timesteps)
-        if len(timesteps) != len(actions):
-            raise ValueError(
-                f"`timesteps` and `actions` must have the same length, got {len(timesteps)} and {len(actions)}."
-            )
+        timesteps, actions = _sorted_points(timesteps, actions, "actions")
         if len(set(timesteps)) != len(timesteps):
             raise ValueError(f"A plan has one action per step: `timesteps` must be distinct, got {timesteps}.")
-        points = sorted(zip(timesteps, [as_int("actions", action) for action in actions]))
-        return cls(num_blocks=num_blocks, shape="plan", timesteps=[t for t, _ in points],
-                   depths=[d for _, d in points], num_train_timesteps=num_train_timesteps)  # fmt: skip
+        return cls(num_blocks=num_blocks, shape="plan", timesteps=timesteps, depths=actions,
+                   num_train_timesteps=num_train_timesteps)  # fmt: skip
 
     @property
     def reuses(self) -> bool:
