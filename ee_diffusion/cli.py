@@ -254,6 +254,26 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .bench.methods import parse_methods
+    from .bench.sweep import SweepConfig, format_sweep, run_sweep
+
+    torch = arg.torch_with_threads(args.threads)
+    accelerators = parse_methods(args.accelerators) if args.accelerators else []
+    config = SweepConfig(
+        out=args.out, model=args.model, scheduler=args.scheduler, steps=args.steps, budgets=args.budgets,
+        accelerators=accelerators, num_samples=args.num_samples, batch_size=args.batch_size, repeats=args.repeats,
+        guidance_scale=args.guidance_scale, num_probes=args.num_probes, seed=args.seed, device=args.device,
+    )  # fmt: skip
+    print(f"ee-diffusion sweep: {config.model}, {config.scheduler} at {config.steps} steps, plans at compute "
+          f"{config.budgets}, accelerators {accelerators}, {config.num_samples} samples per row, guidance "
+          f"{config.guidance_scale}; {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    swept = run_sweep(config)
+    print(format_sweep(swept, max(config.steps)))
+    print(f"wrote {args.out}/sweep.json, sweep.png, plans/ and best/")
+    return 0
+
+
 def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
                             loss_weight: str) -> None:  # fmt: skip
     command.add_argument("--out", required=True, type=arg.output_folder,
@@ -404,6 +424,35 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     calibrate.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
     calibrate.set_defaults(func=_calibrate)
+
+    sweep = commands.add_parser(
+        "sweep",
+        formatter_class=arg.HelpFormatter,
+        help="the speed/quality front of one model: plans, shapes, fewer steps and diffusers' caches, side by side",
+        description="For each step count: calibrate plans at each compute budget, pick linear shapes at matching "
+        "compute, and bench them beside the baseline and diffusers' accelerators (same seeds, interleaved timing). "
+        "Prints every row by block compute (a share of the full model at the largest step count) with the front "
+        "marked and the cheapest row within 5, 10 and 20% of the largest step count's baseline FID; writes "
+        "OUT/sweep.json, OUT/sweep.png, the plans (OUT/plans/) and the best plan per quality level (OUT/best/).",
+    )
+    sweep.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
+    sweep.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm-solver++", help="scheduler of every row")
+    sweep.add_argument("--steps", type=arg.integers(2), default=[6, 8, 10, 20], metavar="N[,N...]",
+                       help="step counts (the largest is the reference)")
+    sweep.add_argument("--budgets", type=arg.numbers(0, 1, low_open=True, high_open=True), default=[0.9, 0.8, 0.7, 0.6],
+                       metavar="F[,F...]", help="compute budgets of the plans and shapes, shares in (0, 1)")
+    sweep.add_argument("--accelerators", default="magcache:0.06:3,magcache:0.15:4,fbcache:0.05,fbcache:0.15",
+                       help="diffusers accelerator methods, as in bench --methods ('' for none)")
+    sweep.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the results to")
+    sweep.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per row, for quality")
+    sweep.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch")
+    sweep.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per step count")
+    sweep.add_argument("--guidance-scale", type=arg.number(0), default=2.0, help="classifier-free guidance (1: off)")
+    sweep.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images of each calibration")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the probes and of batch i (seed + i)")
+    sweep.add_argument("--device", type=arg.device, default="cpu", help="torch device")
+    sweep.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+    sweep.set_defaults(func=_sweep)
 
     train = commands.add_parser(
         "train",

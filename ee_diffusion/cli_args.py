@@ -73,6 +73,12 @@ def number(
     return parse
 
 
+def numbers(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], list[float]]:
+    """A comma-separated list of numbers, each as `number` accepts it."""
+    single = number(low, high, low_open, high_open)
+    return lambda text: [single(part) for part in text.split(",")]
+
+
 def integers(low: int) -> Callable[[str], list[int]]:
     """A comma-separated list of integers, each at least `low`."""
     single = integer(low)

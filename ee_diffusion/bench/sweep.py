@@ -1,0 +1,223 @@
+"""`ee-diffusion sweep`: the speed/quality front of one model, ours beside the plain alternatives, in one process.
+
+For each step count of the sweep, one bench run (`run_bench`, its own interleaved timing) compares, on the same seeds:
+
+- `baseline`: the model at full depth;
+- calibrated plans (`ase:<folder>`), one per compute budget, all picked from one calibration at that step count;
+- hand-made shapes at matching compute: the `linear` schedule whose block compute over those steps is nearest to each
+  budget;
+- diffusers' accelerators at the thresholds asked for.
+
+Every row gets `compute`: its block compute as a share of the full model at the sweep's largest step count
+(`block_fraction * steps / max(steps)`), so a plan at 10 steps and the baseline at 8 stand on one axis. Speed
+(`images_per_s`) is comparable within a step count (interleaved rounds); across step counts it comes from separate
+runs. The front is the set of rows no other row beats on both compute and FID (class error when there is no FID).
+For each quality level (FID within 5, 10 and 20% of the largest step count's baseline) the cheapest row is named, and
+when it is a plan, its folder is copied to `OUT/best/fid-within-<p>pct`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .report import BenchRow, pareto_front, rows_as_dicts
+
+QUALITY_LEVELS = (0.05, 0.10, 0.20)
+
+
+@dataclass
+class SweepConfig:
+    """What `run_sweep` measures (the bench settings are `BenchConfig`'s)."""
+
+    out: str
+    model: str = "digits-dit"
+    scheduler: str = "dpm-solver++"
+    steps: list[int] = field(default_factory=lambda: [6, 8, 10, 20])
+    budgets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6])
+    accelerators: list[str] = field(default_factory=lambda: ["magcache:0.06:3", "magcache:0.15:4", "fbcache:0.05",
+                                                             "fbcache:0.15"])  # fmt: skip
+    num_samples: int = 250
+    batch_size: int = 10
+    repeats: int = 5
+    guidance_scale: float = 2.0
+    num_probes: int = 10
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.steps or min(self.steps) < 2 or len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"`steps` must be distinct step counts of at least 2, got {self.steps}.")
+        if any(not 0 < budget < 1 for budget in self.budgets):
+            raise ValueError(f"`budgets` must lie in (0, 1), got {self.budgets}.")
+        if self.num_probes < 1:
+            raise ValueError(f"`num_probes` must be at least 1, got {self.num_probes}.")
+        from .methods import METHOD_KINDS
+
+        ours = ("baseline", "ase", "finetuned")
+        bad = [spec for spec in self.accelerators if spec.partition(":")[0] not in set(METHOD_KINDS) - set(ours)]
+        if bad:
+            raise ValueError(f"`accelerators` must be diffusers accelerator methods ("
+                             f"{', '.join(k for k in METHOD_KINDS if k not in ours)}), got {bad}.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """A bench row, its compute on the sweep's common axis, and whether it is on the front."""
+
+    row: BenchRow
+    compute: float
+    on_front: bool
+
+
+def _linear_at(num_blocks: int, timesteps: list[float], num_train_timesteps: int, budget: float) -> str | None:
+    """The `linear:M` spec whose compute over `timesteps` is nearest to `budget` (None if it is the full model)."""
+    from ..schedules import ExitSchedule
+
+    best = min(range(1, num_blocks + 1), key=lambda m: abs(
+        ExitSchedule.linear(num_blocks, m).compute_fraction(timesteps, num_train_timesteps) - budget))  # fmt: skip
+    return None if best == num_blocks else f"ase:linear:{best}"
+
+
+def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
+    """Calibrate plans, run the bench at every step count, and write `OUT/sweep.json` and the best plans."""
+    from ..exits import num_exit_blocks
+    from ..pipelines.class_conditional import null_class_label
+    from ..schedules import PlanCalibrator
+    from .harness import BenchConfig, load_pipe, run_bench
+    from .methods import denoiser_of
+    from .schedulers import build_scheduler
+
+    out = Path(config.out)
+    bench = BenchConfig(model=config.model, methods=["baseline"], num_samples=config.num_samples,
+                        batch_size=config.batch_size, repeats=config.repeats, scheduler=config.scheduler,
+                        guidance_scale=config.guidance_scale, seed=config.seed, device=config.device)  # fmt: skip
+    import torch
+
+    pipe = load_pipe(config.model, bench, torch.device(config.device))
+    pipe.scheduler = build_scheduler(config.scheduler, pipe.scheduler.config)
+    denoiser = denoiser_of(pipe)
+    num_blocks = num_exit_blocks(denoiser)
+    labels = [i % null_class_label(denoiser) for i in range(config.num_probes)]
+    probes = {"class_labels": labels, "guidance_scale": config.guidance_scale}
+    rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
+    for steps in config.steps:
+        calibrator = PlanCalibrator(pipe, probes, steps, seed=config.seed, progress=progress)
+        plans: dict[str, str] = {}  # method -> folder
+        for budget in config.budgets:
+            calibration = calibrator.for_target_compute(budget)
+            if calibration.compute_fraction == 1.0:
+                continue
+            folder = out / "plans" / f"{config.scheduler}-{steps}-{budget:g}"
+            calibration.plan.save_pretrained(folder)
+            plans.setdefault(f"ase:{folder}", str(folder))
+        shapes = {_linear_at(num_blocks, list(calibrator.timesteps), calibrator.num_train_timesteps, b)
+                  for b in config.budgets} - {None}  # fmt: skip
+        methods = ["baseline", *plans, *sorted(shapes), *config.accelerators]
+        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress)
+        rows.extend((row, plans.get(row.method)) for row in cell)
+    swept = _front(rows, max(config.steps))
+    _write(out, config, swept, rows)
+    plot_sweep(str(out / "sweep.png"), swept, max(config.steps))
+    return swept
+
+
+def _quality(row: BenchRow) -> float | None:
+    if row.fid is not None:
+        return row.fid
+    return None if row.class_accuracy is None else 1 - row.class_accuracy
+
+
+def _front(rows: list[tuple[BenchRow, str | None]], max_steps: int) -> list[SweepRow]:
+    scored = [row for row, _ in rows if row.block_fraction is not None and _quality(row) is not None]
+    computes = {id(row): row.block_fraction * row.steps / max_steps for row in scored}
+    front = {id(scored[i]) for i in pareto_front([(-computes[id(r)], _quality(r)) for r in scored])}
+    return [SweepRow(row, computes.get(id(row), float("nan")), id(row) in front) for row, _ in rows]
+
+
+def best_per_quality(swept: list[SweepRow], max_steps: int) -> dict[float, SweepRow]:
+    """For each quality level: the cheapest row within that share of the largest step count's baseline quality."""
+    reference = next((s for s in swept if s.row.method == "baseline" and s.row.steps == max_steps), None)
+    if reference is None or _quality(reference.row) is None:
+        return {}
+    best = {}
+    for level in QUALITY_LEVELS:
+        within = [s for s in swept if _quality(s.row) is not None and _quality(s.row) <= _quality(reference.row) * (
+            1 + level)]  # fmt: skip
+        if within:
+            best[level] = min(within, key=lambda s: (s.compute, _quality(s.row)))
+    return best
+
+
+def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tuple[BenchRow, str | None]]) -> None:
+    folders = {id(row): folder for row, folder in rows}
+    best = best_per_quality(swept, max(config.steps))
+    for level, choice in best.items():
+        folder = folders.get(id(choice.row))
+        if folder is not None:
+            shutil.copytree(folder, out / "best" / f"fid-within-{level:.0%}".replace("%", "pct"), dirs_exist_ok=True)
+    report: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "rows": [{**data, "compute": s.compute, "on_front": s.on_front}
+                 for s, data in zip(swept, rows_as_dicts([s.row for s in swept]))],
+        "best": {f"{level:.0%}": {"method": s.row.method, "steps": s.row.steps, "compute": s.compute}
+                 for level, s in best.items()},
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(report, indent=2))
+
+
+def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
+    """The rows by compute, the front marked, and the cheapest row per quality level."""
+    lines = [f"{'':1} {'method':34} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"]
+    for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
+        row = s.row
+        if row.note is not None:
+            lines.append(f"  {row.method:34} {row.steps:>5} {'':>8} {row.note}")
+            continue
+        fid = "-" if row.fid is None else f"{row.fid:.2f}"
+        accuracy = "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}"
+        speed = "-" if row.images_per_s is None else f"{row.images_per_s:.1f}"
+        speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
+        lines.append(f"{'*' if s.on_front else ' '} {row.method[:34]:34} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
+                     f"{accuracy:>9} {speed:>7} {speedup:>8}")  # fmt: skip
+    lines.append(f"* on the front (no row has both less compute and better quality); compute: share of the full "
+                 f"model at {max_steps} steps; speedup: against the baseline at the same step count")  # fmt: skip
+    for level, s in best_per_quality(swept, max_steps).items():
+        lines.append(f"cheapest within {level:.0%} of the {max_steps}-step baseline's quality: {s.row.method} at "
+                     f"{s.row.steps} steps, {s.compute:.1%} compute")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
+    """Quality against compute and against images/s, the front joined on the compute panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [s for s in swept if _quality(s.row) is not None and s.row.images_per_s is not None]
+    label = "FID (lower is better)" if all(s.row.fid is not None for s in scored) else "class error, 1 - accuracy"
+    figure, (by_compute, by_speed) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axes, x_of in ((by_compute, lambda s: s.compute), (by_speed, lambda s: s.row.images_per_s)):
+        for kind, color in (("baseline", "tab:gray"), ("ase", "tab:blue"), ("", "tab:orange")):
+            points = [s for s in scored if s.row.method.startswith(kind)
+                      and (kind or not s.row.method.startswith(("baseline", "ase")))]  # fmt: skip
+            axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color,
+                         label={"baseline": "baseline (steps)", "ase": "ours (plans, shapes)", "": "diffusers"}[kind])
+            for s in points:
+                axes.annotate(f"{s.row.method.rsplit('/', 1)[-1]}@{s.row.steps}", (x_of(s), _quality(s.row)),
+                              textcoords="offset points", xytext=(3, 3), fontsize=6)  # fmt: skip
+    front = sorted((s for s in scored if s.on_front), key=lambda s: s.compute)
+    by_compute.plot([s.compute for s in front], [_quality(s.row) for s in front], "--", color="tab:red", label="front")
+    by_compute.set_xlabel(f"block compute (share of the full model at {max_steps} steps)")
+    by_speed.set_xlabel("images / s (interleaved within a step count)")
+    by_compute.set_ylabel(label)
+    by_compute.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

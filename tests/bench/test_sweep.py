@@ -1,0 +1,59 @@
+"""`ee-diffusion sweep`: plans, shapes, fewer steps and accelerators on one axis, the front and the best plans."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from ee_diffusion.bench.report import BenchRow
+from ee_diffusion.bench.sweep import SweepConfig, _front, best_per_quality
+from ee_diffusion.cli import main
+from ee_diffusion.schedules import ExitSchedule
+from ee_diffusion.training import save_digits_pipeline
+
+
+def row(method, steps, fid, fraction):
+    return BenchRow(method=method, model="m", scheduler="s", steps=steps, num_samples=2, fid=fid, kid=None,
+                    class_accuracy=None, images_per_s=1.0, timing_spread=0.0, speedup=1.0, block_fraction=fraction,
+                    peak_memory_mb=None)  # fmt: skip
+
+
+def test_front_and_best_rows_are_on_one_compute_axis():
+    rows = [row("baseline", 10, 8.0, 1.0), row("ase:p", 10, 8.4, 0.7), row("baseline", 5, 9.0, 1.0),
+            row("fbcache:0.1", 10, 9.5, 0.6)]  # fmt: skip
+    swept = _front([(r, None) for r in rows], max_steps=10)
+    assert [s.compute for s in swept] == [1.0, 0.7, 0.5, 0.6]
+    assert [s.on_front for s in swept] == [True, True, True, False]  # fbcache: more compute and worse than 5 steps
+    best = best_per_quality(swept, 10)
+    assert best[0.05].row.method == "ase:p" and best[0.20].row.steps == 5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(steps=[1, 4]), "distinct step counts of at least 2"),
+    (dict(budgets=[1.0]), r"`budgets` must lie in \(0, 1\)"),
+    (dict(accelerators=["ase:linear:1"]), "must be diffusers accelerator methods"),
+])  # fmt: skip
+def test_bad_sweeps_are_refused(overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(out=str(tmp_path), **overrides)
+
+
+def test_sweep_command_end_to_end(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
+                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    save_digits_pipeline(model, tmp_path / "model")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(tmp_path / "model"), "--steps", "2,3", "--budgets", "0.5",
+                 "--accelerators", "fbcache:0.5", "--num-samples", "2", "--batch-size", "2", "--repeats", "1",
+                 "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "sweep.json").read_text())
+    methods = {(r["method"].split("/")[-1], r["steps"]) for r in report["rows"]}
+    assert {("baseline", 2), ("baseline", 3), ("fbcache:0.5", 2), ("dpm-solver++-3-0.5", 3)} <= methods
+    for r in report["rows"]:
+        assert r["compute"] == pytest.approx(r["block_fraction"] * r["steps"] / 3)
+        if r["method"].startswith("ase:") and "plans" in r["method"]:
+            assert r["block_fraction"] <= 0.5
+    assert ExitSchedule.from_pretrained(out / "plans" / "dpm-solver++-3-0.5").config.shape == "plan"
+    assert (out / "sweep.png").stat().st_size > 0 and "on the front" in capsys.readouterr().out
