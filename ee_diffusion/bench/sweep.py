@@ -175,7 +175,7 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
     """The rows by compute, the front marked, and the cheapest row per quality level."""
     lines = [f"{'':1} {'method':34} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"]
     for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
-        row = s.row
+        row = dataclasses.replace(s.row, method=_short(s.row.method))
         if row.note is not None:
             lines.append(f"  {row.method:34} {row.steps:>5} {'':>8} {row.note}")
             continue
@@ -191,6 +191,13 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
         lines.append(f"cheapest within {level:.0%} of the {max_steps}-step baseline's quality: {s.row.method} at "
                      f"{s.row.steps} steps, {s.compute:.1%} compute")  # fmt: skip
     return "\n".join(lines)
+
+
+def _short(method: str) -> str:
+    """A method as the table shows it: a plan or schedule folder by its last part (`ase:.../dpm-solver++-8-0.7` is
+    `ase:dpm-solver++-8-0.7`)."""
+    kind, _, argument = method.partition(":")
+    return f"{kind}:{Path(argument).name}" if kind == "ase" and "/" in argument else method
 
 
 def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
@@ -210,7 +217,7 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
             axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color,
                          label={"baseline": "baseline (steps)", "ase": "ours (plans, shapes)", "": "diffusers"}[kind])
             for s in points:
-                axes.annotate(f"{s.row.method.rsplit('/', 1)[-1]}@{s.row.steps}", (x_of(s), _quality(s.row)),
+                axes.annotate(f"{_short(s.row.method)}@{s.row.steps}", (x_of(s), _quality(s.row)),
                               textcoords="offset points", xytext=(3, 3), fontsize=6)  # fmt: skip
     front = sorted((s for s in scored if s.on_front), key=lambda s: s.compute)
     by_compute.plot([s.compute for s in front], [_quality(s.row) for s in front], "--", color="tab:red", label="front")

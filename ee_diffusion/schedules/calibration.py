@@ -290,19 +290,20 @@ def _chain(full: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> 
 
 def _fill(actions: tuple[int, ...], sensitivity: tuple[dict[int, float], ...], num_blocks: int,
           target: float) -> tuple[int, ...]:  # fmt: skip
-    """`actions` with blocks added back, one at a time where the sensitivities say a block removes the most error,
-    while the plan stays at or under `target` of the full compute."""
+    """`actions` with blocks added back while the plan stays at or under `target` of the full compute: each time the
+    step change (to any dearer action that fits) that the sensitivities say removes the most error per block, and only
+    changes that remove some (a reuse step is not made a shallow one)."""
     actions = list(actions)
     budget = math.floor(target * len(actions) * num_blocks + 1e-9) - sum(actions)
-    while budget > 0:
-        gains = [
-            (sensitivity[i][actions[i]] ** 2 - sensitivity[i][actions[i] + 1] ** 2, i)
+    while True:
+        moves = [
+            ((sensitivity[i][actions[i]] ** 2 - sensitivity[i][action] ** 2) / (action - actions[i]), i, action)
             for i in range(len(actions))
-            if actions[i] < num_blocks
+            for action in sensitivity[i]
+            if actions[i] < action <= actions[i] + budget and sensitivity[i][action] < sensitivity[i][actions[i]]
         ]
-        if not gains:
-            break
-        _, i = max(gains)
-        actions[i] += 1
-        budget -= 1
-    return tuple(actions)
+        if not moves:
+            return tuple(actions)
+        _, i, action = max(moves)
+        budget -= action - actions[i]
+        actions[i] = action
