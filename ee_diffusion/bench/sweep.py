@@ -224,6 +224,7 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
     by_compute.set_xlabel(f"block compute (share of the full model at {max_steps} steps)")
     by_speed.set_xlabel("images / s (interleaved within a step count)")
     by_compute.set_ylabel(label)
+    by_compute.set_yscale("log")
     by_compute.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
