@@ -274,6 +274,20 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_probe_arguments(command: argparse.ArgumentParser, schedulers: list[str], guidance: float) -> None:
+    """The options `calibrate` and `sweep` share: the model and scheduler, and the probes' guidance, count and seed."""
+    command.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
+    command.add_argument("--scheduler", choices=schedulers, default="dpm-solver++", help="the plans' scheduler")
+    command.add_argument("--guidance-scale", type=arg.number(0), default=guidance,
+                         help="classifier-free guidance of the probes and the plans (1: off)")
+    command.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images per calibration "
+                         "(labels cycle through the classes)")  # fmt: skip
+    command.add_argument("--seed", type=int, default=0,
+                         help="seed of the probes' noise (and of bench batch i: seed + i)")
+    command.add_argument("--device", type=arg.device, default="cpu", help="torch device")
+    command.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
+
+
 def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
                             loss_weight: str) -> None:  # fmt: skip
     command.add_argument("--out", required=True, type=arg.output_folder,
@@ -408,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/exit_schedule.json (the plan: --methods ase:OUT in the bench, exit_schedule= in a pipeline) and "
         "OUT/calibration.json (every plan measured).",
     )
-    calibrate.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
-    calibrate.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm-solver++", help="the plan's scheduler")
+    _add_probe_arguments(calibrate, SCHEDULER_NAMES, guidance=1.0)
     calibrate.add_argument("--steps", type=arg.integer(2), default=10, help="the plan's step count")
     budget = calibrate.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tolerance", type=arg.number(0), help="largest final-image error (RMS, pixels in [0, 1]); "
@@ -417,12 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-compute", type=arg.number(0, 1, low_open=True),
                         help="share of the full block compute to spend, in (0, 1]")
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
-    calibrate.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images (labels cycle)")
-    calibrate.add_argument("--guidance-scale", type=arg.number(0), default=1.0,
-                           help="classifier-free guidance the plan is for (1: off)")
-    calibrate.add_argument("--seed", type=int, default=0, help="seed of the probes' noise")
-    calibrate.add_argument("--device", type=arg.device, default="cpu", help="torch device")
-    calibrate.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
     calibrate.set_defaults(func=_calibrate)
 
     sweep = commands.add_parser(
@@ -435,23 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
         "marked and the cheapest row within 5, 10 and 20% of the largest step count's baseline FID; writes "
         "OUT/sweep.json, OUT/sweep.png, the plans (OUT/plans/) and the best plan per quality level (OUT/best/).",
     )
-    sweep.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
-    sweep.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm-solver++", help="scheduler of every row")
+    _add_probe_arguments(sweep, SCHEDULER_NAMES, guidance=2.0)
     sweep.add_argument("--steps", type=arg.integers(2), default=[6, 8, 10, 20], metavar="N[,N...]",
                        help="step counts (the largest is the reference)")
-    sweep.add_argument("--budgets", type=arg.numbers(0, 1, low_open=True, high_open=True), default=[0.9, 0.8, 0.7, 0.6],
-                       metavar="F[,F...]", help="compute budgets of the plans and shapes, shares in (0, 1)")
+    sweep.add_argument("--budgets", type=arg.numbers(0, 1, low_open=True, high_open=True),
+                       default=[0.9, 0.8, 0.7, 0.6], metavar="F[,F...]",
+                       help="compute budgets of the plans and shapes, shares in (0, 1)")
     sweep.add_argument("--accelerators", default="magcache:0.06:3,magcache:0.15:4,fbcache:0.05,fbcache:0.15",
                        help="diffusers accelerator methods, as in bench --methods ('' for none)")
     sweep.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the results to")
     sweep.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per row, for quality")
     sweep.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch")
     sweep.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per step count")
-    sweep.add_argument("--guidance-scale", type=arg.number(0), default=2.0, help="classifier-free guidance (1: off)")
-    sweep.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images of each calibration")
-    sweep.add_argument("--seed", type=int, default=0, help="seed of the probes and of batch i (seed + i)")
-    sweep.add_argument("--device", type=arg.device, default="cpu", help="torch device")
-    sweep.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
     sweep.set_defaults(func=_sweep)
 
     train = commands.add_parser(

@@ -94,3 +94,14 @@ class AttentionCounter:
 @pytest.fixture
 def tiny_dit() -> DiTTransformer2DModel:
     return make_tiny_dit()
+
+
+def save_digits_shaped_dit(folder, exit_schedule=None) -> None:
+    """A tiny randomly initialised pixel-space DiT shaped like the digits models (1 x 32 x 32, 10 classes, 2 blocks),
+    saved as a pipeline folder (scored against the held-out digits by the bench)."""
+    from ee_diffusion.training import save_digits_pipeline
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
+                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    save_digits_pipeline(model, folder, exit_schedule=exit_schedule)

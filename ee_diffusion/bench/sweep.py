@@ -173,7 +173,8 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
 
 def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
     """The rows by compute, the front marked, and the cheapest row per quality level."""
-    lines = [f"{'':1} {'method':34} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"]
+    header = f"{'method':34} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"
+    lines = [f"  {header}"]
     for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
         row = dataclasses.replace(s.row, method=_short(s.row.method))
         if row.note is not None:

@@ -198,7 +198,8 @@ class ExitUnitHook(ModelHook):
 
 def _zip_map(fn: Any, a: Any, b: Any) -> Any:
     """`fn(x, y)` on each pair of tensors of two unit outputs of one structure (tensors, tuples, diffusers outputs);
-    where either side has no tensor (None, e.g. the encoder states of SD3's context_pre_only last block), `a`'s part."""
+    where either side has no tensor (None, e.g. the encoder states of SD3's context_pre_only last block), `a`'s
+    part."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return fn(a, b)
     if isinstance(a, BaseOutput):

@@ -209,7 +209,8 @@ class PlanCalibrator:
 
     def plan_of(self, actions: tuple[int, ...]) -> ExitSchedule:
         """The plan that takes `actions[i]` at step `i`."""
-        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions, num_train_timesteps=self.num_train_timesteps)
+        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions,
+                                 num_train_timesteps=self.num_train_timesteps)
 
     def _compute(self, actions: tuple[int, ...]) -> float:
         return sum(actions) / (len(actions) * self.num_blocks)

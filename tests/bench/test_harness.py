@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from ee_diffusion import ExitSchedule
 from ee_diffusion.bench import harness
@@ -10,8 +9,8 @@ from ee_diffusion.bench.methods import parse_methods
 from ee_diffusion.bench.report import format_table
 from ee_diffusion.cli import _default_methods, main
 from ee_diffusion.pipelines import load_early_exit_pipeline, shipped_model_path
-from ee_diffusion.training import save_digits_pipeline
-from diffusers import DiTTransformer2DModel
+
+from tests.conftest import save_digits_shaped_dit
 
 ROW_KEYS = {"method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
             "timing_spread", "speedup", "block_fraction", "peak_memory_mb"}  # fmt: skip
@@ -22,10 +21,7 @@ def digits_shaped_models(tmp_path_factory):
     """Two tiny randomly initialised pixel-space DiTs shaped like the digits models; the second carries a schedule."""
     root = tmp_path_factory.mktemp("models")
     for name, schedule in (("base", None), ("tuned", ExitSchedule.step(2, [2, 1]))):
-        torch.manual_seed(0)
-        model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
-                                      num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
-        save_digits_pipeline(model, root / name, exit_schedule=schedule)
+        save_digits_shaped_dit(root / name, exit_schedule=schedule)
     return root
 
 

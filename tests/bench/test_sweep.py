@@ -3,14 +3,13 @@
 import json
 
 import pytest
-import torch
-from diffusers import DiTTransformer2DModel
 
 from ee_diffusion.bench.report import BenchRow
 from ee_diffusion.bench.sweep import SweepConfig, _front, best_per_quality
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import ExitSchedule
-from ee_diffusion.training import save_digits_pipeline
+
+from tests.conftest import save_digits_shaped_dit
 
 
 def row(method, steps, fid, fraction):
@@ -40,10 +39,7 @@ def test_bad_sweeps_are_refused(overrides, match, tmp_path):
 
 
 def test_sweep_command_end_to_end(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
-                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
-    save_digits_pipeline(model, tmp_path / "model")
+    save_digits_shaped_dit(tmp_path / "model")
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(tmp_path / "model"), "--steps", "2,3", "--budgets", "0.5",
                  "--accelerators", "fbcache:0.5", "--num-samples", "2", "--batch-size", "2", "--repeats", "1",

@@ -9,6 +9,8 @@ import pytest
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import REUSE, ExitSchedule, calibrate_plan
 
+from tests.conftest import save_digits_shaped_dit
+
 from .conftest import CASES, DepthRecorder
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,16 +85,9 @@ def test_bad_budgets_are_refused_before_any_run(budget, error, match):
 
 
 def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
-    import torch
-    from diffusers import DiTTransformer2DModel
-
     from ee_diffusion.bench.harness import BenchConfig, run_bench
-    from ee_diffusion.training import save_digits_pipeline
 
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
-                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
-    save_digits_pipeline(model, tmp_path / "model")
+    save_digits_shaped_dit(tmp_path / "model")
     out = tmp_path / "plan"
     assert main(["calibrate", "--model", str(tmp_path / "model"), "--steps", "3", "--target-compute", "0.5",
                  "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
