@@ -194,7 +194,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _finetune_ase(args: argparse.Namespace) -> int:
-    from .bench.methods import denoiser_of
+    from .exits import denoiser_of
     from .data import load_digits_split
     from .exits import num_exit_blocks
     from .pipelines import load_early_exit_pipeline
@@ -218,7 +218,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .bench.methods import denoiser_of
+    from .exits import denoiser_of
     from .bench.schedulers import build_scheduler
     from .pipelines import load_early_exit_pipeline
     from .pipelines.class_conditional import null_class_label

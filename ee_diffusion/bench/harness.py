@@ -62,8 +62,9 @@ from ..metrics import (
     round_speedups,
     time_interleaved,
 )
+from ..exits import denoiser_of
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
-from .methods import Method, Target, build_method, denoiser_of
+from .methods import Method, Target, build_method
 from .report import BenchRow, save_images
 from .schedulers import SCHEDULERS, build_scheduler
 

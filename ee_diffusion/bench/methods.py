@@ -56,7 +56,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.cache_utils import CacheMixin
 
-from ..exits import num_exit_blocks
+from ..exits import denoiser_of, num_exit_blocks
 from ..schedules import ExitSchedule
 
 Session = Callable[[Any], contextlib.AbstractContextManager[Callable[[], float]]]
@@ -110,10 +110,6 @@ class Target:
     pipe_of: Callable[[str], Any]
     steps: int
     labels: list[int] = field(default_factory=lambda: [0, 1])
-
-
-def denoiser_of(pipe: Any) -> torch.nn.Module:
-    return getattr(pipe, "transformer", None) or pipe.unet
 
 
 def _baseline(argument: str, target: Target) -> Method:

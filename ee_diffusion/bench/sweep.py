@@ -85,11 +85,11 @@ def _linear_at(num_blocks: int, timesteps: list[float], num_train_timesteps: int
 
 def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     """Calibrate plans, run the bench at every step count, and write `OUT/sweep.json` and the best plans."""
-    from ..exits import num_exit_blocks
+    from ..exits import denoiser_of, num_exit_blocks
     from ..pipelines.class_conditional import null_class_label
     from ..schedules import PlanCalibrator
     from .harness import BenchConfig, load_pipe, run_bench
-    from .methods import denoiser_of
+    from .methods import Target, build_method
     from .schedulers import build_scheduler
 
     out = Path(config.out)
@@ -102,6 +102,9 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     pipe.scheduler = build_scheduler(config.scheduler, pipe.scheduler.config)
     denoiser = denoiser_of(pipe)
     num_blocks = num_exit_blocks(denoiser)
+    target = Target(config.model, lambda model: pipe, min(config.steps))
+    for spec in config.accelerators:  # a bad argument (`fbcache:x`) stops the sweep now, not after calibrating
+        build_method(spec, target)
     labels = [i % null_class_label(denoiser) for i in range(config.num_probes)]
     probes = {"class_labels": labels, "guidance_scale": config.guidance_scale}
     rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder

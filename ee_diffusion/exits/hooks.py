@@ -214,16 +214,26 @@ def _select(keep: torch.Tensor, run: Any, skipped: Any) -> Any:
     return _zip_map(lambda r, s: torch.where(keep.to(r.device).view(-1, *([1] * (r.ndim - 1))), r, s), run, skipped)
 
 
-def _resolve(pipe_or_model: Any) -> tuple[torch.nn.Module, int]:
-    """The denoiser of a pipeline (or the model itself) and the training timestep count to normalise with."""
+def denoiser_of(pipe_or_model: Any) -> torch.nn.Module | None:
+    """The module exit hooks go on: the model itself, or a pipeline's `transformer` or `unet` (`None` without one)."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        return pipe_or_model, 1000
+        return pipe_or_model
     for name in ("transformer", "unet"):
         denoiser = getattr(pipe_or_model, name, None)
         if isinstance(denoiser, torch.nn.Module):
-            scheduler = getattr(pipe_or_model, "scheduler", None)
-            num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
-            return denoiser, int(num_train_timesteps)
+            return denoiser
+    return None
+
+
+def _resolve(pipe_or_model: Any) -> tuple[torch.nn.Module, int]:
+    """The denoiser of a pipeline (or the model itself) and the training timestep count to normalise with."""
+    denoiser = denoiser_of(pipe_or_model)
+    if denoiser is pipe_or_model:
+        return denoiser, 1000
+    if denoiser is not None:
+        scheduler = getattr(pipe_or_model, "scheduler", None)
+        num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+        return denoiser, int(num_train_timesteps)
     raise TypeError(
         "Expected a denoiser model or a diffusers pipeline with a `transformer` or `unet`, got "
         f"{type(pipe_or_model).__name__}."

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
@@ -23,6 +22,7 @@ from diffusers import (
 from ..exits import (
     ExitStats,
     apply_exit_schedule,
+    denoiser_of,
     get_exit_schedule,
     get_exit_stats,
     remove_exit_schedule,
@@ -85,7 +85,7 @@ class EarlyExitPipelineMixin:
 
     def _sync_exit_hooks(self) -> None:
         schedule = self.exit_schedule
-        if not any(isinstance(getattr(self, name, None), torch.nn.Module) for name in ("transformer", "unet")):
+        if denoiser_of(self) is None:
             # Built without its denoiser (diffusers allows it, e.g. to encode prompts only): nothing to hook yet.
             if schedule is not None:
                 raise ValueError(f"{type(self).__name__} has no denoiser to run `exit_schedule` on; give it one, or "

@@ -62,14 +62,6 @@ class Calibration:
     chain: tuple[PlanPoint, ...]
 
 
-def _denoiser(pipe: Any) -> torch.nn.Module:
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(f"{type(pipe).__name__} has no `transformer` or `unet` to calibrate a plan for.")
-
-
 @contextlib.contextmanager
 def _planned(pipe: Any) -> Iterator[Any]:
     """Inside: `use(plan)` puts a plan (`None`: the full model) on `pipe`; after, its own schedule is back."""
@@ -115,12 +107,12 @@ class PlanCalibrator:
                  progress: bool = True) -> None:  # fmt: skip
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
-        from ..exits import num_exit_blocks
+        from ..exits import denoiser_of, num_exit_blocks
 
         self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
         self.num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
-        self.denoiser = _denoiser(pipe)
-        self.num_blocks = num_exit_blocks(self.denoiser)
+        self.num_blocks = num_exit_blocks(pipe)  # a clear error for a pipeline without a supported denoiser
+        self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
         self.sensitivity: tuple[dict[int, float], ...] = ()
