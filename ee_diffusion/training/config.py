@@ -8,6 +8,8 @@ from typing import Literal
 from ..dllm.tasks import TASKS
 
 LOSS_WEIGHTS = ("constant", "min-snr")
+# What a denoiser trained here may predict (a diffusers scheduler's `prediction_type`): the noise or the velocity.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Noise-prediction training of a class-conditional denoiser, from scratch or under an exit schedule (ASE).
+"""Diffusion training of a class-conditional denoiser, from scratch or under an exit schedule (ASE).
 
-One loop serves both recipes. Plain training: DDPM noise at uniform timesteps, MSE on the noise, labels dropped to the
-null class for classifier-free guidance, AdamW with warm-up and cosine decay, EMA weights, checkpoints.
+One loop serves both recipes. Plain training: DDPM noise at uniform timesteps, MSE on what the noise scheduler's
+`prediction_type` says the model predicts (the noise or the velocity), labels dropped to the null class for
+classifier-free guidance, AdamW with warm-up and cosine decay, EMA weights, checkpoints.
 
 ASE fine-tuning (Moon et al., Algorithm 1) adds three things: the exit schedule is applied to the student, so each
 sample's prediction comes from its timestep's depth; the timestep embedding is frozen; the loss is weighted by
@@ -27,7 +28,7 @@ from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import REUSE, ExitSchedule
-from .config import TrainConfig
+from .config import PREDICTION_TYPES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,22 @@ class TrainResult:
 def loss_weights(
     timesteps: torch.Tensor, noise_scheduler: DDPMScheduler, weighting: str, gamma: float = 5.0
 ) -> torch.Tensor:
-    """`lambda(t)` for each timestep: ones, or the min-SNR weight of a noise-predicting model."""
+    """`lambda(t)` for each timestep: ones, or the min-SNR weight (Hang et al. 2023) of the scheduler's prediction
+    type: `min(SNR, gamma) / SNR` for the noise, `min(SNR, gamma) / (SNR + 1)` for the velocity."""
     if weighting == "constant":
         return torch.ones(len(timesteps))
     alphas_cumprod = noise_scheduler.alphas_cumprod[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def training_target(
+    images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: DDPMScheduler
+) -> torch.Tensor:
+    """What the model learns to output for `images` noised with `noise` at `timesteps`: the noise or the velocity."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(images, noise, timesteps)
+    return noise
 
 
 def freeze_timestep_embedding(model: torch.nn.Module) -> list[str]:
@@ -86,7 +97,7 @@ def train_denoiser(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """Train `model` in place to predict the noise of `data`; on return it holds the EMA weights.
+    """Train `model` in place to denoise `data`; on return it holds the EMA weights.
 
     Args:
         model: A class-conditional DiT or UNet2DModel (see `null_class_label`).
@@ -95,12 +106,16 @@ def train_denoiser(
         out_dir: Where `checkpoint.pt` is written every `config.checkpoint_every` steps (`None`: no checkpoints).
         exit_schedule: Train under this schedule (ASE): each sample's output comes from its timestep's depth.
         resume: Continue from `out_dir/checkpoint.pt` (same config) instead of starting over.
-        noise_scheduler: The forward process; defaults to 1000 linear-beta DDPM steps.
+        noise_scheduler: The forward process and, in its config's `prediction_type`, what the model predicts
+            (`"epsilon"` or `"v_prediction"`); defaults to 1000 linear-beta DDPM steps predicting the noise.
         progress: Show a progress bar.
         device: Where the model trains. Batches, noise and label dropout are drawn on the CPU from one seeded
             generator whatever the device, so a run on a GPU sees the same data as one on the CPU.
     """
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Cannot train a model predicting {noise_scheduler.config.prediction_type!r}; expected one "
+                         f"of {PREDICTION_TYPES}.")  # fmt: skip
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     null_label = null_class_label(model)
     for module in model.modules():  # label dropout happens here, once per sample, not once per DiT block
@@ -145,8 +160,9 @@ def train_denoiser(
             timesteps = torch.randint(num_train_timesteps, (config.batch_size,), generator=generator)
             noise = torch.randn(images.shape, generator=generator)
             noisy = noise_scheduler.add_noise(images, noise, timesteps).to(device)
+            target = training_target(images, noise, timesteps, noise_scheduler).to(device)
             weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
-            noise, labels, on_device_timesteps = noise.to(device), labels.to(device), timesteps.to(device)
+            labels, on_device_timesteps = labels.to(device), timesteps.to(device)
 
             groups = (
                 {None: torch.arange(config.batch_size)}
@@ -159,7 +175,7 @@ def train_denoiser(
                     continue
                 members = members.to(device)
                 prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
-                per_sample = (prediction[:, : noise.shape[1]] - noise[members]).pow(2).mean(dim=(1, 2, 3))
+                per_sample = (prediction[:, : target.shape[1]] - target[members]).pow(2).mean(dim=(1, 2, 3))
                 loss = loss + (weights[members] * per_sample).sum() / config.batch_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

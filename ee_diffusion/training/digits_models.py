@@ -1,9 +1,10 @@
 """The shipped digits denoisers: their architectures, their noise schedule, and how a trained one is saved.
 
 Both are class-conditional, pixel-space (1 x 32 x 32, no VAE) and trained on `load_digits_split("train")` with the
-1000-step linear-beta DDPM noise schedule, predicting the noise. The folders they are saved in are drop-in pipeline
-folders: `EarlyExitDiTPipeline` / `EarlyExitUNet2DPipeline.from_pretrained(path)`, sampling with 50-step
-DPM-Solver++ by default (any diffusers scheduler can be swapped in with `from_config`).
+1000-step linear-beta DDPM noise schedule. The DiT predicts the noise; the U-Net predicts the velocity
+`v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0` (see `digits_noise_scheduler`). The folders they are saved
+in are drop-in pipeline folders: `EarlyExitDiTPipeline` / `EarlyExitUNet2DPipeline.from_pretrained(path)`, sampling
+with 50-step DPM-Solver++ by default (any diffusers scheduler can be swapped in with `from_config`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepSc
 from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES
 from ..pipelines import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline
 from ..schedules import ExitSchedule
+from .config import PREDICTION_TYPES
 
 ARCHITECTURES = ("dit", "unet")
 
@@ -56,9 +58,18 @@ def build_digits_denoiser(arch: Literal["dit", "unet"], seed: int = 0) -> DiTTra
     raise ValueError(f"`arch` must be one of {ARCHITECTURES}, got {arch!r}.")
 
 
-def digits_noise_scheduler() -> DDPMScheduler:
-    """The training noise schedule: 1000 DDPM steps, linear betas 1e-4 to 0.02, epsilon prediction."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+def digits_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The training noise schedule: 1000 DDPM steps, linear betas 1e-4 to 0.02, and what the denoiser predicts.
+
+    `"epsilon"` (the noise) is what `digits-dit` predicts. `"v_prediction"` is what `digits-unet` predicts: a
+    noise-predicting model's clean-image estimate `(x_t - sqrt(1 - alpha_bar) * eps) / sqrt(alpha_bar)` multiplies
+    its error by up to 160 at the noisiest step of this schedule; the digits U-Net's errors there put pixels at
+    +-60, and Euler (which has no thresholding) never brought a third of the seeds back (62-73% class accuracy).
+    A velocity-predicting model's estimate at those steps is its own output, so it stays in range.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
 
 
 def save_digits_pipeline(
@@ -66,13 +77,15 @@ def save_digits_pipeline(
     out_dir: str | Path,
     exit_schedule: ExitSchedule | None = None,
     card: str | None = None,
+    noise_scheduler: DDPMScheduler | None = None,
 ) -> EarlyExitDiTPipeline | EarlyExitUNet2DPipeline:
-    """Save `denoiser` as a drop-in pipeline folder (fp16 safetensors), with its schedule and a README card."""
-    # The digits U-Net's clean-image predictions leave [-1, 1] at the noisy steps, and DPM-Solver++ diverges on about
-    # half the seeds from there (class accuracy 62% on 40 samples); Imagen's dynamic thresholding keeps them in the
-    # data range (95%). The DiT needs none (100% either way); its shipped tables are measured without it.
-    scheduler = DPMSolverMultistepScheduler.from_config(digits_noise_scheduler().config, algorithm_type="dpmsolver++",
-                                                        thresholding=isinstance(denoiser, UNet2DModel))  # fmt: skip
+    """Save `denoiser` as a drop-in pipeline folder (fp16 safetensors), with its schedule and a README card.
+
+    Its scheduler is DPM-Solver++ on the training `noise_scheduler`'s betas and prediction type (default:
+    `digits_noise_scheduler()`).
+    """
+    noise_scheduler = noise_scheduler or digits_noise_scheduler()
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
     if isinstance(denoiser, DiTTransformer2DModel):
         pipe = EarlyExitDiTPipeline(transformer=denoiser, vae=None, scheduler=scheduler, exit_schedule=exit_schedule)
     else:

@@ -33,15 +33,16 @@ def tiny_data(n: int = 32) -> DigitsSplit:
     return DigitsSplit(images=images + 0.05 * torch.randn(images.shape, generator=g), labels=labels)
 
 
-def fixed_loss(model: torch.nn.Module, data: DigitsSplit) -> float:
-    """Noise-prediction MSE on a fixed draw of timesteps and noise."""
+def fixed_loss(model: torch.nn.Module, data: DigitsSplit, prediction_type: str = "epsilon", low: int = 0) -> float:
+    """MSE against the noise (or the velocity) on a fixed draw of timesteps (from `low` up) and noise."""
     g = torch.Generator().manual_seed(123)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    timesteps = torch.randint(1000, (len(data),), generator=g)
+    timesteps = torch.randint(low, 1000, (len(data),), generator=g)
     noise = torch.randn(data.images.shape, generator=g)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(data.images, noise, timesteps)
     with torch.no_grad():
         prediction = model(scheduler.add_noise(data.images, noise, timesteps), timesteps, class_labels=data.labels)
-    return (prediction.sample - noise).pow(2).mean().item()
+    return (prediction.sample - target).pow(2).mean().item()
 
 
 QUICK = dict(steps=12, batch_size=16, learning_rate=2e-3, warmup_steps=1, checkpoint_every=100)
@@ -55,6 +56,26 @@ def test_training_reduces_the_loss(make_model):
     assert result.steps_run == 12 and len(result.losses) == 12
     assert fixed_loss(model, data) < 0.8 * before
     assert not model.training
+
+
+@pytest.mark.parametrize("make_model", [tiny_dit, tiny_unet], ids=["dit", "unet"])
+def test_training_learns_what_the_noise_scheduler_says_the_model_predicts(make_model):
+    data, models = tiny_data(), {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        models[prediction_type] = make_model()  # same initial weights, same batches and noise
+        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+        train_denoiser(models[prediction_type], data, TrainConfig(**QUICK), noise_scheduler=noise_scheduler,
+                       progress=False)  # fmt: skip
+    # Scored at the noisy steps, where the two targets part (the velocity is about minus the image, the noise about
+    # the input): each model is the better one at its own target.
+    for own, other in (("epsilon", "v_prediction"), ("v_prediction", "epsilon")):
+        assert fixed_loss(models[own], data, own, low=800) < fixed_loss(models[other], data, own, low=800)
+
+
+def test_training_refuses_a_prediction_type_it_cannot_train_before_any_step():
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    with pytest.raises(ValueError, match="predicting 'sample'; expected one of \\('epsilon', 'v_prediction'\\)"):
+        train_denoiser(tiny_dit(), tiny_data(), TrainConfig(**QUICK), noise_scheduler=noise_scheduler, progress=False)
 
 
 @pytest.mark.parametrize("make_model", [tiny_dit, tiny_unet], ids=["dit", "unet"])
@@ -145,6 +166,10 @@ def test_loss_weights():
     weights = loss_weights(timesteps, scheduler, "min-snr", gamma=5.0)
     assert weights[0] < weights[1] < 1.0  # clean timesteps (high SNR) are down-weighted
     assert weights[2] == 1.0 and weights[3] == 1.0  # noisy ones keep full weight
+    velocity = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    snr = velocity.alphas_cumprod[timesteps] / (1 - velocity.alphas_cumprod[timesteps])
+    # min(SNR, 5) / (SNR + 1): the velocity's error is (SNR + 1) times the noise's, weighted as the noise's would be
+    torch.testing.assert_close(loss_weights(timesteps, velocity, "min-snr", gamma=5.0), snr.clamp(max=5) / (snr + 1))
 
 
 @pytest.mark.parametrize("overrides, match", [
