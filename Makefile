@@ -1,5 +1,5 @@
 # Two set-up commands for a fresh clone; each makes its own virtual environment (.venv) and installs what it needs.
-#   make demo   runs the main job (the bench: digits-dit, its shipped ASE schedule and digits-dit-ase, side by side)
+#   make demo   runs the main job (the bench at 10 steps: digits-dit, fewer steps, FirstBlockCache, and ours side by side)
 #   make test   installs the package with its test extras and runs the test suite
 # CI also runs `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned to the lowest
 # version pyproject.toml allows (.ci/lower-bounds.txt).

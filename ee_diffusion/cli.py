@@ -69,7 +69,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.report import UNSTABLE_SPREAD, format_table, plot, unstable, write_csv, write_json
 
     torch = arg.torch_with_threads(args.threads)
-    methods = parse_methods(args.methods) if args.methods else _default_methods(args.model)
+    methods = parse_methods(args.methods) if args.methods else _default_methods(args.model, args.steps, args.scheduler)
     config = BenchConfig(
         model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
         repeats=args.repeats,
@@ -107,18 +107,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_methods(model: str) -> list[str]:
-    """baseline, and when the model has a shipped ASE fine-tuned sibling: its schedule on the model, and the sibling."""
+def _default_methods(model: str, steps: list[int], scheduler: list[str]) -> list[str]:
+    """The fair front at the bench's step count: the baseline, the baseline at 80% of the steps (with one step count),
+    FirstBlockCache at 0.15 (on `digits-dit` the strongest diffusers cache at 8-10 steps, see `ee-diffusion sweep`);
+    then, when the model has a shipped ASE fine-tuned sibling, that model under its schedule at both step counts and
+    under the plan shipped in its folder for this scheduler and step count (`plans/<scheduler>-<steps>`), and without
+    a sibling, the model under `linear:0.5`."""
     from .pipelines import shipped_model_path
-    from .schedules import ExitSchedule
 
+    fewer = round(0.8 * steps[0]) if len(steps) == 1 else 0
+    at_fewer = [f"@{fewer}"] if 1 <= fewer < steps[0] else []
+    plain = ["baseline", *(f"baseline{at}" for at in at_fewer), "fbcache:0.15"]
     sibling = f"{model}-ase"
     if shipped_model_path(sibling) is None:
-        return ["baseline", "ase:linear:0.5"]
-    schedule_dir = shipped_model_path(sibling) / "exit_schedule"
-    schedule = ExitSchedule.from_pretrained(schedule_dir)
-    spec = schedule_dir if schedule.config.shape == "table" else _describe(schedule)  # the spec when it has one
-    return ["baseline", f"ase:{spec}", f"finetuned:{sibling}"]
+        return [*plain, "ase:linear:0.5"]
+    ours = [f"finetuned:{sibling}", *(f"finetuned:{sibling}{at}" for at in at_fewer)]
+    plan = f"plans/{scheduler[0]}-{steps[0]}"  # a plan is made for one scheduler and step count: one cell only
+    if len(steps) == len(scheduler) == 1 and (shipped_model_path(sibling) / plan).is_dir():
+        ours.append(f"finetuned:{sibling}:{plan}")
+    return [*plain, *ours]
 
 
 def _train_config(args: argparse.Namespace, **overrides):
@@ -156,17 +163,20 @@ def _model_card(title: str, args: argparse.Namespace, result, extra: str = "") -
 
 def _train(args: argparse.Namespace) -> int:
     from .data import load_digits_split
-    from .training import build_digits_denoiser, save_digits_pipeline, train_denoiser
+    from .training import build_digits_denoiser, digits_noise_scheduler, save_digits_pipeline, train_denoiser
 
     torch = arg.torch_with_threads(args.threads)
     if args.arch == "classifier":
         return _train_classifier(args)
     model = build_digits_denoiser(args.arch, seed=args.seed)
-    print(f"ee-diffusion train: digits-{args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    noise_scheduler = digits_noise_scheduler(args.prediction_type)
+    print(f"ee-diffusion train: digits-{args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+          f", predicting {args.prediction_type}")  # fmt: skip
     config = _train_config(args)
     result = train_denoiser(model, load_digits_split("train"), config, out_dir=args.out, resume=args.resume,
-                            device=args.device)  # fmt: skip
-    save_digits_pipeline(model, args.out, card=_model_card(f"digits-{args.arch}", args, result))
+                            noise_scheduler=noise_scheduler, device=args.device)  # fmt: skip
+    save_digits_pipeline(model, args.out, card=_model_card(f"digits-{args.arch}", args, result),
+                         noise_scheduler=noise_scheduler)  # fmt: skip
     print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
     return 0
 
@@ -194,6 +204,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _finetune_ase(args: argparse.Namespace) -> int:
+    from diffusers import DDPMScheduler
+
     from .exits import denoiser_of
     from .data import load_digits_split
     from .exits import num_exit_blocks
@@ -204,14 +216,15 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
     denoiser = denoiser_of(pipe)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's betas and prediction type
     schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(denoiser))
     config = _train_config(args, freeze_timestep_embedding=True, class_dropout=args.class_dropout)
     print(f"ee-diffusion finetune-ase: {args.model} under {_describe(schedule)} ({config.steps} steps)")
     result = train_denoiser(denoiser, load_digits_split("train"), config, out_dir=args.out, exit_schedule=schedule,
-                            resume=args.resume, device=args.device)  # fmt: skip
+                            resume=args.resume, noise_scheduler=noise_scheduler, device=args.device)  # fmt: skip
     extra = (f"ASE fine-tuned from `{args.model}` under the exit schedule `{_describe(schedule)}` (saved in "
              "`exit_schedule/`), timestep embedding frozen.\n\n")  # fmt: skip
-    save_digits_pipeline(denoiser, args.out, exit_schedule=schedule,
+    save_digits_pipeline(denoiser, args.out, exit_schedule=schedule, noise_scheduler=noise_scheduler,
                          card=_model_card(f"{Path(args.out).name}", args, result, extra))  # fmt: skip
     print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
     return 0
@@ -241,7 +254,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": args.guidance_scale,
         "num_probes": args.num_probes, "seed": args.seed, "tolerance": args.tolerance,
         "target_compute": args.target_compute, "compute_fraction": result.compute_fraction, "error": result.error,
-        "timesteps": list(result.timesteps),
+        "timesteps": list(result.timesteps), "base": list(result.base),
         "chain": [{"actions": list(p.actions), "compute_fraction": p.compute_fraction, "error": p.error}
                   for p in result.chain],
         "sensitivity": [{str(action): error for action, error in step.items()} for step in result.sensitivity],
@@ -249,8 +262,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     (Path(args.out) / "calibration.json").write_text(json.dumps(report, indent=2))
     actions = ", ".join("reuse" if a == 0 else str(a) for a in reversed(result.plan.config.depths))
     print(f"plan (per step, first to last): {actions}")
+    reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
+    method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
     print(f"block compute {result.compute_fraction:.1%} of the full model's, final-image error {result.error:.4f} "
-          f"(RMS, pixels in [0, 1]); saved {args.out} (use it as --methods ase:{args.out})")  # fmt: skip
+          f"(RMS against {reference}, pixels in [0, 1]); saved {args.out} (bench it as --methods {method})"
+          )  # fmt: skip
     return 0
 
 
@@ -310,12 +326,14 @@ BENCH_METHODS_HELP = """\
 methods (--methods, comma-separated):
   baseline                          the model at full depth
   ase:<schedule>                    an exit schedule: linear:M, cosine:M, step:d1,d2,... or a schedule folder
-  finetuned:<model>                 another model folder with its saved exit schedule (ASE fine-tuned)
+  finetuned:<model>[:<schedule>]    another model (ASE fine-tuned) with its saved exit schedule, or this one
   fbcache[:<threshold>]             diffusers FirstBlockCache (default 0.05)
   layerskip[:<i,j,...>]             diffusers LayerSkip of these blocks (default: the middle block)
   taylorseer[:<interval>[:<order>]] diffusers TaylorSeer cache (default 5:1)
   magcache[:<threshold>[:<skips>]]  diffusers MagCache (default 0.06:3), ratios calibrated on the model
   pab[:<range>[:<lo>-<hi>]]         diffusers PyramidAttentionBroadcast (default 2:100-800)
+  <method>@N                        that method at N scheduler steps instead of the cell's (baseline@8: fewer
+                                    steps, timed beside the rest); its blocks count against the cell's steps
 An accelerator that does not apply to the model gets a row with the reason instead of numbers.
 
 example:
@@ -326,6 +344,7 @@ example:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.schedulers import SCHEDULERS
+    from .training.config import PREDICTION_TYPES
 
     SCHEDULER_NAMES = list(SCHEDULERS)
     parser = argparse.ArgumentParser(prog="ee-diffusion", description=DESCRIPTION, formatter_class=arg.HelpFormatter)
@@ -379,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per cell after quality "
                        "generation, methods interleaved with rotating order; the table gives the median and the "
                        "spread")  # fmt: skip
-    bench.add_argument("--steps", type=arg.integers(1), default=[50], metavar="N[,N...]",
+    bench.add_argument("--steps", type=arg.integers(1), default=[10], metavar="N[,N...]",
                        help="scheduler steps, or a comma-separated list (a grid axis)")  # fmt: skip
     bench.add_argument("--scheduler", type=arg.names(SCHEDULER_NAMES), default=["dpm-solver++"],
                        metavar="NAME[,NAME...]", help=f"{', '.join(SCHEDULER_NAMES)}, or a comma-separated list of "
@@ -467,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the digits DiT, the digits U-Net, or the digits feature network for FID/KID/accuracy")
     train.add_argument("--epochs", type=arg.integer(1), default=30,
                        help="classifier only: epochs over the train split")
+    train.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
+                       help="what the denoiser predicts: the noise (digits-dit) or the velocity (digits-unet)")
     _add_training_arguments(train, steps=3000, batch=128, lr=5e-4, warmup=100, loss_weight="constant")
     train.set_defaults(func=_train)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -125,12 +126,22 @@ def torch_with_threads(threads: int) -> ModuleType:
     return torch
 
 
+def _can_create_files_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder` now, tried for real: permission bits say yes to root everywhere,
+    /proc and read-only mounts included."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _writable_place(path: Path) -> None:
     """Raise unless `path` could be created or written: its nearest existing ancestor is a writable folder."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not _can_create_files_in(existing):
         raise argparse.ArgumentTypeError(f"cannot write {str(path)!r}: {str(existing)!r} is not a writable folder")
 
 
@@ -142,7 +153,7 @@ def output_file(text: str) -> str:
     if path.exists() and not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}")
     folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    if not folder.is_dir() or not _can_create_files_in(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(folder)!r} is not an existing writable folder")
     return text
 

@@ -54,6 +54,8 @@ CASES = [
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--target-compute", "0.5"], "not allowed with argument"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--steps", "1"], "--steps: expected an integer >= 2"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--model", "nowhere"], "No model 'nowhere'"),
+    (["sweep", "--out", "/proc/ee-sweep"], "--out: cannot write '/proc/ee-sweep': '/proc' is not a writable folder"),
+    (["bench", "--csv", "/proc/rows.csv"], "--csv: cannot write '/proc/rows.csv'"),
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "bogus:1"], "must be diffusers accelerator methods"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "fbcache:x", "--steps", "2"], "Bad method 'fbcache:x'"),

@@ -13,7 +13,9 @@ within one round, so a slow spell of the machine cancels out of it. Each timed c
 and takes it off again around the generation.
 
 Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
-`layerskip`, `taylorseer`, `magcache`, `pab`).
+`layerskip`, `taylorseer`, `magcache`, `pab`). A method written `<spec>@N` samples at N steps inside its cell (the
+fewer-steps baseline `baseline@8`, say, timed in the same interleaved rounds as the cell's baseline); its row keeps the
+cell's steps and its name, and its block fraction counts against the full model at the cell's steps.
 
 Grid: `scheduler` and `steps` are lists. `grid="zip"` pairs them position by position (a list of one is repeated:
 `ddpm,ddim,dpm-solver++` x `250,50,20` is three cells); `grid="product"` runs every combination. Every cell runs every
@@ -222,16 +224,18 @@ def compile_regions(pipe: Any) -> None:
 
 def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
               device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """One call of the method: its images (on the CPU) and executed block fraction."""
+    """One call of the method: its images (on the CPU) and executed block fraction, against the full model at the
+    cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps)."""
     cuda = device.type == "cuda"
+    own_steps = run.method.steps or steps
     with run.method.session(pipe) as block_fraction:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        images = _call(pipe, labels, seed, config, steps, device)
+        images = _call(pipe, labels, seed, config, own_steps, device)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
-        return images.float().cpu(), block_fraction()
+        return images.float().cpu(), block_fraction() * own_steps / steps
 
 
 def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device) -> Any:
@@ -240,17 +244,19 @@ def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: i
                 num_inference_steps=steps, output_type="pt").images  # fmt: skip
 
 
-def run_bench(config: BenchConfig, progress: bool = True) -> list[BenchRow]:
+def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] | None = None) -> list[BenchRow]:
     """Generate `num_samples` images per method and cell, interleaved batch by batch, and score them.
 
-    Returns the rows on the main process (one per method and cell, cell by cell), and `[]` on the others.
+    `pipes`: pipelines already loaded (by `load_pipe`, by model name) to use instead of loading them again; the bench
+    swaps their schedulers. Returns the rows on the main process (one per method and cell, cell by cell), and `[]` on
+    the others.
     """
     state = process_state(config.device)
     device = torch.device(config.device)
     if state.num_processes > 1 and state.device.type == device.type:
         device = state.device  # one accelerator per process
-    pipes: dict[str, Any] = {}
-    schedulers: dict[str, Any] = {}
+    pipes = dict(pipes or {})
+    schedulers = {model: pipe.scheduler.config for model, pipe in pipes.items()}
 
     def pipe_of(model: str) -> Any:
         if model not in pipes:
@@ -319,7 +325,7 @@ def _time(active: list[_Run], pipes: dict[str, Any], labels: list[int], config: 
 
     def timed_call(run: _Run) -> None:
         with run.method.session(pipes[run.method.model]):
-            _call(pipes[run.method.model], labels, config.seed, config, steps, device)
+            _call(pipes[run.method.model], labels, config.seed, config, run.method.steps or steps, device)
         bar.update()
 
     calls = {run.method.name: partial(timed_call, run) for run in active}

@@ -1,14 +1,18 @@
 """The methods `ee-diffusion bench` compares: one registry entry per kind of method.
 
-A method spec is `kind` or `kind:argument`. Each kind builds a `Method` from its argument; a `Method` knows the model
-it runs on and, as a context manager (`Method.session`), how to put itself on the shared pipeline for the calls made
-inside and take itself off again, so methods sharing one pipeline never leak into each other. Adding a method is one
+A method spec is `kind` or `kind:argument`, optionally followed by `@N`: the method at N scheduler steps instead of the
+cell's (`baseline@8` in a 10-step cell is the fewer-steps baseline, timed interleaved with the rest of the cell; its
+block fraction counts against the full model at the cell's steps, so it reads 80%). Each kind builds a `Method` from
+its argument; a `Method` knows the model it runs on and, as a context manager (`Method.session`), how to put itself
+on the shared pipeline for the calls made inside and take itself off again, so methods sharing one pipeline never leak into each other. Adding a method is one
 entry in `METHOD_KINDS`.
 
 Kinds (arguments in brackets are optional):
 - `baseline`: the model at full depth.
 - `ase:<schedule>`: the model under an exit schedule (`linear:M`, `cosine:M`, `step:d1,d2,...` or a schedule folder).
-- `finetuned:<model>`: another model folder (typically ASE fine-tuned) with the exit schedule saved in it.
+- `finetuned:<model>[:<schedule>]`: another model (typically ASE fine-tuned) with the exit schedule saved in its
+  folder, or under `<schedule>` (any `ase:` schedule, e.g. a plan calibrated on that model; a folder path may be
+  relative to the model's folder: `finetuned:digits-dit-ase:plans/dpm-solver++-10`).
 - `fbcache[:<threshold>]`: diffusers' FirstBlockCache (default threshold 0.05): all blocks after the first are
   skipped while the first block's residual changes by less than the threshold (relative mean absolute change).
 - `layerskip[:<i,j,...>]`: diffusers' LayerSkip: the listed transformer blocks (0-based) are skipped at every step
@@ -33,8 +37,10 @@ understated).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,12 +100,14 @@ class Method:
         session: `session(pipe)` is a context manager that applies the method to `pipe`, yields a function returning
             the block fraction executed by the calls made inside, and leaves `pipe` as it found it on exit.
         unsupported: Why the method cannot run on this model (then it is never run).
+        steps: Scheduler steps it samples with (`None`: the cell's).
     """
 
     name: str
     model: str
     session: Session = _scheduled(None)
     unsupported: str | None = None
+    steps: int | None = None
 
 
 @dataclass
@@ -122,7 +130,17 @@ def _ase(argument: str, target: Target) -> Method:
 
 
 def _finetuned(argument: str, target: Target) -> Method:
-    return Method(f"finetuned:{argument}", argument, _scheduled(target.pipe_of(argument).exit_schedule))
+    """`<model>`, or `<model>:<schedule>` where a schedule folder may also be a path inside the model's folder (the
+    plans shipped in `digits-dit-ase/plans/`)."""
+    from ..pipelines.loading import resolve_pretrained
+
+    model, _, spec = argument.partition(":")
+    pipe = target.pipe_of(model)
+    inside = Path(resolve_pretrained(model)) / spec
+    if spec and not Path(spec).exists() and inside.is_dir():
+        spec = str(inside)
+    schedule = ExitSchedule.from_spec(spec, num_exit_blocks(pipe)) if spec else pipe.exit_schedule
+    return Method(f"finetuned:{argument}", model, _scheduled(schedule))
 
 
 class _RunCounter(ModelHook):
@@ -361,7 +379,7 @@ class MethodKind:
 METHOD_KINDS: dict[str, MethodKind] = {
     "baseline": MethodKind("baseline", _baseline, False),
     "ase": MethodKind("ase:<schedule>", _ase, True),
-    "finetuned": MethodKind("finetuned:<model>", _finetuned, True),
+    "finetuned": MethodKind("finetuned:<model>[:<schedule>]", _finetuned, True),
     "fbcache": MethodKind("fbcache[:<threshold>]", _fbcache, None),
     "layerskip": MethodKind("layerskip[:<i,j,...>]", _layerskip, None),
     "taylorseer": MethodKind("taylorseer[:<interval>[:<order>]]", _taylorseer, None),
@@ -374,20 +392,34 @@ def method_syntax() -> str:
     return ", ".join(kind.syntax for kind in METHOD_KINDS.values())
 
 
+def _steps_suffix(spec: str) -> tuple[str, int | None]:
+    """`spec` without its `@N` suffix, and N (`None` without one)."""
+    head, at, count = spec.rpartition("@")
+    if not at or not count.isdigit():
+        return spec, None
+    if int(count) < 1:
+        raise ValueError(f"Bad method {spec!r}: `@N` needs N >= 1 scheduler steps, got {count}.")
+    return head, int(count)
+
+
 def build_method(spec: str, target: Target) -> Method:
     """The method a spec names (see the module docstring), built for `target`."""
-    kind, _, argument = spec.partition(":")
+    body, steps = _steps_suffix(spec)
+    kind, _, argument = body.partition(":")
     entry = METHOD_KINDS.get(kind)
     if entry is None or (entry.needs_argument is True and not argument) or (entry.needs_argument is False and argument):
-        raise ValueError(f"Unknown method {spec!r}; accepted kinds: {method_syntax()}.")
-    return entry.build(argument, target)
+        raise ValueError(f"Unknown method {spec!r}; accepted kinds: {method_syntax()}, each optionally with @N.")
+    if steps is None:
+        return entry.build(argument, target)
+    method = entry.build(argument, dataclasses.replace(target, steps=steps))  # MagCache calibrates at N steps
+    return dataclasses.replace(method, name=spec, steps=steps)
 
 
 def parse_methods(text: str) -> list[str]:
     """Split a `--methods` string on the commas that start a new method, so `ase:step:12,8,4` stays whole."""
     methods: list[str] = []
     for piece in text.split(","):
-        if piece.partition(":")[0] in METHOD_KINDS or not methods:
+        if _steps_suffix(piece)[0].partition(":")[0] in METHOD_KINDS or not methods:
             methods.append(piece)
         else:
             methods[-1] += "," + piece

@@ -121,7 +121,8 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
         shapes = {_linear_at(num_blocks, list(calibrator.timesteps), calibrator.num_train_timesteps, b)
                   for b in config.budgets} - {None}  # fmt: skip
         methods = ["baseline", *plans, *sorted(shapes), *config.accelerators]
-        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress)
+        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress,
+                         pipes={config.model: pipe})  # fmt: skip
         rows.extend((row, plans.get(row.method)) for row in cell)
     swept = _front(rows, max(config.steps))
     _write(out, config, swept, rows)

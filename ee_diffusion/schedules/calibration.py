@@ -2,16 +2,19 @@
 
 From a few of the pipeline's own sampling runs (probes: its own noise and conditioning, no training data):
 
-1. the full model's final images are the reference, and the denoiser's timesteps give the plan its steps;
-2. sensitivity: for each step and each cheaper action there (every depth below full, and `REUSE`), one run with only
-   that step changed gives the error it alone puts on the final images, through the solver's later steps;
-3. a chain of plans from full to cheapest: each link changes one step, by the move that costs the least predicted
-   error (errors of separate steps summed in squares) per block saved, one block at a time or straight to `REUSE`;
+1. the pipeline as it is, under its own exit schedule if it has one (an ASE fine-tuned model is trained for it) and at
+   full depth otherwise, makes the reference final images, and the denoiser's timesteps give the plan its steps; that
+   schedule's depths at those steps are the starting plan (the *base*), and plans only ever cut below it;
+2. sensitivity: for each step and each cheaper action there (every depth below the base's, and `REUSE`), one run with
+   only that step changed gives the error it alone puts on the final images, through the solver's later steps;
+3. a chain of plans from the base to the cheapest: each link changes one step, by the move that costs the least
+   predicted error (errors of separate steps summed in squares) per block saved, one block at a time or straight to
+   `REUSE`;
 4. every plan on the chain is run and its real final-image error measured; the budget then picks one: the cheapest
    with a measured error within `tolerance`, or, for `target_compute`, the most accurate at or under the target,
    then filled back up to the target block by block where the sensitivities say blocks help most (and measured).
 
-The error of a plan is the root-mean-square difference of its final images from the full model's, from the same noise
+The error of a plan is the root-mean-square difference of its final images from the reference's, from the same noise
 and conditioning, in pixel values in [0, 1] (`output_type="np"`). What a plan fixes ahead of time is everything: the
 depth or reuse of each step; nothing is decided while sampling.
 """
@@ -48,10 +51,11 @@ class Calibration:
     Args:
         plan: The plan the budget picked.
         compute_fraction: Its share of the full model's block compute (reuse steps count 0).
-        error: Its measured final-image error (RMS, pixel values in [0, 1]) on the probes.
+        error: Its measured final-image error (RMS against the reference, pixel values in [0, 1]) on the probes.
         timesteps: The denoiser's timestep at each step, in sampling order.
-        sensitivity: `sensitivity[i][a]`: the final-image error of the full plan with step `i` at action `a` alone.
-        chain: Every plan measured, from full to cheapest.
+        sensitivity: `sensitivity[i][a]`: the final-image error of the base with step `i` at action `a` alone.
+        chain: Every plan measured, from the base to the cheapest.
+        base: The reference's action at each step: the pipeline's own schedule's depths (all blocks without one).
     """
 
     plan: ExitSchedule
@@ -60,15 +64,23 @@ class Calibration:
     timesteps: tuple[float, ...]
     sensitivity: tuple[dict[int, float], ...]
     chain: tuple[PlanPoint, ...]
+    base: tuple[int, ...]
+
+
+def own_schedule(pipe: Any) -> ExitSchedule | None:
+    """The exit schedule `pipe` samples with as it is: a drop-in's `exit_schedule`, or the one on its denoiser."""
+    from ..exits import get_exit_schedule
+
+    return pipe.exit_schedule if hasattr(pipe, "set_exit_schedule") else get_exit_schedule(pipe)
 
 
 @contextlib.contextmanager
 def _planned(pipe: Any) -> Iterator[Any]:
     """Inside: `use(plan)` puts a plan (`None`: the full model) on `pipe`; after, its own schedule is back."""
-    from ..exits import apply_exit_schedule, get_exit_schedule, remove_exit_schedule
+    from ..exits import apply_exit_schedule, remove_exit_schedule
 
     drop_in = hasattr(pipe, "set_exit_schedule")
-    own = pipe.exit_schedule if drop_in else get_exit_schedule(pipe)
+    own = own_schedule(pipe)
 
     def use(plan: ExitSchedule | None) -> None:
         if drop_in:
@@ -95,7 +107,8 @@ class PlanCalibrator:
 
     Args:
         pipe: A pipeline whose denoiser the exit hooks support (a drop-in one, or a stock diffusers one), with the
-            scheduler the plan is for.
+            scheduler the plan is for. Its own exit schedule, if it has one, is the reference and the base the plans
+            cut from (`base`); a fine-tuned model's schedule is what it was trained to sample with.
         call_kwargs: What each probe call passes besides the steps, generator and output type: the probes'
             conditioning, e.g. `{"class_labels": [0, 1, ..., 9], "guidance_scale": 2.0}` (its batch is the probes).
         num_inference_steps: The step count the plans are for.
@@ -114,13 +127,15 @@ class PlanCalibrator:
         self.num_blocks = num_exit_blocks(pipe)  # a clear error for a pipeline without a supported denoiser
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
+        self.reference_schedule = own_schedule(pipe)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
+        self.base: tuple[int, ...] = ()  # the reference's action at each step (known after the reference)
         self.sensitivity: tuple[dict[int, float], ...] = ()
         self._measured: dict[tuple[int, ...], float] = {}
         self._chain: tuple[PlanPoint, ...] | None = None
 
     def for_tolerance(self, tolerance: float) -> Calibration:
-        """The cheapest plan of the chain whose measured error is at most `tolerance` (0: the full model)."""
+        """The cheapest plan of the chain whose measured error is at most `tolerance` (0: the base)."""
         tolerance = as_number("tolerance", tolerance, low=0)
         chain = self.chain
         chosen = min((p for p in chain if p.error <= tolerance), key=lambda p: (p.compute_fraction, p.error))
@@ -144,23 +159,26 @@ class PlanCalibrator:
 
     @property
     def chain(self) -> tuple[PlanPoint, ...]:
-        """Every plan measured, from full to cheapest (made on first use)."""
+        """Every plan measured, from the base to the cheapest (made on first use)."""
         if self._chain is None:
             self._calibrate()
         return self._chain
 
     # ------------------------------------------------------------------ measurement
     def _calibrate(self) -> None:
-        steps, full = self.num_inference_steps, (self.num_blocks,) * self.num_inference_steps
-        options = [[*range(self.num_blocks - 1, 0, -1), *([REUSE] if i else [])] for i in range(steps)]
-        with self._session(total=sum(map(len, options)), desc="calibrating: sensitivity") as (measure, bar):
+        with self._session(desc="calibrating: reference") as (measure, bar):
+            base, steps = self.base, self.num_inference_steps
+            options = [[*range(base[i] - 1, 0, -1), *([REUSE] if i and base[i] != REUSE else [])]
+                       for i in range(steps)]  # fmt: skip
+            bar.reset(total=sum(map(len, options)))
+            bar.set_description("calibrating: sensitivity")
             sensitivity = tuple(
-                {action: measure(full[:i] + (action,) + full[i + 1 :]) for action in options[i]} for i in range(steps)
+                {action: measure(base[:i] + (action,) + base[i + 1 :]) for action in options[i]} for i in range(steps)
             )
-            for step in sensitivity:
-                step[self.num_blocks] = 0.0
+            for i, step in enumerate(sensitivity):
+                step[base[i]] = 0.0
             self.sensitivity = sensitivity
-            chain = _chain(full, sensitivity)
+            chain = _chain(base, sensitivity)
             bar.reset(total=len(chain))
             bar.set_description("calibrating: chain")
             self._chain = tuple(PlanPoint(actions, self._compute(actions), measure(actions)) for actions in chain)
@@ -182,13 +200,18 @@ class PlanCalibrator:
                 handle = self.denoiser.register_forward_pre_hook(
                     lambda module, args, kwargs: recorded.append(_timestep(args, kwargs)), with_kwargs=True
                 )
-                use(None)
+                use(self.reference_schedule)
                 try:
                     self._reference = sample()
                 finally:
                     handle.remove()
                 self.timesteps = tuple(_one_per_step(recorded, self.num_inference_steps))
-                self._measured[(self.num_blocks,) * self.num_inference_steps] = 0.0
+                self.base = (
+                    tuple(self.reference_schedule.depths_for(self.timesteps, self.num_train_timesteps))
+                    if self.reference_schedule is not None
+                    else (self.num_blocks,) * self.num_inference_steps
+                )
+                self._measured[self.base] = 0.0
 
             def measure(actions: tuple[int, ...]) -> float:
                 if actions not in self._measured:
@@ -210,7 +233,7 @@ class PlanCalibrator:
     def _result(self, point: PlanPoint) -> Calibration:
         return Calibration(plan=self.plan_of(point.actions), compute_fraction=point.compute_fraction,
                            error=point.error, timesteps=self.timesteps, sensitivity=self.sensitivity,
-                           chain=self.chain)  # fmt: skip
+                           chain=self.chain, base=self.base)  # fmt: skip
 
 
 def calibrate_plan(
@@ -254,11 +277,11 @@ def _one_per_step(recorded: list[float], steps: int) -> list[float]:
     return recorded
 
 
-def _chain(full: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> list[tuple[int, ...]]:
-    """Plans from `full` to the cheapest, each one move from the last: the step whose next cheaper action (one block
+def _chain(base: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> list[tuple[int, ...]]:
+    """Plans from `base` to the cheapest, each one move from the last: the step whose next cheaper action (one block
     less, or `REUSE`) adds the least predicted squared error per block saved."""
-    actions, chain = list(full), [tuple(full)]
-    predicted = [0.0] * len(full)  # squared error of each step's current action
+    actions, chain = list(base), [tuple(base)]
+    predicted = [0.0] * len(base)  # squared error of each step's current action
 
     def moves(i: int) -> list[int]:
         current = actions[i]
@@ -284,8 +307,8 @@ def _chain(full: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> 
 def _fill(actions: tuple[int, ...], sensitivity: tuple[dict[int, float], ...], num_blocks: int,
           target: float) -> tuple[int, ...]:  # fmt: skip
     """`actions` with blocks added back while the plan stays at or under `target` of the full compute: each time the
-    step change (to any dearer action that fits) that the sensitivities say removes the most error per block, and only
-    changes that remove some (a reuse step is not made a shallow one)."""
+    step change (to any dearer action that fits, up to the base's) that the sensitivities say removes the most error
+    per block, and only changes that remove some (a reuse step is not made a shallow one)."""
     actions = list(actions)
     budget = math.floor(target * len(actions) * num_blocks + 1e-9) - sum(actions)
     while True:

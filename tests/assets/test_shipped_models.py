@@ -1,5 +1,6 @@
 """The models shipped in ee_diffusion/assets load offline and sample; their sizes and schedules are as promised."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,22 @@ def test_ase_model_schedule_runs_at_most_70_percent_of_blocks_over_50_dpm_steps(
     assert pipe.exit_schedule is not None
     pipe.scheduler.set_timesteps(50)
     assert pipe.exit_schedule.compute_fraction(pipe.scheduler.timesteps) <= 0.70
+
+
+def test_shipped_plan_runs_on_its_model_at_the_compute_its_calibration_measured():
+    from ee_diffusion.bench.methods import Target, build_method
+
+    pipe = load_early_exit_pipeline("digits-dit-ase")
+    pipe.set_progress_bar_config(disable=True)
+    own = pipe.exit_schedule
+    folder = shipped_model_path("digits-dit-ase") / "plans" / "dpm-solver++-10"
+    report = json.loads((folder / "calibration.json").read_text())
+    assert (report["model"], report["scheduler"], report["steps"]) == ("digits-dit-ase", "dpm-solver++", 10)
+    method = build_method("finetuned:digits-dit-ase:plans/dpm-solver++-10", Target("digits-dit", lambda _: pipe, 10))
+    with method.session(pipe) as block_fraction:
+        pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=10, output_type="pt")
+        assert block_fraction() == pytest.approx(report["compute_fraction"]) and report["compute_fraction"] < 0.5
+    assert pipe.exit_schedule is own  # the model's own schedule is back
 
 
 # The digits U-Net's clean-image predictions leave [-1, 1] at the noisy steps; DPM-Solver++, DDIM and DDPM keep them

@@ -98,17 +98,22 @@ def test_bench_refuses_what_it_cannot_score_before_generating(digits_shaped_mode
 
 
 def test_parse_methods_keeps_step_tables_whole():
-    text = "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,magcache"
+    text = ("baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,"
+            "magcache,baseline@8,ase:step:12,8@8")  # fmt: skip
     assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase",
-                                   "layerskip:1,3", "fbcache:0.08", "pab", "magcache"]  # fmt: skip
+                                   "layerskip:1,3", "fbcache:0.08", "pab", "magcache", "baseline@8",
+                                   "ase:step:12,8@8"]  # fmt: skip
 
 
-def test_default_methods_name_the_shipped_schedule_by_its_spec():
-    schedule = ExitSchedule.from_pretrained(shipped_model_path("digits-dit-ase") / "exit_schedule")
-    assert _default_methods("digits-dit") == [
-        "baseline", "ase:step:" + ",".join(map(str, schedule.config.table)), "finetuned:digits-dit-ase"
-    ]
-    assert _default_methods("no-such-model") == ["baseline", "ase:linear:0.5"]
+def test_default_methods_put_fewer_steps_and_a_diffusers_cache_beside_ours():
+    assert _default_methods("digits-dit", [10], ["dpm-solver++"]) == [
+        "baseline", "baseline@8", "fbcache:0.15", "finetuned:digits-dit-ase", "finetuned:digits-dit-ase@8",
+        "finetuned:digits-dit-ase:plans/dpm-solver++-10",  # the plan shipped for this scheduler and step count
+    ]  # fmt: skip
+    assert _default_methods("digits-dit", [10], ["ddim"])[-1] == "finetuned:digits-dit-ase@8"  # no plan for DDIM
+    assert _default_methods("digits-dit", [10, 20], ["dpm-solver++"]) == [
+        "baseline", "fbcache:0.15", "finetuned:digits-dit-ase"]  # fmt: skip
+    assert _default_methods("no-such-model", [1], ["euler"]) == ["baseline", "fbcache:0.15", "ase:linear:0.5"]
 
 
 def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):

@@ -118,6 +118,27 @@ def test_grid_speedup_is_against_the_baseline_of_the_same_cell(monkeypatch):
         BenchConfig(scheduler=["ddim", "ddpm"], steps=[2, 3, 4])
 
 
+def test_a_method_at_its_own_step_count_samples_those_steps_inside_the_cell(monkeypatch):
+    calls = _count_denoiser_calls(monkeypatch)
+    config = BenchConfig(model="random:dit-tiny", methods=["baseline", "baseline@3", "layerskip:0,1,2@4"],
+                         num_samples=2, batch_size=2, steps=[6], repeats=2)  # fmt: skip
+    rows = run_bench(config, progress=False)
+    assert [(row.method, row.steps) for row in rows] == [("baseline", 6), ("baseline@3", 6), ("layerskip:0,1,2@4", 6)]
+    # block compute against the full model at the cell's 6 steps: 3 of 6 steps; 4 of 6 steps at a quarter of the blocks
+    assert [row.block_fraction for row in rows] == [1.0, 0.5, pytest.approx(0.25 * 4 / 6)]
+    assert len(calls) == (1 + 2) * (6 + 3 + 4)  # one quality batch and two timed rounds per method, a call per step
+    assert rows[1].speedup > 0 and rows[0].speedup == 1.0  # timed in the same rounds as the cell's baseline
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("baseline@0", "`@N` needs N >= 1 scheduler steps, got 0"),
+    ("warp@4", "Unknown method 'warp@4'; accepted kinds: .*each optionally with @N"),
+])  # fmt: skip
+def test_bad_step_suffix(tiny_dit, spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_method(spec, _target(tiny_dit))
+
+
 def test_compile_keeps_images_and_block_counts_and_the_hooks_never_recompile(tiny_dit):
     torch._dynamo.reset()
     compiled = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", compile=True), torch.device("cpu"))

@@ -38,9 +38,14 @@ def test_bad_sweeps_are_refused(overrides, match, tmp_path):
         SweepConfig(out=str(tmp_path), **overrides)
 
 
-def test_sweep_command_end_to_end(tmp_path, capsys):
+def test_sweep_command_end_to_end(tmp_path, capsys, monkeypatch):
+    from ee_diffusion.bench import harness
+
     save_digits_shaped_dit(tmp_path / "model")
     out = tmp_path / "sweep"
+    loads = []
+    monkeypatch.setattr(harness, "load_pipe",
+                        lambda *args, load=harness.load_pipe: loads.append(args[0]) or load(*args))  # fmt: skip
     assert main(["sweep", "--model", str(tmp_path / "model"), "--steps", "2,3", "--budgets", "0.5",
                  "--accelerators", "fbcache:0.5", "--num-samples", "2", "--batch-size", "2", "--repeats", "1",
                  "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
@@ -53,3 +58,4 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
             assert r["block_fraction"] <= 0.5
     assert ExitSchedule.from_pretrained(out / "plans" / "dpm-solver++-3-0.5").config.shape == "plan"
     assert (out / "sweep.png").stat().st_size > 0 and "on the front" in capsys.readouterr().out
+    assert loads == [str(tmp_path / "model")]  # loaded once, for calibration and every step count's bench

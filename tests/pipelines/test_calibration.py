@@ -84,6 +84,22 @@ def test_bad_budgets_are_refused_before_any_run(budget, error, match):
     assert not calls
 
 
+def test_a_pipeline_with_its_own_schedule_is_the_reference_and_plans_only_cut_below_it():
+    case = CASES["dit"]
+    pipe = case.make()
+    own = ExitSchedule.step(case.num_units, [4, 3, 2, 1])  # a fine-tuned model's schedule, say
+    pipe.exit_schedule = own
+    kwargs = {"class_labels": [1, 2], "guidance_scale": 2.0}
+    exact = calibrate_plan(pipe, kwargs, STEPS, tolerance=0, progress=False)
+    base = tuple(own.depths_for(exact.timesteps))
+    assert exact.base == base and tuple(exact.plan.config.depths[::-1]) == base and exact.error == 0
+    assert exact.compute_fraction == own.compute_fraction(exact.timesteps) < 1
+    for point in exact.chain:  # never deeper than the schedule it was trained for
+        assert all(action <= depth for action, depth in zip(point.actions, base))
+    assert exact.chain[-1].compute_fraction == 0.25 / STEPS  # the first step at one block, every later one reused
+    assert pipe.exit_schedule is own  # and it is left on the pipeline
+
+
 def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     from ee_diffusion.bench.harness import BenchConfig, run_bench
 
@@ -94,7 +110,18 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     report = json.loads((out / "calibration.json").read_text())
     plan = ExitSchedule.from_pretrained(out)
     assert report["compute_fraction"] == plan.compute_fraction(report["timesteps"]) <= 0.5
-    assert "ase:" in capsys.readouterr().out
+    assert f"--methods ase:{out}" in capsys.readouterr().out
     rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=["baseline", f"ase:{out}"], num_samples=2,
                                  steps=3, repeats=1), progress=False)  # fmt: skip
     assert rows[1].block_fraction == pytest.approx(report["compute_fraction"])
+    # on a model that carries a schedule, the plan is calibrated against it and benched on that model
+    tuned = tmp_path / "tuned"
+    save_digits_shaped_dit(tuned, exit_schedule=ExitSchedule.step(2, [2, 1]))
+    assert main(["calibrate", "--model", str(tuned), "--steps", "3", "--tolerance", "0", "--num-probes", "2",
+                 "--out", str(tmp_path / "tuned-plan")]) == 0  # fmt: skip
+    assert f"--methods finetuned:{tuned}:{tmp_path / 'tuned-plan'}" in capsys.readouterr().out
+    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=["baseline", f"finetuned:{tuned}",
+                                 f"finetuned:{tuned}:{tmp_path / 'tuned-plan'}"], num_samples=2, steps=3, repeats=1),
+                     progress=False)  # fmt: skip
+    assert rows[1].model == rows[2].model == str(tuned)
+    assert rows[2].block_fraction == rows[1].block_fraction < 1  # tolerance 0: the model's own schedule
