@@ -130,12 +130,18 @@ def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
     assert saved.class_accuracy == default.class_accuracy
 
 
-def test_bench_schedulers_keep_the_models_range_control_and_never_clip():
+def test_bench_schedulers_keep_the_models_prediction_type_and_range_control_and_never_clip():
+    from diffusers import DPMSolverMultistepScheduler
+
     from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
 
-    for name, thresholding in (("digits-dit", False), ("digits-unet", True), ("digits-unet-ase", True)):
-        config = load_early_exit_pipeline(name).scheduler.config
+    unet = load_early_exit_pipeline("digits-unet").scheduler.config
+    thresholded = DPMSolverMultistepScheduler.from_config(unet, thresholding=True).config
+    dit = load_early_exit_pipeline("digits-dit").scheduler.config
+    for config, prediction, thresholding in ((dit, "epsilon", False), (unet, "v_prediction", False),
+                                             (thresholded, "v_prediction", True)):  # fmt: skip
         for kind in SCHEDULERS:
             scheduler = build_scheduler(kind, config)
-            assert not scheduler.config.get("clip_sample", False), (name, kind)
-            assert scheduler.config.get("thresholding", thresholding) == thresholding, (name, kind)
+            assert scheduler.config.prediction_type == prediction, kind
+            assert not scheduler.config.get("clip_sample", False), kind
+            assert scheduler.config.get("thresholding", thresholding) == thresholding, kind
