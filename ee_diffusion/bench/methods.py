@@ -4,8 +4,8 @@ A method spec is `kind` or `kind:argument`, optionally followed by `@N`: the met
 cell's (`baseline@8` in a 10-step cell is the fewer-steps baseline, timed interleaved with the rest of the cell; its
 block fraction counts against the full model at the cell's steps, so it reads 80%). Each kind builds a `Method` from
 its argument; a `Method` knows the model it runs on and, as a context manager (`Method.session`), how to put itself
-on the shared pipeline for the calls made inside and take itself off again, so methods sharing one pipeline never leak into each other. Adding a method is one
-entry in `METHOD_KINDS`.
+on the shared pipeline for the calls made inside and take itself off again, so methods sharing one pipeline never
+leak into each other. Adding a method is one entry in `METHOD_KINDS`.
 
 Kinds (arguments in brackets are optional):
 - `baseline`: the model at full depth.
@@ -136,10 +136,12 @@ def _finetuned(argument: str, target: Target) -> Method:
 
     model, _, spec = argument.partition(":")
     pipe = target.pipe_of(model)
+    if not spec:
+        return Method(f"finetuned:{argument}", model, _scheduled(pipe.exit_schedule))
     inside = Path(resolve_pretrained(model)) / spec
-    if spec and not Path(spec).exists() and inside.is_dir():
+    if not Path(spec).exists() and inside.is_dir():
         spec = str(inside)
-    schedule = ExitSchedule.from_spec(spec, num_exit_blocks(pipe)) if spec else pipe.exit_schedule
+    schedule = ExitSchedule.from_spec(spec, num_exit_blocks(pipe))
     return Method(f"finetuned:{argument}", model, _scheduled(schedule))
 
 
