@@ -8,17 +8,25 @@ An early-commit rule is a small function of `(logits, positions, progress)`:
 
 It returns a `(batch,)` bool tensor: which rows commit *every* still-masked token, future blocks included, to its
 argmax now and stop refining. The confidence both rules use is the gap between the top-1 and top-2 raw logits.
+
+A rule that also needs the current tokens (`ProphetCommit` with a `marker`) takes them as a `tokens` keyword,
+`(batch, length)` with the mask token where nothing is committed yet; the sampler passes `tokens` only to rules whose
+signature has it (as diffusers passes optional arguments to a scheduler's `step`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..validation import as_int
+
 SCHED_SHAPES = ("linear", "cosine", "exp")
+PROPHET_THRESHOLDS = (7.5, 5.0, 2.5)  # the released code's (pixeli99/Prophet); the paper states 8.0 / 5.0 / 3.5
 
 
 def top2_margin(logits: torch.Tensor) -> torch.Tensor:
@@ -34,7 +42,7 @@ def mean_margin(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def prophet_threshold(
-    progress: float, thresholds: tuple[float, ...] = (8.0, 5.0, 3.5), boundaries: tuple[float, ...] = (0.33, 0.67)
+    progress: float, thresholds: tuple[float, ...] = PROPHET_THRESHOLDS, boundaries: tuple[float, ...] = (0.33, 0.67)
 ) -> float:
     """Prophet's staged threshold: `thresholds[i]` while `progress < boundaries[i]`, the last one after."""
     for threshold, boundary in zip(thresholds, boundaries):
@@ -59,11 +67,31 @@ def sched_threshold(progress: float, tau_high: float, tau_low: float, shape: str
     raise ValueError(f"Unknown SchED shape {shape!r}; expected one of {SCHED_SHAPES}.")
 
 
-def answer_window(positions: torch.Tensor, start: int, size: int | None) -> torch.Tensor:
-    """The `size` positions of the span `positions` that follow its first `start` ones (the whole rest if None)."""
+def answer_window(
+    positions: torch.Tensor, start: int, size: int | None, after: torch.LongTensor | None = None
+) -> torch.Tensor:
+    """The `size` positions of the span `positions` that follow its first `start` ones (the whole rest if None).
+
+    With `after` `(batch,)`, the span is counted from index `after` of each row on (the positions before it are not
+    part of it).
+    """
+    if after is not None:
+        positions = positions & (torch.arange(positions.shape[-1], device=positions.device) >= after[:, None])
     index = positions.long().cumsum(-1) - 1
     window = positions & (index >= start)
     return window if size is None else window & (index < start + size)
+
+
+def marker_end(tokens: torch.LongTensor, positions: torch.Tensor, marker: tuple[int, ...]) -> torch.LongTensor:
+    """Per row, the index right after the last occurrence of the token sequence `marker` inside the span
+    `positions`; -1 where the span holds none."""
+    length = len(marker)
+    if tokens.shape[-1] < length:
+        return torch.full(tokens.shape[:1], -1, dtype=torch.long, device=tokens.device)
+    target = torch.tensor(marker, dtype=tokens.dtype, device=tokens.device)
+    hits = (tokens.unfold(-1, length, 1) == target).all(-1) & positions.unfold(-1, length, 1).all(-1)
+    last = hits.shape[-1] - 1 - hits.flip(-1).long().argmax(-1)
+    return torch.where(hits.any(-1), last + length, -1)
 
 
 @dataclass(frozen=True)
@@ -71,17 +99,28 @@ class ProphetCommit:
     """Prophet ("Diffusion Language Models Know the Answer Before Decoding"): commit everything once the mean
     top-2 logit gap over the answer window reaches the threshold of the current progress stage.
 
+    The defaults are the released code's (github `pixeli99/Prophet`, `generate_earlyexit.py` and `eval_llada.py`):
+    thresholds 7.5 / 5.0 / 2.5 changing at 33 % and 67 % of the steps, a 5-token window. The paper states 8.0 / 5.0 /
+    3.5; pass `thresholds=(8.0, 5.0, 3.5)` for those. The released evaluation forces "The answer is" into the answer
+    and starts the window one token after it; `marker=<ids of "The answer is">, answer_start=1` does the same for an
+    answer that holds the marker (forced or written by the model).
+
     Args:
-        thresholds: Gap thresholds of the stages (paper: 8.0 / 5.0 / 3.5; the released code uses 7.5 / 5.0 / 2.5).
+        thresholds: Gap thresholds of the stages.
         boundaries: Progress values where the stages change.
-        answer_start: Offset of the answer window in the generated span.
+        answer_start: Offset of the answer window: from the start of the generated span, or, with `marker`, from
+            the position right after the marker.
         window: Length of the answer window (the released code averages over 5 tokens); None: the rest of the span.
+        marker: Token ids (a non-empty sequence) the window follows: it starts `answer_start` positions after the
+            marker's last occurrence among the span's committed tokens. A row whose span holds no marker yet (or
+            nothing after it) does not fire. None: the window is placed by `answer_start` alone.
     """
 
-    thresholds: tuple[float, ...] = (8.0, 5.0, 3.5)
+    thresholds: tuple[float, ...] = PROPHET_THRESHOLDS
     boundaries: tuple[float, ...] = (0.33, 0.67)
     answer_start: int = 0
     window: int | None = 5
+    marker: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.thresholds) != len(self.boundaries) + 1:
@@ -91,12 +130,28 @@ class ProphetCommit:
             )
         if list(self.boundaries) != sorted(self.boundaries):
             raise ValueError(f"`boundaries` must be increasing, got {self.boundaries}.")
-        if self.answer_start < 0 or (self.window is not None and self.window < 1):
-            raise ValueError(f"Need answer_start >= 0 and window >= 1 or None, got {self.answer_start}, {self.window}.")
+        as_int("answer_start", self.answer_start, low=0)
+        if self.window is not None:
+            as_int("window", self.window, low=1)
+        if self.marker is not None:
+            if isinstance(self.marker, (str, bytes)) or not hasattr(self.marker, "__iter__"):
+                raise TypeError(f"`marker` must be None or a sequence of token ids, got {self.marker!r}.")
+            marker = tuple(as_int(f"marker[{i}]", token, low=0) for i, token in enumerate(self.marker))
+            if not marker:
+                raise ValueError("`marker` must hold at least one token id, got an empty sequence.")
+            object.__setattr__(self, "marker", marker)
 
-    def __call__(self, logits: torch.Tensor, positions: torch.Tensor, progress: float) -> torch.Tensor:
-        gap = mean_margin(logits, answer_window(positions, self.answer_start, self.window))
-        return gap >= prophet_threshold(progress, self.thresholds, self.boundaries)
+    def __call__(
+        self, logits: torch.Tensor, positions: torch.Tensor, progress: float, tokens: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        threshold = prophet_threshold(progress, self.thresholds, self.boundaries)
+        if self.marker is None:
+            return mean_margin(logits, answer_window(positions, self.answer_start, self.window)) >= threshold
+        if tokens is None:
+            raise ValueError(f"ProphetCommit(marker={self.marker}) needs the current `tokens` to find its marker.")
+        after = marker_end(tokens, positions, self.marker)
+        window = answer_window(positions, self.answer_start, self.window, after.clamp(min=0))
+        return (after >= 0) & window.any(-1) & (mean_margin(logits, window) >= threshold)
 
 
 @dataclass(frozen=True)
@@ -149,6 +204,11 @@ class ThresholdCommit:
 
 
 EarlyCommit = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def accepts_tokens(rule: EarlyCommit) -> bool:
+    """Whether the rule takes the current tokens (a `tokens` keyword)."""
+    return "tokens" in inspect.signature(rule).parameters
 
 
 def resolve_early_commit(early_commit: EarlyCommit | str | None) -> EarlyCommit | None:

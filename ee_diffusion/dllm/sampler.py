@@ -5,18 +5,25 @@ left to right, each in `steps / num_blocks` steps; every step runs the denoiser 
 (optionally Gumbel-perturbed) logits at every masked position, and commits the step's even share of the block's
 masked positions, the most confident first. An early-commit rule may end a row at any step by committing every
 masked position, future blocks included, at once; a threshold rule may commit more than the even share.
+
+The selection follows LLaDA's released `generate()` step for step, not only in its final output: the confidence is
+the softmax probability of the prediction taken in the logits' own dtype (bf16 for LLaDA-8B), and the positions are
+picked with `torch.topk` over the whole sequence row with -inf outside the candidates, so that ties break as there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..validation import as_int
 from .adapters import MaskedLMAdapter
-from .rules import EarlyCommit, ThresholdCommit
+from .rules import EarlyCommit, ThresholdCommit, accepts_tokens
 
 REMASKING = ("low_confidence", "random")
+CONFIDENCE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass
@@ -44,10 +51,57 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
 
 
 def commit_top(confidence: torch.Tensor, candidates: torch.Tensor, count: torch.LongTensor) -> torch.Tensor:
-    """Per row, the `count` most confident of the `candidates` positions (all of them if fewer)."""
-    order = confidence.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-    ranks = order.argsort(dim=-1)
-    return candidates & (ranks < count[:, None])
+    """Per row, the `count` most confident of the `candidates` positions (all of them if fewer).
+
+    Picked as LLaDA's `generate()` picks them: `torch.topk` with the row's `count` on the row's confidences with -inf
+    outside the candidates (pass whole sequence rows, in the confidences' own dtype), so ties break exactly as there.
+    Rows with the same `count` share one `topk` call, which on a `(rows, length)` tensor treats each row as a
+    separate slice.
+    """
+    ranked = confidence.masked_fill(~candidates, float("-inf"))
+    picked = torch.zeros_like(candidates)
+    counts = count.tolist()
+    for k in set(counts) - {0}:
+        rows = torch.tensor([row for row, c in enumerate(counts) if c == k], device=candidates.device)
+        picked[rows] = picked[rows].scatter(-1, ranked[rows].topk(k, dim=-1).indices, True)
+    return candidates & picked
+
+
+def token_confidence(
+    logits: torch.Tensor,
+    prediction: torch.LongTensor,
+    dtype: torch.dtype | None = None,
+    excluded_ids: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """The softmax probability of each `prediction`, taken in `dtype` (None: the logits' own dtype, as LLaDA does);
+    the tokens `excluded_ids` are left out of the softmax (their logits set to -inf), so predicting one of them has
+    confidence 0."""
+    if dtype is not None:
+        logits = logits.to(dtype)
+    if excluded_ids is not None:
+        logits = logits.index_fill(-1, excluded_ids, float("-inf"))
+    return torch.softmax(logits, -1).gather(-1, prediction[..., None]).squeeze(-1)
+
+
+def resolve_confidence_dtype(confidence_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, or a floating dtype given as a `torch.dtype` or by name (`"float32"`), checked."""
+    if confidence_dtype is None:
+        return None
+    dtype = getattr(torch, confidence_dtype, None) if isinstance(confidence_dtype, str) else confidence_dtype
+    if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in CONFIDENCE_DTYPES:
+        raise ValueError(
+            f"`confidence_dtype` must be None (the logits' dtype) or one of {CONFIDENCE_DTYPES} (a name or a "
+            f"torch.dtype), got {confidence_dtype!r}."
+        )
+    return dtype
+
+
+def token_id_tensor(name: str, ids: Sequence[int], device: torch.device) -> torch.LongTensor | None:
+    """`ids` (a sequence of token ids, each >= 0) as a tensor on `device`; None when empty."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"`{name}` must be a sequence of token ids (a list or tuple of ints), got {ids!r}.")
+    ids = [as_int(f"{name}[{i}]", token, low=0) for i, token in enumerate(ids)]
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def fill_after_eos(answer: torch.LongTensor, mask_token_id: int, eos_token_id: int) -> torch.LongTensor:
@@ -76,6 +130,9 @@ def generate(
     early_commit: EarlyCommit | None = None,
     parallel: ThresholdCommit | None = None,
     eos_token_id: int | None = None,
+    confidence_dtype: torch.dtype | str | None = None,
+    logits_inf_ids: Sequence[int] = (),
+    confidence_inf_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
 ) -> SamplerOutput:
     """Decode `gen_length` tokens after each (left-padded) prompt.
@@ -92,11 +149,21 @@ def generate(
         cfg_scale: Classifier-free guidance (LLaDA's form: the unconditional pass masks the prompt); 0 is off.
             With guidance every step is two forward passes per row.
         remasking: `"low_confidence"` (commit the most probable predictions first) or `"random"`.
-        early_commit: A rule of `(logits, positions, progress)`; when it fires for a row, every masked position
-            of that row takes its prediction and the row stops.
+        early_commit: A rule of `(logits, positions, progress)` (and of the current tokens when it takes a `tokens`
+            keyword); when it fires for a row, every masked position of that row takes its prediction and the row
+            stops.
         parallel: A `ThresholdCommit` that commits every prediction above its probability threshold.
         eos_token_id: When set, a row whose first EOS has nothing masked before it is finished at once (the rest
             of it becomes EOS).
+        confidence_dtype: The dtype the confidences' softmax is taken in: None (the default) is the logits' own
+            dtype, as LLaDA's `generate()` does (bf16 logits give bf16 confidences, with many exact ties near 1);
+            `"float32"` (or `torch.float32`, `"float64"`, ...) computes them in that dtype instead.
+        logits_inf_ids: Tokens never predicted: their logits are -inf before the argmax, the softmax and the
+            early-commit rule. `(eos_id,)` is LLaDA's `logits_eos_inf=True` (its EOS is 126081).
+        confidence_inf_ids: Tokens committed last: they may be predicted, but are left out of the confidences'
+            softmax (predicting one gives confidence 0). `(eos_id, eot_id)` is LLaDA's `confidence_eos_eot_inf=True`
+            (126081, 126348) at temperature 0; at temperature > 0 the released code only leaves out EoT (its EOS
+            assignment lands on the noisy copy of the logits), which `(eot_id,)` reproduces.
         generator: Randomness of the Gumbel noise and of random remasking.
     """
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
@@ -110,6 +177,10 @@ def generate(
         raise ValueError(f"Need temperature >= 0 and cfg_scale >= 0, got {temperature} and {cfg_scale}.")
     batch, prompt_length = input_ids.shape
     device = input_ids.device
+    dtype = resolve_confidence_dtype(confidence_dtype)
+    never_predicted = token_id_tensor("logits_inf_ids", logits_inf_ids, device)
+    committed_last = token_id_tensor("confidence_inf_ids", confidence_inf_ids, device)
+    rule_takes_tokens = early_commit is not None and accepts_tokens(early_commit)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     x = torch.cat([input_ids, torch.full((batch, gen_length), mask_token_id, device=device)], dim=1)
@@ -132,10 +203,12 @@ def generate(
                 break
             x_rows, masked = x[rows], x[rows] == mask_token_id
             logits = _guided_logits(adapter, x_rows, attention[rows], prompt[rows], mask_token_id, cfg_scale)
+            if never_predicted is not None:
+                logits = logits.index_fill(-1, never_predicted, float("-inf"))
             nfe[rows] += passes
             prediction = gumbel_argmax(logits, temperature, generator)
             if remasking == "low_confidence":
-                confidence = torch.softmax(logits.float(), -1).gather(-1, prediction[..., None]).squeeze(-1)
+                confidence = token_confidence(logits, prediction, dtype, committed_last)
             else:
                 confidence = torch.rand(prediction.shape, generator=generator, device=device)
 
@@ -146,7 +219,8 @@ def generate(
             commit = commit_top(confidence, candidates, count)
             if early_commit is not None:
                 progress = (block * steps_per_block + step + 1) / steps
-                fired = early_commit(logits, span[rows], progress)
+                tokens = {"tokens": x_rows} if rule_takes_tokens else {}
+                fired = early_commit(logits, span[rows], progress, **tokens)
                 commit = commit | (masked & fired[:, None])
             x_rows = torch.where(commit, prediction, x_rows)
             if eos_token_id is not None:

@@ -5,6 +5,10 @@ They keep `step()`'s contract. A scheduler sees one block at a time, so inside `
 the current block's generated positions, its progress is the step within the block
 (`(timestep + 1) / num_inference_steps`), and when it fires for a row every masked position of that row's block is
 committed to the sampled token (the pipeline then moves on to the next block).
+
+`LLaDA2Pipeline` pads the last block past the end of the answer when the prompt plus `gen_length` is not a multiple
+of `block_length`, and does not tell its scheduler; give the scheduler the call's `gen_length` so that the rule
+looks at real answer positions only (it counts the answer positions of the blocks it has finished).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from diffusers import BlockRefinementScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_block_refinement import BlockRefinementSchedulerOutput
 
-from .rules import EarlyCommit, ProphetCommit, SchEDCommit
+from ..validation import as_int
+from .rules import PROPHET_THRESHOLDS, EarlyCommit, ProphetCommit, SchEDCommit
 
 
 class _EarlyCommitScheduler(BlockRefinementScheduler):
@@ -22,10 +27,30 @@ class _EarlyCommitScheduler(BlockRefinementScheduler):
 
     _rule: EarlyCommit
     _block_committed = False  # whether the last step left no mask in its block
+    _answer_before: int | torch.Tensor = 0  # answer positions in the blocks finished so far (in this call)
+    _answer_in_block: int | torch.Tensor = 0  # answer positions in the current block
 
     def set_timesteps(self, num_inference_steps: int, device=None, block_length: int | None = None) -> None:
         super().set_timesteps(num_inference_steps, device=device, block_length=block_length)
         self._block_committed = False
+        self._answer_before = self._answer_in_block = 0
+
+    def _answer_positions(self, sample: torch.LongTensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
+        """The block's positions that belong to the answer: not prompt, and (with `gen_length`) not past its end."""
+        positions = torch.ones_like(sample, dtype=torch.bool)
+        if prompt_mask is not None:
+            positions = positions & ~prompt_mask[None, :]
+        self._answer_in_block = positions[0].sum()
+        gen_length = self.config.gen_length
+        if gen_length is None:
+            return positions
+        positions = positions & (self._answer_before + positions.long().cumsum(-1) <= gen_length)
+        if not bool(positions.any()):
+            raise ValueError(
+                f"{type(self).__name__}(gen_length={gen_length}) got a block past the end of a {gen_length}-token "
+                f"answer: set the scheduler's `gen_length` to the pipeline call's."
+            )
+        return positions
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor, *args, **kwargs):
         """`BlockRefinementScheduler.step`, plus: rows where the early-commit rule fires commit every masked position
@@ -35,10 +60,7 @@ class _EarlyCommitScheduler(BlockRefinementScheduler):
         mask_token_id = kwargs.get("mask_token_id")
         if mask_token_id is None:  # uniform-corruption mode has no masks to commit early
             return out if return_dict else out.to_tuple()
-        prompt_mask = kwargs.get("prompt_mask")
-        positions = torch.ones_like(sample, dtype=torch.bool)
-        if prompt_mask is not None:
-            positions = positions & ~prompt_mask[None, :]
+        positions = self._answer_positions(sample, kwargs.get("prompt_mask"))
         step_index = int(timestep) + 1
         fired = self._rule(model_output, positions, step_index / self.num_inference_steps)
         masked = sample == mask_token_id
@@ -57,10 +79,17 @@ class _EarlyCommitScheduler(BlockRefinementScheduler):
 
     def check_block_should_continue(self, step_idx: int, masks_remaining: bool, editing_enabled: bool, *args, **kwargs) -> bool:
         """As `BlockRefinementScheduler`'s, but a block the last step committed entirely ends at once (without
-        editing), instead of after one more denoiser pass."""
+        editing), instead of after one more denoiser pass. A block that ends adds its answer positions to the count
+        `gen_length` is checked against."""
         if self._block_committed and not editing_enabled:
-            return False
-        return super().check_block_should_continue(step_idx, masks_remaining, editing_enabled, *args, **kwargs)
+            keep_going = False
+        else:
+            keep_going = super().check_block_should_continue(
+                step_idx, masks_remaining, editing_enabled, *args, **kwargs
+            )
+        if not keep_going:  # the pipeline moves on to the next block
+            self._answer_before = self._answer_before + self._answer_in_block
+        return keep_going
 
 
 class ProphetScheduler(_EarlyCommitScheduler):
@@ -68,10 +97,12 @@ class ProphetScheduler(_EarlyCommitScheduler):
 
     Args:
         block_length, num_inference_steps, threshold, editing_threshold, minimal_topk: As `BlockRefinementScheduler`.
-        prophet_thresholds: Gap thresholds of the progress stages.
+        prophet_thresholds: Gap thresholds of the progress stages (default: the released code's, see
+            `ProphetCommit`).
         prophet_boundaries: Progress values where the stages change.
         answer_start: Offset of the answer window in the block's generated positions.
         window: Length of the answer window (None: the rest of the block).
+        gen_length: The pipeline call's `gen_length`; None: every non-prompt position of a block is answer.
     """
 
     @register_to_config
@@ -82,12 +113,14 @@ class ProphetScheduler(_EarlyCommitScheduler):
         threshold: float = 0.95,
         editing_threshold: float | None = None,
         minimal_topk: int = 1,
-        prophet_thresholds: list[float] = (8.0, 5.0, 3.5),
+        prophet_thresholds: list[float] = PROPHET_THRESHOLDS,
         prophet_boundaries: list[float] = (0.33, 0.67),
         answer_start: int = 0,
         window: int | None = 5,
+        gen_length: int | None = None,
     ):
         super().__init__(block_length, num_inference_steps, threshold, editing_threshold, minimal_topk)
+        _check_gen_length(gen_length)
         self._rule = ProphetCommit(tuple(prophet_thresholds), tuple(prophet_boundaries), answer_start, window)
 
 
@@ -97,6 +130,7 @@ class SchEDScheduler(_EarlyCommitScheduler):
     Args:
         block_length, num_inference_steps, threshold, editing_threshold, minimal_topk: As `BlockRefinementScheduler`.
         tau_high, tau_low, shape, k: The threshold schedule `tau(p)`.
+        gen_length: The pipeline call's `gen_length`; None: every non-prompt position of a block is answer.
     """
 
     @register_to_config
@@ -111,6 +145,13 @@ class SchEDScheduler(_EarlyCommitScheduler):
         tau_low: float = 2.5,
         shape: str = "linear",
         k: float = 4.0,
+        gen_length: int | None = None,
     ):
         super().__init__(block_length, num_inference_steps, threshold, editing_threshold, minimal_topk)
+        _check_gen_length(gen_length)
         self._rule = SchEDCommit(tau_high, tau_low, shape, k)
+
+
+def _check_gen_length(gen_length: int | None) -> None:
+    if gen_length is not None:
+        as_int("gen_length", gen_length, low=1)

@@ -4,6 +4,7 @@ with optional Prophet / SchED early commit. It only wires tokenizer, adapter and
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         parallel: ThresholdCommit | None = None,
         eos_token_id: int | None = None,
         mask_token_id: int | None = None,
+        confidence_dtype: torch.dtype | str | None = None,
+        logits_inf_ids: Sequence[int] = (),
+        confidence_inf_ids: Sequence[int] = (),
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> MaskedDiffusionLMOutput | tuple:
@@ -130,6 +134,11 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             parallel: A `ThresholdCommit` (Fast-dLLM's rule), composable with `early_commit`.
             eos_token_id: Ends an answer (default: the model's, else the tokenizer's); None and no default: off.
             mask_token_id: The mask token (default: the model's, else the adapter's).
+            confidence_dtype: Dtype of the confidences' softmax: None (the logits' own, as LLaDA's `generate()`) or
+                `"float32"` and the like.
+            logits_inf_ids: Tokens never predicted (LLaDA's `logits_eos_inf=True` is `[eos_id]`).
+            confidence_inf_ids: Tokens committed last, with confidence 0 (LLaDA's `confidence_eos_eot_inf=True` is
+                `[eos_id, eot_id]`).
             generator: Randomness for sampling.
         """
         as_number("temperature", temperature, low=0)
@@ -166,6 +175,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             early_commit=resolve_early_commit(early_commit),
             parallel=parallel,
             eos_token_id=eos_token_id,
+            confidence_dtype=confidence_dtype,
+            logits_inf_ids=logits_inf_ids,
+            confidence_inf_ids=confidence_inf_ids,
             generator=generator,
         )
         texts = None

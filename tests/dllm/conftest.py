@@ -29,15 +29,18 @@ def tiny_bert(tokenizer):
 
 
 class ForwardCounter:
-    """Counts forward calls and the rows they carry, with a plain torch hook (independent of the sampler's nfe)."""
+    """Counts forward calls and the rows they carry, and keeps the input ids of each call (the decoding trajectory),
+    with a plain torch hook (independent of the sampler's nfe)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.calls, self.rows = 0, 0
+        self.calls, self.rows, self.inputs = 0, 0, []
         module.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
+        input_ids = args[0] if args else kwargs["input_ids"]
         self.calls += 1
-        self.rows += (args[0] if args else kwargs["input_ids"]).shape[0]
+        self.rows += input_ids.shape[0]
+        self.inputs.append(input_ids.clone())
 
 
 class TargetModel(torch.nn.Module):

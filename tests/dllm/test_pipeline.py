@@ -42,6 +42,21 @@ def test_call_settings_and_early_commit(model_folder):
         pipe(prompt="1+2=", early_commit="fast")
 
 
+def test_selection_options_pass_through_to_the_sampler(model_folder, tiny_bert, tokenizer):
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
+    prompts = ["123+4567=", "sort:4312="]
+    favourite = tokenizer.convert_tokens_to_ids("a")  # the random model's most frequent prediction here
+    options = dict(confidence_dtype="float64", logits_inf_ids=[favourite], confidence_inf_ids=[2, 3])
+    out = pipe(prompt=prompts, **options)
+    assert (pipe(prompt=prompts).sequences == favourite).any() and not (out.sequences == favourite).any()
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    direct = generate(MaskedLMAdapter(tiny_bert, 1), encoded["input_ids"], encoded["attention_mask"], gen_length=8,
+                      steps=8, block_length=8, mask_token_id=1, eos_token_id=2, **options)  # fmt: skip
+    assert torch.equal(out.sequences, direct.sequences)
+    with pytest.raises(ValueError, match="confidence_dtype"):
+        pipe(prompt="1+2=", confidence_dtype="int8")
+
+
 def test_model_and_tokenizer_directly_and_save_round_trip(tmp_path, tiny_bert, tokenizer):
     pipe = MaskedDiffusionLMPipeline(model=tiny_bert, tokenizer=tokenizer, gen_length=8, steps=4)
     with pytest.raises(ValueError, match="gen_length"):

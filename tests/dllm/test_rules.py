@@ -8,6 +8,7 @@ from ee_diffusion.dllm.rules import (
     SchEDCommit,
     ThresholdCommit,
     answer_window,
+    marker_end,
     mean_margin,
     prophet_threshold,
     resolve_early_commit,
@@ -29,7 +30,10 @@ def test_top2_margin_is_the_gap_between_the_two_largest_logits():
     assert top2_margin(logits).item() == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("progress, threshold", [(0.1, 8.0), (0.329, 8.0), (0.33, 5.0), (0.5, 5.0), (0.67, 3.5), (1.0, 3.5)])
+# the released code's thresholds (pixeli99/Prophet), the defaults
+@pytest.mark.parametrize(
+    "progress, threshold", [(0.1, 7.5), (0.329, 7.5), (0.33, 5.0), (0.5, 5.0), (0.67, 2.5), (1.0, 2.5)]
+)
 def test_prophet_fires_exactly_when_the_gap_reaches_the_stage_threshold(progress, threshold):
     assert prophet_threshold(progress) == threshold
     span = torch.ones(1, 5, dtype=torch.bool)
@@ -44,10 +48,62 @@ def test_prophet_looks_at_its_answer_window_and_sched_at_the_whole_span():
     span = torch.tensor([[False, False] + [True] * 8])
     assert answer_window(span, 1, 3).tolist() == [[False] * 3 + [True] * 3 + [False] * 4]
     assert ProphetCommit(answer_start=1, window=3)(logits, span, 0.1).item()
-    assert not ProphetCommit(answer_start=0, window=5)(logits, span, 0.1).item()  # mean 27/5 < 8
+    assert not ProphetCommit(answer_start=0, window=5)(logits, span, 0.1).item()  # mean 27/5 < 7.5
     assert mean_margin(logits, span).item() == pytest.approx(27 / 8)
     assert not SchEDCommit(tau_high=7.5, tau_low=2.5)(logits, span, 0.1).item()
     assert SchEDCommit(tau_high=7.5, tau_low=2.5)(logits, span, 1.0).item()  # 3.375 >= tau(1) = 2.5
+
+
+MARKER = (41, 42)  # stands in for the ids of "The answer is"
+
+
+def test_prophet_window_follows_the_last_marker_in_the_span():
+    # two prompt positions, then a span of 10 whose answer (confident, gap 9) follows the second marker
+    tokens = torch.tensor([[41, 42, 5, 41, 42, 6, 7, 41, 42, 8, 9, 1]])
+    logits = logits_with_margin(torch.tensor([0.0] * 9 + [9.0] * 3))
+    span = torch.tensor([[False, False] + [True] * 10])
+    assert marker_end(tokens, span, MARKER).tolist() == [9]
+    assert ProphetCommit(marker=MARKER, window=3)(logits, span, 0.1, tokens=tokens).item()
+    assert ProphetCommit(marker=[41, 42], answer_start=1)(logits, span, 0.1, tokens=tokens).item()  # 2 positions left
+    assert not ProphetCommit(window=3)(logits, span, 0.1).item()  # without the marker: the first three, gap 0
+    assert not ProphetCommit(marker=MARKER, answer_start=3)(logits, span, 0.1, tokens=tokens).item()  # nothing left
+    first_only = tokens.clone()
+    first_only[0, 7:9] = 1  # the second marker is still masked: the window follows the first one
+    assert marker_end(first_only, span, MARKER).tolist() == [5]
+    assert not ProphetCommit(marker=MARKER, window=3)(logits, first_only, 0.1, tokens=first_only).item()
+    in_prompt_only = torch.tensor([[41, 42] + [1] * 10])  # a marker in the prompt does not count
+    assert marker_end(in_prompt_only, span, MARKER).tolist() == [-1]
+    never_found = ProphetCommit(marker=MARKER, thresholds=(0.0, 0.0, 0.0))  # would fire at any gap, if found
+    assert not never_found(logits, span, 0.1, tokens=in_prompt_only).item()
+    with pytest.raises(ValueError, match="needs the current `tokens`"):
+        ProphetCommit(marker=MARKER)(logits, span, 0.1)
+
+
+def test_answer_window_counts_from_after():
+    span = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    window = answer_window(span, 1, 2, after=torch.tensor([3, 0]))
+    assert window.tolist() == [[False] * 4 + [True] * 2, [False, True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"marker": "The answer is"}, TypeError, r"`marker` must be None or a sequence of token ids, got 'The answer is'"),
+    ({"marker": 41}, TypeError, r"`marker` must be None or a sequence of token ids, got 41"),
+    ({"marker": []}, ValueError, r"`marker` must hold at least one token id"),
+    ({"marker": [41, 4.5]}, TypeError, r"`marker\[1\]` must be an integer, got 4.5"),
+    ({"marker": [-1]}, ValueError, r"`marker\[0\]` must be an integer >= 0, got -1"),
+    ({"answer_start": -1}, ValueError, r"`answer_start` must be an integer >= 0, got -1"),
+    ({"answer_start": 1.5}, TypeError, r"`answer_start` must be an integer, got 1.5"),
+    ({"window": 0}, ValueError, r"`window` must be an integer >= 1, got 0"),
+])  # fmt: skip
+def test_prophet_bad_window_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ProphetCommit(**kwargs)
+
+
+def test_prophet_marker_is_kept_as_a_tuple():
+    rule = ProphetCommit(marker=[41, 42])
+    assert rule.marker == MARKER and rule == ProphetCommit(marker=MARKER)
+    assert hash(rule) == hash(ProphetCommit(marker=MARKER))
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "exp"])

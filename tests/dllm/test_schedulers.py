@@ -10,7 +10,8 @@ from .conftest import ForwardCounter, LLaDA2StandIn
 
 
 class KnowsTheAnswer(torch.nn.Module):
-    """LLaDA2's calling convention; at absolute position i it favours token `5 + i % 5` by `margin` logits."""
+    """LLaDA2's calling convention; at absolute position i it favours token `5 + i % 5` by `margin` logits, except
+    where the attention mask hides the position (the block positions past the end of the answer): no preference."""
 
     def __init__(self, vocab_size: int, margin: float = 10.0) -> None:
         super().__init__()
@@ -27,7 +28,7 @@ class KnowsTheAnswer(torch.nn.Module):
         batch, length = input_ids.shape
         logits = torch.zeros(batch, length, self.vocab_size)
         logits[:, torch.arange(length), 5 + torch.arange(length) % 5] = self.margin.detach()
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits * attention_mask[..., None])
 
 
 def run(model, scheduler, tokenizer, **kwargs):
@@ -49,6 +50,24 @@ def test_scheduler_commits_the_rest_of_the_block_when_the_rule_fires(tokenizer, 
     early = run(model, scheduler, tokenizer)
     assert counter.calls == 2  # the rule fires at the first step of each block, which then ends
     assert torch.equal(early, plain) and not (early == tokenizer.mask_token_id).any()
+
+
+@pytest.mark.parametrize("scheduler_class", [SchEDScheduler, ProphetScheduler])
+def test_rule_sees_only_real_answer_positions_when_the_last_block_is_padded(tokenizer, scheduler_class):
+    # prompt 8 + gen_length 6 with blocks of 4: the pipeline pads the last block with 2 positions past the answer
+    model = KnowsTheAnswer(len(tokenizer))
+    counter = ForwardCounter(model)
+    # the rule fires at a gap of 9 (the answer's positions have 10, the padded ones 0)
+    rule = {"tau_high": 9.0, "tau_low": 9.0} if scheduler_class is SchEDScheduler else {"prophet_thresholds": [9] * 3}
+    settings = dict(gen_length=6, threshold=1.0)
+    early = run(model, scheduler_class(gen_length=6, **rule), tokenizer, **settings)
+    assert counter.calls == 2  # the rule fires at the first step of both blocks
+    assert early.shape == (2, 6) and torch.equal(early, run(model, BlockRefinementScheduler(), tokenizer, **settings))
+    counter.calls = 0
+    run(model, scheduler_class(**rule), tokenizer, **settings)
+    assert counter.calls == 1 + 4  # without `gen_length` the padded positions' gap of 0 keeps the last block going
+    with pytest.raises(ValueError, match=r"gen_length=4\) got a block past the end of a 4-token answer"):
+        run(model, scheduler_class(gen_length=4, **rule), tokenizer, **settings)
 
 
 def test_scheduler_that_never_fires_decodes_like_the_block_refinement_scheduler(tokenizer):
@@ -83,7 +102,10 @@ def test_from_config_swaps_into_a_pipeline_config(tmp_path):
     assert (sched.config.block_length, sched.config.threshold, sched.config.shape, sched.config.k) == (16, 0.8, "exp", 8.0)
     sched.save_pretrained(tmp_path)
     assert SchEDScheduler.from_pretrained(tmp_path).config.k == 8.0
-    prophet = ProphetScheduler.from_config(base.config, prophet_thresholds=[7.5, 5.0, 2.5])
-    assert prophet._rule.thresholds == (7.5, 5.0, 2.5)
+    assert ProphetScheduler()._rule.thresholds == (7.5, 5.0, 2.5)  # the released code's, as ProphetCommit's
+    prophet = ProphetScheduler.from_config(base.config, prophet_thresholds=[8.0, 5.0, 3.5], gen_length=6)
+    assert prophet._rule.thresholds == (8.0, 5.0, 3.5) and prophet.config.gen_length == 6
     with pytest.raises(ValueError, match="shape"):
         SchEDScheduler(shape="square")
+    with pytest.raises(ValueError, match=r"`gen_length` must be an integer >= 1, got 0"):
+        SchEDScheduler(gen_length=0)
