@@ -133,7 +133,8 @@ def _train_config(args: argparse.Namespace, **overrides):
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay, loss_weight=args.loss_weight, checkpoint_every=args.checkpoint_every,
+        ema_decay=args.ema_decay, loss_weight=getattr(args, "loss_weight", "constant"),
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed, **overrides,
     )  # fmt: skip
 
@@ -230,6 +231,46 @@ def _finetune_ase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_uem(args: argparse.Namespace) -> int:
+    from diffusers import DDPMScheduler
+
+    from .data import load_digits_split
+    from .exits import ExitHeads, denoiser_of, exit_units
+    from .pipelines import load_early_exit_pipeline
+    from .training import save_digits_pipeline, train_exit_heads
+    from .training.digits_models import save_safetensors_in_half
+
+    torch = arg.torch_with_threads(args.threads)
+    pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
+    denoiser = denoiser_of(pipe)
+    if getattr(denoiser, "transformer_blocks", None) is None:
+        raise ValueError(f"{args.model} has a {type(denoiser).__name__}; exit heads are for transformer denoisers "
+                         "(DiT).")  # fmt: skip
+    heads = ExitHeads(num_blocks=len(exit_units(denoiser)), hidden_size=denoiser.transformer_blocks[0].dim,
+                      exit_blocks=args.exit_blocks, threshold=args.threshold, policy=args.policy)  # fmt: skip
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's betas and prediction type
+    config = _train_config(args, class_dropout=args.class_dropout)
+    mode = "jointly with the model" if args.joint else "on the frozen model"
+    print(f"ee-diffusion train-uem: {len(heads.exit_blocks)} exit heads for {args.model}, {mode} "
+          f"({config.steps} steps, lambda {args.uncertainty_weight}, beta {args.layerwise_weight})")  # fmt: skip
+    result = train_exit_heads(denoiser, heads, load_digits_split("train"), config, out_dir=args.out, joint=args.joint,
+                              uncertainty_weight=args.uncertainty_weight, layerwise_weight=args.layerwise_weight,
+                              resume=args.resume, noise_scheduler=noise_scheduler, device=args.device)  # fmt: skip
+    extra = (f"DeeDiff exit heads (output head and uncertainty estimator after blocks {heads.exit_blocks}) trained "
+             f"{mode} (`L_simple + {args.uncertainty_weight} L_u + {args.layerwise_weight} L_UAL`); exit rule: "
+             f"threshold {args.threshold}, {args.policy}.\n\n")  # fmt: skip
+    card = _model_card(Path(args.out).name if args.joint else f"{Path(args.model).name} exit heads", args, result,
+                       extra)  # fmt: skip
+    if args.joint:
+        save_digits_pipeline(denoiser, args.out, noise_scheduler=noise_scheduler, exit_heads=heads.cpu(), card=card)
+    else:
+        heads.cpu().save_pretrained(args.out)
+        save_safetensors_in_half(Path(args.out), "*.safetensors")
+        (Path(args.out) / "README.md").write_text(card)
+    print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .exits import denoiser_of
     from .bench.schedulers import build_scheduler
@@ -275,15 +316,22 @@ def _sweep(args: argparse.Namespace) -> int:
     from .bench.sweep import SweepConfig, format_sweep, run_sweep
 
     torch = arg.torch_with_threads(args.threads)
+    from .pipelines import shipped_model_path
+
     accelerators = parse_methods(args.accelerators) if args.accelerators else []
+    finetuned = {"none": None, "auto": f"{args.model}-ase"}.get(args.finetuned, args.finetuned)
+    if args.finetuned == "auto" and shipped_model_path(finetuned) is None:
+        finetuned = None
     config = SweepConfig(
         out=args.out, model=args.model, scheduler=args.scheduler, steps=args.steps, budgets=args.budgets,
         accelerators=accelerators, num_samples=args.num_samples, batch_size=args.batch_size, repeats=args.repeats,
         guidance_scale=args.guidance_scale, num_probes=args.num_probes, seed=args.seed, device=args.device,
+        finetuned=finetuned,
     )  # fmt: skip
     print(f"ee-diffusion sweep: {config.model}, {config.scheduler} at {config.steps} steps, plans at compute "
-          f"{config.budgets}, accelerators {accelerators}, {config.num_samples} samples per row, guidance "
-          f"{config.guidance_scale}; {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+          f"{config.budgets}, accelerators {accelerators}, fine-tuned model {finetuned}, {config.num_samples} "
+          f"samples per row, guidance {config.guidance_scale}; {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}")  # fmt: skip
     swept = run_sweep(config)
     print(format_sweep(swept, max(config.steps)))
     print(f"wrote {args.out}/sweep.json, sweep.png, plans/ and best/")
@@ -305,7 +353,7 @@ def _add_probe_arguments(command: argparse.ArgumentParser, schedulers: list[str]
 
 
 def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch: int, lr: float, warmup: int,
-                            loss_weight: str) -> None:  # fmt: skip
+                            loss_weight: str | None) -> None:  # fmt: skip
     command.add_argument("--out", required=True, type=arg.output_folder,
                          help="folder to write the pipeline (and checkpoint.pt) to")
     command.add_argument("--steps", type=arg.integer(1), default=steps, help="optimiser steps")
@@ -313,7 +361,8 @@ def _add_training_arguments(command: argparse.ArgumentParser, steps: int, batch:
     command.add_argument("--lr", type=arg.number(0, low_open=True), default=lr, help="peak AdamW learning rate")
     command.add_argument("--warmup-steps", type=arg.integer(0), default=warmup, help="linear learning-rate warm-up")
     command.add_argument("--ema-decay", type=arg.number(0, 1, high_open=True), default=0.999, help="EMA decay, [0, 1)")
-    command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
+    if loss_weight is not None:
+        command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
     command.add_argument("--checkpoint-every", type=arg.integer(1), default=250, help="steps between checkpoints")
     command.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     command.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
@@ -327,6 +376,8 @@ methods (--methods, comma-separated):
   baseline                          the model at full depth
   ase:<schedule>                    an exit schedule: linear:M, cosine:M, step:d1,d2,... or a schedule folder
   finetuned:<model>[:<schedule>]    another model (ASE fine-tuned) with its saved exit schedule, or this one
+  deediff[:<threshold>[:<policy>]]  DeeDiff uncertainty exits with the model's exit heads (train-uem), at its
+                                    threshold (default: the heads'), per_batch (default) or per_sample
   fbcache[:<threshold>]             diffusers FirstBlockCache (default 0.05)
   layerskip[:<i,j,...>]             diffusers LayerSkip of these blocks (default: the middle block)
   taylorseer[:<interval>[:<order>]] diffusers TaylorSeer cache (default 5:1)
@@ -457,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=arg.HelpFormatter,
         help="the speed/quality front of one model: plans, shapes, fewer steps and diffusers' caches, side by side",
         description="For each step count: calibrate plans at each compute budget, pick linear shapes at matching "
-        "compute, and bench them beside the baseline and diffusers' accelerators (same seeds, interleaved timing). "
+        "compute, and bench them beside the baseline and diffusers' accelerators (same seeds, interleaved timing); "
+        "with a fine-tuned model (--finetuned), that model under its schedule and under plans calibrated on it. "
         "Prints every row by block compute (a share of the full model at the largest step count) with the front "
         "marked and the cheapest row within 5, 10 and 20% of the largest step count's baseline FID; writes "
         "OUT/sweep.json, OUT/sweep.png, the plans (OUT/plans/) and the best plan per quality level (OUT/best/).",
@@ -470,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute budgets of the plans and shapes, shares in (0, 1)")
     sweep.add_argument("--accelerators", default="magcache:0.06:3,magcache:0.15:4,fbcache:0.05,fbcache:0.15",
                        help="diffusers accelerator methods, as in bench --methods ('' for none)")
+    sweep.add_argument("--finetuned", default="auto", metavar="MODEL",
+                       help="an ASE fine-tuned model of the same shape, benched under its schedule and under plans "
+                       "calibrated on it; auto: the shipped MODEL-ase sibling if there is one; none: leave out")
     sweep.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the results to")
     sweep.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per row, for quality")
     sweep.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch")
@@ -506,6 +561,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="share of labels replaced by the null class (guidance training), [0, 1)")
     _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight="min-snr")
     finetune.set_defaults(func=_finetune_ase)
+
+    uem = commands.add_parser(
+        "train-uem",
+        formatter_class=arg.HelpFormatter,
+        help="train DeeDiff exit heads (output head + uncertainty estimator per block) for a digits DiT",
+        description="DeeDiff: train an output head and an uncertainty estimation module after each block with "
+        "L_simple + lambda L_u + beta L_UAL (pseudo ground truth tanh(|g_i(h_i) - target|)). Frozen mode (default) "
+        "trains the heads only and saves them to OUT (load with ExitHeads.from_pretrained, or put them in the "
+        "model's folder as exit_heads/ for bench --methods deediff); --joint also trains the model and saves a "
+        "pipeline folder with its exit_heads component.",
+    )
+    uem.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder (a DiT)")
+    uem.add_argument("--joint", action="store_true", help="train the model with the heads (default: frozen model)")
+    uem.add_argument("--uncertainty-weight", type=arg.number(0), default=1.0, help="lambda, the weight of L_u")
+    uem.add_argument("--layerwise-weight", type=arg.number(0), default=1.0, help="beta, the weight of L_UAL")
+    uem.add_argument("--exit-blocks", type=arg.integers(1), default=None, metavar="N[,N...]",
+                     help="block counts after which heads sit (default: after every block but the last)")
+    uem.add_argument("--threshold", type=arg.number(0), default=0.1,
+                     help="the exit rule saved with the heads: exit at uncertainty <= this")
+    uem.add_argument("--policy", choices=["per_batch", "per_sample"], default="per_batch",
+                     help="the exit rule saved with the heads: the batch exits together, or each sample")
+    uem.add_argument("--class-dropout", type=arg.number(0, 1, high_open=True), default=0.1,
+                     help="share of labels replaced by the null class, [0, 1)")
+    _add_training_arguments(uem, steps=2000, batch=64, lr=1e-3, warmup=100, loss_weight=None)
+    uem.set_defaults(func=_train_uem)
     add_dllm_commands(commands)
     return parser
 

@@ -59,6 +59,8 @@ CASES = [
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "bogus:1"], "must be diffusers accelerator methods"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "fbcache:x", "--steps", "2"], "Bad method 'fbcache:x'"),
+    (["sweep", "--out", "/tmp/x", "--finetuned", "nowhere"], "No model 'nowhere'"),
+    (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--finetuned", "digits-unet"], "another model than"),
     (["train-mdlm", "--out", "/tmp/x", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train-mdlm", "--out", "/tmp/x", "--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
     (["dllm-bench", "--tasks", "addition,division"], "--tasks: unknown 'division'; accepted: addition, sorting"),

@@ -180,6 +180,7 @@ class _Run:
     timings: list[Timing] = field(default_factory=list)
     speedups: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    depth_profiles: list[list[float]] = field(default_factory=list)
 
 
 def process_state(device: str) -> PartialState:
@@ -225,7 +226,8 @@ def compile_regions(pipe: Any) -> None:
 def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
               device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
     """One call of the method: its images (on the CPU) and executed block fraction, against the full model at the
-    cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps)."""
+    cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps). Under an exit
+    schedule or exit heads, the mean depth of each denoiser call goes to `run.depth_profiles`."""
     cuda = device.type == "cuda"
     own_steps = run.method.steps or steps
     with run.method.session(pipe) as block_fraction:
@@ -235,6 +237,9 @@ def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchC
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
+        stats = getattr(pipe, "exit_stats", None)
+        if stats is not None:
+            run.depth_profiles.append([sum(call.depths) / len(call.depths) for call in stats.calls])
         return images.float().cpu(), block_fraction() * own_steps / steps
 
 
@@ -299,8 +304,8 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
         _time(active, pipes, batches[0], config, steps, device, bar)
         results.append((scheduler, steps, runs))
     bar.close()
-    gathered = gather_object([[(run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb)
-                               for run in runs] for _, _, runs in results])  # fmt: skip
+    gathered = gather_object([[(run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb,
+                                run.depth_profiles) for run in runs] for _, _, runs in results])  # fmt: skip
     if not state.is_main_process:
         return []
     for position, (_, _, runs) in enumerate(results):  # every process's part of each cell, in process order
@@ -312,6 +317,7 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
             run.speedups = [ratio for part in parts for ratio in part[number][3]]
             peaks = [part[number][4] for part in parts if part[number][4] is not None]
             run.peak_memory_mb = max(peaks) if peaks else None
+            run.depth_profiles = [profile for part in parts for profile in part[number][5]]
     rows = _score(results, labels, config, len(batches[0]), pipes, progress)
     if config.save_images:
         save_images(config.save_images, rows, [run.images for _, _, runs in results for run in runs], labels)
@@ -363,6 +369,8 @@ def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config
             row.speedup = statistics.median(run.speedups) if baseline is not None else None
             row.block_fraction = statistics.fmean(run.fractions)
             row.peak_memory_mb = run.peak_memory_mb
+            if run.depth_profiles:  # one per batch, each a depth per sampling step: their mean, step by step
+                row.depth_per_step = [statistics.fmean(depths) for depths in zip(*run.depth_profiles)]
             if extractor is None:
                 continue
             images = torch.cat([run.images[i] for i in sorted(run.images)])

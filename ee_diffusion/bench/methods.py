@@ -13,6 +13,10 @@ Kinds (arguments in brackets are optional):
 - `finetuned:<model>[:<schedule>]`: another model (typically ASE fine-tuned) with the exit schedule saved in its
   folder, or under `<schedule>` (any `ase:` schedule, e.g. a plan calibrated on that model; a folder path may be
   relative to the model's folder: `finetuned:digits-dit-ase:plans/dpm-solver++-10`).
+- `deediff[:<threshold>[:<policy>]]`: DeeDiff's uncertainty exits with the model's exit heads (its `exit_heads`
+  component, or the `exit_heads/` folder inside the model's folder, which `ee-diffusion train-uem` writes): a sample
+  leaves after the first head whose uncertainty is at or below the threshold (default: the heads' own), `per_batch`
+  (default) or `per_sample`. Its block fraction counts the heads' work.
 - `fbcache[:<threshold>]`: diffusers' FirstBlockCache (default threshold 0.05): all blocks after the first are
   skipped while the first block's residual changes by less than the threshold (relative mean absolute change).
 - `layerskip[:<i,j,...>]`: diffusers' LayerSkip: the listed transformer blocks (0-based) are skipped at every step
@@ -143,6 +147,48 @@ def _finetuned(argument: str, target: Target) -> Method:
         spec = str(inside)
     schedule = ExitSchedule.from_spec(spec, num_exit_blocks(pipe))
     return Method(f"finetuned:{argument}", model, _scheduled(schedule))
+
+
+def _deediff(argument: str, target: Target) -> Method:
+    from ..exits import ExitHeads
+    from ..exits.heads import POLICIES
+    from ..exits.uncertainty import SUPPORTED
+    from ..pipelines.loading import resolve_pretrained
+
+    spec = f"deediff:{argument}" if argument else "deediff"
+    threshold, _, policy = argument.partition(":")
+    try:
+        threshold = float(threshold) if threshold else None
+    except ValueError:
+        raise ValueError(f"Bad method {spec!r}: expected deediff[:<threshold>[:<policy>]], a threshold >= 0."
+                         ) from None
+    if (threshold is not None and not threshold >= 0) or (policy and policy not in POLICIES):
+        raise ValueError(f"Bad method {spec!r}: the threshold must be a number >= 0 and the policy one of {POLICIES}.")
+    pipe = target.pipe_of(target.model)
+    if not isinstance(denoiser_of(pipe), SUPPORTED):
+        return Method(spec, target.model, unsupported=f"uncertainty exits need a transformer of "
+                      f"{', '.join(cls.__name__ for cls in SUPPORTED)}, not {type(denoiser_of(pipe)).__name__}")
+    heads = getattr(pipe, "exit_heads", None)
+    folder = None if target.model.startswith("random:") else Path(resolve_pretrained(target.model)) / "exit_heads"
+    if heads is None and folder is not None and (folder / "config.json").is_file():
+        heads = ExitHeads.from_pretrained(folder).to(pipe.device)
+    if heads is None:
+        return Method(spec, target.model, unsupported=f"{target.model} has no exit heads (train them with "
+                      "`ee-diffusion train-uem` and save them in its folder as exit_heads/)")  # fmt: skip
+
+    @contextlib.contextmanager
+    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+        rule = {name: heads.config[name] for name in ("threshold", "policy")}
+        own = (pipe.exit_schedule, getattr(pipe, "exit_heads", None))
+        heads.set_exit_rule(threshold=threshold, policy=policy or None)
+        pipe.exit_schedule, pipe.exit_heads = None, heads
+        try:
+            yield lambda: pipe.exit_stats.block_fraction
+        finally:
+            pipe.exit_heads, pipe.exit_schedule = own[1], own[0]
+            heads.set_exit_rule(**rule)
+
+    return Method(spec, target.model, session)
 
 
 class _RunCounter(ModelHook):
@@ -382,6 +428,7 @@ METHOD_KINDS: dict[str, MethodKind] = {
     "baseline": MethodKind("baseline", _baseline, False),
     "ase": MethodKind("ase:<schedule>", _ase, True),
     "finetuned": MethodKind("finetuned:<model>[:<schedule>]", _finetuned, True),
+    "deediff": MethodKind("deediff[:<threshold>[:<policy>]]", _deediff, None),
     "fbcache": MethodKind("fbcache[:<threshold>]", _fbcache, None),
     "layerskip": MethodKind("layerskip[:<i,j,...>]", _layerskip, None),
     "taylorseer": MethodKind("taylorseer[:<interval>[:<order>]]", _taylorseer, None),

@@ -32,7 +32,9 @@ class BenchRow:
 
     `images_per_s` comes from the median of the timed rounds, `timing_spread` is their interquartile range over
     their median, and `speedup` is the median over rounds of the baseline's seconds over this method's (see
-    `ee_diffusion.metrics.paired_speedup`)."""
+    `ee_diffusion.metrics.paired_speedup`). `depth_per_step` is, under an exit schedule or exit heads, the mean number
+    of blocks run at each sampling step (mean over samples and batches; a classifier-free-guidance call counts both
+    halves)."""
 
     method: str
     model: str
@@ -48,10 +50,11 @@ class BenchRow:
     block_fraction: float | None
     peak_memory_mb: float | None
     note: str | None = None
+    depth_per_step: list[float] | None = None
 
 
 ROW_KEYS = ("method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "timing_spread", "speedup", "block_fraction", "peak_memory_mb")  # fmt: skip
+            "timing_spread", "speedup", "block_fraction", "peak_memory_mb", "depth_per_step")  # fmt: skip
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
@@ -104,7 +107,9 @@ def write_csv(path: str, rows: list[BenchRow]) -> None:
         writer = csv.DictWriter(file, fieldnames=[*ROW_KEYS, "note"])
         writer.writeheader()
         for row, values in zip(rows, rows_as_dicts(rows)):
-            writer.writerow({**values, "note": row.note or ""})
+            depths = values["depth_per_step"]
+            profile = "" if depths is None else " ".join(f"{depth:.2f}" for depth in depths)
+            writer.writerow({**values, "depth_per_step": profile, "note": row.note or ""})
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -115,7 +120,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot(path: str, rows: list[BenchRow]) -> None:
     """Quality against images/s, one point per method and cell, the Pareto front joined; FID when the rows have it,
-    otherwise class accuracy (as error, 1 - accuracy), otherwise the block fraction (speed-only rows)."""
+    otherwise class accuracy (as error, 1 - accuracy), otherwise the block fraction (speed-only rows). When rows
+    have a depth profile (exit schedules, exit heads), a second panel draws the blocks run at each sampling step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +136,9 @@ def plot(path: str, rows: list[BenchRow]) -> None:
         label, quality = "executed block fraction (speed-only rows)", [row.block_fraction for row in rows]
     speed = [row.images_per_s for row in rows]
     several_cells = len({(row.scheduler, row.steps) for row in rows}) > 1
-    figure, axes = plt.subplots(figsize=(7, 5))
+    profiled = [row for row in rows if row.depth_per_step]
+    figure, panels = plt.subplots(1, 2 if profiled else 1, figsize=(13 if profiled else 7, 5), squeeze=False)
+    axes = panels[0][0]
     axes.scatter(speed, quality, color="tab:blue")
     for row, x, y in zip(rows, speed, quality):
         name = f"{row.method} ({row.scheduler}-{row.steps})" if several_cells else row.method
@@ -141,6 +149,15 @@ def plot(path: str, rows: list[BenchRow]) -> None:
     axes.set_ylabel(label)
     axes.set_title(f"{rows[0].model}, {rows[0].num_samples} samples per method" if rows else "no rows")
     axes.legend()
+    if profiled:
+        depths = panels[0][1]
+        for row in profiled:
+            name = f"{row.method} ({row.scheduler}-{row.steps})" if several_cells else row.method
+            depths.plot(range(1, len(row.depth_per_step) + 1), row.depth_per_step, "-o", markersize=3, label=name)
+        depths.set_xlabel("sampling step (first: the noisiest)")
+        depths.set_ylabel("blocks run (mean over samples)")
+        depths.set_title("depth per sampling step")
+        depths.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

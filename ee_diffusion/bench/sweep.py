@@ -6,7 +6,10 @@ For each step count of the sweep, one bench run (`run_bench`, its own interleave
 - calibrated plans (`ase:<folder>`), one per compute budget, all picked from one calibration at that step count;
 - hand-made shapes at matching compute: the `linear` schedule whose block compute over those steps is nearest to each
   budget;
-- diffusers' accelerators at the thresholds asked for.
+- diffusers' accelerators at the thresholds asked for;
+- with `finetuned` (an ASE fine-tuned model of the same shape, the `<model>-ase` sibling): that model under its own
+  schedule (`finetuned:<model>`), and plans calibrated on it (`finetuned:<model>:<folder>`) for each budget below its
+  own schedule's compute (a plan is never deeper than the schedule the model was fine-tuned for).
 
 Every row gets `compute`: its block compute as a share of the full model at the sweep's largest step count
 (`block_fraction * steps / max(steps)`), so a plan at 10 steps and the baseline at 8 stand on one axis. Speed
@@ -48,6 +51,7 @@ class SweepConfig:
     num_probes: int = 10
     seed: int = 0
     device: str = "cpu"
+    finetuned: str | None = None
 
     def __post_init__(self) -> None:
         if not self.steps or min(self.steps) < 2 or len(set(self.steps)) != len(self.steps):
@@ -56,9 +60,14 @@ class SweepConfig:
             raise ValueError(f"`budgets` must lie in (0, 1), got {self.budgets}.")
         if self.num_probes < 1:
             raise ValueError(f"`num_probes` must be at least 1, got {self.num_probes}.")
+        if self.finetuned is not None:
+            from ..pipelines.loading import resolve_pretrained
+
+            if resolve_pretrained(self.finetuned) == resolve_pretrained(self.model):
+                raise ValueError(f"`finetuned` must be another model than `model`, got {self.finetuned!r} for both.")
         from .methods import METHOD_KINDS
 
-        ours = ("baseline", "ase", "finetuned")
+        ours = ("baseline", "ase", "finetuned", "deediff")
         bad = [spec for spec in self.accelerators if spec.partition(":")[0] not in set(METHOD_KINDS) - set(ours)]
         if bad:
             raise ValueError(f"`accelerators` must be diffusers accelerator methods ("
@@ -87,7 +96,6 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     """Calibrate plans, run the bench at every step count, and write `OUT/sweep.json` and the best plans."""
     from ..exits import denoiser_of, num_exit_blocks
     from ..pipelines.class_conditional import null_class_label
-    from ..schedules import PlanCalibrator
     from .harness import BenchConfig, load_pipe, run_bench
     from .methods import Target, build_method
     from .schedulers import build_scheduler
@@ -98,36 +106,59 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
                         guidance_scale=config.guidance_scale, seed=config.seed, device=config.device)  # fmt: skip
     import torch
 
-    pipe = load_pipe(config.model, bench, torch.device(config.device))
-    pipe.scheduler = build_scheduler(config.scheduler, pipe.scheduler.config)
-    denoiser = denoiser_of(pipe)
+    pipes = {}
+    for model in filter(None, (config.model, config.finetuned)):
+        pipes[model] = load_pipe(model, bench, torch.device(config.device))
+        pipes[model].scheduler = build_scheduler(config.scheduler, pipes[model].scheduler.config)
+    denoiser = denoiser_of(pipes[config.model])
     num_blocks = num_exit_blocks(denoiser)
-    target = Target(config.model, lambda model: pipe, min(config.steps))
+    if config.finetuned is not None and num_exit_blocks(pipes[config.finetuned]) != num_blocks:
+        raise ValueError(f"`finetuned` must have the model's {num_blocks} exit blocks; {config.finetuned} has "
+                         f"{num_exit_blocks(pipes[config.finetuned])}.")  # fmt: skip
+    target = Target(config.model, pipes.__getitem__, min(config.steps))
     for spec in config.accelerators:  # a bad argument (`fbcache:x`) stops the sweep now, not after calibrating
         build_method(spec, target)
     labels = [i % null_class_label(denoiser) for i in range(config.num_probes)]
     probes = {"class_labels": labels, "guidance_scale": config.guidance_scale}
     rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
     for steps in config.steps:
-        calibrator = PlanCalibrator(pipe, probes, steps, seed=config.seed, progress=progress)
-        plans: dict[str, str] = {}  # method -> folder
-        for budget in config.budgets:
-            calibration = calibrator.for_target_compute(budget)
-            if calibration.compute_fraction == 1.0:
-                continue
-            folder = out / "plans" / f"{config.scheduler}-{steps}-{budget:g}"
-            calibration.plan.save_pretrained(folder)
-            plans.setdefault(f"ase:{folder}", str(folder))
-        shapes = {_linear_at(num_blocks, list(calibrator.timesteps), calibrator.num_train_timesteps, b)
+        plans, timesteps = _calibrated_plans(config, pipes[config.model], probes, steps, out / "plans", "ase:",
+                                             progress)  # fmt: skip
+        ours = ["baseline", *plans]
+        if config.finetuned is not None:
+            folder = out / "plans" / Path(config.finetuned).name
+            tuned = _calibrated_plans(config, pipes[config.finetuned], probes, steps, folder,
+                                      f"finetuned:{config.finetuned}:", progress)[0]  # fmt: skip
+            ours += [f"finetuned:{config.finetuned}", *tuned]
+            plans.update(tuned)
+        shapes = {_linear_at(num_blocks, timesteps, pipes[config.model].scheduler.config.num_train_timesteps, b)
                   for b in config.budgets} - {None}  # fmt: skip
-        methods = ["baseline", *plans, *sorted(shapes), *config.accelerators]
-        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress,
-                         pipes={config.model: pipe})  # fmt: skip
+        methods = [*ours, *sorted(shapes), *config.accelerators]
+        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress, pipes=pipes)
         rows.extend((row, plans.get(row.method)) for row in cell)
     swept = _front(rows, max(config.steps))
     _write(out, config, swept, rows)
     plot_sweep(str(out / "sweep.png"), swept, max(config.steps))
     return swept
+
+
+def _calibrated_plans(config: SweepConfig, pipe: Any, probes: dict[str, Any], steps: int, folder: Path, prefix: str,
+                      progress: bool) -> tuple[dict[str, str], list[float]]:  # fmt: skip
+    """The plans calibrated on `pipe` at `steps`, one per budget below its own schedule's compute, saved under
+    `folder`: {bench method (`prefix` + folder): folder}; and the denoiser's timesteps at those steps."""
+    from ..schedules import PlanCalibrator
+
+    calibrator = PlanCalibrator(pipe, probes, steps, seed=config.seed, progress=progress)
+    base = calibrator.chain[0].compute_fraction
+    plans: dict[str, str] = {}
+    for budget in sorted(config.budgets, reverse=True):
+        if budget >= base:
+            continue
+        calibration = calibrator.for_target_compute(budget)
+        path = folder / f"{config.scheduler}-{steps}-{budget:g}"
+        calibration.plan.save_pretrained(path)
+        plans[f"{prefix}{path}"] = str(path)
+    return plans, list(calibrator.timesteps)
 
 
 def _quality(row: BenchRow) -> float | None:
@@ -177,18 +208,18 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
 
 def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
     """The rows by compute, the front marked, and the cheapest row per quality level."""
-    header = f"{'method':34} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"
+    header = f"{'method':46} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"
     lines = [f"  {header}"]
     for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
         row = dataclasses.replace(s.row, method=_short(s.row.method))
         if row.note is not None:
-            lines.append(f"  {row.method:34} {row.steps:>5} {'':>8} {row.note}")
+            lines.append(f"  {row.method:46} {row.steps:>5} {'':>8} {row.note}")
             continue
         fid = "-" if row.fid is None else f"{row.fid:.2f}"
         accuracy = "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}"
         speed = "-" if row.images_per_s is None else f"{row.images_per_s:.1f}"
         speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
-        lines.append(f"{'*' if s.on_front else ' '} {row.method[:34]:34} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
+        lines.append(f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
                      f"{accuracy:>9} {speed:>7} {speedup:>8}")  # fmt: skip
     lines.append(f"* on the front (no row has both less compute and better quality); compute: share of the full "
                  f"model at {max_steps} steps; speedup: against the baseline at the same step count")  # fmt: skip
@@ -199,9 +230,12 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
 
 
 def _short(method: str) -> str:
-    """A method as the table shows it: a plan or schedule folder by its last part (`ase:.../dpm-solver++-8-0.7` is
-    `ase:dpm-solver++-8-0.7`)."""
+    """A method as the table shows it: models and plan or schedule folders by the last part of their path
+    (`ase:.../dpm-solver++-8-0.7` is `ase:dpm-solver++-8-0.7`, `finetuned:.../m:.../dpm-solver++-8-0.5` is
+    `finetuned:m:dpm-solver++-8-0.5`)."""
     kind, _, argument = method.partition(":")
+    if kind == "finetuned":
+        return ":".join([kind, *(Path(part).name for part in argument.split(":"))])
     return f"{kind}:{Path(argument).name}" if kind == "ase" and "/" in argument else method
 
 
@@ -216,11 +250,12 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
     label = "FID (lower is better)" if all(s.row.fid is not None for s in scored) else "class error, 1 - accuracy"
     figure, (by_compute, by_speed) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for axes, x_of in ((by_compute, lambda s: s.compute), (by_speed, lambda s: s.row.images_per_s)):
-        for kind, color in (("baseline", "tab:gray"), ("ase", "tab:blue"), ("", "tab:orange")):
-            points = [s for s in scored if s.row.method.startswith(kind)
-                      and (kind or not s.row.method.startswith(("baseline", "ase")))]  # fmt: skip
-            axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color,
-                         label={"baseline": "baseline (steps)", "ase": "ours (plans, shapes)", "": "diffusers"}[kind])
+        for kinds, color, name in ((("baseline",), "tab:gray", "baseline (steps)"),
+                                   (("ase", "finetuned"), "tab:blue", "ours (plans, shapes, fine-tuned)"),
+                                   ((), "tab:orange", "diffusers")):  # fmt: skip
+            points = [s for s in scored if s.row.method.startswith(kinds)
+                      or (not kinds and not s.row.method.startswith(("baseline", "ase", "finetuned")))]  # fmt: skip
+            axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color, label=name)
             for s in points:
                 axes.annotate(f"{_short(s.row.method)}@{s.row.steps}", (x_of(s), _quality(s.row)),
                               textcoords="offset points", xytext=(3, 3), fontsize=6)  # fmt: skip

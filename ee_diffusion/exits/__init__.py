@@ -1,3 +1,14 @@
+from .heads import ExitHeads
+from .uncertainty import (
+    UncertaintyExitCall,
+    UncertaintyExitStats,
+    apply_uncertainty_exit,
+    get_uncertainty_exit_heads,
+    get_uncertainty_exit_stats,
+    remove_uncertainty_exit,
+    reset_uncertainty_exit_stats,
+    set_uncertainty_exit_paired,
+)
 from .architectures import ExitArchitecture, get_exit_architecture, register_exit_architecture
 from .hooks import (
     ExitCall,
@@ -16,6 +27,7 @@ from .hooks import (
 __all__ = [
     "ExitArchitecture",
     "ExitCall",
+    "ExitHeads",
     "ExitStats",
     "apply_exit_schedule",
     "denoiser_of",
@@ -28,4 +40,12 @@ __all__ = [
     "remove_exit_schedule",
     "reset_exit_stats",
     "set_exit_timestep_scale",
+    "UncertaintyExitCall",
+    "UncertaintyExitStats",
+    "apply_uncertainty_exit",
+    "get_uncertainty_exit_heads",
+    "get_uncertainty_exit_stats",
+    "remove_uncertainty_exit",
+    "reset_uncertainty_exit_stats",
+    "set_uncertainty_exit_paired",
 ]

@@ -1,12 +1,15 @@
-"""Drop-in diffusers pipelines that run a denoiser under an `ExitSchedule`.
+"""Drop-in diffusers pipelines that run a denoiser under an `ExitSchedule`, or with DeeDiff's `ExitHeads`.
 
 Each class is its diffusers parent plus an optional `exit_schedule` component: pass it to the constructor or to
 `from_pretrained`, and `save_pretrained` writes it (`exit_schedule/exit_schedule.json`) beside the other components.
+The DiT and PixArt-alpha ones also take `exit_heads` (uncertainty exits, decided at run time by the heads' exit rule;
+`exit_heads/`), instead of a schedule.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from diffusers import (
@@ -20,8 +23,16 @@ from diffusers import (
 )
 
 from ..exits import (
+    ExitHeads,
     ExitStats,
+    UncertaintyExitStats,
     apply_exit_schedule,
+    apply_uncertainty_exit,
+    get_uncertainty_exit_heads,
+    get_uncertainty_exit_stats,
+    remove_uncertainty_exit,
+    reset_uncertainty_exit_stats,
+    set_uncertainty_exit_paired,
     denoiser_of,
     get_exit_schedule,
     get_exit_stats,
@@ -33,10 +44,13 @@ from ..schedules import ExitSchedule
 from .class_conditional import ClassConditionalSamplingMixin
 
 
-def _checked(exit_schedule: Any) -> ExitSchedule | None:
-    if exit_schedule is not None and not isinstance(exit_schedule, ExitSchedule):
-        raise TypeError(f"`exit_schedule` must be an ExitSchedule or None, got {type(exit_schedule).__name__}.")
-    return exit_schedule
+_KINDS = {"exit_schedule": ExitSchedule, "exit_heads": ExitHeads}
+
+
+def _checked(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, _KINDS[name]):
+        raise TypeError(f"`{name}` must be an {_KINDS[name].__name__} or None, got {type(value).__name__}.")
+    return value
 
 
 class EarlyExitPipelineMixin:
@@ -68,15 +82,17 @@ class EarlyExitPipelineMixin:
             cls.__call__ = __call__
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name != "exit_schedule":
+        if name not in _KINDS:
             return super().__setattr__(name, value)
-        super().__setattr__(name, _checked(value))
+        super().__setattr__(name, _checked(name, value))
         # diffusers records a component assigned where `None` stood as (None, None), which `save_pretrained` skips.
         if value is not None and self.config.get(name, (None,))[0] is None:
-            self.register_modules(exit_schedule=value)
+            self.register_modules(**{name: value})
 
-    def _register_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
-        self.register_modules(exit_schedule=_checked(exit_schedule))
+    def _register_exit_schedule(self, exit_schedule: ExitSchedule | None, exit_heads: ExitHeads | None = None) -> None:
+        self.register_modules(exit_schedule=_checked("exit_schedule", exit_schedule))
+        if exit_heads is not None or "exit_heads" in self._optional_components:
+            self.register_modules(exit_heads=_checked("exit_heads", exit_heads))
         self._sync_exit_hooks()
 
     def set_exit_schedule(self, exit_schedule: ExitSchedule | None) -> None:
@@ -84,19 +100,25 @@ class EarlyExitPipelineMixin:
         self._register_exit_schedule(exit_schedule)
 
     def _sync_exit_hooks(self) -> None:
-        schedule = self.exit_schedule
+        schedule, heads = self.exit_schedule, getattr(self, "exit_heads", None)
+        if schedule is not None and heads is not None:
+            raise ValueError(f"{type(self).__name__} got both `exit_schedule` and `exit_heads`; give one: a schedule "
+                             "decided ahead of time, or heads that decide at run time.")  # fmt: skip
         if denoiser_of(self) is None:
             # Built without its denoiser (diffusers allows it, e.g. to encode prompts only): nothing to hook yet.
-            if schedule is not None:
-                raise ValueError(f"{type(self).__name__} has no denoiser to run `exit_schedule` on; give it one, or "
-                                 "set the schedule once it has one.")  # fmt: skip
+            if schedule is not None or heads is not None:
+                raise ValueError(f"{type(self).__name__} has no denoiser to run `exit_schedule` or `exit_heads` on; "
+                                 "give it one, or set them once it has one.")  # fmt: skip
             return
-        if get_exit_schedule(self) is schedule:
-            return
-        if schedule is None:
-            remove_exit_schedule(self)
-        else:
-            apply_exit_schedule(self, schedule)
+        if get_uncertainty_exit_heads(self) is not heads:
+            remove_uncertainty_exit(self)
+        if get_exit_schedule(self) is not schedule:
+            if schedule is None:
+                remove_exit_schedule(self)
+            else:
+                apply_exit_schedule(self, schedule)
+        if heads is not None and get_uncertainty_exit_heads(self) is not heads:
+            apply_uncertainty_exit(self, heads)
 
     @property
     def components(self) -> dict[str, Any]:
@@ -105,20 +127,29 @@ class EarlyExitPipelineMixin:
         `Parent.from_pipe(pipe)`, which shares the denoiser -- and the schedule's hooks on it, until
         `pipe.set_exit_schedule(None)`."""
         components = super().components
-        if components.get("exit_schedule") is None:
-            components.pop("exit_schedule", None)
+        for name in _KINDS:
+            if components.get(name) is None:
+                components.pop(name, None)
         return components
 
     @property
-    def exit_stats(self) -> ExitStats | None:
-        """What the last call executed per denoiser call (`None` without a schedule)."""
+    def exit_stats(self) -> ExitStats | UncertaintyExitStats | None:
+        """What the last call executed per denoiser call (`None` without a schedule or heads)."""
+        if getattr(self, "exit_heads", None) is not None:
+            return get_uncertainty_exit_stats(self)
         return None if self.exit_schedule is None else get_exit_stats(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._register_exit_schedule(self.exit_schedule)
+        self._register_exit_schedule(self.exit_schedule, getattr(self, "exit_heads", None))
         if self.exit_schedule is not None:
             set_exit_timestep_scale(self, self.scheduler.config.num_train_timesteps)
             reset_exit_stats(self)
+        if getattr(self, "exit_heads", None) is not None:
+            # diffusers' pipelines stack a guided batch as (conditional, unconditional) halves: pairs exit together
+            call = inspect.signature(super().__call__).bind(*args, **kwargs)
+            call.apply_defaults()
+            set_uncertainty_exit_paired(self, float(call.arguments.get("guidance_scale") or 1) > 1)
+            reset_uncertainty_exit_stats(self)
         return super().__call__(*args, **kwargs)
 
 
@@ -129,11 +160,12 @@ class EarlyExitDiTPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin
     shipped digits models). Classifier-free guidance uses the transformer's own null class (`num_embeds_ada_norm`).
     """
 
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "exit_heads"]
 
-    def __init__(self, transformer, vae, scheduler, id2label=None, exit_schedule: ExitSchedule | None = None):
+    def __init__(self, transformer, vae, scheduler, id2label=None, exit_schedule: ExitSchedule | None = None,
+                 exit_heads: ExitHeads | None = None):  # fmt: skip
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
-        self._register_exit_schedule(exit_schedule)
+        self._register_exit_schedule(exit_schedule, exit_heads)
 
 
 class EarlyExitUNet2DPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin, DiffusionPipeline):
@@ -155,9 +187,12 @@ class EarlyExitUNet2DPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMi
 class EarlyExitPixArtAlphaPipeline(EarlyExitPipelineMixin, PixArtAlphaPipeline):
     """`PixArtAlphaPipeline` with an exit schedule over the `transformer_blocks` of its transformer."""
 
-    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, exit_schedule: ExitSchedule | None = None):
+    _optional_components = [*PixArtAlphaPipeline._optional_components, "exit_heads"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, exit_schedule: ExitSchedule | None = None,
+                 exit_heads: ExitHeads | None = None):  # fmt: skip
         super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
-        self._register_exit_schedule(exit_schedule)
+        self._register_exit_schedule(exit_schedule, exit_heads)
 
 
 class EarlyExitStableDiffusion3Pipeline(EarlyExitPipelineMixin, StableDiffusion3Pipeline):

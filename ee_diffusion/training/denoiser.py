@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -80,6 +81,40 @@ def freeze_timestep_embedding(model: torch.nn.Module) -> list[str]:
     return frozen
 
 
+def noised_batch(data: DigitsSplit, config: TrainConfig, generator: torch.Generator, noise_scheduler: DDPMScheduler,
+                 null_label: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A training batch drawn on the CPU from `generator`: the noisy images, their timesteps, their labels (dropped to
+    `null_label` with probability `config.class_dropout`) and what the model should output for them."""
+    index = torch.randint(len(data), (config.batch_size,), generator=generator)
+    images, labels = data.images[index], data.labels[index].clone()
+    labels[torch.rand(config.batch_size, generator=generator) < config.class_dropout] = null_label
+    timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    noisy = noise_scheduler.add_noise(images, noise, timesteps)
+    return noisy, timesteps, labels, training_target(images, noise, timesteps, noise_scheduler)
+
+
+def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], generator: torch.Generator) -> None:
+    """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": config, "step": step, "generator": generator.get_state(),
+                **{name: item.state_dict() for name, item in saved.items()}}, path)  # fmt: skip
+
+
+def load_checkpoint(path: Path | None, config: dict, saved: dict[str, Any], generator: torch.Generator,
+                    device: str | torch.device) -> int:  # fmt: skip
+    """Restore what `save_checkpoint` wrote into `saved` and `generator`; returns the step to continue from."""
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {None if path is None else path.parent}.")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state["config"] != config:
+        raise ValueError(f"{path} was written with another config: {state['config']}.")
+    for name, item in saved.items():
+        item.load_state_dict(state[name])
+    generator.set_state(state["generator"].cpu())
+    return state["step"]
+
+
 def depth_groups(depths: list[int]) -> dict[int, torch.Tensor]:
     """Indices of the samples at each depth, so that each group runs only the blocks it uses."""
     by_depth = torch.tensor(depths)
@@ -129,20 +164,9 @@ def train_denoiser(
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(config.seed)
-    start = 0
     checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if resume:
-        if checkpoint is None or not checkpoint.exists():
-            raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {out_dir}.")
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint} was written with another config: {state['config']}.")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"].cpu())
-        start = state["step"]
+    saved = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema}
+    start = load_checkpoint(checkpoint, asdict(config), saved, generator, device) if resume else 0
     if exit_schedule is not None:
         apply_exit_schedule(model, exit_schedule, num_train_timesteps)
 
@@ -153,16 +177,9 @@ def train_denoiser(
                desc="ASE fine-tuning" if exit_schedule is not None else "training")  # fmt: skip
     try:
         for step in bar:
-            index = torch.randint(len(data), (config.batch_size,), generator=generator)
-            images, labels = data.images[index], data.labels[index].clone()
-            drop = torch.rand(config.batch_size, generator=generator) < config.class_dropout
-            labels[drop] = null_label
-            timesteps = torch.randint(num_train_timesteps, (config.batch_size,), generator=generator)
-            noise = torch.randn(images.shape, generator=generator)
-            noisy = noise_scheduler.add_noise(images, noise, timesteps).to(device)
-            target = training_target(images, noise, timesteps, noise_scheduler).to(device)
+            noisy, timesteps, labels, target = noised_batch(data, config, generator, noise_scheduler, null_label)
             weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
-            labels, on_device_timesteps = labels.to(device), timesteps.to(device)
+            noisy, labels, target, on_device_timesteps = (x.to(device) for x in (noisy, labels, target, timesteps))
 
             groups = (
                 {None: torch.arange(config.batch_size)}
@@ -189,13 +206,7 @@ def train_denoiser(
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
             done = step + 1
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(
-                    {"config": asdict(config), "step": done, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                     "ema": ema.state_dict(), "generator": generator.get_state()},
-                    checkpoint,
-                )  # fmt: skip
+                save_checkpoint(checkpoint, asdict(config), done, saved, generator)
     finally:
         if exit_schedule is not None:
             remove_exit_schedule(model)

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
 
 from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES
+from ..exits import ExitHeads
 from ..pipelines import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline
 from ..schedules import ExitSchedule
 from .config import PREDICTION_TYPES
@@ -78,8 +79,10 @@ def save_digits_pipeline(
     exit_schedule: ExitSchedule | None = None,
     card: str | None = None,
     noise_scheduler: DDPMScheduler | None = None,
+    exit_heads: ExitHeads | None = None,
 ) -> EarlyExitDiTPipeline | EarlyExitUNet2DPipeline:
-    """Save `denoiser` as a drop-in pipeline folder (fp16 safetensors), with its schedule and a README card.
+    """Save `denoiser` as a drop-in pipeline folder (fp16 safetensors), with its schedule or exit heads (a DiT's)
+    and a README card.
 
     Its scheduler is DPM-Solver++ on the training `noise_scheduler`'s betas and prediction type (default:
     `digits_noise_scheduler()`).
@@ -87,20 +90,22 @@ def save_digits_pipeline(
     noise_scheduler = noise_scheduler or digits_noise_scheduler()
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
     if isinstance(denoiser, DiTTransformer2DModel):
-        pipe = EarlyExitDiTPipeline(transformer=denoiser, vae=None, scheduler=scheduler, exit_schedule=exit_schedule)
+        pipe = EarlyExitDiTPipeline(transformer=denoiser, vae=None, scheduler=scheduler, exit_schedule=exit_schedule,
+                                    exit_heads=exit_heads)  # fmt: skip
     else:
         pipe = EarlyExitUNet2DPipeline(unet=denoiser, scheduler=scheduler, exit_schedule=exit_schedule)
     pipe.save_pretrained(out_dir, variant=None, safe_serialization=True)
-    _halve_weights(Path(out_dir))
+    save_safetensors_in_half(Path(out_dir), "*/*.safetensors")
     if card is not None:
         (Path(out_dir) / "README.md").write_text(card)
     return pipe
 
 
-def _halve_weights(folder: Path) -> None:
-    """Store the weights in fp16 (they load back into fp32 models with `from_pretrained`)."""
+def save_safetensors_in_half(folder: Path, pattern: str) -> None:
+    """Store the weights of the safetensors files matching `pattern` in `folder` in fp16 (they load back into fp32
+    models with `from_pretrained`)."""
     from safetensors.torch import load_file, save_file
 
-    for path in folder.glob("*/*.safetensors"):
+    for path in folder.glob(pattern):
         tensors = {name: value.half() if value.is_floating_point() else value for name, value in load_file(path).items()}
         save_file(tensors, path, metadata={"format": "pt"})

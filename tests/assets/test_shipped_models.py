@@ -61,6 +61,39 @@ def test_shipped_plan_runs_on_its_model_at_the_compute_its_calibration_measured(
     assert pipe.exit_schedule is own  # the model's own schedule is back
 
 
+def shipped_heads_pipe():
+    from ee_diffusion.exits import ExitHeads
+
+    heads = ExitHeads.from_pretrained(shipped_model_path("digits-dit") / "exit_heads")
+    pipe = EarlyExitDiTPipeline.from_pretrained(shipped_model_path("digits-dit"), exit_heads=heads)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_exit_heads_fit_digits_dit_and_exit_earlier_at_the_noisy_steps():
+    pipe = shipped_heads_pipe()
+    card = (shipped_model_path("digits-dit") / "exit_heads" / "README.md").read_text()
+    assert "ee-diffusion train-uem --model digits-dit" in card
+    pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=10, output_type="pt",
+         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    profile = pipe.exit_stats.mean_depth_per_call
+    assert len(profile) == 10 and profile[0] < profile[-1] and pipe.exit_stats.block_fraction < 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_shipped_exit_heads_sample_the_digits_asked_for_under_every_bench_scheduler(scheduler, steps):
+    """`digits-dit` with its exit heads at their own rule: 100 samples, guidance 2, at least 90% recognised."""
+    pipe = shipped_heads_pipe()
+    pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
+    labels = torch.arange(100) % 10
+    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    assert pipe.exit_stats.block_fraction < 1
+    assert class_accuracy(images, labels, load_digits_classifier()) >= 0.9
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))

@@ -13,7 +13,7 @@ from ee_diffusion.pipelines import load_early_exit_pipeline, shipped_model_path
 from tests.conftest import save_digits_shaped_dit
 
 ROW_KEYS = {"method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "timing_spread", "speedup", "block_fraction", "peak_memory_mb"}  # fmt: skip
+            "timing_spread", "speedup", "block_fraction", "peak_memory_mb", "depth_per_step"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

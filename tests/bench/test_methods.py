@@ -30,7 +30,8 @@ def _images(pipe, method, steps=6):
 
 
 def test_every_kind_is_registered_with_its_syntax():
-    assert set(METHOD_KINDS) == {"baseline", "ase", "finetuned", "fbcache", "layerskip", "taylorseer", "magcache", "pab"}
+    assert set(METHOD_KINDS) == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer",
+                                 "magcache", "pab"}  # fmt: skip
 
 
 def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
@@ -69,7 +70,7 @@ def test_accelerators_that_do_not_apply_give_a_row_with_the_reason(tmp_path):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        num_class_embeds=11, norm_num_groups=4)  # fmt: skip
     EarlyExitUNet2DPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "unet")
-    methods = ["baseline", "fbcache", "layerskip", "magcache", "taylorseer", "pab"]
+    methods = ["baseline", "fbcache", "layerskip", "magcache", "taylorseer", "pab", "deediff"]
     rows = run_bench(BenchConfig(model=str(tmp_path / "unet"), methods=methods, num_samples=2, batch_size=2, steps=2),
                      progress=False)  # fmt: skip
     assert rows[0].note is None and rows[0].images_per_s > 0
@@ -167,3 +168,42 @@ def test_xformers_attention_makes_the_same_images_on_cuda():
         expected, _ = _images(plain, build_method(spec, _target(plain)))
         images, _ = _images(xformers, build_method(spec, _target(xformers)))
         torch.testing.assert_close(images, expected, atol=1e-3, rtol=0)
+
+
+def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_records_the_depth_profile(tmp_path):
+    from ee_diffusion.exits import ExitHeads
+
+    from tests.conftest import save_digits_shaped_dit
+
+    save_digits_shaped_dit(tmp_path / "model")
+    torch.manual_seed(0)
+    heads = ExitHeads(num_blocks=2, hidden_size=16, threshold=0.0)
+    for parameter in heads.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    heads.save_pretrained(tmp_path / "model" / "exit_heads")
+    methods = ["baseline", "deediff", "deediff:1", "deediff:1:per_sample", "ase:constant:1"]
+    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=methods, num_samples=4, batch_size=2, steps=3,
+                                 guidance_scale=2.0), progress=False)  # fmt: skip
+    baseline, default, everyone, per_sample, schedule = rows
+    uem, adapter = heads.cost_in_blocks(load_pipe(str(tmp_path / "model"), BenchConfig(), torch.device("cpu"))
+                                        .transformer.transformer_blocks[0])  # fmt: skip
+    assert default.block_fraction == pytest.approx(1 + uem / 2) and default.depth_per_step == [2.0] * 3
+    assert default.fid == baseline.fid  # threshold 0 (the heads' own): the full model's images
+    assert everyone.block_fraction == pytest.approx((1 + uem + adapter) / 2) and everyone.depth_per_step == [1.0] * 3
+    assert per_sample.depth_per_step == [1.0] * 3
+    assert schedule.depth_per_step == [1.0] * 3 and baseline.depth_per_step is None
+    assert ExitHeads.from_pretrained(tmp_path / "model" / "exit_heads").config.threshold == 0.0  # rule restored
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("deediff:x", "Bad method 'deediff:x'"),
+    ("deediff:-1", "threshold must be a number >= 0"),
+    ("deediff:0.1:per_token", "policy one of"),
+])  # fmt: skip
+def test_bad_deediff_specs(tiny_dit, spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_method(spec, _target(tiny_dit))
+
+
+def test_deediff_without_heads_gives_a_row_with_the_reason(tiny_dit):
+    assert "has no exit heads" in build_method("deediff", _target(tiny_dit)).unsupported

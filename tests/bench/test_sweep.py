@@ -32,6 +32,8 @@ def test_front_and_best_rows_are_on_one_compute_axis():
     (dict(steps=[1, 4]), "distinct step counts of at least 2"),
     (dict(budgets=[1.0]), r"`budgets` must lie in \(0, 1\)"),
     (dict(accelerators=["ase:linear:1"]), "must be diffusers accelerator methods"),
+    (dict(finetuned="digits-dit"), "must be another model than `model`"),
+    (dict(finetuned="no-such-model"), "No model 'no-such-model'"),
 ])  # fmt: skip
 def test_bad_sweeps_are_refused(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -59,3 +61,21 @@ def test_sweep_command_end_to_end(tmp_path, capsys, monkeypatch):
     assert ExitSchedule.from_pretrained(out / "plans" / "dpm-solver++-3-0.5").config.shape == "plan"
     assert (out / "sweep.png").stat().st_size > 0 and "on the front" in capsys.readouterr().out
     assert loads == [str(tmp_path / "model")]  # loaded once, for calibration and every step count's bench
+
+
+def test_sweep_with_a_finetuned_model_benches_it_under_its_schedule_and_plans_cut_from_it(tmp_path, capsys):
+    save_digits_shaped_dit(tmp_path / "model")
+    # 62.5% at 4 steps (1, 1, 1 and 2 blocks)
+    save_digits_shaped_dit(tmp_path / "tuned", exit_schedule=ExitSchedule.step(2, [2, 1]))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(tmp_path / "model"), "--finetuned", str(tmp_path / "tuned"), "--steps",
+                 "4", "--budgets", "0.8,0.5", "--accelerators", "", "--num-samples", "2", "--batch-size", "2",
+                 "--repeats", "1", "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    rows = {r["method"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    tuned = str(tmp_path / "tuned")
+    assert rows[f"finetuned:{tuned}"]["block_fraction"] == 0.625 and rows[f"finetuned:{tuned}"]["model"] == tuned
+    plans = [m for m in rows if m.startswith(f"finetuned:{tuned}:")]  # 0.8 is above its schedule's 0.625: no plan
+    assert plans == [f"finetuned:{tuned}:{out}/plans/tuned/dpm-solver++-4-0.5"]
+    assert rows[plans[0]]["block_fraction"] <= 0.5 and rows[plans[0]]["model"] == tuned
+    assert {m for m in rows if m.startswith("ase:")} >= {f"ase:{out}/plans/dpm-solver++-4-0.8"}
+    assert "finetuned:tuned:dpm-solver++-4-0.5" in capsys.readouterr().out  # the table names the plan's folder

@@ -443,7 +443,7 @@ def test_drop_in_builds_without_its_denoiser_but_refuses_a_schedule_then(name):
     components = {**case.make().components, denoiser: None}
     pipe = type(case.make())(**components)
     assert getattr(pipe, denoiser) is None and pipe.exit_schedule is None
-    with pytest.raises(ValueError, match="has no denoiser to run `exit_schedule` on"):
+    with pytest.raises(ValueError, match="has no denoiser to run `exit_schedule` or `exit_heads` on"):
         type(pipe)(**components, exit_schedule=ExitSchedule.linear(case.num_units, 1))
 
 

@@ -1,0 +1,284 @@
+"""DeeDiff's dynamic exit as diffusers hooks: a denoiser stops after the first block whose head is sure enough.
+
+`apply_uncertainty_exit(pipe_or_model, heads)` registers one hook on the denoiser, which embeds the call's timestep
+for the heads and records what ran, and one hook on each block. The blocks run in order; after a block with an exit
+point (`heads.exit_blocks`), its UEM estimates each sample's uncertainty, and a sample whose uncertainty is at or below
+`threshold` exits: its hidden state goes through the exit point's adapter and is held until the last block, which
+hands the whole batch to the model's own output layer. Blocks after a sample's exit do not run for it:
+
+- `per_batch` (DeeDiff's released code): the batch exits together, when every sample may;
+- `per_sample`: the samples that exit leave the batch, and the blocks after run on the others only (their inputs are
+  compacted: the hidden states, and every argument of the block that carries one row per sample, like DiT's timestep
+  and class labels). A classifier-free-guidance batch (conditional half, then unconditional half, as diffusers'
+  pipelines build it) exits by pairs when `paired` is set (the drop-in pipelines set it from `guidance_scale`).
+
+Host synchronisation: deciding whether a sample exits is a read of the uncertainties on the host, once per exit
+point checked. `check_every=k` checks every k-th exit point only (the others cost nothing: no UEM, no read), so a GPU
+run makes at most `len(exit_blocks) / k` reads per denoiser call; the final depths are read once per call, after it.
+
+Threshold 0 never exits (an uncertainty is a sigmoid, above 0): every block runs and the output is bit-identical to the
+model's without hooks. `remove_uncertainty_exit` restores the original forwards. Supported denoisers: the transformer
+classes of the exits registry whose blocks take and return one hidden-states tensor (DiT, PixArt-alpha).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .architectures import _argument, get_exit_architecture
+from .heads import ExitHeads
+from .hooks import _resolve
+
+_DENOISER_HOOK = "ee_uncertainty_exit"
+_UNIT_HOOK = "ee_uncertainty_exit_unit"
+SUPPORTED = (DiTTransformer2DModel, PixArtTransformer2DModel)
+
+
+@dataclass(frozen=True)
+class UncertaintyExitCall:
+    """One denoiser call: its timestep values, the blocks each sample ran, and the heads' work in blocks."""
+
+    timesteps: tuple[float, ...]
+    depths: tuple[int, ...]
+    head_blocks: float
+
+
+@dataclass
+class UncertaintyExitStats:
+    """What the dynamic exit ran, call by call, since it was applied or reset."""
+
+    num_blocks: int
+    calls: list[UncertaintyExitCall] = field(default_factory=list)
+
+    @property
+    def block_fraction(self) -> float:
+        """Blocks run plus the heads' work (UEMs evaluated, adapters of the exits taken), over a full-depth run's
+        blocks (1.0 when nothing ran yet)."""
+        samples = sum(len(call.depths) for call in self.calls)
+        if not samples:
+            return 1.0
+        work = sum(sum(call.depths) + call.head_blocks for call in self.calls)
+        return work / (samples * self.num_blocks)
+
+    @property
+    def mean_depth_per_call(self) -> list[float]:
+        """The mean exit depth (blocks run) of each call's samples, in call order: the depth profile over steps."""
+        return [sum(call.depths) / len(call.depths) for call in self.calls]
+
+
+class _State:
+    """The call in flight, shared by the denoiser hook and the block hooks."""
+
+    def __init__(self, heads: ExitHeads, num_blocks: int, unit_costs: tuple[float, float]) -> None:
+        self.heads, self.num_blocks = heads, num_blocks
+        self.uem_cost, self.adapter_cost = unit_costs
+        self.threshold, self.policy, self.check_every, self.paired = 0.0, "per_batch", 1, False  # set per call
+        self.point_of = {count - 1: point for point, count in enumerate(heads.exit_blocks)}  # block index -> point
+        self.stats = UncertaintyExitStats(num_blocks)
+        self.in_call = False
+        self.batch = 0
+        self.embedding: torch.Tensor | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.active: torch.Tensor | None = None  # samples still running (None: all of them)
+        self.exited: torch.Tensor | None = None  # the adapted hidden states of the samples that exited
+        self.depths: torch.Tensor | None = None
+        self.head_blocks = 0.0
+        self.done = False
+
+
+class UncertaintyExitHook(ModelHook):
+    """On the denoiser: embeds the call's timestep for the heads, and records the call when it returns."""
+
+    def __init__(self, state: _State, timestep_argument: str, sample_argument: str) -> None:
+        super().__init__()
+        self.state, self.timestep_argument, self.sample_argument = state, timestep_argument, sample_argument
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
+        state = self.state
+        batch = _argument(module, self.sample_argument, args, kwargs).shape[0]
+        timestep = _argument(module, self.timestep_argument, args, kwargs)
+        if timestep is None:
+            raise ValueError(f"{type(module).__name__} was called with `timestep=None`; uncertainty exits need it.")
+        timesteps = torch.as_tensor(timestep).reshape(-1).to(state.heads.device)
+        timesteps = timesteps.expand(batch) if timesteps.numel() == 1 else timesteps
+        rule = state.heads.config
+        state.threshold, state.policy, state.check_every = rule.threshold, rule.policy, rule.check_every
+        if state.paired and state.policy == "per_sample" and batch % 2:
+            raise ValueError(f"A paired (classifier-free guidance) batch must have an even size, got {batch}.")
+        state.in_call, state.batch, state.done = True, batch, False
+        state.timesteps, state.embedding = timesteps, state.heads.embed(timesteps)
+        state.active, state.exited, state.head_blocks = None, None, 0.0
+        state.depths = torch.full((batch,), state.num_blocks, dtype=torch.long)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        state = self.state
+        state.in_call = False
+        state.stats.calls.append(UncertaintyExitCall(tuple(state.timesteps.float().cpu().tolist()),
+                                                     tuple(state.depths.tolist()), state.head_blocks))  # fmt: skip
+        state.embedding = state.exited = state.active = None
+        return output
+
+
+class UncertaintyUnitHook(ModelHook):
+    """On block `index`: runs it on the samples still running, then lets those that may exit at its exit point go."""
+
+    def __init__(self, index: int, state: _State) -> None:
+        super().__init__()
+        self.index, self.state = index, state
+        self.last = index == state.num_blocks - 1
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
+        state = self.state
+        if not state.in_call:  # the block was called on its own, outside a denoiser call
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if state.done:  # every sample has exited: nothing runs, the last block hands their states on
+            return state.exited
+        if state.active is not None:
+            args, kwargs = _rows(args, state.active, state.batch), _rows(kwargs, state.active, state.batch)
+        hidden = self.fn_ref.original_forward(*args, **kwargs)
+        point = state.point_of.get(self.index)
+        if point is not None and point % state.check_every == 0:
+            hidden = self._exit(point, hidden)
+        if not self.last or state.exited is None:
+            return hidden
+        if not state.done:
+            state.exited[state.active] = hidden
+        return state.exited
+
+    def _exit(self, point: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The samples of `hidden` that stay; those whose uncertainty allows it leave, with their adapted state."""
+        state = self.state
+        active = torch.arange(state.batch, device=hidden.device) if state.active is None else state.active
+        embedding = state.embedding[active]
+        uncertainty = state.heads.uncertainty(point, hidden, embedding)
+        state.head_blocks += len(active) * state.uem_cost
+        leave = uncertainty <= state.threshold
+        if state.policy == "per_batch":
+            leave = leave.all().expand(len(active))
+        elif state.paired:  # a pair leaves when both halves may: partner of sample i is i +- batch / 2
+            everyone = torch.zeros(state.batch, dtype=torch.bool, device=hidden.device)
+            everyone[active] = leave
+            leave = (everyone & everyone.roll(state.batch // 2))[active]
+        leaving = int(leave.sum())  # the host read of this exit point
+        if not leaving:
+            return hidden
+        if state.exited is None:
+            state.exited = hidden.new_empty((state.batch, *hidden.shape[1:]))
+        state.exited[active[leave]] = state.heads.adapt(point, hidden[leave], embedding[leave])
+        state.head_blocks += leaving * state.adapter_cost
+        state.depths[active[leave].cpu()] = self.index + 1
+        if leaving == len(active):
+            state.done = True
+            return state.exited
+        state.active = active[~leave]
+        return hidden[~leave]
+
+
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """`value` (an argument of a block) with only `rows` of each tensor that has one row per sample of the batch."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: _rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(item, rows, batch) for item in value)
+    return value
+
+
+def _denoiser_hook(model: torch.nn.Module) -> UncertaintyExitHook | None:
+    registry = getattr(model, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(_DENOISER_HOOK)
+
+
+def apply_uncertainty_exit(pipe_or_model: Any, heads: ExitHeads, paired: bool = False) -> None:
+    """Make a denoiser exit after the first exit point whose uncertainty is at or below the heads' threshold.
+
+    The exit rule is the heads' (`heads.set_exit_rule`: threshold, policy, check_every), read at every denoiser call.
+
+    Args:
+        pipe_or_model: A DiT or PixArt-alpha transformer, or a pipeline holding one as `transformer`. Exit hooks
+            already on it (an exit schedule, a cache) must be removed first.
+        heads: Exit heads trained for this denoiser (`ee-diffusion train-uem`).
+        paired: The batches are classifier-free-guidance batches (two halves) whose pairs exit together under the
+            `per_sample` policy (`set_uncertainty_exit_paired` changes it).
+
+    Example:
+        ```python
+        >>> heads = ExitHeads.from_pretrained("ee_diffusion/assets/digits-dit/exit_heads")
+        >>> heads.set_exit_rule(threshold=0.1, policy="per_sample")
+        >>> apply_uncertainty_exit(pipe, heads, paired=True)
+        >>> images = pipe(class_labels=[3, 7], guidance_scale=2.0).images
+        >>> get_uncertainty_exit_stats(pipe).block_fraction
+        ```
+    """
+    if not isinstance(heads, ExitHeads):
+        raise TypeError(f"`heads` must be ExitHeads, got {type(heads).__name__}.")
+    model, _ = _resolve(pipe_or_model)
+    if not isinstance(model, SUPPORTED):
+        raise TypeError(f"Uncertainty exits do not support {type(model).__name__}; supported: "
+                        f"{', '.join(cls.__name__ for cls in SUPPORTED)} (transformers whose blocks pass one "
+                        "hidden-states tensor).")  # fmt: skip
+    architecture = get_exit_architecture(model)
+    units = architecture.units(model)
+    heads.check_fits(len(units), int(model.config.num_attention_heads * model.config.attention_head_dim),
+                     type(model).__name__)  # fmt: skip
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if registry.hooks and _denoiser_hook(model) is None:
+        raise ValueError(f"This {type(model).__name__} already carries hooks ({', '.join(registry.hooks)}); remove "
+                         "them (an exit schedule, a cache) before applying uncertainty exits.")  # fmt: skip
+    remove_uncertainty_exit(model)
+    state = _State(heads, len(units), heads.cost_in_blocks(units[0]))
+    state.paired = bool(paired)
+    registry.register_hook(UncertaintyExitHook(state, architecture.timestep_argument, architecture.sample_argument),
+                           _DENOISER_HOOK)  # fmt: skip
+    for index, unit in enumerate(units):
+        HookRegistry.check_if_exists_or_initialize(unit).register_hook(UncertaintyUnitHook(index, state), _UNIT_HOOK)
+    registry.invalidate_child_registries_cache()
+
+
+def set_uncertainty_exit_paired(pipe_or_model: Any, paired: bool) -> None:
+    """Whether the next calls' batches are classifier-free-guidance pairs (see `apply_uncertainty_exit`)."""
+    _require(pipe_or_model).state.paired = bool(paired)
+
+
+def remove_uncertainty_exit(pipe_or_model: Any) -> None:
+    """Remove the uncertainty-exit hooks, restoring the original forwards (a no-op when none are applied)."""
+    model, _ = _resolve(pipe_or_model)
+    if _denoiser_hook(model) is None:
+        return
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.remove_hook(_DENOISER_HOOK, recurse=False)
+    registry.remove_hook(_UNIT_HOOK, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+def get_uncertainty_exit_heads(pipe_or_model: Any) -> ExitHeads | None:
+    """The heads applied to this denoiser, or `None`."""
+    hook = _denoiser_hook(_resolve(pipe_or_model)[0])
+    return None if hook is None else hook.state.heads
+
+
+def get_uncertainty_exit_stats(pipe_or_model: Any) -> UncertaintyExitStats:
+    """A copy of what the dynamic exit ran: per denoiser call, the timesteps, each sample's depth, the heads' work."""
+    stats = _require(pipe_or_model).state.stats
+    return UncertaintyExitStats(stats.num_blocks, list(stats.calls))
+
+
+def reset_uncertainty_exit_stats(pipe_or_model: Any) -> None:
+    """Forget the recorded calls."""
+    _require(pipe_or_model).state.stats.calls.clear()
+
+
+def _require(pipe_or_model: Any) -> UncertaintyExitHook:
+    model, _ = _resolve(pipe_or_model)
+    hook = _denoiser_hook(model)
+    if hook is None:
+        raise ValueError(f"No uncertainty exit is applied to this {type(model).__name__}; call "
+                         "`apply_uncertainty_exit`.")  # fmt: skip
+    return hook

@@ -1,0 +1,143 @@
+"""Training DeeDiff's exit heads (`ee-diffusion train-uem`): the uncertainty-aware layer-wise loss.
+
+For a batch noised at uniform timesteps, with `target` what the model predicts (the noise or the velocity) and, for
+each exit point `k`, the head's prediction `g_k(h_k)` and the UEM's uncertainty `u_k`:
+
+    L = L_simple + lambda * L_u + beta * L_UAL
+    L_simple = mean (model(x_t) - target)^2                    the model's own loss (joint mode only)
+    L_u      = sum_k mean_batch (u_k - u_hat_k)^2,  u_hat_k = mean(tanh(|g_k(h_k) - target|)), a fixed target
+    L_UAL    = sum_k mean_batch (1 - u_k) * mean (g_k(h_k) - target)^2
+
+`lambda = beta = 1` by default (the paper's). In `L_UAL` the uncertainty is not detached, as the paper writes it: the
+heads are pushed hardest where they are sure, and the UEM is pulled up where the head is wrong (balanced by `L_u`).
+Frozen mode (the default) trains the heads only and leaves the denoiser bit-identical; joint mode trains both. All
+heads' predictions come from one extra call of the denoiser that runs only its embeddings and output layer
+(`exit_predictions`), so a step costs about one forward of the model, plus one backward in joint mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.embeddings import LabelEmbedding
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..data.digits import DigitsSplit
+from ..exits.heads import ExitHeads, block_outputs, exit_predictions
+from ..pipelines.class_conditional import null_class_label
+from ..validation import as_number
+from .config import PREDICTION_TYPES, TrainConfig
+from .denoiser import CHECKPOINT_NAME, TrainResult, load_checkpoint, noised_batch, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def exit_head_losses(model: torch.nn.Module, heads: ExitHeads, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     labels: torch.Tensor, target: torch.Tensor, joint: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The three terms of the loss on one batch (`simple` is zero and costs nothing when not `joint`)."""
+    channels = target.shape[1]
+    with block_outputs(model) as outputs, torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+        final = model(noisy, timesteps, class_labels=labels).sample
+    embedding = heads.embed(timesteps)
+    predictions = exit_predictions(model, heads, outputs, embedding, lambda k: model(
+        noisy.repeat(k, 1, 1, 1), timesteps.repeat(k), class_labels=labels.repeat(k)).sample)  # fmt: skip
+    errors = predictions[:, :, :channels] - target  # exit points x batch x C x H x W
+    uncertainty = torch.stack([heads.uncertainty(point, outputs[count - 1], embedding)
+                               for point, count in enumerate(heads.exit_blocks)])  # fmt: skip
+    pseudo = torch.tanh(errors.abs()).mean(dim=(2, 3, 4)).detach()
+    squared = errors.pow(2).mean(dim=(2, 3, 4))
+    simple = (final[:, :channels] - target).pow(2).mean() if joint else torch.zeros((), device=target.device)
+    return {"simple": simple, "uncertainty": (uncertainty - pseudo).pow(2).sum(0).mean(),
+            "layerwise": ((1 - uncertainty) * squared).sum(0).mean()}  # fmt: skip
+
+
+def train_exit_heads(
+    model: torch.nn.Module,
+    heads: ExitHeads,
+    data: DigitsSplit,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    joint: bool = False,
+    uncertainty_weight: float = 1.0,
+    layerwise_weight: float = 1.0,
+    resume: bool = False,
+    noise_scheduler: DDPMScheduler | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train `heads` (and, when `joint`, `model`) in place on `data`; on return they hold the EMA weights.
+
+    Args:
+        model: A class-conditional DiT (see `null_class_label`) the heads are for.
+        heads: Its exit heads (`ExitHeads(num_blocks, hidden_size)` for fresh ones).
+        data: Training images in [-1, 1] and their labels.
+        config: Hyper-parameters (steps, batch, learning rate, warm-up, EMA, class dropout, checkpoints, seed).
+        out_dir: Where `checkpoint.pt` is written every `config.checkpoint_every` steps (`None`: no checkpoints).
+        joint: Train the denoiser too (`L_simple` joins the loss); otherwise it stays frozen.
+        uncertainty_weight: `lambda`, the weight of `L_u`.
+        layerwise_weight: `beta`, the weight of `L_UAL`.
+        resume: Continue from `out_dir/checkpoint.pt` (same settings) instead of starting over.
+        noise_scheduler: The forward process and what the model predicts (its config's `prediction_type`).
+        progress: Show a progress bar.
+        device: Where the model and heads train (batches are drawn on the CPU, as in `train_denoiser`).
+    """
+    noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Cannot train heads for a model predicting {noise_scheduler.config.prediction_type!r}; "
+                         f"expected one of {PREDICTION_TYPES}.")  # fmt: skip
+    weights = {"simple": 1.0, "uncertainty": as_number("uncertainty_weight", uncertainty_weight, low=0),
+               "layerwise": as_number("layerwise_weight", layerwise_weight, low=0)}  # fmt: skip
+    null_label = null_class_label(model)
+    for module in model.modules():  # label dropout happens in the batch, as in `train_denoiser`
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    model.to(device).requires_grad_(joint)
+    heads.to(device)
+    trained = [*heads.parameters(), *(model.parameters() if joint else [])]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
+    generator = torch.Generator().manual_seed(config.seed)
+    checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    saved = {"heads": heads, "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema,
+             **({"model": model} if joint else {})}  # fmt: skip
+    settings = {**asdict(config), "joint": joint, **weights}
+    start = load_checkpoint(checkpoint, settings, saved, generator, device) if resume else 0
+
+    model.train(joint)
+    heads.train()
+    losses: list[float] = []
+    began = time.perf_counter()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+               desc="training exit heads" + (" and model" if joint else ""))  # fmt: skip
+    try:
+        for step in bar:
+            batch = noised_batch(data, config, generator, noise_scheduler, null_label)
+            noisy, timesteps, labels, target = (x.to(device) for x in batch)
+            terms = exit_head_losses(model, heads, noisy, timesteps, labels, target, joint)
+            loss = sum(weights[name] * term for name, term in terms.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            lr_schedule.step()
+            ema.step(trained)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            done = step + 1
+            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                save_checkpoint(checkpoint, settings, done, saved, generator)
+    finally:
+        model.eval().requires_grad_(True)
+        heads.eval()
+    ema.copy_to(trained)
+    seconds = time.perf_counter() - began
+    logger.info("trained exit heads %d steps in %.0f s", config.steps - start, seconds)
+    return TrainResult(steps_run=config.steps - start, total_steps=config.steps, seconds=seconds, losses=losses)
