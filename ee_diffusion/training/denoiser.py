@@ -94,6 +94,19 @@ def noised_batch(data: DigitsSplit, config: TrainConfig, generator: torch.Genera
     return noisy, timesteps, labels, training_target(images, noise, timesteps, noise_scheduler)
 
 
+def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) -> int:
+    """Refuse a prediction type the loops cannot train, before any step; turn the model's own label dropout off
+    (`noised_batch` drops labels, once per sample, not once per DiT block); return the model's null label."""
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Cannot train a model predicting {noise_scheduler.config.prediction_type!r}; expected one "
+                         f"of {PREDICTION_TYPES}.")  # fmt: skip
+    null_label = null_class_label(model)
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return null_label
+
+
 def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], generator: torch.Generator) -> None:
     """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,14 +161,8 @@ def train_denoiser(
             generator whatever the device, so a run on a GPU sees the same data as one on the CPU.
     """
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Cannot train a model predicting {noise_scheduler.config.prediction_type!r}; expected one "
-                         f"of {PREDICTION_TYPES}.")  # fmt: skip
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    null_label = null_class_label(model)
-    for module in model.modules():  # label dropout happens here, once per sample, not once per DiT block
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0
+    null_label = prepare_for_batches(model, noise_scheduler)
     if config.freeze_timestep_embedding:
         freeze_timestep_embedding(model)
     model.to(device)

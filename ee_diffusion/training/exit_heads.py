@@ -24,17 +24,22 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.models.embeddings import LabelEmbedding
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..data.digits import DigitsSplit
 from ..exits.heads import ExitHeads, block_outputs, exit_predictions
-from ..pipelines.class_conditional import null_class_label
 from ..validation import as_number
-from .config import PREDICTION_TYPES, TrainConfig
-from .denoiser import CHECKPOINT_NAME, TrainResult, load_checkpoint, noised_batch, save_checkpoint
+from .config import TrainConfig
+from .denoiser import (
+    CHECKPOINT_NAME,
+    TrainResult,
+    load_checkpoint,
+    noised_batch,
+    prepare_for_batches,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +94,9 @@ def train_exit_heads(
         device: Where the model and heads train (batches are drawn on the CPU, as in `train_denoiser`).
     """
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Cannot train heads for a model predicting {noise_scheduler.config.prediction_type!r}; "
-                         f"expected one of {PREDICTION_TYPES}.")  # fmt: skip
     weights = {"simple": 1.0, "uncertainty": as_number("uncertainty_weight", uncertainty_weight, low=0),
                "layerwise": as_number("layerwise_weight", layerwise_weight, low=0)}  # fmt: skip
-    null_label = null_class_label(model)
-    for module in model.modules():  # label dropout happens in the batch, as in `train_denoiser`
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0
+    null_label = prepare_for_batches(model, noise_scheduler)
     model.to(device).requires_grad_(joint)
     heads.to(device)
     trained = [*heads.parameters(), *(model.parameters() if joint else [])]
