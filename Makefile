@@ -1,6 +1,7 @@
 # Two set-up commands for a fresh clone; each makes its own virtual environment (.venv) and installs what it needs.
 #   make demo   runs the main job (the bench at 10 steps: digits-dit, fewer steps, FirstBlockCache, and ours side by side)
 #   make test   installs the package with its test extras and runs the test suite
+#   make app    serves the Gradio demo (app.py) on http://127.0.0.1:7860, offline, on the shipped models
 # CI also runs `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned to the lowest
 # version pyproject.toml allows (.ci/lower-bounds.txt).
 VENV ?= .venv
@@ -9,7 +10,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 LOWER_BIN := $(LOWER_VENV)/bin
 
-.PHONY: demo test test-slow test-lower-bounds clean
+.PHONY: demo app test test-slow test-lower-bounds clean
 
 $(BIN)/ee-diffusion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(BIN)/ee-diffusion: pyproject.toml
 
 demo: $(BIN)/ee-diffusion
 	$(BIN)/ee-diffusion bench
+
+app: $(BIN)/ee-diffusion
+	$(BIN)/python app.py
 
 test: $(BIN)/ee-diffusion
 	$(BIN)/python -m pytest -q

@@ -44,6 +44,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "load_early_exit_pipeline",
         ],
         ".schedules": ["REUSE", "ExitSchedule"],
+        ".comfyui": ["apply_comfyui_exit_schedule"],
         ".dllm": ["ProphetCommit", "ProphetScheduler", "SchEDCommit", "SchEDScheduler", "ThresholdCommit"],
     },
 )

@@ -226,21 +226,21 @@ def compile_regions(pipe: Any) -> None:
 def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
               device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
     """One call of the method: its images (on the CPU) and executed block fraction, against the full model at the
-    cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps). Under an exit
-    schedule or exit heads, the mean depth of each denoiser call goes to `run.depth_profiles`."""
+    cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps). Where the method
+    varies the work, the blocks' worth of work of each denoiser call goes to `run.depth_profiles`."""
     cuda = device.type == "cuda"
     own_steps = run.method.steps or steps
-    with run.method.session(pipe) as block_fraction:
+    with run.method.session(pipe) as work:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         images = _call(pipe, labels, seed, config, own_steps, device)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
-        stats = getattr(pipe, "exit_stats", None)
-        if stats is not None:
-            run.depth_profiles.append([sum(call.depths) / len(call.depths) for call in stats.calls])
-        return images.float().cpu(), block_fraction() * own_steps / steps
+        depths = work.depths()
+        if depths is not None:
+            run.depth_profiles.append(depths)
+        return images.float().cpu(), work() * own_steps / steps
 
 
 def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device) -> Any:

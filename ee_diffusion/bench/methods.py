@@ -69,7 +69,22 @@ from diffusers.models.cache_utils import CacheMixin
 from ..exits import denoiser_of, num_exit_blocks
 from ..schedules import ExitSchedule
 
-Session = Callable[[Any], contextlib.AbstractContextManager[Callable[[], float]]]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a method's session yields. Called, it returns the share of the full model's block work that the denoiser
+    calls made inside the session ran; `depths()` gives each of those calls' blocks' worth of work (the mean over the
+    batch), or `None` where the method always runs every block."""
+
+    fraction: Callable[[], float]
+    depths: Callable[[], list[float] | None] = lambda: None
+
+    def __call__(self) -> float:
+        return self.fraction()
+
+
+Session = Callable[[Any], contextlib.AbstractContextManager[Work]]
 
 
 @contextlib.contextmanager
@@ -87,11 +102,17 @@ def _scheduled(schedule: ExitSchedule | None) -> Session:
     """The model under `schedule`; `None`: at full depth, whatever schedule its folder carries."""
 
     @contextlib.contextmanager
-    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+    def session(pipe: Any) -> Iterator[Work]:
         with _exit_schedule(pipe, schedule):
-            yield (lambda: 1.0) if schedule is None else (lambda: pipe.exit_stats.block_fraction)
+            yield Work(lambda: 1.0) if schedule is None else _exit_work(pipe)
 
     return session
+
+
+def _exit_work(pipe: Any) -> Work:
+    """The work of the calls made under the pipeline's exit schedule or exit heads, from its `exit_stats`."""
+    return Work(lambda: pipe.exit_stats.block_fraction,
+                lambda: [sum(call.depths) / len(call.depths) for call in pipe.exit_stats.calls])  # fmt: skip
 
 
 @dataclass
@@ -101,8 +122,8 @@ class Method:
     Args:
         name: The spec it was built from.
         model: The model it runs on (a key of the bench's pipelines).
-        session: `session(pipe)` is a context manager that applies the method to `pipe`, yields a function returning
-            the block fraction executed by the calls made inside, and leaves `pipe` as it found it on exit.
+        session: `session(pipe)` is a context manager that applies the method to `pipe`, yields the `Work` done by
+            the calls made inside (called: their block fraction), and leaves `pipe` as it found it on exit.
         unsupported: Why the method cannot run on this model (then it is never run).
         steps: Scheduler steps it samples with (`None`: the cell's).
     """
@@ -177,13 +198,13 @@ def _deediff(argument: str, target: Target) -> Method:
                       "`ee-diffusion train-uem` and save them in its folder as exit_heads/)")  # fmt: skip
 
     @contextlib.contextmanager
-    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+    def session(pipe: Any) -> Iterator[Work]:
         rule = {name: heads.config[name] for name in ("threshold", "policy")}
         own = (pipe.exit_schedule, getattr(pipe, "exit_heads", None))
         heads.set_exit_rule(threshold=threshold, policy=policy or None)
         pipe.exit_schedule, pipe.exit_heads = None, heads
         try:
-            yield lambda: pipe.exit_stats.block_fraction
+            yield _exit_work(pipe)
         finally:
             pipe.exit_heads, pipe.exit_schedule = own[1], own[0]
             heads.set_exit_rule(**rule)
@@ -220,7 +241,8 @@ class _BlockWork:
         self.layers = [
             layer for block in blocks for layer in block.modules() if isinstance(layer, (Attention, FeedForward))
         ]
-        self.total = self.done = self.calls = 0
+        self.total = self.done = 0
+        self.per_call: list[float] = []  # the share of the work each denoiser call ran
         for layer in self.layers:
             weights = sum(linear.weight.numel() for linear in layer.modules() if isinstance(linear, torch.nn.Linear))
             HookRegistry.check_if_exists_or_initialize(layer).register_hook(_RunCounter(self, weights), self.NAME)
@@ -228,10 +250,10 @@ class _BlockWork:
         self.handle = denoiser.register_forward_hook(self._called)
 
     def _called(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.calls += 1
+        self.per_call.append((self.done / self.total - sum(self.per_call)) if self.total else 1.0)
 
     def fraction(self) -> float:
-        return self.done / (self.calls * self.total) if self.calls and self.total else 1.0
+        return self.done / (len(self.per_call) * self.total) if self.per_call and self.total else 1.0
 
     def remove(self) -> None:
         self.handle.remove()
@@ -268,7 +290,7 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
     handles it added besides (or `None`)."""
 
     @contextlib.contextmanager
-    def session(pipe: Any) -> Iterator[Callable[[], float]]:
+    def session(pipe: Any) -> Iterator[Work]:
         denoiser = denoiser_of(pipe)
         with _exit_schedule(pipe, None):  # the accelerator alone, on the model at full depth
             work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
@@ -279,7 +301,8 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
                 # Our denoisers are not CacheMixin models; the stateful hooks read their state under diffusers'
                 # context.
                 with CacheMixin.cache_context(denoiser, "cond"):
-                    yield work.fraction
+                    blocks = num_exit_blocks(denoiser)
+                    yield Work(work.fraction, lambda: [share * blocks for share in work.per_call])
             finally:
                 _remove_hooks(denoiser, kind, handles)
                 work.remove()

@@ -34,7 +34,8 @@ class BenchRow:
     their median, and `speedup` is the median over rounds of the baseline's seconds over this method's (see
     `ee_diffusion.metrics.paired_speedup`). `depth_per_step` is, under an exit schedule or exit heads, the mean number
     of blocks run at each sampling step (mean over samples and batches; a classifier-free-guidance call counts both
-    halves)."""
+    halves); under a diffusers accelerator, the blocks' worth of work each step ran (its measured block fraction
+    times the model's exit blocks); `None` for methods that run every block."""
 
     method: str
     model: str

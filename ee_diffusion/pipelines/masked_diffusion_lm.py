@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Generat
 from ..dllm.adapters import get_adapter
 from ..dllm.rules import EarlyCommit, ThresholdCommit, resolve_early_commit
 from ..dllm.sampler import generate
-from ..validation import as_number
+from ..validation import as_int, as_number
 from .loading import resolve_pretrained
 
 GENERATION_KEYS = ("gen_length", "steps", "block_length", "mask_token_id", "eos_token_id")
@@ -143,6 +143,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         """
         as_number("temperature", temperature, low=0)
         as_number("cfg_scale", cfg_scale, low=0)
+        for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+            if value is not None:  # 0 would otherwise read as "the model's default"
+                as_int(name, value, low=1)
         if input_ids is None:
             if prompt is None:
                 raise ValueError("Give `prompt` or `input_ids`.")

@@ -22,11 +22,13 @@ def _target(pipe, steps=6):
     return Target("random:dit-tiny", lambda model: pipe, steps)
 
 
-def _images(pipe, method, steps=6):
-    with method.session(pipe) as fraction:
+def _images(pipe, method, steps=6, depths=None):
+    with method.session(pipe) as work:
         images = pipe(class_labels=[1, 2, 3], guidance_scale=1.0, num_inference_steps=steps, output_type="pt",
                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-        return images, fraction()
+        if depths is not None:
+            depths.append(work.depths())
+        return images, work()
 
 
 def test_every_kind_is_registered_with_its_syntax():
@@ -42,7 +44,8 @@ def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
     try:
         _, full = _images(tiny_dit, build_method("baseline", _target(tiny_dit)))
         baseline_calls, calls[:] = list(calls), [0] * len(blocks)
-        _, fraction = _images(tiny_dit, build_method("fbcache:10", _target(tiny_dit)))
+        depths = []
+        _, fraction = _images(tiny_dit, build_method("fbcache:10", _target(tiny_dit)), depths=depths)
     finally:
         for handle in handles:
             handle.remove()
@@ -50,6 +53,8 @@ def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
     # The first block runs at every step; the others only at the first (no cached residual yet).
     assert calls == [6] + [1] * (len(blocks) - 1)
     assert fraction == pytest.approx(sum(calls) / sum(baseline_calls))
+    # per step, the blocks' worth of work: all of them at the first step, the first block's after
+    assert depths[0] == pytest.approx([len(blocks)] + [1] * 5)
 
 
 @pytest.mark.parametrize("spec", ACCELERATORS)

@@ -73,6 +73,9 @@ def test_model_and_tokenizer_directly_and_save_round_trip(tmp_path, tiny_bert, t
     (dict(temperature=-1.0), r"`temperature` must be a finite number >= 0, got -1.0"),
     (dict(cfg_scale=float("inf")), r"`cfg_scale` must be a finite number >= 0, got inf"),
     (dict(prompt="12×3="), r"characters the tokenizer does not know"),
+    (dict(steps=0), r"`steps` must be an integer >= 1, got 0"),  # not "the model's default steps"
+    (dict(gen_length=0), r"`gen_length` must be an integer >= 1, got 0"),
+    (dict(block_length=0), r"`block_length` must be an integer >= 1, got 0"),
 ])  # fmt: skip
 def test_bad_call_arguments_raise_instead_of_a_silent_wrong_answer(model_folder, call, match):
     pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
