@@ -133,3 +133,10 @@ def test_bench_tab_reads_a_bench_json(client, tmp_path):
     (tmp_path / "other.json").write_text('{"steps": [1]}')
     with pytest.raises(AppError, match="not a bench JSON"):
         client.predict(handle_file(str(tmp_path / "other.json")), api_name="/read_bench")
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "-1"], ["--port", "x"]])
+def test_a_bad_port_is_a_usage_error_before_anything_starts(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        app.main(argv)
+    assert exit_.value.code == 2 and "error: argument --port" in capsys.readouterr().err

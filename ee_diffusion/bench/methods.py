@@ -70,7 +70,6 @@ from ..exits import denoiser_of, num_exit_blocks
 from ..schedules import ExitSchedule
 
 
-
 @dataclass(frozen=True)
 class Work:
     """What a method's session yields. Called, it returns the share of the full model's block work that the denoiser
@@ -241,8 +240,8 @@ class _BlockWork:
         self.layers = [
             layer for block in blocks for layer in block.modules() if isinstance(layer, (Attention, FeedForward))
         ]
-        self.total = self.done = 0
-        self.per_call: list[float] = []  # the share of the work each denoiser call ran
+        self.total = self.done = 0  # `done`: the work of the denoiser call under way
+        self.per_call: list[float] = []  # the share of the work each finished denoiser call ran
         for layer in self.layers:
             weights = sum(linear.weight.numel() for linear in layer.modules() if isinstance(linear, torch.nn.Linear))
             HookRegistry.check_if_exists_or_initialize(layer).register_hook(_RunCounter(self, weights), self.NAME)
@@ -250,10 +249,11 @@ class _BlockWork:
         self.handle = denoiser.register_forward_hook(self._called)
 
     def _called(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.per_call.append((self.done / self.total - sum(self.per_call)) if self.total else 1.0)
+        self.per_call.append(self.done / self.total if self.total else 1.0)
+        self.done = 0
 
     def fraction(self) -> float:
-        return self.done / (len(self.per_call) * self.total) if self.per_call and self.total else 1.0
+        return sum(self.per_call) / len(self.per_call) if self.per_call else 1.0
 
     def remove(self) -> None:
         self.handle.remove()

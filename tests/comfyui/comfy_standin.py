@@ -166,21 +166,7 @@ class TinyFlux(nn.Module):
         img, txt = x, context
         vec = self.time_in(timestep.float().reshape(-1, 1) / 1000.0)
         blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
-        for i, block in enumerate(self.double_blocks):
-            if ("double_block", i) in blocks_replace:
-
-                def block_wrap(args, block=block):
-                    out = {}
-                    out["img"], out["txt"] = block(args["img"], args["txt"], args["vec"])
-                    return out
-
-                out = blocks_replace[("double_block", i)](
-                    {"img": img, "txt": txt, "vec": vec, "transformer_options": transformer_options},
-                    {"original_block": block_wrap},
-                )
-                txt, img = out["txt"], out["img"]
-            else:
-                img, txt = block(img, txt, vec)
+        img, txt = _double_stream(self.double_blocks, img, txt, vec, transformer_options)
         img = torch.cat((txt, img), 1)
         for i, block in enumerate(self.single_blocks):
             if ("single_block", i) in blocks_replace:
@@ -198,6 +184,28 @@ class TinyFlux(nn.Module):
         return self.final_layer(img[:, txt.shape[1] :])
 
 
+def _double_stream(blocks, img, txt, vec, transformer_options):
+    """Two-stream blocks under the keys `("double_block", i)`, each replaceable through `patches_replace["dit"]` the
+    way ComfyUI's Flux and MMDiT forwards do it."""
+    blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+    for i, block in enumerate(blocks):
+        if ("double_block", i) in blocks_replace:
+
+            def block_wrap(args, block=block):
+                out = {}
+                out["img"], out["txt"] = block(args["img"], args["txt"], args["vec"])
+                return out
+
+            out = blocks_replace[("double_block", i)](
+                {"img": img, "txt": txt, "vec": vec, "transformer_options": transformer_options},
+                {"original_block": block_wrap},
+            )
+            txt, img = out["txt"], out["img"]
+        else:
+            img, txt = block(img, txt, vec)
+    return img, txt
+
+
 class TinyMMDiT(nn.Module):
     """One stream of joint blocks under the keys `("double_block", i)`, as ComfyUI's SD3 MMDiT forward."""
 
@@ -208,23 +216,7 @@ class TinyMMDiT(nn.Module):
 
     def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
         vec = self.time_in(timestep.float().reshape(-1, 1) / 1000.0)
-        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
-        for i in range(len(self.joint_blocks)):
-            if ("double_block", i) in blocks_replace:
-
-                def block_wrap(args, i=i):
-                    out = {}
-                    out["img"], out["txt"] = self.joint_blocks[i](args["img"], args["txt"], args["vec"])
-                    return out
-
-                out = blocks_replace[("double_block", i)](
-                    {"img": x, "txt": context, "vec": vec, "transformer_options": transformer_options},
-                    {"original_block": block_wrap},
-                )
-                context, x = out["txt"], out["img"]
-            else:
-                x, context = self.joint_blocks[i](x, context, vec)
-        return x
+        return _double_stream(self.joint_blocks, x, context, vec, transformer_options)[0]
 
 
 class TinyUNet(nn.Module):
