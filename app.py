@@ -7,7 +7,8 @@ reaches the internet). Three tabs, each a named API endpoint that `gradio_client
   depth and under an accelerator (an exit schedule, DeeDiff's uncertainty exits, or one of diffusers' caches), from
   the same noise: both images, the wall time of each call, the speedup, the share of block work run, and the blocks
   run at each sampling step.
-- `/decode_text`: `tiny-mdlm` decodes a prompt with all its steps, with Prophet and with SchED: each answer, its
+- `/decode_text`: a shipped language model (`tiny-mdlm`, `tiny-mdlm-puzzles`) decodes a prompt with all its steps,
+  with Prophet, with SchED and with Fast-dLLM's threshold rule (without and with its KV cache): each answer, its
   denoiser passes and time, and the answer as it filled in, pass by pass.
 - `/read_bench`: a JSON file written by `ee-diffusion bench --json` as a table and its quality/speed plot.
 
@@ -35,9 +36,15 @@ import pandas  # noqa: E402  (a dependency of gradio)
 # System fonts only: the default theme would fetch its fonts from Google, which an offline browser waits for.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 IMAGE_MODELS = ("digits-dit", "digits-dit-ase", "digits-unet", "digits-unet-ase")
-TEXT_MODEL = "tiny-mdlm"
-TEXT_METHODS = {"full steps": "full", "Prophet": "prophet", "SchED (exp)": "sched-exp"}
-TEXT_EXAMPLES = ("123+4567=", "sort:93120=", "58+9=", "sort:8080123=")
+TEXT_MODELS = ("tiny-mdlm", "tiny-mdlm-puzzles")
+TEXT_METHODS = {"full steps": "full", "Prophet": "prophet", "SchED (exp)": "sched-exp",
+                "Fast-dLLM threshold 0.7": "threshold:0.7",
+                "Fast-dLLM threshold 0.7 + prefix KV cache": "threshold:0.7+prefix"}  # fmt: skip
+# Prompts of each model's tasks: tiny-mdlm adds and sorts, tiny-mdlm-puzzles permutes, finds digit sums, adds long.
+TEXT_EXAMPLES = {
+    "tiny-mdlm": ("123+4567=", "sort:93120=", "58+9=", "sort:8080123="),
+    "tiny-mdlm-puzzles": ("perm:3141592=", "dsum:4,23=", "487325+519876=", "perm:12345678="),
+}
 MASK, END = "_", "."  # how a masked and an end-of-answer position show in the fill-in table
 
 # What the acceleration choice means, as a bench method spec built from the tab's inputs.
@@ -135,14 +142,15 @@ class Models:
                 self._pipes[key] = (pipe, pipe.scheduler.config, threading.Lock())
             return self._pipes[key]
 
-    def text(self) -> Any:
+    def text(self, model: str) -> Any:
         from ee_diffusion import MaskedDiffusionLMPipeline
 
+        if model not in TEXT_MODELS:
+            raise ValueError(f"Unknown language model {model!r}; expected one of {TEXT_MODELS}.")
         with self._lock:
-            if TEXT_MODEL not in self._pipes:
-                self._pipes[TEXT_MODEL] = (MaskedDiffusionLMPipeline.from_pretrained(TEXT_MODEL), None,
-                                           threading.Lock())  # fmt: skip
-            return self._pipes[TEXT_MODEL]
+            if model not in self._pipes:
+                self._pipes[model] = (MaskedDiffusionLMPipeline.from_pretrained(model), None, threading.Lock())
+            return self._pipes[model]
 
 
 def _warm_up(pipe: Any) -> None:
@@ -281,31 +289,35 @@ def _answer_text(pipe: Any, tokens: Any) -> str:
     return "".join(shown)
 
 
-def decode_text(prompt: str, steps: float, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
-    """`tiny-mdlm` decodes the prompt with every method: a summary table, the numbers (JSON) and the answers as they
-    filled in, one row per denoiser pass."""
+def decode_text(model: str, prompt: str, steps: float,
+                progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:  # fmt: skip
+    """A shipped language model decodes the prompt with every method: a summary table, the numbers (JSON) and the
+    answers as they filled in, one row per denoiser pass."""
     try:
-        return _decode_text(prompt, steps)
+        return _decode_text(model, prompt, steps)
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
 
 
-def _decode_text(prompt: str, steps: float) -> tuple:
+def _decode_text(model: str, prompt: str, steps: float) -> tuple:
     from ee_diffusion.dllm.methods import method_settings
 
+    pipe, _, lock = MODELS.text(model)
     prompt = str(prompt or "").strip()
     if not prompt:
-        raise ValueError(f"Write a prompt, for example {TEXT_EXAMPLES[0]!r} or {TEXT_EXAMPLES[1]!r}.")
-    pipe, _, lock = MODELS.text()
+        examples = TEXT_EXAMPLES[model]
+        raise ValueError(f"Write a prompt, for example {examples[0]!r} or {examples[1]!r}.")
     gen_length = pipe.config.gen_length
     if steps is None or int(steps) != steps or not 1 <= steps <= gen_length:
         raise ValueError(f"Steps must be a whole number from 1 to {gen_length} (the answer's length), got {steps}.")
     results, fills = {}, {}
     with lock:
         for label, name in TEXT_METHODS.items():
-            inputs: list[Any] = []  # the tokens each denoiser pass sees: the answer as it stands
-            hook = pipe.model.register_forward_pre_hook(
-                lambda module, args, kwargs: inputs.append(kwargs["input_ids"][0].clone()), with_kwargs=True)
+            # The tokens each denoiser pass embeds: the answer as it stands (a pass over Fast-dLLM's prefix cache
+            # embeds only the block and what follows it, here the whole answer).
+            inputs: list[Any] = []
+            hook = pipe.model.get_input_embeddings().register_forward_pre_hook(
+                lambda module, args: inputs.append(args[0][0].clone()))
             try:
                 start = time.perf_counter()
                 output = pipe(prompt=prompt, **method_settings(name, int(steps)))
@@ -396,14 +408,18 @@ def build_demo() -> gr.Blocks:
             run.click(generate_images, inputs, outputs, api_name="generate_images")
         with gr.Tab("Text"):
             with gr.Row():
-                prompt = gr.Textbox(TEXT_EXAMPLES[0], label=f"prompt for {TEXT_MODEL} (addition or sorting)")
+                text_model = gr.Dropdown(list(TEXT_MODELS), value=TEXT_MODELS[0], label="model")
+                prompt = gr.Textbox(TEXT_EXAMPLES[TEXT_MODELS[0]][0], label="prompt (tiny-mdlm: addition or sorting; "
+                                    "tiny-mdlm-puzzles: permutation, digit sum, 6-digit addition)")  # fmt: skip
                 text_steps = gr.Number(18, precision=0, label="steps (full decoding)")
-            gr.Examples([[example] for example in TEXT_EXAMPLES], [prompt])
+            gr.Examples([[model, example] for model, examples in TEXT_EXAMPLES.items() for example in examples],
+                        [text_model, prompt])  # fmt: skip
             decode = gr.Button("Decode", variant="primary")
             text_summary = gr.Markdown(elem_id="image-summary")
             fill = gr.Dataframe(label=f"the answer as it filled in ({MASK}: masked, {END}: after the end)")
             text_numbers = gr.JSON(label="numbers")
-            decode.click(decode_text, [prompt, text_steps], [text_summary, text_numbers, fill], api_name="decode_text")
+            decode.click(decode_text, [text_model, prompt, text_steps], [text_summary, text_numbers, fill],
+                         api_name="decode_text")
         with gr.Tab("Benchmark"):
             bench_file = gr.File(label="a JSON file from `ee-diffusion bench --json`", type="filepath")
             bench_table = gr.Dataframe(label="rows")

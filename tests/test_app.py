@@ -97,7 +97,7 @@ def test_a_schedule_for_another_model_is_refused(client, tmp_path):
 
 
 def test_text_tab_decodes_with_every_method(client):
-    summary, numbers, fill = client.predict("123+4567=", 18, api_name="/decode_text")
+    summary, numbers, fill = client.predict("tiny-mdlm", "123+4567=", 18, api_name="/decode_text")
     assert set(numbers) == set(app.TEXT_METHODS)
     assert all(result["answer"] == "4690" for result in numbers.values())
     assert numbers["full steps"]["passes"] == 18 and numbers["Prophet"]["passes"] < 18
@@ -105,16 +105,28 @@ def test_text_tab_decodes_with_every_method(client):
     assert headers == ["pass", *app.TEXT_METHODS] and rows[-1][0] == "final"
     assert rows[0][1] == app.MASK * 18  # the first pass sees the answer all masked
     assert rows[-1][1].startswith("4690" + app.END)
+    cached = headers.index("Fast-dLLM threshold 0.7 + prefix KV cache")
+    assert rows[0][cached] == app.MASK * 18 and rows[-1][cached].startswith("4690" + app.END)
 
 
-@pytest.mark.parametrize("prompt, steps, message", [("12+é=", 18, "characters the tokenizer does not know"),
-                                                    ("", 18, "Write a prompt"), ("1+1=", 0, "Steps must be")])
-def test_text_tab_bad_input(client, prompt, steps, message):
+def test_text_tab_serves_the_puzzles_model(client):
+    summary, numbers, fill = client.predict("tiny-mdlm-puzzles", "perm:3141592=", 18, api_name="/decode_text")
+    assert sorted(numbers["full steps"]["answer"]) == sorted("3141592") and numbers["full steps"]["passes"] == 18
+    assert all(1 <= result["passes"] <= 18 for result in numbers.values())
+    fast = numbers["Fast-dLLM threshold 0.7"]  # on this model the per-token rule is the one that wins
+    assert sorted(fast["answer"]) == sorted("3141592") and fast["passes"] < 18
+
+
+@pytest.mark.parametrize("model, prompt, steps, message", [
+    ("tiny-mdlm", "12+é=", 18, "characters the tokenizer does not know"), ("tiny-mdlm", "", 18, "Write a prompt"),
+    ("tiny-mdlm-puzzles", "", 18, "for example 'perm:3141592='"), ("tiny-mdlm", "1+1=", 0, "Steps must be"),
+    ("tiny-mlm", "1+1=", 18, "Value: tiny-mlm is not in the list of choices")])  # fmt: skip
+def test_text_tab_bad_input(client, model, prompt, steps, message):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message):
-        client.predict(prompt, steps, api_name="/decode_text")
-    assert client.predict("sort:93120=", 18, api_name="/decode_text")[1]["full steps"]["answer"] == "01239"
+        client.predict(model, prompt, steps, api_name="/decode_text")
+    assert client.predict("tiny-mdlm", "sort:93120=", 18, api_name="/decode_text")[1]["full steps"]["answer"] == "01239"
 
 
 def test_bench_tab_reads_a_bench_json(client, tmp_path):

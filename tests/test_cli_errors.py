@@ -64,9 +64,21 @@ CASES = [
     (["train-mdlm", "--out", "/tmp/x", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train-mdlm", "--out", "/tmp/x", "--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
     (["dllm-bench", "--tasks", "addition,division"], "--tasks: unknown 'division'; accepted: addition, sorting"),
-    (["dllm-bench", "--methods", "fast"], "--methods: unknown 'fast'; accepted: full, halfsteps"),
+    (["dllm-bench", "--methods", "fast"], "--methods: Unknown method 'fast'; expected NAME[:VALUE][+CACHE[/K]] with NAME"),
+    (["dllm-bench", "--methods", "full,prophet:x"], "Bad value in method 'prophet:x'"),
+    (["dllm-bench", "--methods", "full:3"], "Bad value in method 'full:3'"),
+    (["dllm-bench", "--methods", "threshold:1.5"], "the value must be a probability in (0, 1], got 1.5"),
+    (["dllm-bench", "--methods", "sched-exp:-1"], "the value must be a finite top-2 logit gap > 0, got -1"),
+    (["dllm-bench", "--methods", "prophet+triple"], "Unknown method 'prophet+triple'"),
+    (["dllm-bench", "--methods", "prophet:inf"], "the value must be a finite top-2 logit gap > 0, got inf"),
+    (["dllm-bench", "--methods", "full+dual/0"], "Bad refresh interval in method 'full+dual/0'"),
+    (["dllm-bench", "--repeats", "-1"], "--repeats: expected an integer >= 0, got -1"),
+    (["dllm-bench", "--plot", "/proc/front.png"], "--plot: cannot write '/proc/front.png'"),
+    (["train-mdlm", "--out", "/tmp/x", "--tasks", "addition,division"], "--tasks: unknown 'division'"),
+    (["train-mdlm", "--out", "/tmp/x", "--init-from", "nowhere"], "'nowhere' is neither a shipped language model"),
     (["dllm-bench", "--num-problems", "0"], "--num-problems: expected an integer >= 1, got 0"),
-    (["dllm-bench", "--model", "tiny-mlm"], "No model 'tiny-mlm': it is not a shipped model (tiny-mdlm)"),
+    (["dllm-bench", "--model", "tiny-mlm"],
+     "No model 'tiny-mlm': it is not a shipped model (tiny-mdlm, tiny-mdlm-puzzles)"),
 ]
 
 

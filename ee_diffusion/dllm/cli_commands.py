@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 
 from .. import cli_args as arg
@@ -25,48 +26,113 @@ def _train_mdlm(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        tasks=tuple(args.tasks),
+        init_from=args.init_from,
+        stop_at=args.stop_at,
     )
     losses = train_mdlm(config, device=args.device, workers=args.workers)
-    print(f"trained to step {config.steps}; last loss {losses[-1]:.4f}; model in {config.output_dir}")
+    stopped = min(config.stop_at or config.steps, config.steps)
+    print(f"trained to step {stopped}; last loss {losses[-1]:.4f}; model in {config.output_dir}")
     return 0
 
 
 def _dllm_bench(args: argparse.Namespace) -> int:
     from ..pipelines import MaskedDiffusionLMPipeline
-    from .bench import format_rows, rows_as_dicts, run_dllm_bench
+    from .bench import best_rows, format_fronts, format_rows, plot_fronts, rows_as_dicts, run_dllm_bench
+    from .methods import sweep_methods
 
+    tasks = args.tasks or _trained_tasks(args.model)
     torch = arg.torch_with_threads(args.threads)
     pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
-    tasks, methods = args.tasks, args.methods
+    methods = list(dict.fromkeys([*args.methods, *(sweep_methods() if args.sweep else [])]))
+    timing = f"median of {args.repeats} interleaved passes after {args.warmup} warm-up" if args.repeats else "untimed"
     print(
         f"ee-diffusion dllm-bench: {args.model}, {args.num_problems} fresh problems per task (seed {args.seed}), "
         f"greedy, gen_length {pipe.config.gen_length}, {pipe.config.steps} steps for full, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved passes after {args.warmup} warm-up"
+        f"{torch.get_num_threads()} threads, {len(methods)} methods, {timing}"
     )
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    rows = run_dllm_bench(pipe, tasks, methods, args.num_problems, args.batch_size, args.repeats, args.warmup, args.seed)
+    rows = run_dllm_bench(pipe, tasks, methods, args.num_problems, args.batch_size, args.repeats, args.warmup,
+                          args.seed)  # fmt: skip
     print(format_rows(rows))
+    if any(r.value is not None for r in rows):
+        print("\nEach rule's settings, its accuracy-vs-NFE front:")
+        print(format_fronts(rows))
+        print("\nFewest NFE at >= 99% retention, per method:")
+        print(format_rows(sorted(best_rows(rows), key=lambda r: (r.task, r.nfe))))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows_as_dicts(rows), file, indent=2)
+    if args.plot:
+        plot_fronts(args.plot, rows)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def _trained_tasks(model: str) -> list[str]:
+    """The tasks a model folder says it was trained on (`tasks` in its `generation_config.json`)."""
+    from transformers import GenerationConfig
+
+    from ..pipelines.loading import resolve_pretrained
+    from .tasks import TASKS
+
+    try:
+        folder = resolve_pretrained(model, marker="tokenizer.json")
+        tasks = GenerationConfig.from_pretrained(folder).to_dict().get("tasks")
+    except OSError:
+        tasks = None
+    if not tasks or not set(tasks) <= set(TASKS):
+        raise ValueError(f"{model} does not say which of the tasks ({', '.join(TASKS)}) it was trained on; name "
+                             "them with --tasks")  # fmt: skip
+    return list(tasks)
+
+
+def _method(text: str) -> str:
+    """One method spec, checked (`NAME[:VALUE][+CACHE[/K]]`)."""
+    from .methods import parse_method
+
+    try:
+        return parse_method(text).label
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _methods(text: str) -> list[str]:
+    return [_method(spec) for spec in text.split(",")]
+
+
+def _language_model(text: str) -> str:
+    """A shipped language model's name or a folder that exists (checked before anything loads)."""
+    from ..pipelines.loading import shipped_models
+
+    if text in shipped_models("tokenizer.json") or os.path.isdir(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a shipped language model ({', '.join(shipped_models('tokenizer.json'))}) nor a folder"
+    )
 
 
 def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train-mdlm` and `dllm-bench` to the `ee-diffusion` subcommands."""
     from ..training.config import MDLMTrainConfig as Recipe
-    from .methods import METHODS
+    from .methods import CACHE_MODES, METHODS
     from .tasks import TASKS
 
     train = commands.add_parser(
         "train-mdlm",
         formatter_class=arg.HelpFormatter,
-        help="train the tiny masked diffusion LM on addition and sorting (CPU, seeded, checkpointed)",
-        description="Train tiny-mdlm with the masked-diffusion objective; --resume continues from its checkpoint.",
+        help="train a tiny masked diffusion LM on toy tasks (CPU, seeded, checkpointed)",
+        description="Train a tiny masked diffusion LM (the recipe of the shipped tiny-mdlm by default) with the "
+        "masked-diffusion objective; --resume continues from its checkpoint, --stop-at pauses a run.",
     )
     train.add_argument("--out", "--output-dir", dest="out", required=True, type=arg.output_folder,
                        help="folder to write the model (and its checkpoint) to; nothing is written into the package "
                        "unless this names it")  # fmt: skip
+    train.add_argument("--tasks", type=arg.names(TASKS), default=list(Recipe.tasks), metavar="TASK[,TASK...]",
+                       help=f"comma-separated, of {', '.join(TASKS)}; drawn in turn within each batch (name a task "
+                       "twice for twice the share)")
+    train.add_argument("--init-from", type=_language_model,
+                       help="start from this model's weights (a folder or shipped name, e.g. tiny-mdlm)")
     train.add_argument("--steps", type=arg.integer(1), default=Recipe.steps, help="optimiser steps")
     train.add_argument("--batch-size", type=arg.integer(1), default=Recipe.batch_size, help="problems per step")
     train.add_argument("--lr", type=arg.number(0, low_open=True), default=Recipe.learning_rate,
@@ -75,6 +141,8 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=arg.integer(1), default=Recipe.checkpoint_every,
                        help="steps between checkpoints")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--stop-at", type=arg.integer(1),
+                       help="stop after this step (checkpointed), keeping the learning-rate schedule of --steps")
     train.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     train.add_argument("--device", type=arg.device, default="cpu", help="torch device to train on, e.g. cuda")
     train.add_argument("--workers", type=arg.integer(0), default=0,
@@ -84,19 +152,28 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "dllm-bench",
         formatter_class=arg.HelpFormatter,
-        help="accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*)",
-        description="Exact-match accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems.",
+        help="accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*), "
+        "and each rule's accuracy-vs-NFE front (--sweep)",
+        description="Accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems. A method is "
+        "NAME[:VALUE][+CACHE[/K]]: VALUE is the rule's threshold (a probability for threshold, the highest top-2 "
+        "logit gap for prophet and sched-*, default 7.5), CACHE is prefix or dual (Fast-dLLM's block KV cache), K "
+        "refreshes the cache every K steps.",
     )
     bench.add_argument("--model", default=TINY_MDLM, help="shipped model name, folder or hub id")
-    bench.add_argument("--tasks", type=arg.names(TASKS), default=list(TASKS), metavar="TASK[,TASK...]",
-                       help=f"comma-separated, of {', '.join(TASKS)}")
-    bench.add_argument("--methods", type=arg.names(METHODS), default=list(METHODS), metavar="METHOD[,METHOD...]",
-                       help=f"comma-separated, of {', '.join(METHODS)}")
+    bench.add_argument("--tasks", type=arg.names(TASKS), metavar="TASK[,TASK...]",
+                       help=f"comma-separated, of {', '.join(TASKS)} (default: the tasks the model was trained on)")
+    bench.add_argument("--methods", type=_methods, default=list(METHODS), metavar="METHOD[,METHOD...]",
+                       help=f"comma-separated NAME[:VALUE][+CACHE[/K]], NAME of {', '.join(METHODS)}; CACHE of "
+                       f"{', '.join(CACHE_MODES)}")
+    bench.add_argument("--sweep", action="store_true",
+                       help="also run every rule over its grid of thresholds and print each rule's front")
     bench.add_argument("--num-problems", type=arg.integer(1), default=500, help="fresh problems per task")
     bench.add_argument("--batch-size", type=arg.integer(1), default=100, help="problems decoded at once")
-    bench.add_argument("--repeats", type=arg.integer(1), default=3, help="timed passes (interleaved)")
+    bench.add_argument("--repeats", type=arg.integer(0), default=3,
+                       help="timed passes (interleaved); 0: decode once, untimed (accuracy and NFE only)")
     bench.add_argument("--warmup", type=arg.integer(0), default=1, help="untimed passes first")
     bench.add_argument("--seed", type=int, default=1234, help="seed of the problems")
     bench.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     bench.add_argument("--json", type=arg.output_file, help="also write the rows to this JSON file")
+    bench.add_argument("--plot", type=arg.output_file, help="also plot accuracy against NFE per task to this image")
     bench.set_defaults(func=_dllm_bench)

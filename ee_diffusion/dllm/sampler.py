@@ -20,6 +20,7 @@ import torch
 
 from ..validation import as_int
 from .adapters import MaskedLMAdapter
+from .kv_cache import check_cache_mode, make_cache
 from .rules import EarlyCommit, ThresholdCommit, accepts_tokens
 
 REMASKING = ("low_confidence", "random")
@@ -133,6 +134,8 @@ def generate(
     confidence_dtype: torch.dtype | str | None = None,
     logits_inf_ids: Sequence[int] = (),
     confidence_inf_ids: Sequence[int] = (),
+    kv_cache: str | None = None,
+    cache_refresh_every: int | None = None,
     generator: torch.Generator | None = None,
 ) -> SamplerOutput:
     """Decode `gen_length` tokens after each (left-padded) prompt.
@@ -164,6 +167,12 @@ def generate(
             softmax (predicting one gives confidence 0). `(eos_id, eot_id)` is LLaDA's `confidence_eos_eot_inf=True`
             (126081, 126348) at temperature 0; at temperature > 0 the released code only leaves out EoT (its EOS
             assignment lands on the noisy copy of the logits), which `(eot_id,)` reproduces.
+        kv_cache: Fast-dLLM's approximate block KV cache (see `kv_cache.py`): `"prefix"` (each block's later steps
+            run the block and what follows it, against the kept keys and values of the prompt and earlier blocks)
+            or `"dual"` (they run the block only); None runs the whole sequence at every step. Needs a model that
+            takes cached keys and values (BERT masked LMs) and `cfg_scale` 0.
+        cache_refresh_every: With a cache, also run the whole sequence every this many steps inside a block (None:
+            at each block's first step only; 1: at every step, which is exact decoding).
         generator: Randomness of the Gumbel noise and of random remasking.
     """
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
@@ -175,8 +184,13 @@ def generate(
         raise ValueError(f"Unknown remasking {remasking!r}; expected one of {REMASKING}.")
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"Need temperature >= 0 and cfg_scale >= 0, got {temperature} and {cfg_scale}.")
+    check_cache_mode(kv_cache, cache_refresh_every)
+    if kv_cache is not None and cfg_scale > 0:
+        raise ValueError(f"`kv_cache` ({kv_cache!r}) does not combine with classifier-free guidance (cfg_scale "
+                         f"{cfg_scale}); use one or the other.")  # fmt: skip
     batch, prompt_length = input_ids.shape
     device = input_ids.device
+    cache = None if kv_cache is None else make_cache(adapter, batch)
     dtype = resolve_confidence_dtype(confidence_dtype)
     never_predicted = token_id_tensor("logits_inf_ids", logits_inf_ids, device)
     committed_last = token_id_tensor("confidence_inf_ids", confidence_inf_ids, device)
@@ -202,7 +216,13 @@ def generate(
             if rows.numel() == 0:
                 break
             x_rows, masked = x[rows], x[rows] == mask_token_id
-            logits = _guided_logits(adapter, x_rows, attention[rows], prompt[rows], mask_token_id, cfg_scale)
+            if cache is None:
+                logits = _guided_logits(adapter, x_rows, attention[rows], prompt[rows], mask_token_id, cfg_scale)
+            elif step == 0 or (cache_refresh_every is not None and step % cache_refresh_every == 0):
+                logits = cache.refresh(rows, x_rows, attention[rows])
+            else:
+                stop = start + block_length if kv_cache == "dual" else x.shape[1]
+                logits = cache.partial(rows, x_rows, attention[rows], start, stop)
             if never_predicted is not None:
                 logits = logits.index_fill(-1, never_predicted, float("-inf"))
             nfe[rows] += passes

@@ -69,7 +69,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "MaskedDiffusionLMPipeline":
         """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer, or a shipped
-        model by name (`tiny-mdlm`).
+        model by name (`tiny-mdlm`, `tiny-mdlm-puzzles`).
 
         For a transformers folder the model loads with `AutoModelForMaskedLM` (with `AutoModel` for architectures it
         does not know, such as LLaDA and Dream with `trust_remote_code=True`), and the generation defaults come
@@ -117,6 +117,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         confidence_dtype: torch.dtype | str | None = None,
         logits_inf_ids: Sequence[int] = (),
         confidence_inf_ids: Sequence[int] = (),
+        kv_cache: str | None = None,
+        cache_refresh_every: int | None = None,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> MaskedDiffusionLMOutput | tuple:
@@ -139,6 +141,10 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             logits_inf_ids: Tokens never predicted (LLaDA's `logits_eos_inf=True` is `[eos_id]`).
             confidence_inf_ids: Tokens committed last, with confidence 0 (LLaDA's `confidence_eos_eot_inf=True` is
                 `[eos_id, eot_id]`).
+            kv_cache: Fast-dLLM's approximate block KV cache, `"prefix"` or `"dual"` (None: off); needs a model that
+                takes cached keys and values (BERT masked LMs such as the shipped ones).
+            cache_refresh_every: With `kv_cache`, also recompute the whole sequence every this many steps of a block
+                (None: only at each block's first step; 1: every step, exact).
             generator: Randomness for sampling.
         """
         as_number("temperature", temperature, low=0)
@@ -181,6 +187,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             confidence_dtype=confidence_dtype,
             logits_inf_ids=logits_inf_ids,
             confidence_inf_ids=confidence_inf_ids,
+            kv_cache=kv_cache,
+            cache_refresh_every=cache_refresh_every,
             generator=generator,
         )
         texts = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..dllm.tasks import TASKS
 
 LOSS_WEIGHTS = ("constant", "min-snr")
 # What a denoiser trained here may predict (a diffusers scheduler's `prediction_type`): the noise or the velocity.
@@ -59,7 +58,13 @@ class TrainConfig:
 
 @dataclass
 class MDLMTrainConfig:
-    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe."""
+    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe.
+
+    `tasks` are drawn in turn within each batch (a task named twice gets twice the share); `init_from` (a model folder
+    or shipped model name) starts from that model's weights instead of a fresh initialisation (the architecture
+    settings are then the model's own). `stop_at` ends the run after that step (checkpointed) while keeping the
+    learning-rate schedule of `steps`, so that `resume` can continue it, with other tasks if need be.
+    """
 
     output_dir: str
     steps: int = 14000
@@ -73,7 +78,9 @@ class MDLMTrainConfig:
     num_heads: int = 4
     gen_length: int = 18
     max_prompt_length: int = 22
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = ("addition", "sorting")
+    init_from: str | None = None
     seed: int = 0
     checkpoint_every: int = 1000
     resume: bool = False
+    stop_at: int | None = None

@@ -1,4 +1,4 @@
-"""`ee-diffusion train-mdlm`: train the tiny masked diffusion LM (`tiny-mdlm`) on addition and digit sorting.
+"""`ee-diffusion train-mdlm`: train a tiny masked diffusion LM (`tiny-mdlm`, `tiny-mdlm-puzzles`) on toy tasks.
 
 The masked-diffusion (MDLM / LLaDA SFT) objective: draw `t ~ U(eps, 1)` per sequence, mask each answer token with
 probability `t` (the prompt is never masked), and take the cross-entropy on the masked positions weighted by
@@ -86,6 +86,20 @@ def mdlm_loss(
     return (token_loss * masked / t).sum() / answer.sum()
 
 
+def _load_start(config: MDLMTrainConfig, tokenizer: PreTrainedTokenizerBase) -> BertForMaskedLM:
+    """The model `config.init_from` names, checked to fit the tokenizer and the sequence length."""
+    from ..pipelines.loading import resolve_pretrained
+
+    model = BertForMaskedLM.from_pretrained(resolve_pretrained(config.init_from, marker="tokenizer.json"))
+    needed = config.max_prompt_length + config.gen_length
+    if model.config.vocab_size != len(tokenizer) or model.config.max_position_embeddings < needed:
+        raise ValueError(
+            f"{config.init_from} has {model.config.vocab_size} tokens and {model.config.max_position_embeddings} "
+            f"positions; training needs the character tokenizer's {len(tokenizer)} tokens and {needed} positions."
+        )
+    return model
+
+
 def _learning_rate(step: int, config: MDLMTrainConfig) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < config.warmup_steps:
@@ -95,7 +109,8 @@ def _learning_rate(step: int, config: MDLMTrainConfig) -> float:
 
 
 def save_model(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig, path: str) -> None:
-    """Write a transformers folder: model, tokenizer and the default dLLM generation settings."""
+    """Write a transformers folder: model, tokenizer, the default dLLM generation settings and the tasks trained on
+    (`tasks` in `generation_config.json`, which `dllm-bench` benchmarks by default)."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     GenerationConfig(
@@ -105,6 +120,7 @@ def save_model(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerBase, confi
         mask_token_id=tokenizer.mask_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tasks=list(dict.fromkeys(config.tasks)),
     ).save_pretrained(path)
 
 
@@ -135,7 +151,8 @@ class StepBatches(torch.utils.data.Dataset):
 def train_mdlm(
     config: MDLMTrainConfig, progress: bool = True, device: str | torch.device = "cpu", workers: int = 0
 ) -> list[float]:
-    """Train (or, with `config.resume`, continue training) `tiny-mdlm`; returns the loss of every step run.
+    """Train (or, with `config.resume`, continue training) a tiny masked diffusion LM; returns the loss of every step
+    run.
 
     Checkpoints (model + optimizer) go to `{output_dir}/checkpoint` every `checkpoint_every` steps; the final model is
     written to `output_dir`. Each step's problems and masks come from its own seed (`step_seed`), drawn on the CPU,
@@ -147,7 +164,8 @@ def train_mdlm(
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
-    model = build_model(tokenizer, config).train().to(device)
+    model = (build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer))
+    model = model.train().to(device)
     adapter = MaskedLMAdapter(model, mask_token_id=tokenizer.mask_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     checkpoint = os.path.join(config.output_dir, "checkpoint")
@@ -159,8 +177,11 @@ def train_mdlm(
         start = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, start)
 
+    stop = config.steps if config.stop_at is None else min(config.stop_at, config.steps)
+    if stop <= start:
+        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
     batches = torch.utils.data.DataLoader(StepBatches(config, tokenizer), batch_size=None,
-                                          sampler=range(start, config.steps), num_workers=workers)  # fmt: skip
+                                          sampler=range(start, stop), num_workers=workers)  # fmt: skip
     losses: list[float] = []
     began = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train-mdlm")
@@ -178,7 +199,7 @@ def train_mdlm(
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % config.checkpoint_every == 0 or done == stop:
             save_model(model, tokenizer, config, checkpoint)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             torch.save({**state, "step": done, "config": asdict(config)}, os.path.join(checkpoint, STATE_FILE))

@@ -145,7 +145,7 @@ def test_shipped_names_resolve_offline_and_unknown_names_fail_at_once(tmp_path):
     from ee_diffusion.pipelines.loading import SHIPPED_MODELS_DIR, resolve_pretrained, shipped_models
 
     assert {"digits-dit", "digits-dit-ase", "digits-unet", "digits-unet-ase"} <= set(shipped_models())
-    assert shipped_models("tokenizer.json") == ["tiny-mdlm"]
+    assert shipped_models("tokenizer.json") == ["tiny-mdlm", "tiny-mdlm-puzzles"]
     assert resolve_pretrained("facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"  # a hub id is left to the hub
     assert resolve_pretrained(tmp_path) == str(tmp_path)
     for load, name, shipped in ((load_early_exit_pipeline, "digits-ditt", "digits-dit, digits-dit-ase"),
