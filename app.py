@@ -40,10 +40,10 @@ TEXT_MODELS = ("tiny-mdlm", "tiny-mdlm-puzzles")
 TEXT_METHODS = {"full steps": "full", "Prophet": "prophet", "SchED (exp)": "sched-exp",
                 "Fast-dLLM threshold 0.7": "threshold:0.7",
                 "Fast-dLLM threshold 0.7 + prefix KV cache": "threshold:0.7+prefix"}  # fmt: skip
-# Prompts of each model's tasks: tiny-mdlm adds and sorts, tiny-mdlm-puzzles permutes, finds digit sums, adds long.
+# Prompts of each model's tasks: tiny-mdlm adds and sorts, tiny-mdlm-puzzles permutes and finds digit sums.
 TEXT_EXAMPLES = {
     "tiny-mdlm": ("123+4567=", "sort:93120=", "58+9=", "sort:8080123="),
-    "tiny-mdlm-puzzles": ("perm:3141592=", "dsum:4,23=", "487325+519876=", "perm:12345678="),
+    "tiny-mdlm-puzzles": ("perm:3141592=", "dsum:4,23=", "dsum:5,9=", "perm:12345678="),
 }
 MASK, END = "_", "."  # how a masked and an end-of-answer position show in the fill-in table
 
@@ -410,7 +410,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 text_model = gr.Dropdown(list(TEXT_MODELS), value=TEXT_MODELS[0], label="model")
                 prompt = gr.Textbox(TEXT_EXAMPLES[TEXT_MODELS[0]][0], label="prompt (tiny-mdlm: addition or sorting; "
-                                    "tiny-mdlm-puzzles: permutation, digit sum, 6-digit addition)")  # fmt: skip
+                                    "tiny-mdlm-puzzles: permutation or digit sum)")  # fmt: skip
                 text_steps = gr.Number(18, precision=0, label="steps (full decoding)")
             gr.Examples([[model, example] for model, examples in TEXT_EXAMPLES.items() for example in examples],
                         [text_model, prompt])  # fmt: skip

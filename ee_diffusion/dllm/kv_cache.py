@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..validation import as_int
 from .adapters import MaskedLMAdapter, positions_from_mask
 from .methods import CACHE_MODES
 
@@ -33,10 +34,8 @@ def check_cache_mode(kv_cache: str | None, refresh_every: int | None) -> None:
     """`kv_cache` is None or one of `CACHE_MODES`; `refresh_every` is None or a positive int."""
     if kv_cache is not None and kv_cache not in CACHE_MODES:
         raise ValueError(f"Unknown kv_cache {kv_cache!r}; expected None or one of {CACHE_MODES}.")
-    if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
-                                      or refresh_every < 1):  # fmt: skip
-        raise ValueError(f"`cache_refresh_every` must be None (each block's first step only) or an int >= 1, got "
-                         f"{refresh_every!r}.")  # fmt: skip
+    if refresh_every is not None:  # None: each block's first step only
+        as_int("cache_refresh_every", refresh_every, low=1)
 
 
 class BertKVCache:
