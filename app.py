@@ -1,7 +1,9 @@
 """ee-diffusion's demo: the shipped models with and without an accelerator, side by side, offline.
 
-`python app.py` (or `make app`) serves it on http://127.0.0.1:7860 (`--host`, `--port`, `--share` is off: nothing here
-reaches the internet). Three tabs, each a named API endpoint that `gradio_client` can script:
+`python app.py` (or `make app`) serves it on http://127.0.0.1:7860 (`--host`, `--port`, whose defaults follow Gradio's
+`GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` where those are set, as on a Hugging Face Space or in a container;
+`--share` is off: nothing here reaches the internet). Three tabs, each a named API endpoint that `gradio_client` can
+script:
 
 - `/generate_images`: one class-conditional image model (a shipped digits model or a local diffusers folder) at full
   depth and under an accelerator (an exit schedule, DeeDiff's uncertainty exits, or one of diffusers' caches), from
@@ -21,17 +23,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import threading
 import time
 from dataclasses import fields
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+
+class _FromEnvironment(str):
+    """A default read from an environment variable (`name`), so that a bad value's message can name the variable."""
+
+    name: str
+
+    def __new__(cls, value: str, name: str) -> "_FromEnvironment":
+        text = super().__new__(cls, value)
+        text.name = name
+        return text
+
+
+def _port(text: str) -> int:
+    """`--port`'s type: a whole number from 1 to 65535 (argparse also applies it to a default read as a string)."""
+    source = f"${text.name} " if isinstance(text, _FromEnvironment) else ""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{source}must be a whole number from 1 to 65535, got {str(text)!r}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python app.py`'s arguments. The defaults of `--host` and `--port` are Gradio's `GRADIO_SERVER_NAME` and
+    `GRADIO_SERVER_PORT` when set (a Hugging Face Space or a container sets them, and serving on loopback there would
+    be unreachable), else 127.0.0.1 and 7860; the flags win over both."""
+    host = os.environ.get("GRADIO_SERVER_NAME", "").strip()
+    port = os.environ.get("GRADIO_SERVER_PORT", "").strip()
+    parser = argparse.ArgumentParser(description="ee-diffusion's demo (offline, on the shipped models).")
+    parser.add_argument("--host", default=host or DEFAULT_HOST,
+                        help=f"address to serve on (0.0.0.0: every interface; default: $GRADIO_SERVER_NAME if set, "
+                             f"else {DEFAULT_HOST})")  # fmt: skip
+    port_default = _FromEnvironment(port, "GRADIO_SERVER_PORT") if port else DEFAULT_PORT  # argparse runs _port on it
+    parser.add_argument("--port", type=_port, default=port_default,
+                        help=f"port to serve on (default: $GRADIO_SERVER_PORT if set, else {DEFAULT_PORT})")
+    return parser
+
+
+if __name__ == "__main__":
+    # Usage errors and --help before gradio's (slow) import, which reads GRADIO_SERVER_PORT itself with int() and
+    # fails with a traceback on a bad value: it gets the port chosen here, the one the app serves on anyway.
+    os.environ["GRADIO_SERVER_PORT"] = str(build_parser().parse_args().port)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no version check, no telemetry
 import gradio as gr  # noqa: E402
 import pandas  # noqa: E402  (a dependency of gradio)
+
+from ee_diffusion.errors import USER_ERRORS, user_message  # noqa: E402
 
 # System fonts only: the default theme would fetch its fonts from Google, which an offline browser waits for.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -46,6 +98,7 @@ TEXT_EXAMPLES = {
     "tiny-mdlm-puzzles": ("perm:3141592=", "dsum:4,23=", "dsum:5,9=", "perm:12345678="),
 }
 MASK, END = "_", "."  # how a masked and an end-of-answer position show in the fill-in table
+MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit number
 
 # What the acceleration choice means, as a bench method spec built from the tab's inputs.
 SHAPE = "exit schedule (shape)"
@@ -80,11 +133,11 @@ def method_spec(acceleration: str, model: str, shape: str, min_depth: float, fol
                              f"or `ExitSchedule.save_pretrained` wrote), got {folder!r}.")  # fmt: skip
         return f"ase:{folder}"
     threshold = None if threshold is None or str(threshold).strip() == "" else str(threshold).strip()
-    try:
-        if threshold is not None and not float(threshold) >= 0:
+    try:  # 0 would make each method a no-op: FirstBlockCache and MagCache never skip, DeeDiff never exits
+        if threshold is not None and not (math.isfinite(float(threshold)) and float(threshold) > 0):
             raise ValueError
     except ValueError:
-        raise ValueError(f"The threshold must be a number >= 0 (empty: the method's default), got {threshold!r}.")
+        raise ValueError(f"The threshold must be a number > 0 (empty: the method's default), got {threshold!r}.")
     argument = "" if threshold is None else f":{float(threshold):g}"
     if acceleration == DEEDIFF:
         return f"deediff{argument}"
@@ -92,6 +145,22 @@ def method_spec(acceleration: str, model: str, shape: str, min_depth: float, fol
         kind = CACHES[acceleration]
         return kind + (argument if kind in ("fbcache", "magcache") else "")
     raise ValueError(f"The acceleration must be one of {ACCELERATIONS}, got {acceleration!r}.")
+
+
+def whole_number(value: Any, what: str, low: int, high: int, note: str = "") -> int:
+    """`value` as typed in a number field (Gradio passes it unrounded), as an int from `low` to `high`; a fraction,
+    a non-number or a value out of range is a `ValueError` that says so (`what`: how the message names the field;
+    `note`: why the bounds are what they are)."""
+    whole = (
+        not isinstance(value, bool)
+        and isinstance(value, Real)
+        and math.isfinite(value)
+        and value == int(value)
+        and low <= value <= high
+    )
+    if not whole:
+        raise ValueError(f"{what} must be a whole number from {low} to {high}{note}, got {value}.")
+    return int(value)
 
 
 def parse_labels(text: str) -> list[int]:
@@ -132,8 +201,9 @@ class Models:
                     raise ValueError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json).")
                 try:
                     pipe = load_early_exit_pipeline(key)
-                except (OSError, ValueError, TypeError, KeyError) as error:
-                    raise ValueError(f"{model!r} could not be loaded as an image pipeline: {error}") from None
+                except (*USER_ERRORS, KeyError) as error:  # a broken config (OSError) or weights (SafetensorError)
+                    raise ValueError(f"{model!r} could not be loaded as an image pipeline: "
+                                     f"{user_message(error)}") from None  # fmt: skip
                 if not hasattr(pipe, "exit_stats") or "class_labels" not in _call_parameters(pipe):
                     raise ValueError(f"{model!r} holds a {type(pipe).__name__}; this tab runs class-conditional "
                                      "image pipelines (DiT, U-Net).")  # fmt: skip
@@ -221,26 +291,24 @@ def generate_images(model: str, labels: str, scheduler: str, steps: float, seed:
     try:
         return _generate_images(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth,
                                 schedule_folder, threshold)  # fmt: skip
-    except (ValueError, TypeError) as error:
-        raise gr.Error(str(error)) from None
+    except USER_ERRORS as error:  # Gradio would show only "upstream app raised an exception" for these
+        raise gr.Error(user_message(error)) from None
 
 
 def _generate_images(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, schedule_folder,
                      threshold) -> tuple:  # fmt: skip
     from ee_diffusion.bench.methods import Target, build_method
-    from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
+    from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler
     from ee_diffusion.exits import num_exit_blocks
 
     labels = parse_labels(labels)
     if scheduler not in SCHEDULERS:
         raise ValueError(f"The scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}.")
-    if steps is None or int(steps) != steps or not 1 <= steps <= 1000:
-        raise ValueError(f"Steps must be a whole number from 1 to 1000, got {steps}.")
-    if seed is None or int(seed) != seed or seed < 0:
-        raise ValueError(f"The seed must be a whole number >= 0, got {seed}.")
-    if guidance is None or not guidance >= 0:
-        raise ValueError(f"The guidance scale must be a number >= 0, got {guidance}.")
-    steps, seed, guidance = int(steps), int(seed), float(guidance)
+    steps = whole_number(steps, "Steps", 1, 1000)
+    seed = whole_number(seed, "The seed", 0, MAX_SEED)
+    if not isinstance(guidance, Real) or isinstance(guidance, bool) or not 0 <= guidance < math.inf:
+        raise ValueError(f"The guidance scale must be a finite number >= 0, got {guidance}.")
+    guidance = float(guidance)
     pipe, scheduler_config, lock = MODELS.image(model)
     spec = method_spec(acceleration, model, shape, min_depth, schedule_folder, threshold)
     with lock:
@@ -295,8 +363,8 @@ def decode_text(model: str, prompt: str, steps: float,
     answers as they filled in, one row per denoiser pass."""
     try:
         return _decode_text(model, prompt, steps)
-    except (ValueError, TypeError) as error:
-        raise gr.Error(str(error)) from None
+    except USER_ERRORS as error:
+        raise gr.Error(user_message(error)) from None
 
 
 def _decode_text(model: str, prompt: str, steps: float) -> tuple:
@@ -308,8 +376,7 @@ def _decode_text(model: str, prompt: str, steps: float) -> tuple:
         examples = TEXT_EXAMPLES[model]
         raise ValueError(f"Write a prompt, for example {examples[0]!r} or {examples[1]!r}.")
     gen_length = pipe.config.gen_length
-    if steps is None or int(steps) != steps or not 1 <= steps <= gen_length:
-        raise ValueError(f"Steps must be a whole number from 1 to {gen_length} (the answer's length), got {steps}.")
+    steps = whole_number(steps, "Steps", 1, gen_length, note=" (the answer's length)")
     results, fills = {}, {}
     with lock:
         for label, name in TEXT_METHODS.items():
@@ -320,7 +387,7 @@ def _decode_text(model: str, prompt: str, steps: float) -> tuple:
                 lambda module, args: inputs.append(args[0][0].clone()))
             try:
                 start = time.perf_counter()
-                output = pipe(prompt=prompt, **method_settings(name, int(steps)))
+                output = pipe(prompt=prompt, **method_settings(name, steps))
                 seconds = time.perf_counter() - start
             finally:
                 hook.remove()
@@ -344,8 +411,8 @@ def read_bench(path: str | None) -> tuple:
     """A bench JSON (`ee-diffusion bench --json`) as a table and its quality/speed plot."""
     try:
         return _read_bench(path)
-    except (ValueError, TypeError, OSError) as error:
-        raise gr.Error(str(error)) from None
+    except USER_ERRORS as error:
+        raise gr.Error(user_message(error)) from None
 
 
 def _read_bench(path: str | None) -> tuple:
@@ -371,7 +438,7 @@ def _read_bench(path: str | None) -> tuple:
 
 def build_demo() -> gr.Blocks:
     """The app: three tabs, each with a named API endpoint."""
-    from ee_diffusion.bench.schedulers import SCHEDULERS
+    from ee_diffusion.bench.noise_schedulers import SCHEDULERS
 
     with gr.Blocks(title="ee-diffusion", analytics_enabled=False) as demo:
         gr.Markdown("# ee-diffusion\nThe same noise with and without an accelerator, on the shipped models, offline.")
@@ -383,8 +450,10 @@ def build_demo() -> gr.Blocks:
                     labels = gr.Textbox("3", label="class label(s), comma-separated")
                     with gr.Row():
                         scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm-solver++", label="scheduler")
-                        steps = gr.Number(10, precision=0, label="steps")
-                        seed = gr.Number(0, precision=0, label="seed")
+                        # precision=None: the function gets the number as typed (precision=0 would round 2.5 to
+                        # 2 before the function could refuse it)
+                        steps = gr.Number(10, precision=None, step=1, label="steps")
+                        seed = gr.Number(0, precision=None, step=1, label="seed")
                         guidance = gr.Number(2.0, label="guidance scale")
                     acceleration = gr.Radio(list(ACCELERATIONS), value=OWN, label="acceleration")
                     with gr.Row():
@@ -411,7 +480,7 @@ def build_demo() -> gr.Blocks:
                 text_model = gr.Dropdown(list(TEXT_MODELS), value=TEXT_MODELS[0], label="model")
                 prompt = gr.Textbox(TEXT_EXAMPLES[TEXT_MODELS[0]][0], label="prompt (tiny-mdlm: addition or sorting; "
                                     "tiny-mdlm-puzzles: permutation or digit sum)")  # fmt: skip
-                text_steps = gr.Number(18, precision=0, label="steps (full decoding)")
+                text_steps = gr.Number(18, precision=None, step=1, label="steps (full decoding)")
             gr.Examples([[model, example] for model, examples in TEXT_EXAMPLES.items() for example in examples],
                         [text_model, prompt])  # fmt: skip
             decode = gr.Button("Decode", variant="primary")
@@ -428,7 +497,7 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, **launch_kwargs: Any) -> gr.Blocks:
+def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **launch_kwargs: Any) -> gr.Blocks:
     """Build the app and serve it, queued (a long generation does not block another user's page)."""
     demo = build_demo().queue(default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, theme=THEME, ssr_mode=False, **launch_kwargs)
@@ -436,12 +505,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, **launch_kwargs: Any) -> gr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="ee-diffusion's demo (offline, on the shipped models).")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
-    args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        parser.error(f"argument --port: must be from 1 to 65535, got {args.port}")
+    args = build_parser().parse_args(argv)
     serve(args.host, args.port)
 
 

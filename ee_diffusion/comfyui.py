@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .schedules.exit_schedule import REUSE, ExitSchedule
+from .schedules.exit_schedule import ExitSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -335,10 +335,11 @@ def comfyui_exit_schedule(schedule: ExitSchedule | str | os.PathLike, blocks: Co
             f"The exit schedule is made for {schedule.config.num_blocks} blocks, but this model has "
             f"{blocks.describe()}; make the schedule for {blocks.num_blocks} blocks."
         )
-    if schedule.reuses:
+    if schedule.config.shape == "plan":
         raise ValueError(
-            "The exit schedule is a plan with REUSE steps, which the ComfyUI node cannot run (it skips blocks, it "
-            f"does not cache steps); use a plan without REUSE ({REUSE}) steps, or ComfyUI's EasyCache for step reuse."
+            "The exit schedule is a plan: one action per step of one diffusers scheduler at one step count, which a "
+            "ComfyUI sampler does not share; use a schedule of timesteps (linear:0.5, step:..., or a table), or "
+            "ComfyUI's EasyCache for step reuse."
         )
     return schedule
 

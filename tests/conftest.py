@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,25 @@ def offline():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", local_connect)
         yield
+
+
+SHIPPED_ASSETS = Path(__file__).resolve().parents[1] / "ee_diffusion" / "assets"
+
+
+def asset_hashes() -> dict[str, str]:
+    """The SHA-256 of every file of the shipped models, by path."""
+    return {path.relative_to(SHIPPED_ASSETS).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(SHIPPED_ASSETS.rglob("*")) if path.is_file() and "__pycache__" not in path.parts}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shipped_assets_unchanged():
+    """No test writes into the shipped models: their files hash the same after the whole suite as before it."""
+    before = asset_hashes()
+    yield
+    after = asset_hashes()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the test suite changed the shipped models: {changed}"
 
 
 # Outputs of a model reloaded from disk against the model that was saved. The weights are bit-identical, but they live

@@ -1,8 +1,14 @@
 """The demo (`app.py`), served on 127.0.0.1 and called through `gradio_client`, as a script would."""
 
 import json
+import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -28,9 +34,9 @@ def client():
 
 
 def _images(client, model="digits-dit", labels="3,7", scheduler="dpm-solver++", steps=6, acceleration=app.SHAPE,
-            shape="linear", min_depth=0.5, folder="", threshold=""):  # fmt: skip
-    return client.predict(model, labels, scheduler, steps, 0, 2.0, acceleration, shape, min_depth, folder, threshold,
-                          api_name="/generate_images")  # fmt: skip
+            shape="linear", min_depth=0.5, folder="", threshold="", seed=0, guidance=2.0):  # fmt: skip
+    return client.predict(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, folder,
+                          threshold, api_name="/generate_images")  # fmt: skip
 
 
 def test_every_endpoint_is_named(client):
@@ -61,8 +67,9 @@ def test_image_tab_other_accelerators(client):
     assert planned["block_fraction"] == pytest.approx(calibrated, abs=1e-4)  # the app rounds to 4 places
     cache = _images(client, acceleration="FirstBlockCache (diffusers)", threshold="0.5")[3]
     assert cache["method"] == "fbcache:0.5" and len(cache["depth_per_step"]) == 6 and cache["block_fraction"] < 1
-    heads = _images(client, acceleration=app.DEEDIFF, threshold="0")[3]
-    assert heads["block_fraction"] > 1  # threshold 0: every block, and the heads' own work on top
+    heads = _images(client, acceleration=app.DEEDIFF, threshold="1e-6")[3]
+    assert heads["method"] == "deediff:1e-06"
+    assert heads["block_fraction"] > 1  # so low a threshold: every block, and the heads' own work on top
 
 
 @pytest.mark.parametrize(
@@ -72,16 +79,28 @@ def test_image_tab_other_accelerators(client):
         ({"labels": "3,x"}, "Class labels are whole numbers"),
         ({"labels": "12"}, "must lie in [0, 9]"),
         ({"steps": 0}, "Steps must be a whole number"),
+        ({"steps": 2.5}, "Steps must be a whole number from 1 to 1000, got 2.5."),  # not rounded to 2 before the check
+        ({"seed": 0.5}, "The seed must be a whole number from 0 to 9223372036854775807, got 0.5."),
+        ({"seed": -1}, "The seed must be a whole number from 0 to 9223372036854775807, got -1."),
+        ({"guidance": -1.0}, "The guidance scale must be a finite number >= 0, got -1.0."),
         ({"acceleration": app.FOLDER, "folder": "/tmp"}, "must hold an exit_schedule.json"),
         ({"acceleration": app.OWN}, "has no exit schedule of its own"),
         ({"model": "digits-unet", "acceleration": app.DEEDIFF}, "cannot run on digits-unet"),
-        ({"acceleration": app.DEEDIFF, "threshold": "-1"}, "threshold must be a number >= 0"),
+        ({"acceleration": app.DEEDIFF, "threshold": "-1"}, "The threshold must be a number > 0 (empty: the method's "
+                                                           "default), got '-1'."),
+        # threshold 0 would make each method a no-op (never skip, never exit): refused, not run as a "speedup" of 1
+        ({"acceleration": app.DEEDIFF, "threshold": "0"}, "The threshold must be a number > 0 .*, got '0'."),
+        ({"acceleration": "FirstBlockCache (diffusers)", "threshold": "0"}, "must be a number > 0 .*, got '0'."),
+        ({"acceleration": "MagCache (diffusers)", "threshold": " 0.0 "}, "must be a number > 0 .*, got '0.0'."),
+        ({"acceleration": "MagCache (diffusers)", "threshold": "inf"}, "must be a number > 0 .*, got 'inf'."),
+        ({"acceleration": "MagCache (diffusers)", "threshold": "fast"}, "must be a number > 0 .*, got 'fast'."),
     ],
 )
 def test_image_tab_bad_input_is_a_message_and_the_app_keeps_serving(client, change, message):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    pattern = message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(AppError, match=pattern):
         _images(client, **change)
     assert _images(client, steps=2)[3]["speedup"] > 0
 
@@ -120,13 +139,17 @@ def test_text_tab_serves_the_puzzles_model(client):
 @pytest.mark.parametrize("model, prompt, steps, message", [
     ("tiny-mdlm", "12+é=", 18, "characters the tokenizer does not know"), ("tiny-mdlm", "", 18, "Write a prompt"),
     ("tiny-mdlm-puzzles", "", 18, "for example 'perm:3141592='"), ("tiny-mdlm", "1+1=", 0, "Steps must be"),
+    ("tiny-mdlm", "1+1=", 2.5, r"Steps must be a whole number from 1 to 18 \(the answer's length\), got 2.5."),
+    ("tiny-mdlm", "1" * 30, 18, r"The prompt \(30 tokens\) and the answer \(`gen_length` 18\) make 48 positions, "
+                               r"more than the model takes"),
     ("tiny-mlm", "1+1=", 18, "Value: tiny-mlm is not in the list of choices")])  # fmt: skip
 def test_text_tab_bad_input(client, model, prompt, steps, message):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message):
         client.predict(model, prompt, steps, api_name="/decode_text")
-    assert client.predict("tiny-mdlm", "sort:93120=", 18, api_name="/decode_text")[1]["full steps"]["answer"] == "01239"
+    answers = client.predict("tiny-mdlm", "sort:93120=", 18, api_name="/decode_text")[1]
+    assert answers["full steps"]["answer"] == "01239"
 
 
 def test_bench_tab_reads_a_bench_json(client, tmp_path):
@@ -147,8 +170,130 @@ def test_bench_tab_reads_a_bench_json(client, tmp_path):
         client.predict(handle_file(str(tmp_path / "other.json")), api_name="/read_bench")
 
 
-@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "-1"], ["--port", "x"]])
-def test_a_bad_port_is_a_usage_error_before_anything_starts(argv, capsys):
+def _broken_copy(tmp_path, name, path, content):
+    """A copy of a shipped model folder with the file `path` inside it overwritten by `content`."""
+    folder = tmp_path / name
+    shutil.copytree(shipped_model_path("digits-dit"), folder)
+    (folder / path).write_bytes(content)
+    return folder, folder / path
+
+
+def _broken_files(tmp_path):
+    """(what to pass to the image endpoint, the file the message must name, what the message must say) for a model
+    folder with a config that is not JSON, one with weights that are not safetensors, and a schedule folder whose
+    exit_schedule.json is not JSON (diffusers raises OSError for these, safetensors its SafetensorError)."""
+    config_model, config = _broken_copy(tmp_path, "config", "transformer/config.json", b"{bad")
+    weights_model, weights = _broken_copy(tmp_path, "weights", "transformer/diffusion_pytorch_model.safetensors",
+                                          b"garbage" * 10)  # fmt: skip
+    schedule = tmp_path / "schedule"
+    schedule.mkdir()
+    (schedule / "exit_schedule.json").write_text("{bad")
+    return [
+        ({"model": str(config_model)}, config, "is not a valid JSON file"),
+        ({"model": str(weights_model)}, weights, "Unable to load weights"),
+        ({"acceleration": app.FOLDER, "folder": str(schedule)}, schedule / "exit_schedule.json",
+         "is not a valid JSON file"),
+    ]
+
+
+# The image endpoint's arguments, for calling the function itself (no server).
+IMAGE_CALL = dict(model="digits-dit", labels="3", scheduler="dpm-solver++", steps=2, seed=0, guidance=2.0,
+                  acceleration=app.SHAPE, shape="linear", min_depth=0.5, schedule_folder="", threshold="")
+
+
+def test_broken_model_and_schedule_files_are_a_message_naming_the_file(tmp_path):
+    for change, path, says in _broken_files(tmp_path):
+        change = {("schedule_folder" if key == "folder" else key): value for key, value in change.items()}
+        with pytest.raises(gr.Error) as error:
+            app.generate_images(**{**IMAGE_CALL, **change})
+        assert str(path) in error.value.message and says in error.value.message, error.value.message
+
+
+def test_broken_files_reach_the_client_as_that_message_not_gradios_generic_one(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    for change, path, says in _broken_files(tmp_path):
+        with pytest.raises(AppError) as error:
+            _images(client, steps=2, **change)
+        message = str(error.value)
+        assert str(path) in message and says in message and "upstream" not in message, message
+    assert _images(client, steps=2)[3]["speedup"] > 0  # and the app keeps serving
+
+
+def test_the_bench_tab_names_a_file_it_cannot_read(tmp_path):
+    with pytest.raises(gr.Error) as error:
+        app.read_bench(str(tmp_path / "missing.json"))
+    assert error.value.message == f"{tmp_path / 'missing.json'}: No such file or directory"
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(steps=2.5), "Steps must be a whole number from 1 to 1000, got 2.5."),
+    (dict(steps=float("nan")), "Steps must be a whole number from 1 to 1000, got nan."),
+    (dict(steps=None), "Steps must be a whole number from 1 to 1000, got None."),
+    (dict(seed=1.5), "The seed must be a whole number from 0 to 9223372036854775807, got 1.5."),
+    (dict(seed=2.0**64), "The seed must be a whole number from 0 to 9223372036854775807, got 1.8446744073709552e+19."),
+    (dict(guidance=float("inf")), "The guidance scale must be a finite number >= 0, got inf."),
+])  # fmt: skip
+def test_number_fields_reach_the_function_as_typed_and_are_checked_there(call, message):
+    # precision=None: Gradio passes the number unrounded (precision=0 would turn 2.5 into 2 before any check)
+    demo = app.build_demo()
+    numbers = [block for block in demo.blocks.values() if isinstance(block, gr.Number)]
+    assert {block.label for block in numbers if block.precision is None} >= {"steps", "seed", "steps (full decoding)"}
+    assert all(block.preprocess(2.5) == 2.5 for block in numbers)
+    with pytest.raises(gr.Error) as error:
+        app.generate_images(**{**IMAGE_CALL, **call})
+    assert error.value.message == message
+    with pytest.raises(gr.Error) as error:
+        app.decode_text("tiny-mdlm", "1+1=", call.get("steps", 2.5))
+    assert re.fullmatch(r"Steps must be a whole number from 1 to 18 \(the answer's length\), got .*\.",
+                        error.value.message)  # fmt: skip
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """`app.serve` replaced by a recorder: the arguments it was called with, and no server."""
+    calls = []
+    monkeypatch.setattr(app, "serve", lambda host, port: calls.append((host, port)))
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "-1"], ["--port", "x"], ["--port", "65536"]])
+def test_a_bad_port_is_a_usage_error_before_anything_starts(argv, capsys, no_server):
     with pytest.raises(SystemExit) as exit_:
         app.main(argv)
-    assert exit_.value.code == 2 and "error: argument --port" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and no_server == []
+    assert f"error: argument --port: must be a whole number from 1 to 65535, got '{argv[1]}'" in err
+
+
+@pytest.mark.parametrize("env, argv, served", [
+    ({}, [], ("127.0.0.1", 7860)),
+    ({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8080"}, [], ("0.0.0.0", 8080)),  # a Space, a container
+    ({"GRADIO_SERVER_PORT": "8080"}, [], ("127.0.0.1", 8080)),
+    ({"GRADIO_SERVER_NAME": "0.0.0.0"}, ["--host", "localhost", "--port", "9000"], ("localhost", 9000)),  # flags win
+    ({"GRADIO_SERVER_PORT": "x"}, ["--port", "9000"], ("127.0.0.1", 9000)),  # a bad variable a flag overrides
+    ({"GRADIO_SERVER_NAME": "", "GRADIO_SERVER_PORT": " "}, [], ("127.0.0.1", 7860)),  # set but empty: unset
+])  # fmt: skip
+def test_host_and_port_default_to_gradios_environment_variables(monkeypatch, no_server, env, argv, served):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = app.build_parser().parse_args(argv)
+    assert (args.host, args.port) == served
+    app.main(argv)
+    assert no_server == [served]
+
+
+@pytest.mark.parametrize("value", ["x", "0", "70000", "80.5"])
+def test_a_bad_gradio_server_port_is_a_usage_error(monkeypatch, capsys, no_server, value):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", value)
+    with pytest.raises(SystemExit) as exit_:
+        app.main([])
+    err = capsys.readouterr().err
+    message = f"error: argument --port: $GRADIO_SERVER_PORT must be a whole number from 1 to 65535, got '{value}'"
+    assert exit_.value.code == 2 and no_server == [] and message in err
+    # As a script too: there the check comes before gradio's import, which would fail on the variable with a traceback.
+    script = subprocess.run([sys.executable, app.__file__], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GRADIO_SERVER_PORT": value})  # fmt: skip
+    assert script.returncode == 2 and message in script.stderr and "Traceback" not in script.stderr

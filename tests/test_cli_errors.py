@@ -1,12 +1,14 @@
 """Bad command-line input ends every subcommand with `error: ...` and exit status 2, before anything is loaded."""
 
 import argparse
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from ee_diffusion.cli import build_parser, main
+from ee_diffusion.pipelines.loading import SHIPPED_MODELS_DIR as SHIPPED
 
 
 def _exit(argv, capsys):
@@ -28,15 +30,61 @@ CASES = [
     (["bench", "--device", "gpu"], "--device: not a torch device: 'gpu'"),
     (["bench", "--device", "cuda:99"], "--device: 'cuda:99': this machine has"),
     (["bench", "--save-images", "README.md/images"], "--save-images: cannot write 'README.md/images'"),
-    (["bench", "--plot", "/no/such/folder/front.png"], "--plot: cannot write '/no/such/folder/front.png'"),
+    (["bench", "--plot", "/proc/no/such/front.png"], "--plot: cannot write '/proc/no/such/front.png'"),
     (["bench", "--inception-path", "/no/such/inception.pt"], "--inception-path: no such file or folder"),
     (["bench", "--methods", "warp:9", "--num-samples", "2"], "Unknown method 'warp:9'"),
-    (["bench", "--json", "/no/such/folder/out.json"], "--json: cannot write '/no/such/folder/out.json'"),
+    (["bench", "--json", "README.md/out.json"], "--json: cannot write 'README.md/out.json'"),
     (["bench", "--csv", "."], "--csv: '.' is a folder; give a file name"),
     (["bench", "--reference", "/no/such/reference"], "--reference: no such file or folder"),
     (["bench", "--reference", "README.md"], "No reference at README.md"),
     (["bench", "--model", "digits-ditt"], "No model 'digits-ditt': it is not a shipped model"),
     (["bench", "--methods", "baseline,ase:linear:-0.5", "--num-samples", "2"], "Bad exit schedule 'linear:-0.5'"),
+    # every accelerator argument against what the method means, at parse time (no model loads)
+    (["bench", "--methods", ""], "--methods: Give at least one method."),
+    (["bench", "--methods", "baseline,baseline"], "--methods: Each method once, got baseline more than once"),
+    (["bench", "--methods", "fbcache:0"], "--methods: Bad method 'fbcache:0': the threshold must be a finite number > 0"),
+    (["bench", "--methods", "fbcache:-0.1"], "the threshold must be a finite number > 0, got '-0.1'"),
+    (["bench", "--methods", "fbcache:nan"], "the threshold must be a finite number > 0, got 'nan'"),
+    (["bench", "--methods", "fbcache:0.1:2"], "Bad method 'fbcache:0.1:2': at most 1 ':'-separated arguments"),
+    (["bench", "--methods", "magcache:0"], "Bad method 'magcache:0': the threshold must be a finite number > 0"),
+    (["bench", "--methods", "magcache:0.1:0"], "the most consecutive skips must be an integer >= 1, got '0'"),
+    (["bench", "--methods", "magcache:0.1:1.5"], "the most consecutive skips must be an integer >= 1, got '1.5'"),
+    (["bench", "--methods", "taylorseer:0"], "Bad method 'taylorseer:0': the interval (1 computes every step) must"),
+    (["bench", "--methods", "taylorseer:1"], "the interval (1 computes every step) must be an integer >= 2, got '1'"),
+    (["bench", "--methods", "taylorseer:5:-1"], "the order must be an integer >= 0, got '-1'"),
+    (["bench", "--methods", "pab:0"], "Bad method 'pab:0': the range (1 recomputes every call) must be an integer >= 2"),
+    (["bench", "--methods", "pab:1"], "the range (1 recomputes every call) must be an integer >= 2, got '1'"),
+    (["bench", "--methods", "pab:2:800-100"], "the timestep window <lo>-<hi> needs lo < hi, got 800-100"),
+    (["bench", "--methods", "pab:2:-5-100"], "Bad method 'pab:2:-5-100'"),
+    (["bench", "--methods", "pab:2:100"], "expected pab[:<range>[:<lo>-<hi>]]"),
+    (["bench", "--methods", "layerskip:-1"], "a block index must be an integer >= 0, got '-1'"),
+    (["bench", "--methods", "layerskip:2,2"], "the block indices must be distinct, got 2,2"),
+    (["bench", "--methods", "deediff:0"], "the threshold must be a finite number > 0 and <= 1, got '0'"),
+    (["bench", "--methods", "deediff:0.05:per_pixel"], "the policy must be one of per_batch, per_sample"),
+    (["bench", "--methods", "baseline@0"], "`@N` needs N >= 1 scheduler steps, got 0"),
+    (["bench", "--methods", "ase:linear:0"], "Bad exit schedule 'linear:0': a depth is at least 1 block, got 0"),
+    (["bench", "--methods", "ase:step:12,x"], "Unknown method 'x'"),
+    (["bench", "--methods", "ase:step:12,-1"], "Bad exit schedule 'step:12,-1': a depth is at least 1 block, got -1"),
+    (["bench", "--methods", "ase:linear:1.5"], "must lie in (0, 1], got 1.5"),
+    (["bench", "--methods", "ase:wavy:3"], "Bad exit schedule 'wavy:3': expected linear:M"),
+    (["bench", "--methods", "finetuned:nowhere"], "--methods: No model 'nowhere'"),
+    (["bench", "--methods", "finetuned:digits-dit-ase:plans/nowhere"], "Bad exit schedule 'plans/nowhere'"),
+    (["sweep", "--out", "/tmp/x", "--accelerators", "pab:0"], "--accelerators: Bad method 'pab:0'"),
+    (["sweep", "--out", "/tmp/x", "--accelerators", "magcache:0.1:0"], "--accelerators: Bad method 'magcache:0.1:0'"),
+    # found once the model is loaded: a value the model cannot take
+    (["bench", "--methods", "layerskip:99", "--num-samples", "2"], "Bad method 'layerskip:99': digits-dit has blocks 0 "
+     "to 11, got 99"),
+    (["bench", "--model", "digits-unet", "--methods", "deediff", "--num-samples", "2"], "No method can run on "
+     "digits-unet: deediff: uncertainty exits need a transformer"),
+    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--steps", "4"], "This plan was made for "
+     "10 steps of DPMSolverMultistepScheduler; the run asks for 4 steps of DPMSolverMultistepScheduler"),
+    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10@8"], "made for 10 steps of "
+     "DPMSolverMultistepScheduler; the run asks for 8 steps"),
+    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--scheduler", "ddim"], "the run asks for "
+     "10 steps of DDIMScheduler"),
+    (["bench", "--methods", "ase:linear:13", "--num-samples", "2"], "Bad exit schedule 'linear:13'"),
+    (["finetune-ase", "--model", "digits-dit", "--schedule", "linear:0", "--out", "/tmp/ee-never"],
+     "Bad exit schedule 'linear:0'"),
     (["speed", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["speed", "--num-layers", "0"], "--num-layers: expected an integer >= 1, got 0"),
     (["speed", "--schedule", "linear:99", "--repeats", "1"], "Bad exit schedule 'linear:99'"),
@@ -57,7 +105,8 @@ CASES = [
     (["sweep", "--out", "/proc/ee-sweep"], "--out: cannot write '/proc/ee-sweep': '/proc' is not a writable folder"),
     (["bench", "--csv", "/proc/rows.csv"], "--csv: cannot write '/proc/rows.csv'"),
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),
-    (["sweep", "--out", "/tmp/x", "--accelerators", "bogus:1"], "must be diffusers accelerator methods"),
+    (["sweep", "--out", "/tmp/x", "--accelerators", "bogus:1"], "--accelerators: Unknown method 'bogus:1'"),
+    (["sweep", "--out", "/tmp/x", "--accelerators", "baseline"], "must be diffusers accelerator methods"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "fbcache:x", "--steps", "2"], "Bad method 'fbcache:x'"),
     (["sweep", "--out", "/tmp/x", "--finetuned", "nowhere"], "No model 'nowhere'"),
     (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--finetuned", "digits-unet"], "another model than"),
@@ -87,6 +136,44 @@ def test_bad_input_ends_with_an_error_and_status_2(argv, message, capsys):
     code, err = _exit(argv, capsys)
     assert code == 2
     assert "error: " in err and message in err and "Traceback" not in err
+    assert "error: " in err.strip().splitlines()[-1], "nothing is printed after the error (no stray progress line)"
+
+
+def _broken_copy(tmp_path, model, file, content):
+    folder = tmp_path / model
+    shutil.copytree(SHIPPED / model, folder)
+    (folder / file).write_bytes(content)
+    return folder
+
+
+LOAD_CASES = [
+    ("digits-dit", "transformer/config.json", b"{bad", ["bench", "--methods", "baseline"],
+     "transformer/config.json' is not a valid JSON file: Expecting property name"),
+    ("digits-dit", "transformer/diffusion_pytorch_model.safetensors", b"garbage", ["bench", "--methods", "baseline"],
+     "diffusion_pytorch_model.safetensors': Error while deserializing header"),
+    ("digits-dit", "model_index.json", b"[", ["calibrate", "--tolerance", "0.1", "--out", "OUT"],
+     "model_index.json' is not a valid JSON file"),
+    ("digits-dit-ase", "plans/dpm-solver++-10/exit_schedule.json", b"{", ["bench", "--methods", "ase:MODEL/plans/"
+     "dpm-solver++-10"], "--methods: It looks like the config file at"),
+    ("digits-dit-ase", "exit_schedule/exit_schedule.json", b"nope", ["finetune-ase", "--schedule", "linear:6", "--out",
+     "OUT"], "exit_schedule/exit_schedule.json' is not a valid JSON file"),
+    ("digits-dit", "exit_heads/diffusion_pytorch_model.safetensors", b"\x00" * 16, ["bench", "--methods", "deediff"],
+     "exit_heads/diffusion_pytorch_model.safetensors"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model, file, content, argv, message", LOAD_CASES,
+                         ids=[f"{argv[0]} {file}" for _, file, _, argv, _ in LOAD_CASES])  # fmt: skip
+def test_a_broken_file_is_an_error_naming_it(model, file, content, argv, message, tmp_path, capsys):
+    folder = _broken_copy(tmp_path, model, file, content)
+    argv = [part.replace("MODEL", str(folder)).replace("OUT", str(tmp_path / "out")) for part in argv]
+    if "--methods" in argv and "ase:" not in argv[argv.index("--methods") + 1]:
+        argv += ["--model", str(folder)]
+    elif argv[0] != "bench":
+        argv += ["--model", str(folder)]
+    code, err = _exit([*argv, "--num-samples", "2"] if argv[0] == "bench" else argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert "error: " in err.strip().splitlines()[-1]
 
 
 PARSE_TIME = [(argv, message) for argv, message in CASES

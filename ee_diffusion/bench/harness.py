@@ -68,7 +68,7 @@ from ..exits import denoiser_of
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import Method, Target, build_method
 from .report import BenchRow, save_images
-from .schedulers import SCHEDULERS, build_scheduler
+from .noise_schedulers import SCHEDULERS, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -263,10 +263,14 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
     pipes = dict(pipes or {})
     schedulers = {model: pipe.scheduler.config for model, pipe in pipes.items()}
 
+    cell_scheduler: list[str] = []  # the scheduler of the cell being built or run
+
     def pipe_of(model: str) -> Any:
         if model not in pipes:
             pipes[model] = load_pipe(model, config, device)
             schedulers[model] = pipes[model].scheduler.config
+            if cell_scheduler:  # a model loaded while a cell's methods are built samples with the cell's scheduler
+                pipes[model].scheduler = build_scheduler(cell_scheduler[-1], schedulers[model])
         return pipes[model]
 
     if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model))):
@@ -274,21 +278,27 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
                          f"{config.num_samples}.")  # fmt: skip
     labels = [i % 10 for i in range(config.num_samples)]
     batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
-    cells = config.cells()
-    bar = tqdm(total=0, desc="generating", disable=not (progress and state.is_main_process))  # this process's calls
-    results = []
-    for scheduler, steps in cells:
-        def use_scheduler() -> None:
-            for model in [config.model, *pipes]:
-                pipe = pipe_of(model)
-                pipe.scheduler = build_scheduler(scheduler, schedulers[model])
 
-        use_scheduler()  # before building (MagCache calibrates at the cell's scheduler and steps)
+    def use_scheduler(scheduler: str) -> None:
+        cell_scheduler.append(scheduler)
+        for model in [config.model, *pipes]:
+            pipe = pipe_of(model)
+            pipe.scheduler = build_scheduler(scheduler, schedulers[model])
+
+    cells = []  # every cell's methods, built (and so checked) before anything is generated
+    for scheduler, steps in config.cells():
+        use_scheduler(scheduler)  # before building (MagCache calibrates at the cell's scheduler and steps)
         methods = [build_method(spec, Target(config.model, pipe_of, steps)) for spec in config.methods]
-        use_scheduler()  # and on the `finetuned:` models the building loaded
         if len({m.name for m in methods}) != len(methods):
             raise ValueError(f"Methods must be distinct, got {config.methods}.")
-        runs = [_Run(method) for method in methods]
+        if all(method.unsupported is not None for method in methods):
+            reasons = "; ".join(f"{method.name}: {method.unsupported}" for method in methods)
+            raise ValueError(f"No method can run on {config.model}: {reasons}.")
+        cells.append((scheduler, steps, [_Run(method) for method in methods]))
+    bar = tqdm(total=0, desc="generating", disable=not (progress and state.is_main_process))  # this process's calls
+    results = []
+    for scheduler, steps, runs in cells:
+        use_scheduler(scheduler)
         active = [run for run in runs if run.method.unsupported is None]
         with state.split_between_processes(list(range(len(batches)))) as mine:
             bar.total += (len(mine) + config.repeats) * len(active)

@@ -1,11 +1,12 @@
-"""The methods `ee-diffusion bench` compares: one registry entry per kind of method.
+"""How the methods `ee-diffusion bench` compares run: one builder per kind of method (`BUILDERS`; how each kind is
+written and its arguments checked: `ee_diffusion.bench.method_specs`).
 
 A method spec is `kind` or `kind:argument`, optionally followed by `@N`: the method at N scheduler steps instead of the
 cell's (`baseline@8` in a 10-step cell is the fewer-steps baseline, timed interleaved with the rest of the cell; its
 block fraction counts against the full model at the cell's steps, so it reads 80%). Each kind builds a `Method` from
-its argument; a `Method` knows the model it runs on and, as a context manager (`Method.session`), how to put itself
-on the shared pipeline for the calls made inside and take itself off again, so methods sharing one pipeline never
-leak into each other. Adding a method is one entry in `METHOD_KINDS`.
+its checked argument; a `Method` knows the model it runs on and, as a context manager (`Method.session`), how to put
+itself on the shared pipeline for the calls made inside and take itself off again, so methods sharing one pipeline
+never leak into each other. Adding a method is one entry in `METHOD_KINDS` and one in `BUILDERS`.
 
 Kinds (arguments in brackets are optional):
 - `baseline`: the model at full depth.
@@ -68,6 +69,7 @@ from diffusers.models.cache_utils import CacheMixin
 
 from ..exits import denoiser_of, num_exit_blocks
 from ..schedules import ExitSchedule
+from .method_specs import METHOD_KINDS, kind_of
 
 
 @dataclass(frozen=True)
@@ -144,46 +146,37 @@ class Target:
     labels: list[int] = field(default_factory=lambda: [0, 1])
 
 
-def _baseline(argument: str, target: Target) -> Method:
+def _baseline(parsed: None, spec: str, target: Target) -> Method:
     return Method("baseline", target.model)
 
 
-def _ase(argument: str, target: Target) -> Method:
-    schedule = ExitSchedule.from_spec(argument, num_exit_blocks(target.pipe_of(target.model)))
-    return Method(f"ase:{argument}", target.model, _scheduled(schedule))
+def _fitted(schedule: ExitSchedule, pipe: Any, target: Target) -> ExitSchedule:
+    """`schedule`, checked to run in the cell: a plan only at its own scheduler and step count."""
+    schedule.check_run(type(pipe.scheduler).__name__, target.steps)
+    return schedule
 
 
-def _finetuned(argument: str, target: Target) -> Method:
-    """`<model>`, or `<model>:<schedule>` where a schedule folder may also be a path inside the model's folder (the
-    plans shipped in `digits-dit-ase/plans/`)."""
-    from ..pipelines.loading import resolve_pretrained
+def _ase(schedule_spec: str, spec: str, target: Target) -> Method:
+    pipe = target.pipe_of(target.model)
+    schedule = ExitSchedule.from_spec(schedule_spec, num_exit_blocks(pipe))
+    return Method(spec, target.model, _scheduled(_fitted(schedule, pipe, target)))
 
-    model, _, spec = argument.partition(":")
+
+def _finetuned(parsed: tuple[str, str], spec: str, target: Target) -> Method:
+    model, schedule_spec = parsed
     pipe = target.pipe_of(model)
-    if not spec:
-        return Method(f"finetuned:{argument}", model, _scheduled(pipe.exit_schedule))
-    inside = Path(resolve_pretrained(model)) / spec
-    if not Path(spec).exists() and inside.is_dir():
-        spec = str(inside)
-    schedule = ExitSchedule.from_spec(spec, num_exit_blocks(pipe))
-    return Method(f"finetuned:{argument}", model, _scheduled(schedule))
+    if not schedule_spec:
+        return Method(spec, model, _scheduled(pipe.exit_schedule))
+    schedule = ExitSchedule.from_spec(schedule_spec, num_exit_blocks(pipe))
+    return Method(spec, model, _scheduled(_fitted(schedule, pipe, target)))
 
 
-def _deediff(argument: str, target: Target) -> Method:
+def _deediff(parsed: tuple[float | None, str | None], spec: str, target: Target) -> Method:
     from ..exits import ExitHeads
-    from ..exits.heads import POLICIES
     from ..exits.uncertainty import SUPPORTED
     from ..pipelines.loading import resolve_pretrained
 
-    spec = f"deediff:{argument}" if argument else "deediff"
-    threshold, _, policy = argument.partition(":")
-    try:
-        threshold = float(threshold) if threshold else None
-    except ValueError:
-        raise ValueError(f"Bad method {spec!r}: expected deediff[:<threshold>[:<policy>]], a threshold >= 0."
-                         ) from None
-    if (threshold is not None and not threshold >= 0) or (policy and policy not in POLICIES):
-        raise ValueError(f"Bad method {spec!r}: the threshold must be a number >= 0 and the policy one of {POLICIES}.")
+    threshold, policy = parsed
     pipe = target.pipe_of(target.model)
     if not isinstance(denoiser_of(pipe), SUPPORTED):
         return Method(spec, target.model, unsupported=f"uncertainty exits need a transformer of "
@@ -200,7 +193,7 @@ def _deediff(argument: str, target: Target) -> Method:
     def session(pipe: Any) -> Iterator[Work]:
         rule = {name: heads.config[name] for name in ("threshold", "policy")}
         own = (pipe.exit_schedule, getattr(pipe, "exit_heads", None))
-        heads.set_exit_rule(threshold=threshold, policy=policy or None)
+        heads.set_exit_rule(threshold=threshold, policy=policy)
         pipe.exit_schedule, pipe.exit_heads = None, heads
         try:
             yield _exit_work(pipe)
@@ -323,35 +316,23 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
     return Method(spec, target.model, session)
 
 
-def _numbers(argument: str, spec: str, defaults: tuple, types: tuple) -> list:
-    """`a:b` -> [type(a), type(b)], missing trailing values from `defaults`."""
-    parts = argument.split(":") if argument else []
-    if len(parts) > len(defaults):
-        raise ValueError(f"Bad method {spec!r}: at most {len(defaults)} ':'-separated arguments.")
-    try:
-        return [kind(part) for kind, part in zip(types, parts)] + list(defaults[len(parts) :])
-    except ValueError:
-        raise ValueError(f"Bad method {spec!r}: arguments must be numbers.") from None
-
-
-def _fbcache(argument: str, target: Target) -> Method:
-    spec = f"fbcache:{argument}" if argument else "fbcache"
-    (threshold,) = _numbers(argument, spec, (0.05,), (float,))
+def _fbcache(threshold: float, spec: str, target: Target) -> Method:
     config = FirstBlockCacheConfig(threshold=threshold)
     return _accelerator("fbcache", "FirstBlockCache", lambda denoiser: apply_first_block_cache(denoiser, config),
                         spec, target)  # fmt: skip
 
 
-def _layerskip(argument: str, target: Target) -> Method:
-    spec = f"layerskip:{argument}" if argument else "layerskip"
-    try:
-        indices = [int(index) for index in argument.split(",")] if argument else None
-    except ValueError:
-        raise ValueError(f"Bad method {spec!r}: expected layerskip:<i,j,...> with block indices.") from None
+def _block_list(denoiser: torch.nn.Module) -> torch.nn.ModuleList | list:
+    return next((c for c in denoiser.children() if isinstance(c, torch.nn.ModuleList)), [])
+
+
+def _layerskip(indices: list[int] | None, spec: str, target: Target) -> Method:
+    blocks = len(_block_list(denoiser_of(target.pipe_of(target.model))))
+    if indices is not None and blocks and max(indices) >= blocks:
+        raise ValueError(f"Bad method {spec!r}: {target.model} has blocks 0 to {blocks - 1}, got {max(indices)}.")
 
     def apply(denoiser: torch.nn.Module) -> None:
-        blocks = next((c for c in denoiser.children() if isinstance(c, torch.nn.ModuleList)), [])
-        apply_layer_skip(denoiser, LayerSkipConfig(indices=indices or [len(blocks) // 2]))
+        apply_layer_skip(denoiser, LayerSkipConfig(indices=indices or [len(_block_list(denoiser)) // 2]))
 
     return _accelerator("layerskip", "LayerSkip", apply, spec, target)
 
@@ -360,9 +341,8 @@ def _layerskip(argument: str, target: Target) -> Method:
 _BLOCK_ATTENTION = r"[^.]*blocks\.\d+\.attn\d*"
 
 
-def _taylorseer(argument: str, target: Target) -> Method:
-    spec = f"taylorseer:{argument}" if argument else "taylorseer"
-    interval, order = _numbers(argument, spec, (5, 1), (int, int))
+def _taylorseer(parsed: tuple[int, int], spec: str, target: Target) -> Method:
+    interval, order = parsed
 
     def apply(denoiser: torch.nn.Module) -> None:
         config = TaylorSeerCacheConfig(cache_interval=interval, max_order=order, taylor_factors_dtype=denoiser.dtype,
@@ -372,9 +352,8 @@ def _taylorseer(argument: str, target: Target) -> Method:
     return _accelerator("taylorseer", "TaylorSeer", apply, spec, target)
 
 
-def _magcache(argument: str, target: Target) -> Method:
-    spec = f"magcache:{argument}" if argument else "magcache"
-    threshold, max_skips = _numbers(argument, spec, (0.06, 3), (float, int))
+def _magcache(parsed: tuple[float, int], spec: str, target: Target) -> Method:
+    threshold, max_skips = parsed
     configs = [MagCacheConfig(calibrate=True, num_inference_steps=target.steps)]  # for the trial application
     method = _accelerator("magcache", "MagCache", lambda denoiser: apply_mag_cache(denoiser, configs[-1]), spec, target)
     if method.unsupported is None:
@@ -404,14 +383,8 @@ def _magnitude_ratios(pipe: Any, target: Target) -> list[float]:
     return [1.0] + [(now / (before + 1e-8)).mean().item() for before, now in zip(norms, norms[1:])]
 
 
-def _pab(argument: str, target: Target) -> Method:
-    spec = f"pab:{argument}" if argument else "pab"
-    skip, _, window = (argument or "2").partition(":")
-    try:
-        low, high = (int(value) for value in (window or "100-800").split("-"))
-        skip_range = int(skip)
-    except ValueError:
-        raise ValueError(f"Bad method {spec!r}: expected pab:<range>[:<lo>-<hi>], e.g. pab:2:100-800.") from None
+def _pab(parsed: tuple[int, int, int], spec: str, target: Target) -> Method:
+    skip_range, low, high = parsed
 
     def apply(denoiser: torch.nn.Module) -> list:
         timestep = _TimestepProbe(denoiser)
@@ -438,61 +411,24 @@ class _TimestepProbe:
         return int(torch.as_tensor(self.timestep).flatten()[0])
 
 
-@dataclass(frozen=True)
-class MethodKind:
-    """How to build a kind of method from its argument, and how to write it (for `--help` and errors)."""
-
-    syntax: str
-    build: Callable[[str, Target], Method]
-    needs_argument: bool | None  # True: required, False: none, None: optional
-
-
-METHOD_KINDS: dict[str, MethodKind] = {
-    "baseline": MethodKind("baseline", _baseline, False),
-    "ase": MethodKind("ase:<schedule>", _ase, True),
-    "finetuned": MethodKind("finetuned:<model>[:<schedule>]", _finetuned, True),
-    "deediff": MethodKind("deediff[:<threshold>[:<policy>]]", _deediff, None),
-    "fbcache": MethodKind("fbcache[:<threshold>]", _fbcache, None),
-    "layerskip": MethodKind("layerskip[:<i,j,...>]", _layerskip, None),
-    "taylorseer": MethodKind("taylorseer[:<interval>[:<order>]]", _taylorseer, None),
-    "magcache": MethodKind("magcache[:<threshold>[:<max skips>]]", _magcache, None),
-    "pab": MethodKind("pab[:<range>[:<lo>-<hi>]]", _pab, None),
+BUILDERS: dict[str, Callable[[Any, str, Target], Method]] = {
+    "baseline": _baseline,
+    "ase": _ase,
+    "finetuned": _finetuned,
+    "deediff": _deediff,
+    "fbcache": _fbcache,
+    "layerskip": _layerskip,
+    "taylorseer": _taylorseer,
+    "magcache": _magcache,
+    "pab": _pab,
 }
-
-
-def method_syntax() -> str:
-    return ", ".join(kind.syntax for kind in METHOD_KINDS.values())
-
-
-def _steps_suffix(spec: str) -> tuple[str, int | None]:
-    """`spec` without its `@N` suffix, and N (`None` without one)."""
-    head, at, count = spec.rpartition("@")
-    if not at or not count.isdigit():
-        return spec, None
-    if int(count) < 1:
-        raise ValueError(f"Bad method {spec!r}: `@N` needs N >= 1 scheduler steps, got {count}.")
-    return head, int(count)
 
 
 def build_method(spec: str, target: Target) -> Method:
     """The method a spec names (see the module docstring), built for `target`."""
-    body, steps = _steps_suffix(spec)
-    kind, _, argument = body.partition(":")
-    entry = METHOD_KINDS.get(kind)
-    if entry is None or (entry.needs_argument is True and not argument) or (entry.needs_argument is False and argument):
-        raise ValueError(f"Unknown method {spec!r}; accepted kinds: {method_syntax()}, each optionally with @N.")
+    kind, argument, steps = kind_of(spec)
+    parsed = METHOD_KINDS[kind].parse(argument, spec)
     if steps is None:
-        return entry.build(argument, target)
-    method = entry.build(argument, dataclasses.replace(target, steps=steps))  # MagCache calibrates at N steps
+        return BUILDERS[kind](parsed, spec, target)
+    method = BUILDERS[kind](parsed, spec, dataclasses.replace(target, steps=steps))  # MagCache calibrates at N steps
     return dataclasses.replace(method, name=spec, steps=steps)
-
-
-def parse_methods(text: str) -> list[str]:
-    """Split a `--methods` string on the commas that start a new method, so `ase:step:12,8,4` stays whole."""
-    methods: list[str] = []
-    for piece in text.split(","):
-        if _steps_suffix(piece)[0].partition(":")[0] in METHOD_KINDS or not methods:
-            methods.append(piece)
-        else:
-            methods[-1] += "," + piece
-    return methods

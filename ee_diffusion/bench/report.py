@@ -22,6 +22,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from ..outputs import OutputKind, staged_file, staged_folder
+
+# What `save_images` writes: PNG files, in a folder per method (and per cell).
+SAVED_IMAGES = OutputKind("ee-diffusion bench --save-images", ("*.png",))
+
 # A timing spread (interquartile range over median of the timed rounds) above this is reported as unstable.
 UNSTABLE_SPREAD = 0.10
 
@@ -100,11 +105,12 @@ def format_table(rows: list[BenchRow]) -> str:
 
 def write_json(path: str, config: dict[str, Any], rows: list[BenchRow]) -> None:
     report = {"config": config, "rows": rows_as_dicts(rows), "notes": notes(rows)}
-    Path(path).write_text(json.dumps(report, indent=2))
+    with staged_file(path) as staged:
+        staged.write_text(json.dumps(report, indent=2))
 
 
 def write_csv(path: str, rows: list[BenchRow]) -> None:
-    with open(path, "w", newline="") as file:
+    with staged_file(path) as staged, open(staged, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=[*ROW_KEYS, "note"])
         writer.writeheader()
         for row, values in zip(rows, rows_as_dicts(rows)):
@@ -160,7 +166,8 @@ def plot(path: str, rows: list[BenchRow]) -> None:
         depths.set_title("depth per sampling step")
         depths.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with staged_file(path) as staged:
+        figure.savefig(staged, dpi=120)
     plt.close(figure)
 
 
@@ -172,7 +179,13 @@ def safe_name(text: str) -> str:
 def save_images(folder: str, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int]) -> None:
     """Write `{folder}/{method}/{index:05d}_class{label}.png` (under `{scheduler}-{steps}/` when there are several
     cells); `images[k]` holds row `k`'s batches by batch index, NCHW in [0, 1]. 1, 3 and 4 channels are grey, RGB
-    and RGBA (the latents of `random:` models are written as they are)."""
+    and RGBA (the latents of `random:` models are written as they are). The folder is written whole, then put in
+    place of an earlier one (`ee_diffusion.outputs.staged_folder`)."""
+    with staged_folder(folder) as staged:
+        _save_images(staged, rows, images, labels)
+
+
+def _save_images(folder: Path, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int]) -> None:
     several_cells = len({(row.scheduler, row.steps) for row in rows}) > 1
     for row, batches in zip(rows, images):
         if row.note is not None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..outputs import staged_folder
 from .report import BenchRow, pareto_front, rows_as_dicts
 
 QUALITY_LEVELS = (0.05, 0.10, 0.20)
@@ -65,13 +66,15 @@ class SweepConfig:
 
             if resolve_pretrained(self.finetuned) == resolve_pretrained(self.model):
                 raise ValueError(f"`finetuned` must be another model than `model`, got {self.finetuned!r} for both.")
-        from .methods import METHOD_KINDS
+        from .method_specs import METHOD_KINDS, check_method
 
         ours = ("baseline", "ase", "finetuned", "deediff")
         bad = [spec for spec in self.accelerators if spec.partition(":")[0] not in set(METHOD_KINDS) - set(ours)]
         if bad:
             raise ValueError(f"`accelerators` must be diffusers accelerator methods ("
                              f"{', '.join(k for k in METHOD_KINDS if k not in ours)}), got {bad}.")  # fmt: skip
+        for spec in self.accelerators:
+            check_method(spec)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     from ..pipelines.class_conditional import null_class_label
     from .harness import BenchConfig, load_pipe, run_bench
     from .methods import Target, build_method
-    from .schedulers import build_scheduler
+    from .noise_schedulers import build_scheduler
 
     out = Path(config.out)
     bench = BenchConfig(model=config.model, methods=["baseline"], num_samples=config.num_samples,
@@ -120,25 +123,29 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
         build_method(spec, target)
     labels = [i % null_class_label(denoiser) for i in range(config.num_probes)]
     probes = {"class_labels": labels, "guidance_scale": config.guidance_scale}
-    rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
-    for steps in config.steps:
-        plans, timesteps = _calibrated_plans(config, pipes[config.model], probes, steps, out / "plans", "ase:",
-                                             progress)  # fmt: skip
-        ours = ["baseline", *plans]
-        if config.finetuned is not None:
-            folder = out / "plans" / Path(config.finetuned).name
-            tuned = _calibrated_plans(config, pipes[config.finetuned], probes, steps, folder,
-                                      f"finetuned:{config.finetuned}:", progress)[0]  # fmt: skip
-            ours += [f"finetuned:{config.finetuned}", *tuned]
-            plans.update(tuned)
-        shapes = {_linear_at(num_blocks, timesteps, pipes[config.model].scheduler.config.num_train_timesteps, b)
-                  for b in config.budgets} - {None}  # fmt: skip
-        methods = [*ours, *sorted(shapes), *config.accelerators]
-        cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress, pipes=pipes)
-        rows.extend((row, plans.get(row.method)) for row in cell)
-    swept = _front(rows, max(config.steps))
-    _write(out, config, swept, rows)
-    plot_sweep(str(out / "sweep.png"), swept, max(config.steps))
+    with staged_folder(out) as stage:
+        rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
+        for steps in config.steps:
+            plans, timesteps = _calibrated_plans(config, pipes[config.model], probes, steps, stage / "plans", "ase:",
+                                                 progress)  # fmt: skip
+            ours = ["baseline", *plans]
+            if config.finetuned is not None:
+                folder = stage / "plans" / Path(config.finetuned).name
+                tuned = _calibrated_plans(config, pipes[config.finetuned], probes, steps, folder,
+                                          f"finetuned:{config.finetuned}:", progress)[0]  # fmt: skip
+                ours += [f"finetuned:{config.finetuned}", *tuned]
+                plans.update(tuned)
+            shapes = {_linear_at(num_blocks, timesteps, pipes[config.model].scheduler.config.num_train_timesteps, b)
+                      for b in config.budgets} - {None}  # fmt: skip
+            methods = [*ours, *sorted(shapes), *config.accelerators]
+            cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress,
+                             pipes=pipes)  # fmt: skip
+            rows.extend((row, plans.get(row.method)) for row in cell)
+        for row, _ in rows:  # the plans are named by the folder they end up in
+            row.method = row.method.replace(str(stage), str(out))
+        swept = _front(rows, max(config.steps))
+        _write(stage, config, swept, rows)
+        plot_sweep(str(stage / "sweep.png"), swept, max(config.steps))
     return swept
 
 
@@ -202,7 +209,6 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
         "best": {f"{level:.0%}": {"method": s.row.method, "steps": s.row.steps, "compute": s.compute}
                  for level, s in best.items()},
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
 
 

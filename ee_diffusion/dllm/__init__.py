@@ -8,6 +8,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         ".adapters": ["DreamAdapter", "LLaDA2Adapter", "LLaDAAdapter", "MaskedLMAdapter", "get_adapter"],
         ".rules": ["ProphetCommit", "SchEDCommit", "ThresholdCommit", "prophet_threshold", "sched_threshold"],
         ".sampler": ["SamplerOutput", "generate"],
-        ".schedulers": ["ProphetScheduler", "SchEDScheduler"],
+        ".block_schedulers": ["ProphetScheduler", "SchEDScheduler"],
     },
 )

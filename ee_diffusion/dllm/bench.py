@@ -10,12 +10,14 @@ NFE) and the timing columns are empty.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..metrics.throughput import round_speedups, time_interleaved
+from ..outputs import staged_file
 from .methods import Method, method_settings, parse_method
 from .tasks import Problem, accuracy, make_problems
 
@@ -202,8 +204,15 @@ def plot_fronts(path: str, rows: list[BenchRow]) -> None:
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with staged_file(path) as staged:
+        figure.savefig(staged, dpi=120)
     plt.close(figure)
+
+
+def write_json(path: str, rows: list[BenchRow]) -> None:
+    """The rows as a JSON list (`rows_as_dicts`), written whole and then put in place."""
+    with staged_file(path) as staged:
+        staged.write_text(json.dumps(rows_as_dicts(rows), indent=2))
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:

@@ -31,11 +31,18 @@ from .methods import CACHE_MODES
 
 
 def check_cache_mode(kv_cache: str | None, refresh_every: int | None) -> None:
-    """`kv_cache` is None or one of `CACHE_MODES`; `refresh_every` is None or a positive int."""
-    if kv_cache is not None and kv_cache not in CACHE_MODES:
-        raise ValueError(f"Unknown kv_cache {kv_cache!r}; expected None or one of {CACHE_MODES}.")
+    """`kv_cache` is None or one of `CACHE_MODES`; `refresh_every` is None or a positive int, and only set with a
+    cache (without one every step runs the whole sequence, so a refresh interval would be silently ignored)."""
+    if kv_cache is not None and (not isinstance(kv_cache, str) or kv_cache not in CACHE_MODES):
+        raise ValueError(f"`kv_cache` must be None (off) or one of {CACHE_MODES}, got {kv_cache!r}.")
     if refresh_every is not None:  # None: each block's first step only
         as_int("cache_refresh_every", refresh_every, low=1)
+        if kv_cache is None:
+            raise ValueError(
+                f"`cache_refresh_every` only applies with `kv_cache` (one of {CACHE_MODES}), got "
+                f"cache_refresh_every={refresh_every!r} with kv_cache=None: without a cache every step already runs "
+                f"the whole sequence."
+            )
 
 
 class BertKVCache:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..validation import as_int
+from ..validation import as_int, as_number
 from .adapters import MaskedLMAdapter
 from .kv_cache import check_cache_mode, make_cache
 from .rules import EarlyCommit, ThresholdCommit, accepts_tokens
@@ -115,6 +116,111 @@ def fill_after_eos(answer: torch.LongTensor, mask_token_id: int, eos_token_id: i
     return torch.where(finished[:, None] & (index[None, :] > first[:, None]), eos_token_id, answer)
 
 
+def check_settings(
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    *,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    kv_cache: str | None = None,
+    cache_refresh_every: int | None = None,
+    defaults: tuple[str, ...] = (),
+) -> None:
+    """The decoding settings `generate` needs, or a `ValueError` / `TypeError` naming the one that is wrong.
+
+    `gen_length` is a multiple of `block_length` and `steps` a multiple of the number of blocks (every block gets the
+    same number of steps). `defaults` names the settings that were not given but taken from the model, so that the
+    message can say where a value came from.
+    """
+
+    def shown(name: str, value: int) -> str:
+        return f"{value}, the model's default" if name in defaults else f"{value}"
+
+    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        as_int(name, value, low=1)
+    if gen_length % block_length:
+        raise ValueError(
+            f"`gen_length` ({shown('gen_length', gen_length)}) must be a multiple of `block_length` "
+            f"({shown('block_length', block_length)}): the answer is decoded in blocks of `block_length` tokens."
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"`steps` ({shown('steps', steps)}) must be a multiple of the number of blocks ({num_blocks} = "
+            f"`gen_length` {gen_length} / `block_length` {block_length}): every block gets the same number of steps."
+        )
+    if not isinstance(remasking, str) or remasking not in REMASKING:
+        raise ValueError(f"`remasking` must be one of {REMASKING}, got {remasking!r}.")
+    as_number("temperature", temperature, low=0)
+    as_number("cfg_scale", cfg_scale, low=0)
+    check_cache_mode(kv_cache, cache_refresh_every)
+    if kv_cache is not None and cfg_scale > 0:
+        raise ValueError(f"`kv_cache` ({kv_cache!r}) does not combine with classifier-free guidance (cfg_scale "
+                         f"{cfg_scale}); use one or the other.")  # fmt: skip
+
+
+def check_prompt_ids(
+    adapter: MaskedLMAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gen_length: int
+) -> tuple[torch.LongTensor, torch.Tensor | None]:
+    """`input_ids` (as int64) and `attention_mask` checked against each other and against what the model takes.
+
+    `input_ids` is a `(batch, prompt_length)` integer tensor of at least one token per row, with token ids the
+    model's embedding holds; `attention_mask` (optional) has its shape, holds only 0 and 1, and pads on the left
+    (each row some 0s, then at least one 1). The prompt and the answer together must fit the model's
+    `config.max_position_embeddings`, when it has one.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"`input_ids` must be a torch tensor of token ids, got {type(input_ids).__name__}.")
+    if input_ids.dim() != 2 or input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point \
+            or input_ids.dtype.is_complex or 0 in input_ids.shape:  # fmt: skip
+        raise ValueError(
+            f"`input_ids` must be a (batch, prompt_length) integer tensor with at least one token, got shape "
+            f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}."
+        )
+    input_ids = input_ids.long()
+    vocab = _vocabulary_size(getattr(adapter, "model", None))
+    if vocab is not None and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        raise ValueError(f"`input_ids` must be token ids from 0 to {vocab - 1} (the model's vocabulary), got values "
+                         f"from {int(input_ids.min())} to {int(input_ids.max())}.")  # fmt: skip
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be None or a torch tensor, got {type(attention_mask).__name__}.")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}.")  # fmt: skip
+        mask = attention_mask.long()
+        if bool((mask != attention_mask).any()) or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"`attention_mask` must hold only 0 (padding) and 1 (a prompt token), got the values "
+                             f"{torch.unique(attention_mask).tolist()}.")  # fmt: skip
+        bad = (mask[:, 1:] < mask[:, :-1]).any(-1) | (mask[:, -1] == 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"`attention_mask` must pad on the left, each row some 0s and then at least one 1 "
+                f"(`tokenizer.padding_side = 'left'`), got row {row}: {mask[row].tolist()}."
+            )
+    limit = getattr(getattr(getattr(adapter, "model", None), "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and input_ids.shape[1] + gen_length > limit:
+        longest = ", the longest of the batch" if input_ids.shape[0] > 1 else ""
+        raise ValueError(
+            f"The prompt ({input_ids.shape[1]} tokens{longest}) and the answer (`gen_length` {gen_length}) make "
+            f"{input_ids.shape[1] + gen_length} positions, more than the model takes (its `max_position_embeddings` "
+            f"is {limit}); shorten the prompt or `gen_length`."
+        )
+    return input_ids, attention_mask
+
+
+def _vocabulary_size(model: Any) -> int | None:
+    """The rows of `model`'s input embedding, when it tells (transformers models do, most remote code too)."""
+    try:
+        size = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # no embedding to ask (a stand-in, a model without the method)
+        return None
+    return size if isinstance(size, int) else None
+
+
 @torch.no_grad()
 def generate(
     adapter: MaskedLMAdapter,
@@ -175,19 +281,10 @@ def generate(
             at each block's first step only; 1: at every step, which is exact decoding).
         generator: Randomness of the Gumbel noise and of random remasking.
     """
-    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"`gen_length` ({gen_length}) must be a positive multiple of `block_length` ({block_length}).")
+    check_settings(gen_length, steps, block_length, remasking=remasking, temperature=temperature,
+                   cfg_scale=cfg_scale, kv_cache=kv_cache, cache_refresh_every=cache_refresh_every)  # fmt: skip
+    input_ids, attention_mask = check_prompt_ids(adapter, input_ids, attention_mask, gen_length)
     num_blocks = gen_length // block_length
-    if steps <= 0 or steps % num_blocks:
-        raise ValueError(f"`steps` ({steps}) must be a positive multiple of the number of blocks ({num_blocks}).")
-    if remasking not in REMASKING:
-        raise ValueError(f"Unknown remasking {remasking!r}; expected one of {REMASKING}.")
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"Need temperature >= 0 and cfg_scale >= 0, got {temperature} and {cfg_scale}.")
-    check_cache_mode(kv_cache, cache_refresh_every)
-    if kv_cache is not None and cfg_scale > 0:
-        raise ValueError(f"`kv_cache` ({kv_cache!r}) does not combine with classifier-free guidance (cfg_scale "
-                         f"{cfg_scale}); use one or the other.")  # fmt: skip
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     cache = None if kv_cache is None else make_cache(adapter, batch)
@@ -198,7 +295,8 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     x = torch.cat([input_ids, torch.full((batch, gen_length), mask_token_id, device=device)], dim=1)
-    attention = torch.cat([attention_mask, torch.ones((batch, gen_length), dtype=attention_mask.dtype, device=device)], 1)
+    answer_mask = torch.ones((batch, gen_length), dtype=attention_mask.dtype, device=device)
+    attention = torch.cat([attention_mask, answer_mask], 1)
     span = torch.zeros_like(x, dtype=torch.bool)
     span[:, prompt_length:] = True
     prompt = attention.bool() & ~span

@@ -19,6 +19,7 @@ beside the denoiser it was trained for. Exit point `k` sits after block `exit_bl
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..outputs import refuse_shipped
 from ..validation import as_int, as_number
 from .architectures import get_exit_architecture
 
@@ -126,6 +128,11 @@ class ExitHeads(ModelMixin, ConfigMixin):
     def adapt(self, point: int, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """The hidden state the denoiser's output layer reads when a sample exits at `point`."""
         return self.points[point].adapt(hidden, embedding)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, refusing the shipped models' folders."""
+        refuse_shipped(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def check_fits(self, num_blocks: int, hidden_size: int, model_name: str) -> None:
         """A clear error when these heads were made for another denoiser."""

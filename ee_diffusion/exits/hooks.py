@@ -92,13 +92,15 @@ class ExitScheduleHook(ModelHook):
     """Decides each call's depth from the timestep argument of the denoiser's forward."""
 
     def __init__(
-        self, schedule: ExitSchedule, architecture: ExitArchitecture, state: _ExitState, num_train_timesteps: int
-    ) -> None:
+        self, schedule: ExitSchedule, architecture: ExitArchitecture, state: _ExitState, num_train_timesteps: int,
+        plan_steps_only: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.schedule = schedule
         self.architecture = architecture
         self.state = state
         self.num_train_timesteps = num_train_timesteps
+        self.plan_steps_only = plan_steps_only
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
         timestep = _argument(module, self.architecture.timestep_argument, args, kwargs)
@@ -106,6 +108,8 @@ class ExitScheduleHook(ModelHook):
             raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
         # One host read of the timestep per call (none when it already lives on the CPU).
         timesteps = torch.as_tensor(timestep).detach().reshape(-1).float().cpu().tolist()
+        if self.plan_steps_only:
+            self.schedule.check_timesteps(set(timesteps), self.num_train_timesteps)
         depths = self.schedule.depths_for(timesteps, self.num_train_timesteps)
         state = self.state
         state.reusing = False
@@ -257,7 +261,7 @@ def num_exit_blocks(pipe_or_model: Any) -> int:
 
 
 def apply_exit_schedule(
-    pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None
+    pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None, plan_steps_only: bool = True
 ) -> None:
     """Make a denoiser run `schedule.blocks_at(t)` of its blocks at timestep `t`.
 
@@ -267,6 +271,8 @@ def apply_exit_schedule(
         schedule: The exit schedule; its `num_blocks` must equal `num_exit_blocks(pipe_or_model)`.
         num_train_timesteps: Scale of the timesteps the denoiser receives. Defaults to the pipeline scheduler's
             `num_train_timesteps`, or 1000 for a bare model.
+        plan_steps_only: Under a plan, refuse a call whose timestep is not one of the plan's steps (a run of another
+            scheduler or step count); `False` takes the nearest step's action (ASE fine-tuning at random timesteps).
 
     Example:
         ```python
@@ -291,7 +297,7 @@ def apply_exit_schedule(
     if num_train_timesteps is not None:
         timestep_scale = as_int("num_train_timesteps", num_train_timesteps, low=1)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        ExitScheduleHook(schedule, architecture, state, timestep_scale), _SCHEDULE_HOOK
+        ExitScheduleHook(schedule, architecture, state, timestep_scale, plan_steps_only), _SCHEDULE_HOOK
     )
     residual = schedule.reuses and architecture.reuse == "residual"
     for index, unit in enumerate(units):

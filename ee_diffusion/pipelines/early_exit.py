@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any
 
 from diffusers import (
@@ -40,6 +41,7 @@ from ..exits import (
     reset_exit_stats,
     set_exit_timestep_scale,
 )
+from ..outputs import refuse_shipped
 from ..schedules import ExitSchedule
 from .class_conditional import ClassConditionalSamplingMixin
 
@@ -56,8 +58,8 @@ def _checked(name: str, value: Any) -> Any:
 class EarlyExitPipelineMixin:
     """What the early-exit pipelines share: the `exit_schedule` component, its hooks and their per-call stats.
 
-    The schedule in force is always `pipe.exit_schedule`: assigning a new one (or `None`) takes effect at the next
-    call. Each call starts a fresh record, readable afterwards as `pipe.exit_stats`.
+    The schedule in force is always `pipe.exit_schedule`: assigning a new one (or `None`) puts its hooks on the
+    denoiser (or takes them off) at once. Each call starts a fresh record, readable afterwards as `pipe.exit_stats`.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -84,12 +86,31 @@ class EarlyExitPipelineMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _KINDS:
             return super().__setattr__(name, value)
-        super().__setattr__(name, _checked(name, value))
-        # diffusers records a component assigned where `None` stood as (None, None), which `save_pretrained` skips.
-        if value is not None and self.config.get(name, (None,))[0] is None:
-            self.register_modules(**{name: value})
+        ready = self.__dict__.get("_exit_hooks_ready", False)  # built: an assignment reaches the denoiser at once
+        before = getattr(self, name, None)
+        self._assign(name, _checked(name, value))
+        if ready:
+            try:
+                self._sync_exit_hooks()
+            except ValueError:  # refused (a schedule and heads both, a schedule for another depth): undone
+                self._assign(name, before)
+                raise
+
+    def _assign(self, name: str, value: Any) -> None:
+        """Set the `exit_schedule` or `exit_heads` component without touching the hooks."""
+        ready = self.__dict__.get("_exit_hooks_ready", False)
+        self.__dict__["_exit_hooks_ready"] = False
+        try:
+            super().__setattr__(name, value)
+            # diffusers records a component assigned where `None` stood as (None, None), which `save_pretrained`
+            # skips: register it.
+            if value is not None and self.config.get(name, (None,))[0] is None:
+                self.register_modules(**{name: value})
+        finally:
+            self.__dict__["_exit_hooks_ready"] = ready
 
     def _register_exit_schedule(self, exit_schedule: ExitSchedule | None, exit_heads: ExitHeads | None = None) -> None:
+        self.__dict__["_exit_hooks_ready"] = False
         self.register_modules(exit_schedule=_checked("exit_schedule", exit_schedule))
         if exit_heads is not None or "exit_heads" in self._optional_components:
             self.register_modules(exit_heads=_checked("exit_heads", exit_heads))
@@ -100,6 +121,15 @@ class EarlyExitPipelineMixin:
         self._register_exit_schedule(exit_schedule)
 
     def _sync_exit_hooks(self) -> None:
+        """Put the hooks of `exit_schedule` or `exit_heads` on the denoiser, and take off any others. (The hook
+        functions record the schedule on the pipeline again: assignments made meanwhile do not sync.)"""
+        self.__dict__["_exit_hooks_ready"] = False
+        try:
+            self._put_exit_hooks()
+        finally:
+            self.__dict__["_exit_hooks_ready"] = True
+
+    def _put_exit_hooks(self) -> None:
         schedule, heads = self.exit_schedule, getattr(self, "exit_heads", None)
         if schedule is not None and heads is not None:
             raise ValueError(f"{type(self).__name__} got both `exit_schedule` and `exit_heads`; give one: a schedule "
@@ -119,6 +149,19 @@ class EarlyExitPipelineMixin:
                 apply_exit_schedule(self, schedule)
         if heads is not None and get_uncertainty_exit_heads(self) is not heads:
             apply_uncertainty_exit(self, heads)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """diffusers' `from_pretrained`, where a shipped model's name (`digits-dit-ase`) opens its folder, offline."""
+        from .loading import shipped_model_path
+
+        shipped = shipped_model_path(str(pretrained_model_name_or_path))
+        return super().from_pretrained(shipped or pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, refusing the shipped models' folders."""
+        refuse_shipped(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def components(self) -> dict[str, Any]:
@@ -141,13 +184,16 @@ class EarlyExitPipelineMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._register_exit_schedule(self.exit_schedule, getattr(self, "exit_heads", None))
+        call = inspect.signature(super().__call__).bind(*args, **kwargs)
+        call.apply_defaults()
         if self.exit_schedule is not None:
+            steps = call.arguments.get("num_inference_steps")
+            if steps is not None:  # a plan runs only in the run it was made for
+                self.exit_schedule.check_run(type(self.scheduler).__name__, steps)
             set_exit_timestep_scale(self, self.scheduler.config.num_train_timesteps)
             reset_exit_stats(self)
         if getattr(self, "exit_heads", None) is not None:
             # diffusers' pipelines stack a guided batch as (conditional, unconditional) halves: pairs exit together
-            call = inspect.signature(super().__call__).bind(*args, **kwargs)
-            call.apply_defaults()
             set_uncertainty_exit_paired(self, float(call.arguments.get("guidance_scale") or 1) > 1)
             reset_uncertainty_exit_stats(self)
         return super().__call__(*args, **kwargs)

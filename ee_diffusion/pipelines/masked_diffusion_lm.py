@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Generat
 
 from ..dllm.adapters import get_adapter
 from ..dllm.rules import EarlyCommit, ThresholdCommit, resolve_early_commit
-from ..dllm.sampler import generate
+from ..dllm.sampler import check_prompt_ids, check_settings, generate
 from ..validation import as_int, as_number
 from .loading import resolve_pretrained
 
@@ -67,7 +67,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         self.adapter = get_adapter(model, adapter, mask_token_id=mask_token_id)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "MaskedDiffusionLMPipeline":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> "MaskedDiffusionLMPipeline":
         """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer, or a shipped
         model by name (`tiny-mdlm`, `tiny-mdlm-puzzles`).
 
@@ -98,6 +100,34 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             raise ValueError(f"`{name}` is needed: pass it to the call, or store it with the model.")
         return value
 
+    def _check_inputs(self, prompt: Any, input_ids: Any, attention_mask: Any) -> list[str] | None:
+        """The prompts as a list of texts, or None when `input_ids` is given; a `ValueError` / `TypeError` for a
+        prompt that is missing, empty or of the wrong type, or for both `prompt` and `input_ids`."""
+        if input_ids is not None:
+            if prompt is not None:
+                raise ValueError("Give `prompt` or `input_ids` (with its `attention_mask`), not both.")
+            return None
+        if prompt is None:
+            raise ValueError("Give `prompt` or `input_ids`.")
+        if attention_mask is not None:
+            raise ValueError("`attention_mask` goes with `input_ids`; with `prompt` the pipeline makes it.")
+        if isinstance(prompt, str):
+            prompts, names = [prompt], ["prompt"]
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("`prompt` must be a text or a non-empty list of texts, got an empty list.")
+            prompts, names = list(prompt), [f"prompt[{i}]" for i in range(len(prompt))]
+        else:
+            raise TypeError(f"`prompt` must be a text or a list of texts, got {type(prompt).__name__} {prompt!r}.")
+        for name, text in zip(names, prompts):
+            if not isinstance(text, str):
+                raise TypeError(f"`{name}` must be a text (str), got {type(text).__name__} {text!r}.")
+            if not text.strip():
+                raise ValueError(f"`{name}` must be a non-empty text, got {text!r}.")
+        if self.tokenizer is None:
+            raise ValueError("A `prompt` needs the pipeline's tokenizer, and it has none: give `input_ids`.")
+        return prompts
+
     @torch.no_grad()
     def __call__(
         self,
@@ -124,8 +154,15 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
     ) -> MaskedDiffusionLMOutput | tuple:
         """Generate an answer for each prompt.
 
+        Every argument is checked before the model runs: a `ValueError` or `TypeError` names the argument, the value
+        given and what is accepted (an empty or blank prompt, a prompt that does not fit the model's
+        `max_position_embeddings` with `gen_length`, `gen_length` not a multiple of `block_length`, `steps` not a
+        multiple of the number of blocks, a cache option without `kv_cache`, ...).
+
         Args:
-            prompt: Text prompt(s); or give `input_ids` (left-padded) and `attention_mask`.
+            prompt: Text prompt(s), each with at least one non-blank character; or give `input_ids` instead.
+            input_ids: `(batch, prompt_length)` token ids, left-padded (an integer tensor).
+            attention_mask: With `input_ids`: its shape, 1 for a prompt token and 0 for (left) padding.
             gen_length: Tokens to generate (default: the model's).
             steps: Refinement steps in all (default: the model's, at most `gen_length`).
             block_length: Semi-autoregressive block length (default: the model's, at most `gen_length`).
@@ -152,23 +189,32 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
             if value is not None:  # 0 would otherwise read as "the model's default"
                 as_int(name, value, low=1)
-        if input_ids is None:
-            if prompt is None:
-                raise ValueError("Give `prompt` or `input_ids`.")
+        prompts = self._check_inputs(prompt, input_ids, attention_mask)
+        defaults = tuple(name for name, value in (("gen_length", gen_length), ("steps", steps),
+                                                   ("block_length", block_length)) if value is None)  # fmt: skip
+        gen_length = self._default("gen_length", gen_length)
+        steps = steps or min(self._default("steps", steps), gen_length)
+        block_length = block_length or min(self.config.get("block_length") or gen_length, gen_length)
+        check_settings(gen_length, steps, block_length, remasking=remasking, temperature=temperature,
+                       cfg_scale=cfg_scale, kv_cache=kv_cache, cache_refresh_every=cache_refresh_every,
+                       defaults=defaults)  # fmt: skip
+        early_commit = resolve_early_commit(early_commit)
+        if parallel is not None and not callable(getattr(parallel, "num_tokens", None)):
+            raise TypeError(f"`parallel` must be None or a ThresholdCommit, got {parallel!r}.")
+        mask_token_id = self._default("mask_token_id", mask_token_id or self.adapter.mask_token_id)
+        if eos_token_id is None:
+            eos_token_id = self.config.get("eos_token_id") or getattr(self.tokenizer, "eos_token_id", None)
+        if prompts is not None:
             self.tokenizer.padding_side = "left"
-            encoded = self.tokenizer([prompt] if isinstance(prompt, str) else list(prompt), return_tensors="pt",
-                                     padding=True, add_special_tokens=False)  # fmt: skip
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
             unknown = self.tokenizer.unk_token_id
             if unknown is not None and bool((input_ids[attention_mask.bool()] == unknown).any()):
                 raise ValueError(f"The prompt {prompt!r} has characters the tokenizer does not know (they would "
                                  f"become {self.tokenizer.unk_token}); the model was trained on its vocabulary only.")
-        gen_length = self._default("gen_length", gen_length)
-        steps = steps or min(self._default("steps", steps), gen_length)
-        block_length = block_length or min(self.config.get("block_length") or gen_length, gen_length)
-        mask_token_id = self._default("mask_token_id", mask_token_id or self.adapter.mask_token_id)
-        if eos_token_id is None:
-            eos_token_id = self.config.get("eos_token_id") or getattr(self.tokenizer, "eos_token_id", None)
+            if input_ids.shape[1] == 0:
+                raise ValueError(f"`prompt` must have at least one token, got {prompt!r} (the tokenizer makes none).")
+        input_ids, attention_mask = check_prompt_ids(self.adapter, input_ids, attention_mask, gen_length)
         device = self._execution_device
         output = generate(
             self.adapter,
@@ -181,7 +227,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             temperature=temperature,
             cfg_scale=cfg_scale,
             remasking=remasking,
-            early_commit=resolve_early_commit(early_commit),
+            early_commit=early_commit,
             parallel=parallel,
             eos_token_id=eos_token_id,
             confidence_dtype=confidence_dtype,

@@ -22,7 +22,9 @@ depth or reuse of each step; nothing is decided while sampling.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,9 @@ from tqdm.auto import tqdm
 
 from ..validation import as_int, as_number
 from .exit_schedule import REUSE, ExitSchedule
+
+
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,24 @@ class Calibration:
     sensitivity: tuple[dict[int, float], ...]
     chain: tuple[PlanPoint, ...]
     base: tuple[int, ...]
+
+    def save_pretrained(self, folder: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
+        """Write the plan (`exit_schedule.json`) and the record of the calibration (`calibration.json`: `settings`,
+        such as the command, model and guidance, then every plan measured) to `folder`, written whole and then put
+        in place (`ee_diffusion.outputs.staged_folder`)."""
+        from ..outputs import staged_folder
+
+        report = {
+            **(settings or {}),
+            "compute_fraction": self.compute_fraction, "error": self.error,
+            "timesteps": list(self.timesteps), "base": list(self.base),
+            "chain": [{"actions": list(p.actions), "compute_fraction": p.compute_fraction, "error": p.error}
+                      for p in self.chain],
+            "sensitivity": [{str(action): error for action, error in step.items()} for step in self.sensitivity],
+        }  # fmt: skip
+        with staged_folder(folder) as staged:
+            self.plan.save_pretrained(staged)
+            (staged / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
 
 
 def own_schedule(pipe: Any) -> ExitSchedule | None:
@@ -127,6 +150,7 @@ class PlanCalibrator:
         self.num_blocks = num_exit_blocks(pipe)  # a clear error for a pipeline without a supported denoiser
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
+        self.scheduler_class = type(pipe.scheduler).__name__
         self.reference_schedule = own_schedule(pipe)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
         self.base: tuple[int, ...] = ()  # the reference's action at each step (known after the reference)
@@ -224,8 +248,8 @@ class PlanCalibrator:
 
     def plan_of(self, actions: tuple[int, ...]) -> ExitSchedule:
         """The plan that takes `actions[i]` at step `i`."""
-        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions,
-                                 num_train_timesteps=self.num_train_timesteps)
+        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions, num_train_timesteps=self.num_train_timesteps,
+                                 scheduler_class=self.scheduler_class)
 
     def _compute(self, actions: tuple[int, ...]) -> float:
         return sum(actions) / (len(actions) * self.num_blocks)

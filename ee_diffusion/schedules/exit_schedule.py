@@ -6,15 +6,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from ..outputs import refuse_shipped
 from ..validation import as_int
 
 SHAPES = ("constant", "linear", "cosine", "step", "table", "plan")
 REUSE = 0  # a plan's action for a step that runs no block and reuses the last computed step's work
+# How far (a share of `num_train_timesteps`) a timestep may lie from a plan's step and still be that step: float noise
+# in sigma x 1000 timesteps, never a neighbouring step of another step count.
+PLAN_TIMESTEP_TOLERANCE = 1e-4
 
 
 def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[float]:
@@ -34,6 +39,32 @@ def _sorted_points(
         raise ValueError(f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}.")
     points = sorted(zip(timesteps, [as_int(name, value) for value in values]))
     return [t for t, _ in points], [value for _, value in points]
+
+
+def _parse_spec(spec: str) -> tuple[str, list[int | float]]:
+    """`(shape, depths)` of a command-line schedule, each depth a block count (int >= 1) or a fraction of the model's
+    blocks (float in (0, 1]); `("folder", [])` for a folder, whose `exit_schedule.json` is read to check it."""
+    if os.path.isdir(spec):
+        ExitSchedule.from_pretrained(spec)
+        return "folder", []
+    shape, _, value = spec.partition(":")
+    if shape not in ("linear", "cosine", "constant", "step") or not value or (shape != "step" and "," in value):
+        raise ValueError(f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a "
+                         "folder holding exit_schedule.json.")  # fmt: skip
+    depths: list[int | float] = []
+    for part in value.split(","):
+        try:
+            depth = float(part) if "." in part else int(part)
+        except ValueError:
+            raise ValueError(f"Bad exit schedule {spec!r}: {part!r} is not a depth (a block count, or a fraction of "
+                             "the model's blocks written with a '.').") from None  # fmt: skip
+        if isinstance(depth, float) and not 0.0 < depth <= 1.0:
+            raise ValueError(f"Bad exit schedule {spec!r}: a depth written as a fraction of the model's depth must "
+                             f"lie in (0, 1], got {part}.")  # fmt: skip
+        if isinstance(depth, int) and depth < 1:
+            raise ValueError(f"Bad exit schedule {spec!r}: a depth is at least 1 block, got {part}.")
+        depths.append(depth)
+    return shape, depths
 
 
 class ExitSchedule(SchedulerMixin, ConfigMixin):
@@ -70,6 +101,8 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         num_train_timesteps (`int`, defaults to 1000): Scale of `timesteps` in a `table` schedule or a plan.
         allow_increasing (`bool`, defaults to `False`): Accept a `step` or `table` schedule whose depth increases
             with noise. Without it such a table raises, since it is almost always a reversed table.
+        scheduler_class (`str`, *optional*): A plan's scheduler, by class name (`DPMSolverMultistepScheduler`): the
+            drop-in pipelines refuse to run the plan under another, or at another step count (`check_run`).
     """
 
     config_name = "exit_schedule.json"
@@ -86,11 +119,15 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         depths: list[int] | None = None,
         num_train_timesteps: int = 1000,
         allow_increasing: bool = False,
+        scheduler_class: str | None = None,
     ):
         num_blocks = as_int("num_blocks", num_blocks, low=1)
         num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
+        if scheduler_class is not None and (shape != "plan" or not isinstance(scheduler_class, str)):
+            raise ValueError(f"`scheduler_class` is a plan's scheduler class name, got {scheduler_class!r} for a "
+                             f"{shape!r} schedule.")  # fmt: skip
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
         min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
         table = None if table is None else [as_int("table", depth) for depth in table]
@@ -186,9 +223,13 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | torch.Tensor,
         actions: Sequence[int],
         num_train_timesteps: int = 1000,
+        scheduler_class: str | None = None,
     ) -> "ExitSchedule":
         """A per-step plan for one sampling run: `actions[i]` at the step of `timesteps[i]` (e.g.
         `scheduler.timesteps`), each a depth in `[1, num_blocks]` or `REUSE` (0). The first step cannot reuse.
+        `scheduler_class` names the run's scheduler (`type(scheduler).__name__`); the run's step count is the number
+        of timesteps. A plan runs only in such a run: a drop-in pipeline refuses another step count or scheduler, and
+        the hooks refuse a timestep that is not one of the plan's.
 
         Example: `ExitSchedule.plan(12, scheduler.timesteps, [12, REUSE, 8, 8, REUSE, 12, 12, 12])`.
         """
@@ -196,12 +237,18 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         if len(set(timesteps)) != len(timesteps):
             raise ValueError(f"A plan has one action per step: `timesteps` must be distinct, got {timesteps}.")
         return cls(num_blocks=num_blocks, shape="plan", timesteps=timesteps, depths=actions,
-                   num_train_timesteps=num_train_timesteps)  # fmt: skip
+                   num_train_timesteps=num_train_timesteps, scheduler_class=scheduler_class)  # fmt: skip
 
     @property
     def reuses(self) -> bool:
         """Whether some step reuses the last computed step's work (a plan with `REUSE` steps)."""
         return self.config.shape == "plan" and REUSE in self.config.depths
+
+    @classmethod
+    def check_spec(cls, spec: str) -> None:
+        """Raise a `ValueError` unless `spec` is a schedule `from_spec` can build for some model: checked before any
+        model is loaded (a depth above the model's block count is found by `from_spec` itself)."""
+        _parse_spec(spec)
 
     @classmethod
     def from_spec(cls, spec: str, num_blocks: int) -> "ExitSchedule":
@@ -210,29 +257,31 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         Each depth is a block count (`linear:6`) or, written with a decimal point, a fraction of `num_blocks`
         (`linear:0.5` is `min_blocks = round(0.5 * num_blocks)`; `step:1.0,0.5` is `[num_blocks, num_blocks / 2]`).
         """
-        if os.path.isdir(spec):
+        shape, values = _parse_spec(spec)
+        if shape == "folder":
             return cls.from_pretrained(spec)
-        shape, _, value = spec.partition(":")
-
-        def blocks(v: str) -> int:
-            if "." not in v:
-                return int(v)
-            fraction = float(v)
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"a depth written as a fraction of the model's depth must lie in (0, 1], got {v}")
-            return max(1, math.floor(fraction * num_blocks + 0.5))
-
+        depths = [value if isinstance(value, int) else max(1, math.floor(value * num_blocks + 0.5)) for value in values]
         try:
             if shape == "step":
-                return cls.step(num_blocks, [blocks(v) for v in value.split(",")])
-            if shape in ("linear", "cosine", "constant") and value:
-                return cls(num_blocks=num_blocks, shape=shape, min_blocks=blocks(value))
+                return cls.step(num_blocks, depths)
+            return cls(num_blocks=num_blocks, shape=shape, min_blocks=depths[0])
         except (ValueError, TypeError) as error:
             raise ValueError(f"Bad exit schedule {spec!r}: {error}") from None
-        raise ValueError(
-            f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a folder "
-            "holding exit_schedule.json."
-        )
+
+    def check_run(self, scheduler: str, num_inference_steps: int) -> None:
+        """Raise a `ValueError` if this is a plan made for another step count or scheduler class than a run of
+        `num_inference_steps` steps of `scheduler` (its class name). Other schedules run at any step count."""
+        config = self.config
+        if config.shape != "plan":
+            return
+        made_for = len(config.timesteps)
+        made_with = config.get("scheduler_class")
+        if num_inference_steps != made_for or (made_with is not None and scheduler != made_with):
+            raise ValueError(
+                f"This plan was made for {made_for} steps of {made_with or 'its scheduler'}; the run asks for "
+                f"{num_inference_steps} steps of {scheduler}. A plan holds one action per step of one run: calibrate "
+                f"one for this run (`ee-diffusion calibrate --steps {num_inference_steps}`) or run it at its own."
+            )
 
     # ------------------------------------------------------------------ evaluation
     def depth_at_position(self, s: float) -> int:
@@ -269,12 +318,44 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         """The depth at each timestep of `timesteps` (a list or a tensor of any shape, read flat)."""
         return [self.depth_at_position(t / num_train_timesteps) for t in _as_float_list(timesteps)]
 
+    def check_timesteps(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> None:
+        """Raise a `ValueError` if this is a plan and one of `timesteps` is not one of its steps (a run of another
+        scheduler or step count). Other schedules take any timestep."""
+        config = self.config
+        if config.shape != "plan":
+            return
+        tolerance = PLAN_TIMESTEP_TOLERANCE * config.num_train_timesteps
+        for t in _as_float_list(timesteps):
+            t = t / num_train_timesteps * config.num_train_timesteps
+            if min(abs(step - t) for step in config.timesteps) > tolerance:
+                raise ValueError(
+                    f"Timestep {t:g} is not a step of this plan, made for the {len(config.timesteps)} timesteps "
+                    f"{[round(v, 3) for v in reversed(config.timesteps)]} of "
+                    f"{config.get('scheduler_class') or 'its scheduler'}; calibrate a plan for this run."
+                )
+
     def compute_fraction(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> float:
         """Expected fraction of block compute over a sampling run, e.g. `compute_fraction(scheduler.timesteps)`."""
         depths = self.depths_for(timesteps, num_train_timesteps)
         if not depths:
             raise ValueError("`compute_fraction` needs at least one timestep.")
         return sum(depths) / (len(depths) * self.config.num_blocks)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained` (`exit_schedule.json` in `save_directory`), refusing the shipped models'
+        folders."""
+        refuse_shipped(save_directory)
+        super().save_pretrained(save_directory, **kwargs)
+
+    def describe(self) -> str:
+        """The schedule in a few words, as the command line writes it where it can (`linear:6`, `step:12,10,8`,
+        `plan of 10 steps`)."""
+        config = self.config
+        if config.shape == "step":
+            return "step:" + ",".join(map(str, config.table))
+        if config.shape in ("table", "plan"):
+            return f"{config.shape} of {len(config.depths)} {'points' if config.shape == 'table' else 'steps'}"
+        return f"{config.shape}:{config.min_blocks}"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ExitSchedule) and _comparable(self.config) == _comparable(other.config)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
+from ..outputs import refuse_shipped
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import REUSE, ExitSchedule
 from .config import PREDICTION_TYPES, TrainConfig
@@ -109,6 +110,7 @@ def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) 
 
 def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], generator: torch.Generator) -> None:
     """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
+    refuse_shipped(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config, "step": step, "generator": generator.get_state(),
                 **{name: item.state_dict() for name, item in saved.items()}}, path)  # fmt: skip
@@ -175,7 +177,7 @@ def train_denoiser(
     saved = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema}
     start = load_checkpoint(checkpoint, asdict(config), saved, generator, device) if resume else 0
     if exit_schedule is not None:
-        apply_exit_schedule(model, exit_schedule, num_train_timesteps)
+        apply_exit_schedule(model, exit_schedule, num_train_timesteps, plan_steps_only=False)
 
     model.train()
     losses: list[float] = []

@@ -21,6 +21,7 @@ from transformers import BertConfig, BertForMaskedLM, GenerationConfig, PreTrain
 from ..dllm.adapters import MaskedLMAdapter
 from ..dllm.tasks import TASKS, Problem, make_problem
 from ..dllm.tokenizer import build_char_tokenizer
+from ..outputs import refuse_shipped
 from .config import MDLMTrainConfig
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def _learning_rate(step: int, config: MDLMTrainConfig) -> float:
 def save_model(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig, path: str) -> None:
     """Write a transformers folder: model, tokenizer, the default dLLM generation settings and the tasks trained on
     (`tasks` in `generation_config.json`, which `dllm-bench` benchmarks by default)."""
+    refuse_shipped(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     GenerationConfig(

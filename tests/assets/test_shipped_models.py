@@ -8,7 +8,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ee_diffusion import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline, load_early_exit_pipeline
-from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
+from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler
 from ee_diffusion.metrics import class_accuracy, load_digits_classifier
 from ee_diffusion.pipelines import shipped_model_path
 

@@ -5,10 +5,11 @@ import pytest
 from ee_diffusion import ExitSchedule
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, run_bench
-from ee_diffusion.bench.methods import parse_methods
+from ee_diffusion.bench.method_specs import parse_methods
 from ee_diffusion.bench.report import format_table
-from ee_diffusion.cli import _default_methods, main
-from ee_diffusion.pipelines import load_early_exit_pipeline, shipped_model_path
+from ee_diffusion.bench.method_specs import default_methods
+from ee_diffusion.cli import main
+from ee_diffusion.pipelines import load_early_exit_pipeline
 
 from tests.conftest import save_digits_shaped_dit
 
@@ -106,14 +107,14 @@ def test_parse_methods_keeps_step_tables_whole():
 
 
 def test_default_methods_put_fewer_steps_and_a_diffusers_cache_beside_ours():
-    assert _default_methods("digits-dit", [10], ["dpm-solver++"]) == [
+    assert default_methods("digits-dit", [10], ["dpm-solver++"]) == [
         "baseline", "baseline@8", "fbcache:0.15", "finetuned:digits-dit-ase", "finetuned:digits-dit-ase@8",
         "finetuned:digits-dit-ase:plans/dpm-solver++-10",  # the plan shipped for this scheduler and step count
     ]  # fmt: skip
-    assert _default_methods("digits-dit", [10], ["ddim"])[-1] == "finetuned:digits-dit-ase@8"  # no plan for DDIM
-    assert _default_methods("digits-dit", [10, 20], ["dpm-solver++"]) == [
+    assert default_methods("digits-dit", [10], ["ddim"])[-1] == "finetuned:digits-dit-ase@8"  # no plan for DDIM
+    assert default_methods("digits-dit", [10, 20], ["dpm-solver++"]) == [
         "baseline", "fbcache:0.15", "finetuned:digits-dit-ase"]  # fmt: skip
-    assert _default_methods("no-such-model", [1], ["euler"]) == ["baseline", "fbcache:0.15", "ase:linear:0.5"]
+    assert default_methods("no-such-model", [1], ["euler"]) == ["baseline", "fbcache:0.15", "ase:linear:0.5"]
 
 
 def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
@@ -133,7 +134,7 @@ def test_bench_scores_against_a_saved_reference(digits_shaped_models, tmp_path):
 def test_bench_schedulers_keep_the_models_prediction_type_and_range_control_and_never_clip():
     from diffusers import DPMSolverMultistepScheduler
 
-    from ee_diffusion.bench.schedulers import SCHEDULERS, build_scheduler
+    from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler
 
     unet = load_early_exit_pipeline("digits-unet").scheduler.config
     thresholded = DPMSolverMultistepScheduler.from_config(unet, thresholding=True).config
@@ -145,3 +146,17 @@ def test_bench_schedulers_keep_the_models_prediction_type_and_range_control_and_
             assert scheduler.config.prediction_type == prediction, kind
             assert not scheduler.config.get("clip_sample", False), kind
             assert scheduler.config.get("thresholding", thresholding) == thresholding, kind
+
+
+def test_an_accelerator_counts_the_same_work_after_an_exit_schedule_ran_on_the_model():
+    """An exit schedule assigned away is taken off the denoiser at once: a diffusers hook removed from beneath a later
+    one takes that one's forward with it (diffusers' HookRegistry), so stale exit hooks under the bench's work
+    counters made PAB on the U-Net read 28% instead of 70% after an `ase:` row ran."""
+    def fraction(methods):
+        config = BenchConfig(model="digits-unet", methods=methods, num_samples=2, batch_size=2, repeats=1, steps=4,
+                             guidance_scale=1.0)  # fmt: skip
+        return {row.method: row.block_fraction for row in run_bench(config, progress=False)}["pab:2:0-1000"]
+
+    alone = fraction(["baseline", "pab:2:0-1000"])
+    assert alone < 1.0
+    assert fraction(["baseline", "ase:linear:6", "pab:2:0-1000"]) == alone

@@ -6,7 +6,8 @@ from diffusers import UNet2DModel
 
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, load_pipe, run_bench
-from ee_diffusion.bench.methods import METHOD_KINDS, Target, build_method, denoiser_of
+from ee_diffusion.bench.method_specs import METHOD_KINDS
+from ee_diffusion.bench.methods import BUILDERS, Target, build_method, denoiser_of
 from ee_diffusion.pipelines import EarlyExitUNet2DPipeline
 from diffusers import DDPMScheduler
 
@@ -32,8 +33,8 @@ def _images(pipe, method, steps=6, depths=None):
 
 
 def test_every_kind_is_registered_with_its_syntax():
-    assert set(METHOD_KINDS) == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer",
-                                 "magcache", "pab"}  # fmt: skip
+    assert set(METHOD_KINDS) == set(BUILDERS) == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip",
+                                                  "taylorseer", "magcache", "pab"}  # fmt: skip
 
 
 def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
@@ -202,8 +203,9 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
 
 @pytest.mark.parametrize("spec, match", [
     ("deediff:x", "Bad method 'deediff:x'"),
-    ("deediff:-1", "threshold must be a number >= 0"),
-    ("deediff:0.1:per_token", "policy one of"),
+    ("deediff:-1", "threshold must be a finite number > 0 and <= 1, got '-1'"),
+    ("deediff:0", "threshold must be a finite number > 0 and <= 1, got '0'"),
+    ("deediff:0.1:per_token", "the policy must be one of per_batch, per_sample, got 'per_token'"),
 ])  # fmt: skip
 def test_bad_deediff_specs(tiny_dit, spec, match):
     with pytest.raises(ValueError, match=match):

@@ -225,7 +225,8 @@ def test_bad_schedules_are_refused_clearly(tmp_path):
     ExitSchedule.linear(28, 14).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"made for 28 blocks.*Flux, 8 blocks \(3 double_block \+ 5 single_block\)"):
         early_exit_node(patcher, schedule_folder=str(tmp_path))
-    with pytest.raises(ValueError, match=r"REUSE"):
-        apply_comfyui_exit_schedule(patcher, ExitSchedule.plan(8, [999, 500, 1], [8, 0, 4]))
+    for actions in ([8, 0, 4], [8, 6, 4]):  # a plan, with reuse steps or without, is made for a diffusers run
+        with pytest.raises(ValueError, match=r"The exit schedule is a plan: one action per step"):
+            apply_comfyui_exit_schedule(patcher, ExitSchedule.plan(8, [999, 500, 1], actions))
     with pytest.raises(TypeError, match=r"ModelPatcher.*got BaseModel"):
         apply_comfyui_exit_schedule(patcher.model, "linear:0.5")

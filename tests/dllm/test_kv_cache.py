@@ -108,7 +108,10 @@ def test_approximate_cache_decodes_and_counts_passes(bert, tokenizer):
 @pytest.mark.parametrize(
     "settings, error, match",
     [
-        ({"kv_cache": "triple"}, ValueError, "Unknown kv_cache 'triple'; expected None or one of"),
+        ({"kv_cache": "triple"}, ValueError,
+         r"`kv_cache` must be None \(off\) or one of \('prefix', 'dual'\), got 'triple'"),
+        ({"cache_refresh_every": 2}, ValueError,
+         r"`cache_refresh_every` only applies with `kv_cache` .* got cache_refresh_every=2 with kv_cache=None"),
         ({"kv_cache": "prefix", "cache_refresh_every": 0}, ValueError,
          "`cache_refresh_every` must be an integer >= 1"),
         ({"kv_cache": "prefix", "cache_refresh_every": 1.5}, TypeError, "`cache_refresh_every` must be an integer"),

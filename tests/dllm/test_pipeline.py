@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from ee_diffusion import MaskedDiffusionLMPipeline, SchEDCommit
+from ee_diffusion import MaskedDiffusionLMPipeline, SchEDCommit, ThresholdCommit
 from ee_diffusion.dllm.adapters import MaskedLMAdapter
 from ee_diffusion.dllm.sampler import generate
 from ee_diffusion.training.mdlm import save_model
 
-from .conftest import tiny_config
+from .conftest import ForwardCounter, tiny_config
 
 
 @pytest.fixture
@@ -68,16 +68,103 @@ def test_model_and_tokenizer_directly_and_save_round_trip(tmp_path, tiny_bert, t
     assert torch.equal(loaded(prompt=["1+2=", "33+4="]).sequences, before.sequences)
 
 
-@pytest.mark.parametrize("call, match", [
-    (dict(temperature=float("nan")), r"`temperature` must be a finite number >= 0, got nan"),
-    (dict(temperature=-1.0), r"`temperature` must be a finite number >= 0, got -1.0"),
-    (dict(cfg_scale=float("inf")), r"`cfg_scale` must be a finite number >= 0, got inf"),
-    (dict(prompt="12×3="), r"characters the tokenizer does not know"),
-    (dict(steps=0), r"`steps` must be an integer >= 1, got 0"),  # not "the model's default steps"
-    (dict(gen_length=0), r"`gen_length` must be an integer >= 1, got 0"),
-    (dict(block_length=0), r"`block_length` must be an integer >= 1, got 0"),
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped tiny-mdlm (gen_length, steps, block_length 18; 40 positions), with a count of its forward passes."""
+    pipe = MaskedDiffusionLMPipeline.from_pretrained("tiny-mdlm")
+    return pipe, ForwardCounter(pipe.model)
+
+
+IDS = torch.tensor([[5, 6, 7, 8]])
+FAST_DLLM = ThresholdCommit(0.9)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # the prompt
+    (dict(prompt=None), ValueError, r"Give `prompt` or `input_ids`\."),
+    (dict(prompt=[]), ValueError, r"`prompt` must be a text or a non-empty list of texts, got an empty list"),
+    (dict(prompt=""), ValueError, r"`prompt` must be a non-empty text, got ''"),
+    (dict(prompt="  \n"), ValueError, r"`prompt` must be a non-empty text, got '  \\n'"),
+    (dict(prompt=["1+2=", " "]), ValueError, r"`prompt\[1\]` must be a non-empty text, got ' '"),
+    (dict(prompt=12), TypeError, r"`prompt` must be a text or a list of texts, got int 12"),
+    (dict(prompt=["1+2=", 3]), TypeError, r"`prompt\[1\]` must be a text \(str\), got int 3"),
+    (dict(prompt="12×3="), ValueError, r"The prompt '12×3=' has characters the tokenizer does not know"),
+    (dict(prompt="1" * 30), ValueError,
+     r"The prompt \(30 tokens\) and the answer \(`gen_length` 18\) make 48 positions, more than the model takes "
+     r"\(its `max_position_embeddings` is 40\); shorten the prompt or `gen_length`"),
+    (dict(prompt=["1+2=", "1" * 25]), ValueError,
+     r"The prompt \(25 tokens, the longest of the batch\) and the answer \(`gen_length` 18\) make 43 positions"),
+    (dict(prompt="1+2=", input_ids=IDS), ValueError,
+     r"Give `prompt` or `input_ids` \(with its `attention_mask`\), not both"),
+    (dict(prompt="1+2=", attention_mask=torch.ones(1, 4)), ValueError, r"`attention_mask` goes with `input_ids`"),
+    # input_ids and attention_mask
+    (dict(input_ids=[[5, 6]]), TypeError, r"`input_ids` must be a torch tensor of token ids, got list"),
+    (dict(input_ids=IDS[0]), ValueError,
+     r"`input_ids` must be a \(batch, prompt_length\) integer tensor with at least one token, got shape \(4,\) and "
+     r"dtype torch.int64"),
+    (dict(input_ids=IDS.float()), ValueError, r"integer tensor with at least one token, got shape \(1, 4\) and dtype "
+                                              r"torch.float32"),
+    (dict(input_ids=IDS[:, :0]), ValueError, r"at least one token, got shape \(1, 0\)"),
+    (dict(input_ids=IDS + 100), ValueError, r"`input_ids` must be token ids from 0 to 47 \(the model's vocabulary\), "
+                                            r"got values from 105 to 108"),
+    (dict(input_ids=IDS, attention_mask=torch.ones(1, 3)), ValueError,
+     r"`attention_mask` must have the shape of `input_ids` \(1, 4\), got \(1, 3\)"),
+    (dict(input_ids=IDS, attention_mask=torch.tensor([[0, 2, 1, 1]])), ValueError,
+     r"`attention_mask` must hold only 0 \(padding\) and 1 \(a prompt token\), got the values \[0, 1, 2\]"),
+    (dict(input_ids=IDS, attention_mask=torch.tensor([[1, 1, 0, 0]])), ValueError,
+     r"`attention_mask` must pad on the left, .* got row 0: \[1, 1, 0, 0\]"),
+    (dict(input_ids=IDS.expand(2, -1), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])), ValueError,
+     r"at least one 1 .* got row 1: \[0, 0, 0, 0\]"),
+    # lengths and steps
+    (dict(steps=0), ValueError, r"`steps` must be an integer >= 1, got 0"),  # not "the model's default steps"
+    (dict(gen_length=0), ValueError, r"`gen_length` must be an integer >= 1, got 0"),
+    (dict(block_length=0), ValueError, r"`block_length` must be an integer >= 1, got 0"),
+    (dict(steps=2.5), TypeError, r"`steps` must be an integer, got 2.5"),
+    (dict(gen_length=10, block_length=4), ValueError,
+     r"`gen_length` \(10\) must be a multiple of `block_length` \(4\): the answer is decoded in blocks"),
+    (dict(gen_length=24), ValueError,
+     r"`gen_length` \(24\) must be a multiple of `block_length` \(18, the model's default\)"),
+    (dict(gen_length=8, block_length=4, steps=3), ValueError,
+     r"`steps` \(3\) must be a multiple of the number of blocks \(2 = `gen_length` 8 / `block_length` 4\)"),
+    (dict(gen_length=36, block_length=9), ValueError,
+     r"`steps` \(18, the model's default\) must be a multiple of the number of blocks \(4 = `gen_length` 36"),
+    # settings
+    (dict(temperature=float("nan")), ValueError, r"`temperature` must be a finite number >= 0, got nan"),
+    (dict(temperature=-1.0), ValueError, r"`temperature` must be a finite number >= 0, got -1.0"),
+    (dict(cfg_scale=float("inf")), ValueError, r"`cfg_scale` must be a finite number >= 0, got inf"),
+    (dict(remasking="lowest"), ValueError, r"`remasking` must be one of \('low_confidence', 'random'\), got 'lowest'"),
+    (dict(early_commit="fast"), TypeError,
+     r"`early_commit` must be None, 'prophet', 'sched' or a rule such as ProphetCommit\(\) or SchEDCommit\(\); "
+     r"got 'fast'"),
+    (dict(early_commit=7.5), TypeError, r"`early_commit` must be None, 'prophet', 'sched' .*; got 7.5"),
+    (dict(parallel=0.9), TypeError, r"`parallel` must be None or a ThresholdCommit, got 0.9"),
+    (dict(parallel=FAST_DLLM, remasking=None), ValueError, r"`remasking` must be one of .* got None"),
+    (dict(confidence_dtype="int8"), ValueError, r"`confidence_dtype` must be None .* got 'int8'"),
+    # the KV cache
+    (dict(cache_refresh_every=3), ValueError,
+     r"`cache_refresh_every` only applies with `kv_cache` \(one of \('prefix', 'dual'\)\), got cache_refresh_every=3 "
+     r"with kv_cache=None"),
+    (dict(kv_cache="triple"), ValueError,
+     r"`kv_cache` must be None \(off\) or one of \('prefix', 'dual'\), got 'triple'"),
+    (dict(kv_cache=True), ValueError, r"`kv_cache` must be None \(off\) or one of .* got True"),
+    (dict(kv_cache="prefix", cache_refresh_every=0), ValueError,
+     r"`cache_refresh_every` must be an integer >= 1, got 0"),
+    (dict(kv_cache="dual", cfg_scale=1.0), ValueError, r"`kv_cache` \('dual'\) does not combine with classifier-free"),
 ])  # fmt: skip
-def test_bad_call_arguments_raise_instead_of_a_silent_wrong_answer(model_folder, call, match):
-    pipe = MaskedDiffusionLMPipeline.from_pretrained(model_folder)
-    with pytest.raises(ValueError, match=match):
-        pipe(**{"prompt": "1+2=", **call})
+def test_bad_call_arguments_raise_before_any_model_work(shipped, call, error, match):
+    pipe, forwards = shipped
+    before = forwards.calls
+    with pytest.raises(error, match=match):
+        pipe(**{**({} if "input_ids" in call else {"prompt": "1+2="}), **call})
+    assert forwards.calls == before  # refused at the call's start: not one denoiser pass
+
+
+def test_the_shipped_model_still_answers_at_the_edges_of_what_it_takes(shipped):
+    pipe, _ = shipped
+    assert pipe(prompt="123+4567=").texts == ["4690"]
+    assert pipe(prompt=("123+4567=",)).texts == ["4690"]  # a tuple is a list of prompts
+    longest = pipe(prompt="1" * 22)  # 22 prompt tokens + 18 answer tokens: all 40 positions
+    assert longest.sequences.shape == (1, 18)
+    ids = pipe.tokenizer(["58+9=", "123+4567="], return_tensors="pt", padding=True)
+    out = pipe(input_ids=ids["input_ids"].int(), attention_mask=ids["attention_mask"].bool())  # any integer dtype
+    assert out.texts == ["67", "4690"]

@@ -269,7 +269,8 @@ def test_bad_lengths_raise(tiny_bert):
     with pytest.raises(ValueError, match="number of blocks"):
         generate(adapter, torch.tensor([[5]]), gen_length=8, steps=3, block_length=4, mask_token_id=MASK)
     with pytest.raises(ValueError, match="remasking"):
-        generate(adapter, torch.tensor([[5]]), gen_length=8, steps=8, block_length=8, mask_token_id=MASK, remasking="x")
+        generate(adapter, torch.tensor([[5]]), gen_length=8, steps=8, block_length=8, mask_token_id=MASK,
+                 remasking="x")
 
 
 @pytest.mark.parametrize("options, error, match", [
@@ -283,3 +284,29 @@ def test_bad_selection_options_raise(tiny_bert, options, error, match):
     with pytest.raises(error, match=match):
         generate(MaskedLMAdapter(tiny_bert, MASK), torch.tensor([[5]]), gen_length=8, steps=8, block_length=8,
                  mask_token_id=MASK, **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("input_ids, attention_mask, settings, error, match", [
+    (torch.tensor([5, 6]), None, {}, ValueError, r"`input_ids` must be a \(batch, prompt_length\) integer tensor"),
+    (torch.tensor([[5.0, 6.0]]), None, {}, ValueError, r"got shape \(1, 2\) and dtype torch.float32"),
+    (torch.tensor([[5, 6]]), torch.tensor([[1, 0]]), {}, ValueError, r"`attention_mask` must pad on the left"),
+    (torch.tensor([[5, 6]]), torch.tensor([[1, 1, 1]]), {}, ValueError,
+     r"must have the shape of `input_ids` \(1, 2\)"),
+    (torch.tensor([[5] * 30]), None, {}, ValueError,
+     r"The prompt \(30 tokens\) and the answer \(`gen_length` 8\) make 38 positions, more than the model takes "
+     r"\(its `max_position_embeddings` is 20\)"),
+    (torch.tensor([[5]]), None, {"cache_refresh_every": 2}, ValueError, r"`cache_refresh_every` only applies with"),
+    (torch.tensor([[5]]), None, {"gen_length": 8.0}, TypeError, r"`gen_length` must be an integer, got 8.0"),
+])  # fmt: skip
+def test_bad_prompts_and_settings_raise_before_the_first_pass(tokenizer, input_ids, attention_mask, settings, error,
+                                                             match):  # fmt: skip
+    from ee_diffusion.training.mdlm import build_model
+
+    from .conftest import tiny_config
+
+    model = build_model(tokenizer, tiny_config(gen_length=8, max_prompt_length=12)).eval()  # 20 positions
+    forwards = ForwardCounter(model)
+    with pytest.raises(error, match=match):
+        generate(MaskedLMAdapter(model, MASK), input_ids, attention_mask, mask_token_id=MASK,
+                 **{"gen_length": 8, "steps": 8, "block_length": 8, **settings})  # fmt: skip
+    assert forwards.calls == 0

@@ -450,7 +450,7 @@ def test_drop_in_builds_without_its_denoiser_but_refuses_a_schedule_then(name):
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_dit_drop_in_with_a_vae_is_bit_identical_to_stock_dit_pipeline(scheduler, guidance):
-    from ee_diffusion.bench.schedulers import build_scheduler
+    from ee_diffusion.bench.noise_schedulers import build_scheduler
 
     stock, drop_in = make_dit_pipe(pipeline_cls=DiTPipeline), make_dit_pipe(exit_schedule=ExitSchedule.linear(4, 4))
     for pipe in (stock, drop_in):

@@ -93,3 +93,48 @@ def test_plans_round_trip_through_a_pipeline_folder(tmp_path):
     loaded = type(pipe).from_pretrained(tmp_path)
     assert loaded.exit_schedule == plan and loaded.exit_schedule.reuses
     assert ExitSchedule.from_spec(str(tmp_path / "exit_schedule"), case.num_units) == plan
+
+
+def test_a_plan_runs_only_at_its_own_scheduler_and_step_count(tmp_path):
+    """A plan holds one action per step of one run: a pipeline refuses another step count or scheduler class before
+    the first step, and the hooks refuse a timestep that is not one of the plan's (a run the pipeline cannot see, or
+    a bare denoiser)."""
+    from diffusers import EulerDiscreteScheduler
+
+    case = CASES["dit"]
+    pipe = case.make()
+    recorder = case.recorder(pipe)
+    _run(pipe, case, steps=4)
+    timesteps = [call.timesteps[0] for call in recorder.calls]
+    plan = ExitSchedule.plan(case.num_units, timesteps, [4, REUSE, 2, 2], scheduler_class=type(pipe.scheduler).__name__)
+    pipe.exit_schedule = plan
+    planned = _run(pipe, case, steps=4)
+    for steps in (3, 5, 8):
+        with pytest.raises(ValueError, match=rf"made for 4 steps of {type(pipe.scheduler).__name__}; the run asks "
+                                             rf"for {steps} steps"):  # fmt: skip
+            _run(pipe, case, steps=steps)
+    own = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(own.config)
+    with pytest.raises(ValueError, match="the run asks for 4 steps of EulerDiscreteScheduler"):
+        _run(pipe, case, steps=4)
+    pipe.scheduler = own
+    plan.save_pretrained(tmp_path)
+    loaded = ExitSchedule.from_pretrained(tmp_path)
+    assert loaded == plan and loaded.config.scheduler_class == type(own).__name__
+    assert torch.equal(_run(pipe, case, steps=4), planned)  # refusals leave nothing behind
+
+    model = make_tiny_dit()
+    apply_exit_schedule(model, ExitSchedule.plan(4, [999, 500], [4, 2]))
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"Timestep 750 is not a step of this plan"):
+        model(x, timestep=torch.tensor([750, 750]), class_labels=y)
+
+
+def test_a_plan_without_a_scheduler_class_is_still_held_to_its_steps():
+    plan = ExitSchedule.plan(4, [999, 500], [4, 2])
+    plan.check_run("AnyScheduler", 2)
+    with pytest.raises(ValueError, match="made for 2 steps of its scheduler; the run asks for 3 steps"):
+        plan.check_run("AnyScheduler", 3)
+    ExitSchedule.linear(4, 2).check_run("AnyScheduler", 37)  # a schedule of timesteps runs at any step count
+    with pytest.raises(ValueError, match="`scheduler_class` is a plan's scheduler class name"):
+        ExitSchedule(num_blocks=4, shape="linear", min_blocks=2, scheduler_class="DDIMScheduler")

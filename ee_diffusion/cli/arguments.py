@@ -1,5 +1,5 @@
-"""argparse types of the `ee-diffusion` options: each turns bad input into `error: ...` and exit status 2 while the
-command line is parsed, before anything is loaded or computed."""
+"""argparse types and shared options of the `ee-diffusion` commands: each type turns bad input into `error: ...` and
+exit status 2 while the command line is parsed, before anything is loaded or computed."""
 
 from __future__ import annotations
 
@@ -136,25 +136,25 @@ def _can_create_files_in(folder: Path) -> bool:
         return False
 
 
-def _writable_place(path: Path) -> None:
-    """Raise unless `path` could be created or written: its nearest existing ancestor is a writable folder."""
+def _writable_place(path: Path, shown: str) -> None:
+    """Raise unless the folder `path` could be created or written: its nearest existing ancestor is a writable
+    folder. `shown`: what the user gave, for the message."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not _can_create_files_in(existing):
-        raise argparse.ArgumentTypeError(f"cannot write {str(path)!r}: {str(existing)!r} is not a writable folder")
+        raise argparse.ArgumentTypeError(f"cannot write {shown!r}: {str(existing)!r} is not a writable folder")
 
 
 def output_file(text: str) -> str:
-    """A file the command will write at the end: its folder must exist and be writable now."""
+    """A file the command will write at the end (its missing parent folders are created then): not a folder, and
+    creatable or writable now."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}")
-    folder = path.parent
-    if not folder.is_dir() or not _can_create_files_in(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(folder)!r} is not an existing writable folder")
+    _writable_place(path.parent, text)
     return text
 
 
@@ -163,8 +163,50 @@ def output_folder(text: str) -> str:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-    _writable_place(path)
+    _writable_place(path, text)
     return text
+
+
+GUIDANCE_SCALE = 2.0  # what the shipped digits models and plans are measured and calibrated at
+
+
+def add_guidance(command: argparse.ArgumentParser) -> None:
+    """`--guidance-scale`, with the one default of `bench`, `calibrate` and `sweep`."""
+    command.add_argument("--guidance-scale", type=number(0), default=GUIDANCE_SCALE, help="classifier-free guidance "
+                         "(1: off; 2: what the shipped digits models and plans are measured and calibrated at; a plan "
+                         "is calibrated for one guidance scale)")  # fmt: skip
+
+
+def add_overwrite(command: argparse.ArgumentParser, what: str) -> None:
+    """`--overwrite`: replace an earlier output of the command (`what` names it in the help)."""
+    command.add_argument("--overwrite", action="store_true", help=f"replace {what} when it holds an earlier output "
+                         "of this command (anything else, and the shipped models, are never overwritten)")  # fmt: skip
+
+
+def check_output_files(args: argparse.Namespace, *names: str) -> None:
+    """Check each output file option of `names` that was given (`check_output_file`), before anything is loaded."""
+    from ..outputs import check_output_file
+
+    for name in names:
+        if getattr(args, name, None):
+            check_output_file(getattr(args, name), overwrite=args.overwrite)
+
+
+def method_list(text: str) -> list[str]:
+    """A comma-separated list of `ee-diffusion bench` methods, each checked (no model is loaded; a schedule folder's
+    JSON is read)."""
+    from ..bench.method_specs import parse_methods
+    from ..errors import USER_ERRORS, user_message
+
+    try:
+        return parse_methods(text)
+    except USER_ERRORS as error:
+        raise argparse.ArgumentTypeError(user_message(error)) from None
+
+
+def optional_method_list(text: str) -> list[str]:
+    """`method_list`, where an empty text is no method."""
+    return method_list(text) if text.strip() else []
 
 
 def existing_path(text: str) -> str:

@@ -1,25 +1,39 @@
-"""The `train-mdlm` and `dllm-bench` subcommands of `ee-diffusion`."""
+"""`ee-diffusion train-mdlm` and `dllm-bench`: the tiny masked diffusion LMs, and early commit measured on them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 
-from .. import cli_args as arg
+from ..outputs import OutputKind
+from . import arguments as arg
+from .command import Command
 
 TINY_MDLM = "tiny-mdlm"  # the shipped model, by name
+MDLM = OutputKind("ee-diffusion train-mdlm", ("config.json", "generation_config.json", "model.safetensors",
+                                              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                              "README.md", "checkpoint/*"), resumable=True)  # fmt: skip
 
 
 def _train_mdlm(args: argparse.Namespace) -> int:
-    from ..training.mdlm import MDLMTrainConfig, train_mdlm
+    from ..outputs import check_output_folder, staged_folder
 
+    check_output_folder(args.out, MDLM, overwrite=args.overwrite, resume=args.resume)
     arg.torch_with_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
+        losses, stopped = _train_mdlm_into(args, str(folder))
+    print(f"trained to step {stopped}; last loss {losses[-1]:.4f}; model in {args.out}")
+    return 0
+
+
+def _train_mdlm_into(args: argparse.Namespace, folder: str) -> tuple[list[float], int]:
+    from ..training.mdlm import MDLMTrainConfig, train_mdlm
+
     config = MDLMTrainConfig(
-        output_dir=args.out,
+        output_dir=folder,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -31,16 +45,15 @@ def _train_mdlm(args: argparse.Namespace) -> int:
         stop_at=args.stop_at,
     )
     losses = train_mdlm(config, device=args.device, workers=args.workers)
-    stopped = min(config.stop_at or config.steps, config.steps)
-    print(f"trained to step {stopped}; last loss {losses[-1]:.4f}; model in {config.output_dir}")
-    return 0
+    return losses, min(config.stop_at or config.steps, config.steps)
 
 
 def _dllm_bench(args: argparse.Namespace) -> int:
+    from ..dllm.bench import best_rows, format_fronts, format_rows, plot_fronts, run_dllm_bench, write_json
+    from ..dllm.methods import sweep_methods
     from ..pipelines import MaskedDiffusionLMPipeline
-    from .bench import best_rows, format_fronts, format_rows, plot_fronts, rows_as_dicts, run_dllm_bench
-    from .methods import sweep_methods
 
+    arg.check_output_files(args, "json", "plot")
     tasks = args.tasks or _trained_tasks(args.model)
     torch = arg.torch_with_threads(args.threads)
     pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
@@ -61,8 +74,7 @@ def _dllm_bench(args: argparse.Namespace) -> int:
         print("\nFewest NFE at >= 99% retention, per method:")
         print(format_rows(sorted(best_rows(rows), key=lambda r: (r.task, r.nfe))))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows_as_dicts(rows), file, indent=2)
+        write_json(args.json, rows)
     if args.plot:
         plot_fronts(args.plot, rows)
         print(f"plot: {args.plot}")
@@ -73,8 +85,8 @@ def _trained_tasks(model: str) -> list[str]:
     """The tasks a model folder says it was trained on (`tasks` in its `generation_config.json`)."""
     from transformers import GenerationConfig
 
+    from ..dllm.tasks import TASKS
     from ..pipelines.loading import resolve_pretrained
-    from .tasks import TASKS
 
     try:
         folder = resolve_pretrained(model, marker="tokenizer.json")
@@ -89,7 +101,7 @@ def _trained_tasks(model: str) -> list[str]:
 
 def _method(text: str) -> str:
     """One method spec, checked (`NAME[:VALUE][+CACHE[/K]]`)."""
-    from .methods import parse_method
+    from ..dllm.methods import parse_method
 
     try:
         return parse_method(text).label
@@ -112,22 +124,13 @@ def _language_model(text: str) -> str:
     )
 
 
-def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
-    """Add `train-mdlm` and `dllm-bench` to the `ee-diffusion` subcommands."""
+def _train_mdlm_arguments(train: argparse.ArgumentParser) -> None:
+    from ..dllm.tasks import TASKS
     from ..training.config import MDLMTrainConfig as Recipe
-    from .methods import CACHE_MODES, METHODS
-    from .tasks import TASKS
 
-    train = commands.add_parser(
-        "train-mdlm",
-        formatter_class=arg.HelpFormatter,
-        help="train a tiny masked diffusion LM on toy tasks (CPU, seeded, checkpointed)",
-        description="Train a tiny masked diffusion LM (the recipe of the shipped tiny-mdlm by default) with the "
-        "masked-diffusion objective; --resume continues from its checkpoint, --stop-at pauses a run.",
-    )
     train.add_argument("--out", "--output-dir", dest="out", required=True, type=arg.output_folder,
-                       help="folder to write the model (and its checkpoint) to; nothing is written into the package "
-                       "unless this names it")  # fmt: skip
+                       help="folder to write the model (and its checkpoint) to; never one of the shipped models")
+    arg.add_overwrite(train, "OUT")
     train.add_argument("--tasks", type=arg.names(TASKS), default=list(Recipe.tasks), metavar="TASK[,TASK...]",
                        help=f"comma-separated, of {', '.join(TASKS)}; drawn in turn within each batch (name a task "
                        "twice for twice the share)")
@@ -140,25 +143,20 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=Recipe.seed, help="seed of initialisation, data and masks")
     train.add_argument("--checkpoint-every", type=arg.integer(1), default=Recipe.checkpoint_every,
                        help="steps between checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run that wrote OUT (or was interrupted "
+                       "writing it) from OUT/checkpoint")  # fmt: skip
     train.add_argument("--stop-at", type=arg.integer(1),
                        help="stop after this step (checkpointed), keeping the learning-rate schedule of --steps")
     train.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     train.add_argument("--device", type=arg.device, default="cpu", help="torch device to train on, e.g. cuda")
     train.add_argument("--workers", type=arg.integer(0), default=0,
                        help="DataLoader processes generating problems ahead of the model (same run for any number)")
-    train.set_defaults(func=_train_mdlm)
 
-    bench = commands.add_parser(
-        "dllm-bench",
-        formatter_class=arg.HelpFormatter,
-        help="accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*), "
-        "and each rule's accuracy-vs-NFE front (--sweep)",
-        description="Accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems. A method is "
-        "NAME[:VALUE][+CACHE[/K]]: VALUE is the rule's threshold (a probability for threshold, the highest top-2 "
-        "logit gap for prophet and sched-*, default 7.5), CACHE is prefix or dual (Fast-dLLM's block KV cache), K "
-        "refreshes the cache every K steps.",
-    )
+
+def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from ..dllm.methods import CACHE_MODES, METHODS
+    from ..dllm.tasks import TASKS
+
     bench.add_argument("--model", default=TINY_MDLM, help="shipped model name, folder or hub id")
     bench.add_argument("--tasks", type=arg.names(TASKS), metavar="TASK[,TASK...]",
                        help=f"comma-separated, of {', '.join(TASKS)} (default: the tasks the model was trained on)")
@@ -176,4 +174,27 @@ def add_dllm_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     bench.add_argument("--json", type=arg.output_file, help="also write the rows to this JSON file")
     bench.add_argument("--plot", type=arg.output_file, help="also plot accuracy against NFE per task to this image")
-    bench.set_defaults(func=_dllm_bench)
+    arg.add_overwrite(bench, "the --json and --plot files")
+
+
+COMMANDS = [
+    Command(
+        "train-mdlm",
+        "train a tiny masked diffusion LM on toy tasks (CPU, seeded, checkpointed)",
+        "Train a tiny masked diffusion LM (the recipe of the shipped tiny-mdlm by default) with the masked-diffusion "
+        "objective; --resume continues from its checkpoint, --stop-at pauses a run.",
+        _train_mdlm_arguments,
+        _train_mdlm,
+    ),
+    Command(
+        "dllm-bench",
+        "accuracy, NFE and speed of dLLM decoding methods (full, halfsteps, threshold, prophet, sched-*), and each "
+        "rule's accuracy-vs-NFE front (--sweep)",
+        "Accuracy, retention, NFE, tokens/s, speedup and QPS (gamma 4) on fresh problems. A method is "
+        "NAME[:VALUE][+CACHE[/K]]: VALUE is the rule's threshold (a probability for threshold, the highest top-2 "
+        "logit gap for prophet and sched-*, default 7.5), CACHE is prefix or dual (Fast-dLLM's block KV cache), K "
+        "refreshes the cache every K steps.",
+        _dllm_bench_arguments,
+        _dllm_bench,
+    ),
+]
