@@ -1,14 +1,14 @@
 """ComfyUI custom node "Early Exit Schedule (ee-diffusion)": MODEL in, MODEL out, trailing blocks skipped when noisy.
 
 Install ee-diffusion in ComfyUI's Python environment (`pip install ee-diffusion`) and copy or symlink this folder into
-ComfyUI's `custom_nodes/` (see README.md here). All the work is done by `ee_diffusion.comfyui`; this file only
+ComfyUI's `custom_nodes/` (see README.md here). All the work is done by `ee_diffusion.comfyui_exits`; this file only
 declares the node: in ComfyUI's V3 schema from the pinned `comfy_api.v0_0_2` where that exists, otherwise as a
 classic node for older ComfyUI.
 """
 
 from __future__ import annotations
 
-from ee_diffusion.comfyui import NODE_SHAPES, early_exit_node, supported_families
+from ee_diffusion.comfyui_exits import NODE_SHAPES, early_exit_node, supported_families
 
 NODE_ID = "EEDiffusionEarlyExitSchedule"
 DISPLAY_NAME = "Early Exit Schedule (ee-diffusion)"

@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "UncertaintyExitStats",
             "apply_exit_schedule",
             "apply_uncertainty_exit",
+            "exit_schedule_in_force",
             "exit_units",
             "get_exit_architecture",
             "get_exit_schedule",
@@ -44,7 +45,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "load_early_exit_pipeline",
         ],
         ".schedules": ["REUSE", "ExitSchedule"],
-        ".comfyui": ["apply_comfyui_exit_schedule"],
+        ".calibration": ["Calibration", "PlanCalibrator", "calibrate_plan"],
+        ".comfyui_exits": ["apply_comfyui_exit_schedule"],
         ".dllm": ["ProphetCommit", "ProphetScheduler", "SchEDCommit", "SchEDScheduler", "ThresholdCommit"],
     },
 )

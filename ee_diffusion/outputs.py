@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SHIPPED_ASSETS = Path(__file__).resolve().parent / "assets"
+from .shipped import SHIPPED_MODELS_DIR as SHIPPED_ASSETS
 
 
 def _inside(path: Path, folder: Path) -> bool:

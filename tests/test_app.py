@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import app
-from ee_diffusion.pipelines.loading import shipped_model_path
+from ee_diffusion.shipped import shipped_model_path
 
 
 def _free_port() -> int:

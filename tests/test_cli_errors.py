@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ee_diffusion.cli import build_parser, main
-from ee_diffusion.pipelines.loading import SHIPPED_MODELS_DIR as SHIPPED
+from ee_diffusion.shipped import SHIPPED_MODELS_DIR as SHIPPED
 
 
 def _exit(argv, capsys):

@@ -219,7 +219,7 @@ def default_methods(model: str, steps: list[int], scheduler: list[str]) -> list[
     then, when the model has a shipped ASE fine-tuned sibling, that model under its schedule at both step counts and
     under the plan shipped in its folder for this scheduler and step count (`plans/<scheduler>-<steps>`), and without
     a sibling, the model under `linear:0.5`."""
-    from ..pipelines import shipped_model_path
+    from ..shipped import shipped_model_path
 
     fewer = round(0.8 * steps[0]) if len(steps) == 1 else 0
     at_fewer = [f"@{fewer}"] if 1 <= fewer < steps[0] else []

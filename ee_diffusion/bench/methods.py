@@ -67,7 +67,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.cache_utils import CacheMixin
 
-from ..exits import denoiser_of, num_exit_blocks
+from ..exits import denoiser_of, exit_schedule_in_force, num_exit_blocks
 from ..schedules import ExitSchedule
 from .method_specs import METHOD_KINDS, kind_of
 
@@ -88,23 +88,12 @@ class Work:
 Session = Callable[[Any], contextlib.AbstractContextManager[Work]]
 
 
-@contextlib.contextmanager
-def _exit_schedule(pipe: Any, schedule: ExitSchedule | None) -> Iterator[None]:
-    """`schedule` in force on `pipe` inside, and the pipeline's own schedule (a `finetuned:` model's, say) back after."""
-    own = pipe.exit_schedule
-    pipe.exit_schedule = schedule
-    try:
-        yield
-    finally:
-        pipe.exit_schedule = own
-
-
 def _scheduled(schedule: ExitSchedule | None) -> Session:
     """The model under `schedule`; `None`: at full depth, whatever schedule its folder carries."""
 
     @contextlib.contextmanager
     def session(pipe: Any) -> Iterator[Work]:
-        with _exit_schedule(pipe, schedule):
+        with exit_schedule_in_force(pipe, schedule):
             yield Work(lambda: 1.0) if schedule is None else _exit_work(pipe)
 
     return session
@@ -285,7 +274,7 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
     @contextlib.contextmanager
     def session(pipe: Any) -> Iterator[Work]:
         denoiser = denoiser_of(pipe)
-        with _exit_schedule(pipe, None):  # the accelerator alone, on the model at full depth
+        with exit_schedule_in_force(pipe, None):  # the accelerator alone, on the model at full depth
             work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
             handles = []
             try:

@@ -153,7 +153,7 @@ def _calibrated_plans(config: SweepConfig, pipe: Any, probes: dict[str, Any], st
                       progress: bool) -> tuple[dict[str, str], list[float]]:  # fmt: skip
     """The plans calibrated on `pipe` at `steps`, one per budget below its own schedule's compute, saved under
     `folder`: {bench method (`prefix` + folder): folder}; and the denoiser's timesteps at those steps."""
-    from ..schedules import PlanCalibrator
+    from ..calibration import PlanCalibrator
 
     calibrator = PlanCalibrator(pipe, probes, steps, seed=config.seed, progress=progress)
     base = calibrator.chain[0].compute_fraction

@@ -115,7 +115,7 @@ def _methods(text: str) -> list[str]:
 
 def _language_model(text: str) -> str:
     """A shipped language model's name or a folder that exists (checked before anything loads)."""
-    from ..pipelines.loading import shipped_models
+    from ..shipped import shipped_models
 
     if text in shipped_models("tokenizer.json") or os.path.isdir(text):
         return text

@@ -14,11 +14,12 @@ SWEEP = OutputKind("ee-diffusion sweep", ("sweep.json", "sweep.png", "plans/*", 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from ..bench.noise_schedulers import build_scheduler
+    from ..calibration import calibrate_plan
     from ..exits import denoiser_of
     from ..outputs import check_output_folder
     from ..pipelines import load_early_exit_pipeline
     from ..pipelines.class_conditional import null_class_label
-    from ..schedules import calibrate_plan
+    from ..schedules import REUSE
 
     check_output_folder(args.out, CALIBRATION, overwrite=args.overwrite)
     torch = arg.torch_with_threads(args.threads)
@@ -35,7 +36,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings = {key: getattr(args, key) for key in ("model", "scheduler", "steps", "guidance_scale", "num_probes",
                                                     "seed", "tolerance", "target_compute")}  # fmt: skip
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
-    actions = ", ".join(str(action) if action else "reuse" for action in reversed(result.plan.config.depths))
+    actions = ", ".join("reuse" if action == REUSE else str(action) for action in reversed(result.plan.config.depths))
     print(f"plan (per step, first to last): {actions}")
     reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
     method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
@@ -75,7 +76,7 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from ..bench.sweep import SweepConfig, format_sweep, run_sweep
     from ..outputs import check_output_folder
-    from ..pipelines import shipped_model_path
+    from ..shipped import shipped_model_path
 
     check_output_folder(args.out, SWEEP, overwrite=args.overwrite)
     torch = arg.torch_with_threads(args.threads)

@@ -77,7 +77,7 @@ def _train_denoiser(args: argparse.Namespace, folder: Path) -> str:
 def _train_classifier(args: argparse.Namespace, folder: Path) -> str:
     from ..data import load_digits_split
     from ..training.cards import digits_classifier_card
-    from ..training.digits_classifier import train_digits_classifier
+    from ..training.classifier import train_digits_classifier
 
     model, accuracy, seconds = train_digits_classifier(
         load_digits_split("train"), load_digits_split("heldout"), epochs=args.epochs, seed=args.seed

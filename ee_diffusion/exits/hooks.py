@@ -16,6 +16,8 @@ them bit-identical outputs.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,6 +333,42 @@ def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
     """The schedule applied to this denoiser, or `None`."""
     hook = _schedule_hook(_resolve(pipe_or_model)[0])
     return None if hook is None else hook.schedule
+
+
+def own_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
+    """The exit schedule `pipe_or_model` samples with as it is: a drop-in pipeline's `exit_schedule` component, or
+    the one applied to the denoiser of a stock pipeline or a bare model."""
+    if hasattr(pipe_or_model, "set_exit_schedule"):
+        return pipe_or_model.exit_schedule
+    return get_exit_schedule(pipe_or_model)
+
+
+@contextlib.contextmanager
+def exit_schedule_in_force(
+    pipe_or_model: Any, schedule: ExitSchedule | None
+) -> Iterator[Callable[[ExitSchedule | None], None]]:
+    """Inside: `schedule` on `pipe_or_model` (`None`: the full model), and `use(other)`, which it yields, puts another
+    on; after: the schedule it had before (a fine-tuned model's own, say), whatever happened inside.
+
+    Works on the drop-in pipelines (through their `exit_schedule` component), on stock diffusers pipelines and on bare
+    denoisers (through the hooks).
+    """
+    drop_in = hasattr(pipe_or_model, "set_exit_schedule")
+    own = own_exit_schedule(pipe_or_model)
+
+    def use(other: ExitSchedule | None) -> None:
+        if drop_in:
+            pipe_or_model.exit_schedule = other
+        elif other is None:
+            remove_exit_schedule(pipe_or_model)
+        else:
+            apply_exit_schedule(pipe_or_model, other)
+
+    use(schedule)
+    try:
+        yield use
+    finally:
+        use(own)
 
 
 def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> None:

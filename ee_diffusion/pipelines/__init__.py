@@ -8,7 +8,8 @@ from .early_exit import (
     EarlyExitStableDiffusionPipeline,
     EarlyExitUNet2DPipeline,
 )
-from .loading import load_early_exit_pipeline, shipped_model_path
+from ..shipped import shipped_model_path
+from .loading import load_early_exit_pipeline
 from .masked_diffusion_lm import MaskedDiffusionLMOutput, MaskedDiffusionLMPipeline
 
 __all__ = [

@@ -42,6 +42,7 @@ from ..exits import (
     set_exit_timestep_scale,
 )
 from ..outputs import refuse_shipped
+from ..shipped import shipped_model_path
 from ..schedules import ExitSchedule
 from .class_conditional import ClassConditionalSamplingMixin
 
@@ -153,8 +154,6 @@ class EarlyExitPipelineMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """diffusers' `from_pretrained`, where a shipped model's name (`digits-dit-ase`) opens its folder, offline."""
-        from .loading import shipped_model_path
-
         shipped = shipped_model_path(str(pretrained_model_name_or_path))
         return super().from_pretrained(shipped or pretrained_model_name_or_path, **kwargs)
 

@@ -1,4 +1,4 @@
-"""Open any supported pipeline folder (or hub id) as its early-exit drop-in pipeline; the names of shipped models."""
+"""Open any supported pipeline folder, hub id or shipped model name as its early-exit drop-in pipeline."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
+from ..shipped import shipped_model_path, shipped_models
 from . import early_exit
-
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 # Each drop-in class, and the diffusers class whose folders it opens.
 _DROP_INS = {
@@ -23,17 +22,6 @@ _BY_PARENT = {name.removeprefix("EarlyExit"): cls for name, cls in _DROP_INS.ite
 
 # What a hub id looks like: `owner/name`, one slash, neither part starting with a dot.
 _HUB_ID = re.compile(r"[A-Za-z0-9_-][\w.-]*/[A-Za-z0-9_-][\w.-]*")
-
-
-def shipped_models(marker: str = "model_index.json") -> list[str]:
-    """Names of the models shipped with the package whose folder holds `marker` (`model_index.json`: the diffusion
-    pipelines; `tokenizer.json`: the language models)."""
-    return sorted(path.name for path in SHIPPED_MODELS_DIR.iterdir() if (path / marker).is_file())
-
-
-def shipped_model_path(name: str, marker: str = "model_index.json") -> Path | None:
-    """The folder of a model shipped with the package (`digits-dit`, `digits-unet`, ...), or `None`."""
-    return SHIPPED_MODELS_DIR / name if name in shipped_models(marker) else None
 
 
 def resolve_pretrained(name: str | Path, marker: str = "model_index.json") -> str:

@@ -1,4 +1,4 @@
-"""The ComfyUI node's logic (`ee_diffusion.comfyui`) against a stand-in of ComfyUI's ModelPatcher and tiny models whose
+"""The ComfyUI node's logic (`ee_diffusion.comfyui_exits`) against a stand-in of ComfyUI's ModelPatcher and tiny models whose
 forward honours `patches_replace["dit"]`: which blocks run at each sigma is counted by forward hooks on the blocks."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from comfy_standin import APPLY_MODEL, DIFFUSION_MODEL, make_patcher, predict
 
 from ee_diffusion import ExitSchedule
-from ee_diffusion.comfyui import (
+from ee_diffusion.comfyui_exits import (
     WRAPPER_KEY,
     apply_comfyui_exit_schedule,
     comfy_blocks,

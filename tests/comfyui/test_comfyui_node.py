@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from comfy_standin import APPLY_MODEL, make_patcher
 
-from ee_diffusion.comfyui import NODE_SHAPES, WRAPPER_KEY
+from ee_diffusion.comfyui_exits import NODE_SHAPES, WRAPPER_KEY
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "comfyui"
 

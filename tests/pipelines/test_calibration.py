@@ -7,7 +7,8 @@ import json
 import pytest
 
 from ee_diffusion.cli import main
-from ee_diffusion.schedules import REUSE, ExitSchedule, calibrate_plan
+from ee_diffusion import calibrate_plan
+from ee_diffusion.schedules import REUSE, ExitSchedule
 
 from tests.conftest import save_digits_shaped_dit
 

@@ -142,7 +142,8 @@ def test_other_schedulers_drive_the_same_loop():
 
 def test_shipped_names_resolve_offline_and_unknown_names_fail_at_once(tmp_path):
     from ee_diffusion import MaskedDiffusionLMPipeline, load_early_exit_pipeline
-    from ee_diffusion.pipelines.loading import SHIPPED_MODELS_DIR, resolve_pretrained, shipped_models
+    from ee_diffusion.pipelines.loading import resolve_pretrained
+    from ee_diffusion.shipped import SHIPPED_MODELS_DIR, shipped_models
 
     assert {"digits-dit", "digits-dit-ase", "digits-unet", "digits-unet-ase"} <= set(shipped_models())
     assert shipped_models("tokenizer.json") == ["tiny-mdlm", "tiny-mdlm-puzzles"]

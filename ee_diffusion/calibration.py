@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..validation import as_int, as_number
-from .exit_schedule import REUSE, ExitSchedule
+from .exits import denoiser_of, exit_schedule_in_force, num_exit_blocks, own_exit_schedule
+from .outputs import staged_folder
+from .schedules import REUSE, ExitSchedule
+from .validation import as_int, as_number
 
 
 CALIBRATION_FILE = "calibration.json"
@@ -75,8 +77,6 @@ class Calibration:
         """Write the plan (`exit_schedule.json`) and the record of the calibration (`calibration.json`: `settings`,
         such as the command, model and guidance, then every plan measured) to `folder`, written whole and then put
         in place (`ee_diffusion.outputs.staged_folder`)."""
-        from ..outputs import staged_folder
-
         report = {
             **(settings or {}),
             "compute_fraction": self.compute_fraction, "error": self.error,
@@ -88,40 +88,6 @@ class Calibration:
         with staged_folder(folder) as staged:
             self.plan.save_pretrained(staged)
             (staged / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
-
-
-def own_schedule(pipe: Any) -> ExitSchedule | None:
-    """The exit schedule `pipe` samples with as it is: a drop-in's `exit_schedule`, or the one on its denoiser."""
-    from ..exits import get_exit_schedule
-
-    return pipe.exit_schedule if hasattr(pipe, "set_exit_schedule") else get_exit_schedule(pipe)
-
-
-@contextlib.contextmanager
-def _planned(pipe: Any) -> Iterator[Any]:
-    """Inside: `use(plan)` puts a plan (`None`: the full model) on `pipe`; after, its own schedule is back."""
-    from ..exits import apply_exit_schedule, remove_exit_schedule
-
-    drop_in = hasattr(pipe, "set_exit_schedule")
-    own = own_schedule(pipe)
-
-    def use(plan: ExitSchedule | None) -> None:
-        if drop_in:
-            pipe.exit_schedule = plan
-        elif plan is None:
-            remove_exit_schedule(pipe)
-        else:
-            apply_exit_schedule(pipe, plan)
-
-    try:
-        yield use
-    finally:
-        if drop_in:
-            pipe.set_exit_schedule(own)
-        elif own is None:
-            remove_exit_schedule(pipe)
-        else:
-            apply_exit_schedule(pipe, own)
 
 
 class PlanCalibrator:
@@ -143,15 +109,13 @@ class PlanCalibrator:
                  progress: bool = True) -> None:  # fmt: skip
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
-        from ..exits import denoiser_of, num_exit_blocks
-
         self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
         self.num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
         self.num_blocks = num_exit_blocks(pipe)  # a clear error for a pipeline without a supported denoiser
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.scheduler_class = type(pipe.scheduler).__name__
-        self.reference_schedule = own_schedule(pipe)
+        self.reference_schedule = own_exit_schedule(pipe)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
         self.base: tuple[int, ...] = ()  # the reference's action at each step (known after the reference)
         self.sensitivity: tuple[dict[int, float], ...] = ()
@@ -218,7 +182,7 @@ class PlanCalibrator:
                           output_type="np").images  # fmt: skip
             return np.asarray(images, dtype=np.float64)
 
-        with _planned(pipe) as use, tqdm(total=total, desc=desc, disable=not self.progress) as bar:
+        with exit_schedule_in_force(pipe, None) as use, tqdm(total=total, desc=desc, disable=not self.progress) as bar:
             if not self._measured:  # the reference: the full model, whose calls give the plan its steps
                 recorded: list[float] = []
                 handle = self.denoiser.register_forward_pre_hook(
