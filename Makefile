@@ -2,23 +2,28 @@
 #   make demo   runs the main job (the bench at 10 steps: digits-dit, fewer steps, FirstBlockCache, and ours side by side)
 #   make test   installs the package with its test extras and runs the test suite
 #   make app    serves the Gradio demo (app.py) on http://127.0.0.1:7860, offline, on the shipped models
-# CI also runs `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned to the lowest
-# version pyproject.toml allows (.ci/lower-bounds.txt).
+#   make lint   checks the formatting and the lint rules of pyproject.toml (ruff)
+# CI also runs `make lint` and `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned
+# to the lowest version pyproject.toml allows (.ci/lower-bounds.txt).
 VENV ?= .venv
 LOWER_VENV ?= .venv-lower-bounds
 PYTHON ?= python3
 BIN := $(VENV)/bin
 LOWER_BIN := $(LOWER_VENV)/bin
 
-.PHONY: demo app test test-slow test-lower-bounds clean
+.PHONY: demo app test test-slow test-lower-bounds lint clean
 
 $(BIN)/ee-diffusion: pyproject.toml
+	@echo "Installing ee-diffusion and what it needs (torch, diffusers, transformers, gradio, ...) into $(VENV):"
+	@echo "a few minutes the first time; later runs reuse it."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 demo: $(BIN)/ee-diffusion
+	@echo "ee-diffusion bench: 6 methods x 250 samples of digits-dit at 10 steps, then 5 timed rounds (about 2 minutes"
+	@echo "on 2 idle CPU cores; several times longer when other work shares them)."
 	$(BIN)/ee-diffusion bench
 
 app: $(BIN)/ee-diffusion
@@ -38,6 +43,10 @@ $(LOWER_BIN)/ee-diffusion: pyproject.toml .ci/lower-bounds.txt
 
 test-lower-bounds: $(LOWER_BIN)/ee-diffusion
 	$(LOWER_BIN)/python -m pytest -q
+
+lint: $(BIN)/ee-diffusion
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) $(LOWER_VENV)

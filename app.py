@@ -41,7 +41,7 @@ class _FromEnvironment(str):
 
     name: str
 
-    def __new__(cls, value: str, name: str) -> "_FromEnvironment":
+    def __new__(cls, value: str, name: str) -> _FromEnvironment:
         text = super().__new__(cls, value)
         text.name = name
         return text
@@ -66,12 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     host = os.environ.get("GRADIO_SERVER_NAME", "").strip()
     port = os.environ.get("GRADIO_SERVER_PORT", "").strip()
     parser = argparse.ArgumentParser(description="ee-diffusion's demo (offline, on the shipped models).")
-    parser.add_argument("--host", default=host or DEFAULT_HOST,
-                        help=f"address to serve on (0.0.0.0: every interface; default: $GRADIO_SERVER_NAME if set, "
-                             f"else {DEFAULT_HOST})")  # fmt: skip
+    parser.add_argument(
+        "--host",
+        default=host or DEFAULT_HOST,
+        help=f"address to serve on (0.0.0.0: every interface; default: $GRADIO_SERVER_NAME if set, "
+        f"else {DEFAULT_HOST})",
+    )
     port_default = _FromEnvironment(port, "GRADIO_SERVER_PORT") if port else DEFAULT_PORT  # argparse runs _port on it
-    parser.add_argument("--port", type=_port, default=port_default,
-                        help=f"port to serve on (default: $GRADIO_SERVER_PORT if set, else {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=port_default,
+        help=f"port to serve on (default: $GRADIO_SERVER_PORT if set, else {DEFAULT_PORT})",
+    )
     return parser
 
 
@@ -89,9 +96,13 @@ from ee_diffusion.errors import USER_ERRORS, user_message  # noqa: E402
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 IMAGE_MODELS = ("digits-dit", "digits-dit-ase", "digits-unet", "digits-unet-ase")
 TEXT_MODELS = ("tiny-mdlm", "tiny-mdlm-puzzles")
-TEXT_METHODS = {"full steps": "full", "Prophet": "prophet", "SchED (exp)": "sched-exp",
-                "Fast-dLLM threshold 0.7": "threshold:0.7",
-                "Fast-dLLM threshold 0.7 + prefix KV cache": "threshold:0.7+prefix"}  # fmt: skip
+TEXT_METHODS = {
+    "full steps": "full",
+    "Prophet": "prophet",
+    "SchED (exp)": "sched-exp",
+    "Fast-dLLM threshold 0.7": "threshold:0.7",
+    "Fast-dLLM threshold 0.7 + prefix KV cache": "threshold:0.7+prefix",
+}
 # Prompts of each model's tasks: tiny-mdlm adds and sorts, tiny-mdlm-puzzles permutes and finds digit sums.
 TEXT_EXAMPLES = {
     "tiny-mdlm": ("123+4567=", "sort:93120=", "58+9=", "sort:8080123="),
@@ -115,8 +126,9 @@ ACCELERATIONS = (SHAPE, OWN, FOLDER, DEEDIFF, *CACHES)
 SHAPES = ("linear", "cosine", "constant")
 
 
-def method_spec(acceleration: str, model: str, shape: str, min_depth: float, folder: str | None,
-                threshold: str | float | None) -> str:  # fmt: skip
+def method_spec(
+    acceleration: str, model: str, shape: str, min_depth: float, folder: str | None, threshold: str | float | None
+) -> str:
     """The bench method (`ee_diffusion.bench.methods`) an acceleration choice of the image tab stands for (`threshold`:
     a number, or empty for the method's default)."""
     if acceleration == SHAPE:
@@ -129,15 +141,19 @@ def method_spec(acceleration: str, model: str, shape: str, min_depth: float, fol
         return f"finetuned:{model}"
     if acceleration == FOLDER:
         if not folder or not (Path(folder) / "exit_schedule.json").is_file():
-            raise ValueError(f"The schedule folder must hold an exit_schedule.json (one that `ee-diffusion calibrate` "
-                             f"or `ExitSchedule.save_pretrained` wrote), got {folder!r}.")  # fmt: skip
+            raise ValueError(
+                f"The schedule folder must hold an exit_schedule.json (one that `ee-diffusion calibrate` "
+                f"or `ExitSchedule.save_pretrained` wrote), got {folder!r}."
+            )
         return f"ase:{folder}"
     threshold = None if threshold is None or str(threshold).strip() == "" else str(threshold).strip()
     try:  # 0 would make each method a no-op: FirstBlockCache and MagCache never skip, DeeDiff never exits
         if threshold is not None and not (math.isfinite(float(threshold)) and float(threshold) > 0):
             raise ValueError
     except ValueError:
-        raise ValueError(f"The threshold must be a number > 0 (empty: the method's default), got {threshold!r}.")
+        raise ValueError(
+            f"The threshold must be a number > 0 (empty: the method's default), got {threshold!r}."
+        ) from None
     argument = "" if threshold is None else f":{float(threshold):g}"
     if acceleration == DEEDIFF:
         return f"deediff{argument}"
@@ -168,7 +184,9 @@ def parse_labels(text: str) -> list[int]:
     try:
         labels = [int(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"Class labels are whole numbers separated by commas (e.g. 3 or 0,1,7), got {text!r}.")
+        raise ValueError(
+            f"Class labels are whole numbers separated by commas (e.g. 3 or 0,1,7), got {text!r}."
+        ) from None
     if not labels:
         raise ValueError("Give at least one class label (e.g. 3 or 0,1,7).")
     if len(labels) > 16:
@@ -193,8 +211,10 @@ class Models:
         try:
             key = resolve_pretrained(model)
         except (OSError, ValueError) as error:
-            raise ValueError(f"{model!r} is neither a shipped model ({', '.join(IMAGE_MODELS)}) nor a local diffusers "
-                             f"pipeline folder: {error}") from None  # fmt: skip
+            raise ValueError(
+                f"{model!r} is neither a shipped model ({', '.join(IMAGE_MODELS)}) nor a local diffusers "
+                f"pipeline folder: {error}"
+            ) from None
         with self._lock:
             if key not in self._pipes:
                 if not (Path(key) / "model_index.json").is_file():
@@ -202,11 +222,14 @@ class Models:
                 try:
                     pipe = load_early_exit_pipeline(key)
                 except (*USER_ERRORS, KeyError) as error:  # a broken config (OSError) or weights (SafetensorError)
-                    raise ValueError(f"{model!r} could not be loaded as an image pipeline: "
-                                     f"{user_message(error)}") from None  # fmt: skip
+                    raise ValueError(
+                        f"{model!r} could not be loaded as an image pipeline: {user_message(error)}"
+                    ) from None
                 if not hasattr(pipe, "exit_stats") or "class_labels" not in _call_parameters(pipe):
-                    raise ValueError(f"{model!r} holds a {type(pipe).__name__}; this tab runs class-conditional "
-                                     "image pipelines (DiT, U-Net).")  # fmt: skip
+                    raise ValueError(
+                        f"{model!r} holds a {type(pipe).__name__}; this tab runs class-conditional "
+                        "image pipelines (DiT, U-Net)."
+                    )
                 pipe.set_progress_bar_config(desc="sampling")
                 _warm_up(pipe)
                 self._pipes[key] = (pipe, pipe.scheduler.config, threading.Lock())
@@ -227,8 +250,13 @@ def _warm_up(pipe: Any) -> None:
     """One short call, so that the first timed call does not pay for the first run's one-time costs."""
     import torch
 
-    pipe(class_labels=[0], guidance_scale=2.0, num_inference_steps=2, output_type="pt",
-         generator=torch.Generator(pipe.device).manual_seed(0))  # fmt: skip
+    pipe(
+        class_labels=[0],
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator(pipe.device).manual_seed(0),
+    )
 
 
 def _call_parameters(pipe: Any) -> set[str]:
@@ -258,8 +286,13 @@ def _timed_call(pipe: Any, method: Any, labels: list[int], seed: int, steps: int
     with method.session(pipe) as work:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         start = time.perf_counter()
-        images = pipe(class_labels=labels, guidance_scale=guidance, generator=generator, num_inference_steps=steps,
-                      output_type="pt").images  # fmt: skip
+        images = pipe(
+            class_labels=labels,
+            guidance_scale=guidance,
+            generator=generator,
+            num_inference_steps=steps,
+            output_type="pt",
+        ).images
         seconds = time.perf_counter() - start
         return {"images": images, "seconds": seconds, "fraction": work(), "depths": work.depths()}
 
@@ -283,20 +316,33 @@ def _depth_plot(full_blocks: int, steps: int, depths: list[float] | None, label:
     return figure
 
 
-def generate_images(model: str, labels: str, scheduler: str, steps: float, seed: float, guidance: float,
-                    acceleration: str, shape: str, min_depth: float, schedule_folder: str | None,
-                    threshold: str | None, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:  # fmt: skip
+def generate_images(
+    model: str,
+    labels: str,
+    scheduler: str,
+    steps: float,
+    seed: float,
+    guidance: float,
+    acceleration: str,
+    shape: str,
+    min_depth: float,
+    schedule_folder: str | None,
+    threshold: str | None,
+    progress: gr.Progress = gr.Progress(track_tqdm=True),
+) -> tuple:
     """The model at full depth and under the acceleration, from the same noise: both images, a summary, the numbers
     (JSON) and the depth plot."""
     try:
-        return _generate_images(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth,
-                                schedule_folder, threshold)  # fmt: skip
+        return _generate_images(
+            model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, schedule_folder, threshold
+        )
     except USER_ERRORS as error:  # Gradio would show only "upstream app raised an exception" for these
         raise gr.Error(user_message(error)) from None
 
 
-def _generate_images(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, schedule_folder,
-                     threshold) -> tuple:  # fmt: skip
+def _generate_images(
+    model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, schedule_folder, threshold
+) -> tuple:
     from ee_diffusion.bench.methods import Target, build_method
     from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler
     from ee_diffusion.exits import num_exit_blocks
@@ -357,8 +403,7 @@ def _answer_text(pipe: Any, tokens: Any) -> str:
     return "".join(shown)
 
 
-def decode_text(model: str, prompt: str, steps: float,
-                progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:  # fmt: skip
+def decode_text(model: str, prompt: str, steps: float, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
     """A shipped language model decodes the prompt with every method: a summary table, the numbers (JSON) and the
     answers as they filled in, one row per denoiser pass."""
     try:
@@ -384,7 +429,8 @@ def _decode_text(model: str, prompt: str, steps: float) -> tuple:
             # embeds only the block and what follows it, here the whole answer).
             inputs: list[Any] = []
             hook = pipe.model.get_input_embeddings().register_forward_pre_hook(
-                lambda module, args: inputs.append(args[0][0].clone()))
+                lambda module, args, inputs=inputs: inputs.append(args[0][0].clone())
+            )
             try:
                 start = time.perf_counter()
                 output = pipe(prompt=prompt, **method_settings(name, steps))
@@ -403,7 +449,8 @@ def _decode_text(model: str, prompt: str, steps: float) -> tuple:
             table[i].append(cell)
     summary = "| method | answer | denoiser passes | time |\n|---|---|---|---|\n" + "\n".join(
         f"| {label} | `{result['answer']}` | {result['passes']} | {result['seconds'] * 1000:.0f} ms |"
-        for label, result in results.items())  # fmt: skip
+        for label, result in results.items()
+    )
     return summary, results, pandas.DataFrame(table, columns=["pass", *TEXT_METHODS])
 
 
@@ -425,8 +472,10 @@ def _read_bench(path: str | None) -> tuple:
         names = {field.name for field in fields(BenchRow)}
         rows = [BenchRow(**{key: value for key, value in row.items() if key in names}) for row in report["rows"]]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        raise ValueError(f"{Path(path).name} is not a bench JSON (`ee-diffusion bench --json` writes one: an object "
-                         "with the rows of the table under 'rows').") from None  # fmt: skip
+        raise ValueError(
+            f"{Path(path).name} is not a bench JSON (`ee-diffusion bench --json` writes one: an object "
+            "with the rows of the table under 'rows')."
+        ) from None
     for row in rows:
         row.note = report.get("notes", {}).get(row.method)
     columns = [key for key in ROW_KEYS if key != "depth_per_step"]
@@ -445,8 +494,12 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column():
-                    model = gr.Dropdown(list(IMAGE_MODELS), value="digits-dit-ase", allow_custom_value=True,
-                                        label="model (a shipped one, or type a local diffusers folder)")  # fmt: skip
+                    model = gr.Dropdown(
+                        list(IMAGE_MODELS),
+                        value="digits-dit-ase",
+                        allow_custom_value=True,
+                        label="model (a shipped one, or type a local diffusers folder)",
+                    )
                     labels = gr.Textbox("3", label="class label(s), comma-separated")
                     with gr.Row():
                         scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm-solver++", label="scheduler")
@@ -458,10 +511,17 @@ def build_demo() -> gr.Blocks:
                     acceleration = gr.Radio(list(ACCELERATIONS), value=OWN, label="acceleration")
                     with gr.Row():
                         shape = gr.Dropdown(list(SHAPES), value="linear", label="schedule shape")
-                        min_depth = gr.Slider(0.05, 1.0, value=0.5, step=0.05,
-                                              label="minimum depth (share of the blocks, at the noisiest step)")
-                    schedule_folder = gr.Textbox(label="schedule folder (holding exit_schedule.json)",
-                                                 placeholder="e.g. ee_diffusion/assets/digits-dit-ase/plans/...")
+                        min_depth = gr.Slider(
+                            0.05,
+                            1.0,
+                            value=0.5,
+                            step=0.05,
+                            label="minimum depth (share of the blocks, at the noisiest step)",
+                        )
+                    schedule_folder = gr.Textbox(
+                        label="schedule folder (holding exit_schedule.json)",
+                        placeholder="e.g. ee_diffusion/assets/digits-dit-ase/plans/...",
+                    )
                     threshold = gr.Textbox(label="threshold (DeeDiff, FirstBlockCache, MagCache; empty: the default)")
                     run = gr.Button("Generate", variant="primary")
                 with gr.Column():
@@ -471,24 +531,43 @@ def build_demo() -> gr.Blocks:
                     summary = gr.Markdown(elem_id="image-summary")
                     depth = gr.Plot(label="blocks run per sampling step")
                     numbers = gr.JSON(label="numbers")
-            inputs = [model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, schedule_folder,
-                      threshold]  # fmt: skip
+            inputs = [
+                model,
+                labels,
+                scheduler,
+                steps,
+                seed,
+                guidance,
+                acceleration,
+                shape,
+                min_depth,
+                schedule_folder,
+                threshold,
+            ]
             outputs = [full_image, fast_image, summary, numbers, depth]
             run.click(generate_images, inputs, outputs, api_name="generate_images")
         with gr.Tab("Text"):
             with gr.Row():
                 text_model = gr.Dropdown(list(TEXT_MODELS), value=TEXT_MODELS[0], label="model")
-                prompt = gr.Textbox(TEXT_EXAMPLES[TEXT_MODELS[0]][0], label="prompt (tiny-mdlm: addition or sorting; "
-                                    "tiny-mdlm-puzzles: permutation or digit sum)")  # fmt: skip
+                prompt = gr.Textbox(
+                    TEXT_EXAMPLES[TEXT_MODELS[0]][0],
+                    label="prompt (tiny-mdlm: addition or sorting; tiny-mdlm-puzzles: permutation or digit sum)",
+                )
                 text_steps = gr.Number(18, precision=None, step=1, label="steps (full decoding)")
-            gr.Examples([[model, example] for model, examples in TEXT_EXAMPLES.items() for example in examples],
-                        [text_model, prompt])  # fmt: skip
+            gr.Examples(
+                [[model, example] for model, examples in TEXT_EXAMPLES.items() for example in examples],
+                [text_model, prompt],
+            )
             decode = gr.Button("Decode", variant="primary")
             text_summary = gr.Markdown(elem_id="image-summary")
             fill = gr.Dataframe(label=f"the answer as it filled in ({MASK}: masked, {END}: after the end)")
             text_numbers = gr.JSON(label="numbers")
-            decode.click(decode_text, [text_model, prompt, text_steps], [text_summary, text_numbers, fill],
-                         api_name="decode_text")
+            decode.click(
+                decode_text,
+                [text_model, prompt, text_steps],
+                [text_summary, text_numbers, fill],
+                api_name="decode_text",
+            )
         with gr.Tab("Benchmark"):
             bench_file = gr.File(label="a JSON file from `ee-diffusion bench --json`", type="filepath")
             bench_table = gr.Dataframe(label="rows")

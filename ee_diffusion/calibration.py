@@ -38,7 +38,6 @@ from .outputs import staged_folder
 from .schedules import REUSE, ExitSchedule
 from .validation import as_int, as_number
 
-
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -79,12 +78,16 @@ class Calibration:
         in place (`ee_diffusion.outputs.staged_folder`)."""
         report = {
             **(settings or {}),
-            "compute_fraction": self.compute_fraction, "error": self.error,
-            "timesteps": list(self.timesteps), "base": list(self.base),
-            "chain": [{"actions": list(p.actions), "compute_fraction": p.compute_fraction, "error": p.error}
-                      for p in self.chain],
+            "compute_fraction": self.compute_fraction,
+            "error": self.error,
+            "timesteps": list(self.timesteps),
+            "base": list(self.base),
+            "chain": [
+                {"actions": list(p.actions), "compute_fraction": p.compute_fraction, "error": p.error}
+                for p in self.chain
+            ],
             "sensitivity": [{str(action): error for action, error in step.items()} for step in self.sensitivity],
-        }  # fmt: skip
+        }
         with staged_folder(folder) as staged:
             self.plan.save_pretrained(staged)
             (staged / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
@@ -105,8 +108,9 @@ class PlanCalibrator:
         progress: Show a progress bar over the runs.
     """
 
-    def __init__(self, pipe: Any, call_kwargs: dict[str, Any], num_inference_steps: int, seed: int = 0,
-                 progress: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, pipe: Any, call_kwargs: dict[str, Any], num_inference_steps: int, seed: int = 0, progress: bool = True
+    ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
         self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
@@ -136,8 +140,10 @@ class PlanCalibrator:
         chain = self.chain
         under = [p for p in chain if p.compute_fraction <= target_compute + 1e-12]
         if not under:
-            raise ValueError(f"`target_compute={target_compute}` is below the cheapest plan's "
-                             f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps.")  # fmt: skip
+            raise ValueError(
+                f"`target_compute={target_compute}` is below the cheapest plan's "
+                f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps."
+            )
         best = min(under, key=lambda p: (p.error, -p.compute_fraction))
         filled = _fill(best.actions, self.sensitivity, self.num_blocks, target_compute)
         if filled != best.actions:
@@ -156,8 +162,9 @@ class PlanCalibrator:
     def _calibrate(self) -> None:
         with self._session(desc="calibrating: reference") as (measure, bar):
             base, steps = self.base, self.num_inference_steps
-            options = [[*range(base[i] - 1, 0, -1), *([REUSE] if i and base[i] != REUSE else [])]
-                       for i in range(steps)]  # fmt: skip
+            options = [
+                [*range(base[i] - 1, 0, -1), *([REUSE] if i and base[i] != REUSE else [])] for i in range(steps)
+            ]
             bar.reset(total=sum(map(len, options)))
             bar.set_description("calibrating: sensitivity")
             sensitivity = tuple(
@@ -178,8 +185,9 @@ class PlanCalibrator:
 
         def sample() -> np.ndarray:
             generator = torch.Generator(self.denoiser.device).manual_seed(self.seed)
-            images = pipe(**self.call_kwargs, num_inference_steps=self.num_inference_steps, generator=generator,
-                          output_type="np").images  # fmt: skip
+            images = pipe(
+                **self.call_kwargs, num_inference_steps=self.num_inference_steps, generator=generator, output_type="np"
+            ).images
             return np.asarray(images, dtype=np.float64)
 
         with exit_schedule_in_force(pipe, None) as use, tqdm(total=total, desc=desc, disable=not self.progress) as bar:
@@ -212,16 +220,27 @@ class PlanCalibrator:
 
     def plan_of(self, actions: tuple[int, ...]) -> ExitSchedule:
         """The plan that takes `actions[i]` at step `i`."""
-        return ExitSchedule.plan(self.num_blocks, self.timesteps, actions, num_train_timesteps=self.num_train_timesteps,
-                                 scheduler_class=self.scheduler_class)
+        return ExitSchedule.plan(
+            self.num_blocks,
+            self.timesteps,
+            actions,
+            num_train_timesteps=self.num_train_timesteps,
+            scheduler_class=self.scheduler_class,
+        )
 
     def _compute(self, actions: tuple[int, ...]) -> float:
         return sum(actions) / (len(actions) * self.num_blocks)
 
     def _result(self, point: PlanPoint) -> Calibration:
-        return Calibration(plan=self.plan_of(point.actions), compute_fraction=point.compute_fraction,
-                           error=point.error, timesteps=self.timesteps, sensitivity=self.sensitivity,
-                           chain=self.chain, base=self.base)  # fmt: skip
+        return Calibration(
+            plan=self.plan_of(point.actions),
+            compute_fraction=point.compute_fraction,
+            error=point.error,
+            timesteps=self.timesteps,
+            sensitivity=self.sensitivity,
+            chain=self.chain,
+            base=self.base,
+        )
 
 
 def calibrate_plan(
@@ -260,8 +279,10 @@ def _timestep(args: tuple, kwargs: dict) -> float:
 def _one_per_step(recorded: list[float], steps: int) -> list[float]:
     """The denoiser's timesteps, one per sampling step (a pipeline calls it once per step)."""
     if len(recorded) != steps or len(set(recorded)) != steps:
-        raise ValueError(f"A plan needs one denoiser call per step at distinct timesteps; this pipeline made "
-                         f"{len(recorded)} calls for {steps} steps at {recorded}.")  # fmt: skip
+        raise ValueError(
+            f"A plan needs one denoiser call per step at distinct timesteps; this pipeline made "
+            f"{len(recorded)} calls for {steps} steps at {recorded}."
+        )
     return recorded
 
 
@@ -292,8 +313,9 @@ def _chain(base: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> 
         chain.append(tuple(actions))
 
 
-def _fill(actions: tuple[int, ...], sensitivity: tuple[dict[int, float], ...], num_blocks: int,
-          target: float) -> tuple[int, ...]:  # fmt: skip
+def _fill(
+    actions: tuple[int, ...], sensitivity: tuple[dict[int, float], ...], num_blocks: int, target: float
+) -> tuple[int, ...]:
     """`actions` with blocks added back while the plan stays at or under `target` of the full compute: each time the
     step change (to any dearer action that fits, up to the base's) that the sensitivities say removes the most error
     per block, and only changes that remove some (a reuse step is not made a shallow one)."""

@@ -1,4 +1,5 @@
-"""Which exceptions are the user's to fix, and how each is said in one line (the CLI's `error: ...`, the app's message).
+"""Which exceptions are the user's to fix, and how each is said in one line (the CLI's `error: ...`, the app's
+message).
 
 A user's error is bad input (`ValueError`, `TypeError`), a missing optional package (`ImportError`), or a file that is
 missing, unreadable or broken (`OSError`, which diffusers and transformers raise for a config that is not JSON or

@@ -33,8 +33,10 @@ def refuse_shipped(path: str | os.PathLike) -> None:
     """Raise a `ValueError` if `path` is inside the models shipped with the package (or is their folder)."""
     resolved = Path(path).resolve()
     if _inside(resolved, SHIPPED_ASSETS):
-        raise ValueError(f"{str(path)!r} is inside the models shipped with ee-diffusion ({SHIPPED_ASSETS}), which are "
-                         "never written to; give a folder of your own (for example out/...).")  # fmt: skip
+        raise ValueError(
+            f"{str(path)!r} is inside the models shipped with ee-diffusion ({SHIPPED_ASSETS}), which are "
+            "never written to; give a folder of your own (for example out/...)."
+        )
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ def _stage_of(path: Path) -> Path:
     return path.parent / f".{path.name}.partial"
 
 
-def check_output_folder(path: str | os.PathLike, kind: OutputKind, overwrite: bool = False,
-                        resume: bool = False) -> None:  # fmt: skip
+def check_output_folder(
+    path: str | os.PathLike, kind: OutputKind, overwrite: bool = False, resume: bool = False
+) -> None:
     """Raise a `ValueError` unless `kind`'s output may be written to the folder `path` (see the module docstring)."""
     folder = Path(path)
     refuse_shipped(folder)
@@ -78,8 +81,10 @@ def check_output_folder(path: str | os.PathLike, kind: OutputKind, overwrite: bo
     foreign = kind.foreign_files(folder)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"{str(path)!r} holds {shown}, which {kind.command} does not write: it is not an earlier "
-                         f"output of {kind.command}. Give an empty or new folder.")  # fmt: skip
+        raise ValueError(
+            f"{str(path)!r} holds {shown}, which {kind.command} does not write: it is not an earlier "
+            f"output of {kind.command}. Give an empty or new folder."
+        )
     if not (overwrite or resume):
         how = "--overwrite to replace it" + (" or --resume to continue it" if kind.resumable else "")
         raise ValueError(f"{str(path)!r} holds an earlier output of {kind.command}; pass {how}.")

@@ -41,8 +41,11 @@ SHIPPED_ASSETS = Path(__file__).resolve().parents[1] / "ee_diffusion" / "assets"
 
 def asset_hashes() -> dict[str, str]:
     """The SHA-256 of every file of the shipped models, by path."""
-    return {path.relative_to(SHIPPED_ASSETS).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(SHIPPED_ASSETS.rglob("*")) if path.is_file() and "__pycache__" not in path.parts}
+    return {
+        path.relative_to(SHIPPED_ASSETS).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(SHIPPED_ASSETS.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -123,6 +126,14 @@ def save_digits_shaped_dit(folder, exit_schedule=None) -> None:
     from ee_diffusion.training import save_digits_pipeline
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=32, patch_size=8, num_layers=2,
-                                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    model = DiTTransformer2DModel(
+        in_channels=1,
+        out_channels=1,
+        sample_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=10,
+    )
     save_digits_pipeline(model, folder, exit_schedule=exit_schedule)

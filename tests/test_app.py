@@ -33,16 +33,40 @@ def client():
         demo.close()
 
 
-def _images(client, model="digits-dit", labels="3,7", scheduler="dpm-solver++", steps=6, acceleration=app.SHAPE,
-            shape="linear", min_depth=0.5, folder="", threshold="", seed=0, guidance=2.0):  # fmt: skip
-    return client.predict(model, labels, scheduler, steps, seed, guidance, acceleration, shape, min_depth, folder,
-                          threshold, api_name="/generate_images")  # fmt: skip
+def _images(
+    client,
+    model="digits-dit",
+    labels="3,7",
+    scheduler="dpm-solver++",
+    steps=6,
+    acceleration=app.SHAPE,
+    shape="linear",
+    min_depth=0.5,
+    folder="",
+    threshold="",
+    seed=0,
+    guidance=2.0,
+):
+    return client.predict(
+        model,
+        labels,
+        scheduler,
+        steps,
+        seed,
+        guidance,
+        acceleration,
+        shape,
+        min_depth,
+        folder,
+        threshold,
+        api_name="/generate_images",
+    )
 
 
 def test_every_endpoint_is_named(client):
-    assert {"/generate_images", "/decode_text", "/read_bench"} <= set(client.view_api(print_info=False,
-                                                                                       return_format="dict")[
-        "named_endpoints"])
+    assert {"/generate_images", "/decode_text", "/read_bench"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    )
 
 
 def test_image_tab_runs_both_and_reports_the_work(client):
@@ -86,8 +110,10 @@ def test_image_tab_other_accelerators(client):
         ({"acceleration": app.FOLDER, "folder": "/tmp"}, "must hold an exit_schedule.json"),
         ({"acceleration": app.OWN}, "has no exit schedule of its own"),
         ({"model": "digits-unet", "acceleration": app.DEEDIFF}, "cannot run on digits-unet"),
-        ({"acceleration": app.DEEDIFF, "threshold": "-1"}, "The threshold must be a number > 0 (empty: the method's "
-                                                           "default), got '-1'."),
+        (
+            {"acceleration": app.DEEDIFF, "threshold": "-1"},
+            "The threshold must be a number > 0 (empty: the method's default), got '-1'.",
+        ),
         # threshold 0 would make each method a no-op (never skip, never exit): refused, not run as a "speedup" of 1
         ({"acceleration": app.DEEDIFF, "threshold": "0"}, "The threshold must be a number > 0 .*, got '0'."),
         ({"acceleration": "FirstBlockCache (diffusers)", "threshold": "0"}, "must be a number > 0 .*, got '0'."),
@@ -136,13 +162,24 @@ def test_text_tab_serves_the_puzzles_model(client):
     assert sorted(fast["answer"]) == sorted("3141592") and fast["passes"] < 18
 
 
-@pytest.mark.parametrize("model, prompt, steps, message", [
-    ("tiny-mdlm", "12+é=", 18, "characters the tokenizer does not know"), ("tiny-mdlm", "", 18, "Write a prompt"),
-    ("tiny-mdlm-puzzles", "", 18, "for example 'perm:3141592='"), ("tiny-mdlm", "1+1=", 0, "Steps must be"),
-    ("tiny-mdlm", "1+1=", 2.5, r"Steps must be a whole number from 1 to 18 \(the answer's length\), got 2.5."),
-    ("tiny-mdlm", "1" * 30, 18, r"The prompt \(30 tokens\) and the answer \(`gen_length` 18\) make 48 positions, "
-                               r"more than the model takes"),
-    ("tiny-mlm", "1+1=", 18, "Value: tiny-mlm is not in the list of choices")])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, prompt, steps, message",
+    [
+        ("tiny-mdlm", "12+é=", 18, "characters the tokenizer does not know"),
+        ("tiny-mdlm", "", 18, "Write a prompt"),
+        ("tiny-mdlm-puzzles", "", 18, "for example 'perm:3141592='"),
+        ("tiny-mdlm", "1+1=", 0, "Steps must be"),
+        ("tiny-mdlm", "1+1=", 2.5, r"Steps must be a whole number from 1 to 18 \(the answer's length\), got 2.5."),
+        (
+            "tiny-mdlm",
+            "1" * 30,
+            18,
+            r"The prompt \(30 tokens\) and the answer \(`gen_length` 18\) make 48 positions, "
+            r"more than the model takes",
+        ),
+        ("tiny-mlm", "1+1=", 18, "Value: tiny-mlm is not in the list of choices"),
+    ],
+)
 def test_text_tab_bad_input(client, model, prompt, steps, message):
     from gradio_client.exceptions import AppError
 
@@ -158,9 +195,25 @@ def test_bench_tab_reads_a_bench_json(client, tmp_path):
 
     from ee_diffusion.bench.report import BenchRow, write_json
 
-    rows = [BenchRow("baseline", "digits-dit", "dpm-solver++", 10, 100, 8.0, 0.1, 0.95, 4.0, 0.02, 1.0, 1.0, None),
-            BenchRow("ase:linear:6", "digits-dit", "dpm-solver++", 10, 100, 9.0, 0.2, 0.9, 6.0, 0.03, 1.5, 0.7, None,
-                     depth_per_step=[6.0] * 10)]  # fmt: skip
+    rows = [
+        BenchRow("baseline", "digits-dit", "dpm-solver++", 10, 100, 8.0, 0.1, 0.95, 4.0, 0.02, 1.0, 1.0, None),
+        BenchRow(
+            "ase:linear:6",
+            "digits-dit",
+            "dpm-solver++",
+            10,
+            100,
+            9.0,
+            0.2,
+            0.9,
+            6.0,
+            0.03,
+            1.5,
+            0.7,
+            None,
+            depth_per_step=[6.0] * 10,
+        ),
+    ]
     write_json(str(tmp_path / "bench.json"), {}, rows)
     table, image = client.predict(handle_file(str(tmp_path / "bench.json")), api_name="/read_bench")
     assert [row[0] for row in table["data"]] == ["baseline", "ase:linear:6"] and "fid" in table["headers"]
@@ -183,22 +236,37 @@ def _broken_files(tmp_path):
     folder with a config that is not JSON, one with weights that are not safetensors, and a schedule folder whose
     exit_schedule.json is not JSON (diffusers raises OSError for these, safetensors its SafetensorError)."""
     config_model, config = _broken_copy(tmp_path, "config", "transformer/config.json", b"{bad")
-    weights_model, weights = _broken_copy(tmp_path, "weights", "transformer/diffusion_pytorch_model.safetensors",
-                                          b"garbage" * 10)  # fmt: skip
+    weights_model, weights = _broken_copy(
+        tmp_path, "weights", "transformer/diffusion_pytorch_model.safetensors", b"garbage" * 10
+    )
     schedule = tmp_path / "schedule"
     schedule.mkdir()
     (schedule / "exit_schedule.json").write_text("{bad")
     return [
         ({"model": str(config_model)}, config, "is not a valid JSON file"),
         ({"model": str(weights_model)}, weights, "Unable to load weights"),
-        ({"acceleration": app.FOLDER, "folder": str(schedule)}, schedule / "exit_schedule.json",
-         "is not a valid JSON file"),
+        (
+            {"acceleration": app.FOLDER, "folder": str(schedule)},
+            schedule / "exit_schedule.json",
+            "is not a valid JSON file",
+        ),
     ]
 
 
 # The image endpoint's arguments, for calling the function itself (no server).
-IMAGE_CALL = dict(model="digits-dit", labels="3", scheduler="dpm-solver++", steps=2, seed=0, guidance=2.0,
-                  acceleration=app.SHAPE, shape="linear", min_depth=0.5, schedule_folder="", threshold="")
+IMAGE_CALL = dict(
+    model="digits-dit",
+    labels="3",
+    scheduler="dpm-solver++",
+    steps=2,
+    seed=0,
+    guidance=2.0,
+    acceleration=app.SHAPE,
+    shape="linear",
+    min_depth=0.5,
+    schedule_folder="",
+    threshold="",
+)
 
 
 def test_broken_model_and_schedule_files_are_a_message_naming_the_file(tmp_path):
@@ -226,14 +294,20 @@ def test_the_bench_tab_names_a_file_it_cannot_read(tmp_path):
     assert error.value.message == f"{tmp_path / 'missing.json'}: No such file or directory"
 
 
-@pytest.mark.parametrize("call, message", [
-    (dict(steps=2.5), "Steps must be a whole number from 1 to 1000, got 2.5."),
-    (dict(steps=float("nan")), "Steps must be a whole number from 1 to 1000, got nan."),
-    (dict(steps=None), "Steps must be a whole number from 1 to 1000, got None."),
-    (dict(seed=1.5), "The seed must be a whole number from 0 to 9223372036854775807, got 1.5."),
-    (dict(seed=2.0**64), "The seed must be a whole number from 0 to 9223372036854775807, got 1.8446744073709552e+19."),
-    (dict(guidance=float("inf")), "The guidance scale must be a finite number >= 0, got inf."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(steps=2.5), "Steps must be a whole number from 1 to 1000, got 2.5."),
+        (dict(steps=float("nan")), "Steps must be a whole number from 1 to 1000, got nan."),
+        (dict(steps=None), "Steps must be a whole number from 1 to 1000, got None."),
+        (dict(seed=1.5), "The seed must be a whole number from 0 to 9223372036854775807, got 1.5."),
+        (
+            dict(seed=2.0**64),
+            "The seed must be a whole number from 0 to 9223372036854775807, got 1.8446744073709552e+19.",
+        ),
+        (dict(guidance=float("inf")), "The guidance scale must be a finite number >= 0, got inf."),
+    ],
+)
 def test_number_fields_reach_the_function_as_typed_and_are_checked_there(call, message):
     # precision=None: Gradio passes the number unrounded (precision=0 would turn 2.5 into 2 before any check)
     demo = app.build_demo()
@@ -245,8 +319,9 @@ def test_number_fields_reach_the_function_as_typed_and_are_checked_there(call, m
     assert error.value.message == message
     with pytest.raises(gr.Error) as error:
         app.decode_text("tiny-mdlm", "1+1=", call.get("steps", 2.5))
-    assert re.fullmatch(r"Steps must be a whole number from 1 to 18 \(the answer's length\), got .*\.",
-                        error.value.message)  # fmt: skip
+    assert re.fullmatch(
+        r"Steps must be a whole number from 1 to 18 \(the answer's length\), got .*\.", error.value.message
+    )
 
 
 @pytest.fixture
@@ -268,14 +343,25 @@ def test_a_bad_port_is_a_usage_error_before_anything_starts(argv, capsys, no_ser
     assert f"error: argument --port: must be a whole number from 1 to 65535, got '{argv[1]}'" in err
 
 
-@pytest.mark.parametrize("env, argv, served", [
-    ({}, [], ("127.0.0.1", 7860)),
-    ({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8080"}, [], ("0.0.0.0", 8080)),  # a Space, a container
-    ({"GRADIO_SERVER_PORT": "8080"}, [], ("127.0.0.1", 8080)),
-    ({"GRADIO_SERVER_NAME": "0.0.0.0"}, ["--host", "localhost", "--port", "9000"], ("localhost", 9000)),  # flags win
-    ({"GRADIO_SERVER_PORT": "x"}, ["--port", "9000"], ("127.0.0.1", 9000)),  # a bad variable a flag overrides
-    ({"GRADIO_SERVER_NAME": "", "GRADIO_SERVER_PORT": " "}, [], ("127.0.0.1", 7860)),  # set but empty: unset
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env, argv, served",
+    [
+        ({}, [], ("127.0.0.1", 7860)),
+        (
+            {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8080"},
+            [],
+            ("0.0.0.0", 8080),
+        ),  # a Space, a container
+        ({"GRADIO_SERVER_PORT": "8080"}, [], ("127.0.0.1", 8080)),
+        (
+            {"GRADIO_SERVER_NAME": "0.0.0.0"},
+            ["--host", "localhost", "--port", "9000"],
+            ("localhost", 9000),
+        ),  # flags win
+        ({"GRADIO_SERVER_PORT": "x"}, ["--port", "9000"], ("127.0.0.1", 9000)),  # a bad variable a flag overrides
+        ({"GRADIO_SERVER_NAME": "", "GRADIO_SERVER_PORT": " "}, [], ("127.0.0.1", 7860)),  # set but empty: unset
+    ],
+)
 def test_host_and_port_default_to_gradios_environment_variables(monkeypatch, no_server, env, argv, served):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -294,6 +380,11 @@ def test_a_bad_gradio_server_port_is_a_usage_error(monkeypatch, capsys, no_serve
     message = f"error: argument --port: $GRADIO_SERVER_PORT must be a whole number from 1 to 65535, got '{value}'"
     assert exit_.value.code == 2 and no_server == [] and message in err
     # As a script too: there the check comes before gradio's import, which would fail on the variable with a traceback.
-    script = subprocess.run([sys.executable, app.__file__], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "GRADIO_SERVER_PORT": value})  # fmt: skip
+    script = subprocess.run(
+        [sys.executable, app.__file__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GRADIO_SERVER_PORT": value},
+    )
     assert script.returncode == 2 and message in script.stderr and "Traceback" not in script.stderr

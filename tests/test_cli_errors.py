@@ -42,7 +42,10 @@ CASES = [
     # every accelerator argument against what the method means, at parse time (no model loads)
     (["bench", "--methods", ""], "--methods: Give at least one method."),
     (["bench", "--methods", "baseline,baseline"], "--methods: Each method once, got baseline more than once"),
-    (["bench", "--methods", "fbcache:0"], "--methods: Bad method 'fbcache:0': the threshold must be a finite number > 0"),
+    (
+        ["bench", "--methods", "fbcache:0"],
+        "--methods: Bad method 'fbcache:0': the threshold must be a finite number > 0",
+    ),
     (["bench", "--methods", "fbcache:-0.1"], "the threshold must be a finite number > 0, got '-0.1'"),
     (["bench", "--methods", "fbcache:nan"], "the threshold must be a finite number > 0, got 'nan'"),
     (["bench", "--methods", "fbcache:0.1:2"], "Bad method 'fbcache:0.1:2': at most 1 ':'-separated arguments"),
@@ -52,7 +55,10 @@ CASES = [
     (["bench", "--methods", "taylorseer:0"], "Bad method 'taylorseer:0': the interval (1 computes every step) must"),
     (["bench", "--methods", "taylorseer:1"], "the interval (1 computes every step) must be an integer >= 2, got '1'"),
     (["bench", "--methods", "taylorseer:5:-1"], "the order must be an integer >= 0, got '-1'"),
-    (["bench", "--methods", "pab:0"], "Bad method 'pab:0': the range (1 recomputes every call) must be an integer >= 2"),
+    (
+        ["bench", "--methods", "pab:0"],
+        "Bad method 'pab:0': the range (1 recomputes every call) must be an integer >= 2",
+    ),
     (["bench", "--methods", "pab:1"], "the range (1 recomputes every call) must be an integer >= 2, got '1'"),
     (["bench", "--methods", "pab:2:800-100"], "the timestep window <lo>-<hi> needs lo < hi, got 800-100"),
     (["bench", "--methods", "pab:2:-5-100"], "Bad method 'pab:2:-5-100'"),
@@ -72,32 +78,52 @@ CASES = [
     (["sweep", "--out", "/tmp/x", "--accelerators", "pab:0"], "--accelerators: Bad method 'pab:0'"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "magcache:0.1:0"], "--accelerators: Bad method 'magcache:0.1:0'"),
     # found once the model is loaded: a value the model cannot take
-    (["bench", "--methods", "layerskip:99", "--num-samples", "2"], "Bad method 'layerskip:99': digits-dit has blocks 0 "
-     "to 11, got 99"),
-    (["bench", "--model", "digits-unet", "--methods", "deediff", "--num-samples", "2"], "No method can run on "
-     "digits-unet: deediff: uncertainty exits need a transformer"),
-    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--steps", "4"], "This plan was made for "
-     "10 steps of DPMSolverMultistepScheduler; the run asks for 4 steps of DPMSolverMultistepScheduler"),
-    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10@8"], "made for 10 steps of "
-     "DPMSolverMultistepScheduler; the run asks for 8 steps"),
-    (["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--scheduler", "ddim"], "the run asks for "
-     "10 steps of DDIMScheduler"),
+    (
+        ["bench", "--methods", "layerskip:99", "--num-samples", "2"],
+        "Bad method 'layerskip:99': digits-dit has blocks 0 to 11, got 99",
+    ),
+    (
+        ["bench", "--model", "digits-unet", "--methods", "deediff", "--num-samples", "2"],
+        "No method can run on digits-unet: deediff: uncertainty exits need a transformer",
+    ),
+    (
+        ["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--steps", "4"],
+        "This plan was made for "
+        "10 steps of DPMSolverMultistepScheduler; the run asks for 4 steps of DPMSolverMultistepScheduler",
+    ),
+    (
+        ["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10@8"],
+        "made for 10 steps of DPMSolverMultistepScheduler; the run asks for 8 steps",
+    ),
+    (
+        ["bench", "--methods", "finetuned:digits-dit-ase:plans/dpm-solver++-10", "--scheduler", "ddim"],
+        "the run asks for 10 steps of DDIMScheduler",
+    ),
     (["bench", "--methods", "ase:linear:13", "--num-samples", "2"], "Bad exit schedule 'linear:13'"),
-    (["finetune-ase", "--model", "digits-dit", "--schedule", "linear:0", "--out", "/tmp/ee-never"],
-     "Bad exit schedule 'linear:0'"),
+    (
+        ["finetune-ase", "--model", "digits-dit", "--schedule", "linear:0", "--out", "/tmp/ee-never"],
+        "Bad exit schedule 'linear:0'",
+    ),
     (["speed", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["speed", "--num-layers", "0"], "--num-layers: expected an integer >= 1, got 0"),
     (["speed", "--schedule", "linear:99", "--repeats", "1"], "Bad exit schedule 'linear:99'"),
-    (["train", "--arch", "dit", "--out", "/tmp/x", "--lr", "-1"], "--lr: expected a finite number in (0, inf), got -1"),
+    (
+        ["train", "--arch", "dit", "--out", "/tmp/x", "--lr", "-1"],
+        "--lr: expected a finite number in (0, inf), got -1",
+    ),
     (["train", "--arch", "gan", "--out", "/tmp/x"], "--arch: invalid choice: 'gan'"),
     (["train", "--arch", "dit"], "the following arguments are required: --out"),
     (["train", "--arch", "dit", "--out", "README.md"], "--out: 'README.md' is a file, not a folder"),
-    (["finetune-ase", "--model", "digits-dit", "--schedule", "linear:6", "--out", "/tmp/x", "--ema-decay", "1"],
-     "--ema-decay: expected a finite number in [0, 1), got 1"),
+    (
+        ["finetune-ase", "--model", "digits-dit", "--schedule", "linear:6", "--out", "/tmp/x", "--ema-decay", "1"],
+        "--ema-decay: expected a finite number in [0, 1), got 1",
+    ),
     (["finetune-ase", "--model", "nowhere", "--schedule", "linear:6", "--out", "/tmp/x"], "No model 'nowhere'"),
     (["calibrate", "--out", "/tmp/x"], "one of the arguments --tolerance --target-compute is required"),
-    (["calibrate", "--out", "/tmp/x", "--target-compute", "0"],
-     "--target-compute: expected a finite number in (0, 1]"),
+    (
+        ["calibrate", "--out", "/tmp/x", "--target-compute", "0"],
+        "--target-compute: expected a finite number in (0, 1]",
+    ),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "-1"], "--tolerance: expected a finite number in [0, inf)"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--target-compute", "0.5"], "not allowed with argument"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--steps", "1"], "--steps: expected an integer >= 2"),
@@ -113,7 +139,10 @@ CASES = [
     (["train-mdlm", "--out", "/tmp/x", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train-mdlm", "--out", "/tmp/x", "--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
     (["dllm-bench", "--tasks", "addition,division"], "--tasks: unknown 'division'; accepted: addition, sorting"),
-    (["dllm-bench", "--methods", "fast"], "--methods: Unknown method 'fast'; expected NAME[:VALUE][+CACHE[/K]] with NAME"),
+    (
+        ["dllm-bench", "--methods", "fast"],
+        "--methods: Unknown method 'fast'; expected NAME[:VALUE][+CACHE[/K]] with NAME",
+    ),
     (["dllm-bench", "--methods", "full,prophet:x"], "Bad value in method 'prophet:x'"),
     (["dllm-bench", "--methods", "full:3"], "Bad value in method 'full:3'"),
     (["dllm-bench", "--methods", "threshold:1.5"], "the value must be a probability in (0, 1], got 1.5"),
@@ -126,8 +155,10 @@ CASES = [
     (["train-mdlm", "--out", "/tmp/x", "--tasks", "addition,division"], "--tasks: unknown 'division'"),
     (["train-mdlm", "--out", "/tmp/x", "--init-from", "nowhere"], "'nowhere' is neither a shipped language model"),
     (["dllm-bench", "--num-problems", "0"], "--num-problems: expected an integer >= 1, got 0"),
-    (["dllm-bench", "--model", "tiny-mlm"],
-     "No model 'tiny-mlm': it is not a shipped model (tiny-mdlm, tiny-mdlm-puzzles)"),
+    (
+        ["dllm-bench", "--model", "tiny-mlm"],
+        "No model 'tiny-mlm': it is not a shipped model (tiny-mdlm, tiny-mdlm-puzzles)",
+    ),
 ]
 
 
@@ -147,23 +178,54 @@ def _broken_copy(tmp_path, model, file, content):
 
 
 LOAD_CASES = [
-    ("digits-dit", "transformer/config.json", b"{bad", ["bench", "--methods", "baseline"],
-     "transformer/config.json' is not a valid JSON file: Expecting property name"),
-    ("digits-dit", "transformer/diffusion_pytorch_model.safetensors", b"garbage", ["bench", "--methods", "baseline"],
-     "diffusion_pytorch_model.safetensors': Error while deserializing header"),
-    ("digits-dit", "model_index.json", b"[", ["calibrate", "--tolerance", "0.1", "--out", "OUT"],
-     "model_index.json' is not a valid JSON file"),
-    ("digits-dit-ase", "plans/dpm-solver++-10/exit_schedule.json", b"{", ["bench", "--methods", "ase:MODEL/plans/"
-     "dpm-solver++-10"], "--methods: It looks like the config file at"),
-    ("digits-dit-ase", "exit_schedule/exit_schedule.json", b"nope", ["finetune-ase", "--schedule", "linear:6", "--out",
-     "OUT"], "exit_schedule/exit_schedule.json' is not a valid JSON file"),
-    ("digits-dit", "exit_heads/diffusion_pytorch_model.safetensors", b"\x00" * 16, ["bench", "--methods", "deediff"],
-     "exit_heads/diffusion_pytorch_model.safetensors"),
-]  # fmt: skip
+    (
+        "digits-dit",
+        "transformer/config.json",
+        b"{bad",
+        ["bench", "--methods", "baseline"],
+        "transformer/config.json' is not a valid JSON file: Expecting property name",
+    ),
+    (
+        "digits-dit",
+        "transformer/diffusion_pytorch_model.safetensors",
+        b"garbage",
+        ["bench", "--methods", "baseline"],
+        "diffusion_pytorch_model.safetensors': Error while deserializing header",
+    ),
+    (
+        "digits-dit",
+        "model_index.json",
+        b"[",
+        ["calibrate", "--tolerance", "0.1", "--out", "OUT"],
+        "model_index.json' is not a valid JSON file",
+    ),
+    (
+        "digits-dit-ase",
+        "plans/dpm-solver++-10/exit_schedule.json",
+        b"{",
+        ["bench", "--methods", "ase:MODEL/plans/dpm-solver++-10"],
+        "--methods: It looks like the config file at",
+    ),
+    (
+        "digits-dit-ase",
+        "exit_schedule/exit_schedule.json",
+        b"nope",
+        ["finetune-ase", "--schedule", "linear:6", "--out", "OUT"],
+        "exit_schedule/exit_schedule.json' is not a valid JSON file",
+    ),
+    (
+        "digits-dit",
+        "exit_heads/diffusion_pytorch_model.safetensors",
+        b"\x00" * 16,
+        ["bench", "--methods", "deediff"],
+        "exit_heads/diffusion_pytorch_model.safetensors",
+    ),
+]
 
 
-@pytest.mark.parametrize("model, file, content, argv, message", LOAD_CASES,
-                         ids=[f"{argv[0]} {file}" for _, file, _, argv, _ in LOAD_CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, file, content, argv, message", LOAD_CASES, ids=[f"{argv[0]} {file}" for _, file, _, argv, _ in LOAD_CASES]
+)
 def test_a_broken_file_is_an_error_naming_it(model, file, content, argv, message, tmp_path, capsys):
     folder = _broken_copy(tmp_path, model, file, content)
     argv = [part.replace("MODEL", str(folder)).replace("OUT", str(tmp_path / "out")) for part in argv]
@@ -176,8 +238,11 @@ def test_a_broken_file_is_an_error_naming_it(model, file, content, argv, message
     assert "error: " in err.strip().splitlines()[-1]
 
 
-PARSE_TIME = [(argv, message) for argv, message in CASES
-              if message.startswith("--") or "required" in message or "not allowed" in message]
+PARSE_TIME = [
+    (argv, message)
+    for argv, message in CASES
+    if message.startswith("--") or "required" in message or "not allowed" in message
+]
 
 
 @pytest.mark.parametrize("argv, message", PARSE_TIME, ids=[" ".join(argv) for argv, _ in PARSE_TIME])
@@ -231,8 +296,14 @@ def test_package_names_load_on_first_use():
         "      'ExitSchedule' in dir(ee_diffusion), ee_diffusion.exits.__name__)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["[]", "ee_diffusion.schedules.exit_schedule", "ee_diffusion.pipelines.early_exit",
-                                     "ee_diffusion.dllm.rules", "True", "ee_diffusion.exits"]  # fmt: skip
+    assert result.stdout.split() == [
+        "[]",
+        "ee_diffusion.schedules.exit_schedule",
+        "ee_diffusion.pipelines.early_exit",
+        "ee_diffusion.dllm.rules",
+        "True",
+        "ee_diffusion.exits",
+    ]
     import ee_diffusion
 
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):

@@ -260,8 +260,13 @@ def outputs(command: Command) -> list[str]:
 def clone_files() -> frozenset[str]:
     """The files of a fresh clone (see the module docstring), relative to the repository root."""
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: what a fresh clone has is unknown")
     return frozenset(path for path in listed.split("\0") if path and (ROOT / path).exists())
@@ -378,8 +383,10 @@ def test_documented_commands_parse_and_their_inputs_exist(page, parse_environmen
                 elif any(in_clone(f"{folder}/{found.path}") for folder in found.within):
                     continue
                 elif is_local(found.path) and not in_clone(found.path):
-                    problems.append(f"{where}\n    {found.option} {found.path}: not in a fresh clone, and no earlier "
-                                    "command on this page writes it")  # fmt: skip
+                    problems.append(
+                        f"{where}\n    {found.option} {found.path}: not in a fresh clone, and no earlier "
+                        "command on this page writes it"
+                    )
             error = parse(command, monkeypatch)
             if error:
                 problems.append(f"{where}\n    {error}")
@@ -451,3 +458,15 @@ def test_no_words_about_the_circumstances_of_the_work(page):
         for match in re.finditer(pattern, text)
     ]
     assert not found, f"{relative(page)}: " + "; ".join(found)
+
+
+def test_the_bench_methods_page_lists_what_the_bench_accepts():
+    """docs/bench.md shows the method list as `ee-diffusion bench --help` prints it from `METHOD_KINDS`: a renamed,
+    added or retired method changes both, or this fails."""
+    from ee_diffusion.bench.method_specs import methods_help
+
+    page = (ROOT / "docs" / "bench.md").read_text()
+    marker = "<!-- methods: generated from METHOD_KINDS; tests/test_docs.py checks it -->\n```\n"
+    assert marker in page
+    shown = page.split(marker, 1)[1].split("\n```", 1)[0]
+    assert shown == methods_help(), "regenerate the block from ee_diffusion.bench.method_specs.methods_help()"

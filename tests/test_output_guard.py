@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tests.conftest import SHIPPED_ASSETS, asset_hashes
 from ee_diffusion.cli import main
 from ee_diffusion.outputs import (
     OutputKind,
@@ -17,6 +16,7 @@ from ee_diffusion.outputs import (
     staged_file,
     staged_folder,
 )
+from tests.conftest import SHIPPED_ASSETS, asset_hashes
 
 KIND = OutputKind("ee-diffusion thing", ("model.json", "weights/*"), resumable=True)
 
@@ -29,8 +29,15 @@ def _exit(argv, capsys):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", [SHIPPED_ASSETS, SHIPPED_ASSETS / "digits-dit", SHIPPED_ASSETS / "new-model",
-                                  SHIPPED_ASSETS / "digits-dit-ase" / "plans" / "dpm-solver++-10"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        SHIPPED_ASSETS,
+        SHIPPED_ASSETS / "digits-dit",
+        SHIPPED_ASSETS / "new-model",
+        SHIPPED_ASSETS / "digits-dit-ase" / "plans" / "dpm-solver++-10",
+    ],
+)
 def test_the_shipped_models_are_refused(path):
     with pytest.raises(ValueError, match="inside the models shipped with ee-diffusion"):
         refuse_shipped(path)
@@ -52,11 +59,14 @@ def _earlier_output(folder):
     (folder / "weights" / "a.bin").write_bytes(b"1")
 
 
-@pytest.mark.parametrize("overwrite, resume, message", [
-    (False, False, "holds an earlier output of ee-diffusion thing; pass --overwrite to replace it or --resume"),
-    (True, False, None),
-    (False, True, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overwrite, resume, message",
+    [
+        (False, False, "holds an earlier output of ee-diffusion thing; pass --overwrite to replace it or --resume"),
+        (True, False, None),
+        (False, True, None),
+    ],
+)
 def test_an_earlier_output_needs_overwrite_or_resume(tmp_path, overwrite, resume, message):
     _earlier_output(tmp_path / "out")
     if message is None:
@@ -158,12 +168,30 @@ def test_the_python_savers_refuse_the_shipped_models():
 ASSET_CASES = [
     ["train", "--arch", "dit", "--out", "ee_diffusion/assets/digits-dit"],
     ["train", "--arch", "classifier", "--out", "ee_diffusion/assets/digits-classifier", "--overwrite"],
-    ["finetune-ase", "--model", "digits-dit-ase", "--schedule", "linear:6", "--out", "ee_diffusion/assets/digits-dit-ase",
-     "--overwrite"],
+    [
+        "finetune-ase",
+        "--model",
+        "digits-dit-ase",
+        "--schedule",
+        "linear:6",
+        "--out",
+        "ee_diffusion/assets/digits-dit-ase",
+        "--overwrite",
+    ],
     ["train-uem", "--out", "ee_diffusion/assets/digits-dit/exit_heads", "--overwrite"],
     ["train-mdlm", "--out", "ee_diffusion/assets/tiny-mdlm", "--resume"],
-    ["calibrate", "--model", "digits-dit-ase", "--steps", "4", "--tolerance", "0.1",
-     "--out", "ee_diffusion/assets/digits-dit-ase/plans/dpm-solver++-10", "--overwrite"],
+    [
+        "calibrate",
+        "--model",
+        "digits-dit-ase",
+        "--steps",
+        "4",
+        "--tolerance",
+        "0.1",
+        "--out",
+        "ee_diffusion/assets/digits-dit-ase/plans/dpm-solver++-10",
+        "--overwrite",
+    ],
     ["sweep", "--out", "ee_diffusion/assets/sweep"],
     ["bench", "--json", "ee_diffusion/assets/rows.json"],
     ["bench", "--csv", "ee_diffusion/assets/digits-dit/rows.csv"],
@@ -172,7 +200,7 @@ ASSET_CASES = [
     ["speed", "--json", "ee_diffusion/assets/speed.json"],
     ["dllm-bench", "--json", "ee_diffusion/assets/tiny-mdlm/rows.json"],
     ["dllm-bench", "--plot", "ee_diffusion/assets/fronts.png"],
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("argv", ASSET_CASES, ids=[" ".join(argv[:2]) + " " + argv[-1] for argv in ASSET_CASES])
@@ -204,13 +232,17 @@ def test_every_command_refuses_a_folder_of_other_files(argv, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]
 
 
-@pytest.mark.parametrize("argv, earlier", [
-    (FOLDER_CASES[0], ["model_index.json", "transformer/config.json"]),
-    (FOLDER_CASES[2], ["config.json", "diffusion_pytorch_model.safetensors", "README.md"]),
-    (FOLDER_CASES[3], ["config.json", "checkpoint/model.safetensors"]),
-    (FOLDER_CASES[4], ["exit_schedule.json", "calibration.json"]),
-    (FOLDER_CASES[5], ["sweep.json", "plans/dpm-solver++-6-0.5/exit_schedule.json"]),
-], ids=["train", "train-uem", "train-mdlm", "calibrate", "sweep"])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, earlier",
+    [
+        (FOLDER_CASES[0], ["model_index.json", "transformer/config.json"]),
+        (FOLDER_CASES[2], ["config.json", "diffusion_pytorch_model.safetensors", "README.md"]),
+        (FOLDER_CASES[3], ["config.json", "checkpoint/model.safetensors"]),
+        (FOLDER_CASES[4], ["exit_schedule.json", "calibration.json"]),
+        (FOLDER_CASES[5], ["sweep.json", "plans/dpm-solver++-6-0.5/exit_schedule.json"]),
+    ],
+    ids=["train", "train-uem", "train-mdlm", "calibrate", "sweep"],
+)
 def test_every_command_refuses_its_own_earlier_output_without_overwrite(argv, earlier, tmp_path, capsys):
     for name in earlier:
         (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -220,8 +252,21 @@ def test_every_command_refuses_its_own_earlier_output_without_overwrite(argv, ea
 
 
 def test_bench_files_need_overwrite_and_are_replaced_with_it(tmp_path, capsys):
-    tiny = ["bench", "--model", "random:dit-tiny", "--methods", "baseline", "--num-samples", "2", "--batch-size", "2",
-            "--repeats", "1", "--steps", "2"]  # fmt: skip
+    tiny = [
+        "bench",
+        "--model",
+        "random:dit-tiny",
+        "--methods",
+        "baseline",
+        "--num-samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+    ]
     (tmp_path / "rows.json").write_text("mine")
     code, err = _exit([*tiny, "--json", str(tmp_path / "rows.json")], capsys)
     assert code == 2 and "exists; pass --overwrite to replace it" in err

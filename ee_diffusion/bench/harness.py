@@ -52,23 +52,23 @@ from diffusers.models.resnet import ResnetBlock2D
 from tqdm.auto import tqdm
 
 from ..data import load_digits_split
+from ..exits import denoiser_of
 from ..metrics import (
     FeatureExtractor,
     ReferenceStatistics,
-    class_accuracy,
-    image_files,
     Timing,
+    class_accuracy,
     compute_fid_kid,
+    image_files,
     load_digits_classifier,
     load_reference_statistics,
     round_speedups,
     time_interleaved,
 )
-from ..exits import denoiser_of
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import Method, Target, build_method
-from .report import BenchRow, save_images
 from .noise_schedulers import SCHEDULERS, build_scheduler
+from .report import BenchRow, save_images
 
 logger = logging.getLogger(__name__)
 
@@ -144,22 +144,31 @@ class BenchConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.xformers and torch.device(self.device).type != "cuda":
-            raise ValueError(f"xformers' memory-efficient attention runs on CUDA devices only, got "
-                             f"device={self.device!r}; leave out --xformers or use --device cuda.")  # fmt: skip
+            raise ValueError(
+                f"xformers' memory-efficient attention runs on CUDA devices only, got "
+                f"device={self.device!r}; leave out --xformers or use --device cuda."
+            )
         if self.xformers and importlib.util.find_spec("xformers") is None:
-            raise ImportError("--xformers needs the xformers package, which is not installed; install it with "
-                              "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`).")  # fmt: skip
-        if self.reference is not None and not (Path(self.reference).is_dir() or (
-                Path(self.reference).is_file() and self.reference.endswith(".npz"))):  # fmt: skip
-            raise FileNotFoundError(f"No reference at {self.reference}: give a folder of images or an .npz of "
-                                    "statistics from ee_diffusion.metrics.save_reference_statistics.")  # fmt: skip
+            raise ImportError(
+                "--xformers needs the xformers package, which is not installed; install it with "
+                "`pip install 'ee-diffusion[xformers]'` (or `pip install xformers`)."
+            )
+        if self.reference is not None and not (
+            Path(self.reference).is_dir() or (Path(self.reference).is_file() and self.reference.endswith(".npz"))
+        ):
+            raise FileNotFoundError(
+                f"No reference at {self.reference}: give a folder of images or an .npz of "
+                "statistics from ee_diffusion.metrics.save_reference_statistics."
+            )
         if self.reference is not None and Path(self.reference).is_dir():
             image_files(self.reference)  # every image readable, before anything is generated
         if self.grid not in ("zip", "product"):
             raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
         if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:
-            raise ValueError(f"grid='zip' pairs {self.scheduler} with {self.steps}: give lists of the same length "
-                             "(or one of length 1), or use grid='product'.")  # fmt: skip
+            raise ValueError(
+                f"grid='zip' pairs {self.scheduler} with {self.steps}: give lists of the same length "
+                "(or one of length 1), or use grid='product'."
+            )
 
     def cells(self) -> list[tuple[str, int]]:
         """The (scheduler, steps) cells of the grid, in order."""
@@ -223,8 +232,9 @@ def compile_regions(pipe: Any) -> None:
     pipe.exit_schedule = schedule
 
 
-def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int,
-              device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
+def _generate(
+    run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device
+) -> tuple[torch.Tensor, float]:
     """One call of the method: its images (on the CPU) and executed block fraction, against the full model at the
     cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps). Where the method
     varies the work, the blocks' worth of work of each denoiser call goes to `run.depth_profiles`."""
@@ -245,8 +255,13 @@ def _generate(run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchC
 
 def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device) -> Any:
     generator = torch.Generator(device).manual_seed(seed)
-    return pipe(class_labels=labels, guidance_scale=config.guidance_scale, generator=generator,
-                num_inference_steps=steps, output_type="pt").images  # fmt: skip
+    return pipe(
+        class_labels=labels,
+        guidance_scale=config.guidance_scale,
+        generator=generator,
+        num_inference_steps=steps,
+        output_type="pt",
+    ).images
 
 
 def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] | None = None) -> list[BenchRow]:
@@ -274,8 +289,9 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
         return pipes[model]
 
     if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model))):
-        raise ValueError(f"FID/KID of {config.model} need at least 2 samples per method, got num_samples="
-                         f"{config.num_samples}.")  # fmt: skip
+        raise ValueError(
+            f"FID/KID of {config.model} need at least 2 samples per method, got num_samples={config.num_samples}."
+        )
     labels = [i % 10 for i in range(config.num_samples)]
     batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
 
@@ -306,16 +322,24 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
             for index in mine:
                 for offset in range(len(active)):
                     run = active[(index + offset) % len(active)]
-                    images, fraction = _generate(run, pipes[run.method.model], batches[index], config.seed + index,
-                                                 config, steps, device)  # fmt: skip
+                    images, fraction = _generate(
+                        run, pipes[run.method.model], batches[index], config.seed + index, config, steps, device
+                    )
                     run.images[index] = images
                     run.fractions.append(fraction)
                     bar.update()
         _time(active, pipes, batches[0], config, steps, device, bar)
         results.append((scheduler, steps, runs))
     bar.close()
-    gathered = gather_object([[(run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb,
-                                run.depth_profiles) for run in runs] for _, _, runs in results])  # fmt: skip
+    gathered = gather_object(
+        [
+            [
+                (run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb, run.depth_profiles)
+                for run in runs
+            ]
+            for _, _, runs in results
+        ]
+    )
     if not state.is_main_process:
         return []
     for position, (_, _, runs) in enumerate(results):  # every process's part of each cell, in process order
@@ -334,8 +358,15 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
     return rows
 
 
-def _time(active: list[_Run], pipes: dict[str, Any], labels: list[int], config: BenchConfig, steps: int,
-          device: torch.device, bar: tqdm) -> None:  # fmt: skip
+def _time(
+    active: list[_Run],
+    pipes: dict[str, Any],
+    labels: list[int],
+    config: BenchConfig,
+    steps: int,
+    device: torch.device,
+    bar: tqdm,
+) -> None:
     """`config.repeats` timed rounds of one batch per method, interleaved with rotating order; this process's
     `Timing` and round-by-round speedups against the baseline go to each run."""
 
@@ -354,22 +385,43 @@ def _time(active: list[_Run], pipes: dict[str, Any], labels: list[int], config: 
             run.speedups.extend(round_speedups(baseline, timing))
 
 
-def _score(results: list[tuple[str, int, list[_Run]]], labels: list[int], config: BenchConfig, timed_images: int,
-           pipes: dict[str, Any], progress: bool) -> list[BenchRow]:  # fmt: skip
+def _score(
+    results: list[tuple[str, int, list[_Run]]],
+    labels: list[int],
+    config: BenchConfig,
+    timed_images: int,
+    pipes: dict[str, Any],
+    progress: bool,
+) -> list[BenchRow]:
     digits = all(_is_digits_shaped(pipe) for pipe in pipes.values())
     extractor, reference = _quality_reference(config, digits, progress)
     classifier = load_digits_classifier() if digits else None
     rows = []
-    bar = tqdm(total=sum(len(runs) for _, _, runs in results), desc="scoring",
-               disable=not (extractor is not None and progress))  # fmt: skip
+    bar = tqdm(
+        total=sum(len(runs) for _, _, runs in results),
+        desc="scoring",
+        disable=not (extractor is not None and progress),
+    )
     for scheduler, steps, runs in results:
         baseline = next((run for run in runs if run.method.name == "baseline"), None)
         for run in runs:
             bar.update()
-            row = BenchRow(method=run.method.name, model=run.method.model, scheduler=scheduler, steps=steps,
-                           num_samples=config.num_samples, fid=None, kid=None, class_accuracy=None, images_per_s=None,
-                           timing_spread=None, speedup=None, block_fraction=None, peak_memory_mb=None,
-                           note=run.method.unsupported)  # fmt: skip
+            row = BenchRow(
+                method=run.method.name,
+                model=run.method.model,
+                scheduler=scheduler,
+                steps=steps,
+                num_samples=config.num_samples,
+                fid=None,
+                kid=None,
+                class_accuracy=None,
+                images_per_s=None,
+                timing_spread=None,
+                speedup=None,
+                block_fraction=None,
+                peak_memory_mb=None,
+                note=run.method.unsupported,
+            )
             rows.append(row)
             if row.note is not None:
                 continue

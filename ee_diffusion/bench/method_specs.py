@@ -1,6 +1,6 @@
-"""The methods `ee-diffusion bench` compares, as they are written: one declaration per kind (`METHOD_KINDS`), from which
-the bench's `--help`, its errors and the docs' method list come; each kind's arguments are checked here, before any
-model is loaded. How each kind runs is in `ee_diffusion.bench.methods` (which imports torch and diffusers; this
+"""The methods `ee-diffusion bench` compares, as they are written: one declaration per kind (`METHOD_KINDS`), from
+which the bench's `--help`, its errors and the docs' method list come; each kind's arguments are checked here, before
+any model is loaded. How each kind runs is in `ee_diffusion.bench.methods` (which imports torch and diffusers; this
 module does not, so `--help` and parsing stay instant).
 
 A method spec is `kind` or `kind:argument`, optionally followed by `@N`: the method at N scheduler steps instead of the
@@ -81,7 +81,8 @@ class _Number:
         if value is None or not math.isfinite(value) or too_low or too_high:
             kind = "an integer" if self.kind is int else "a finite number"
             bounds = f"{'>' if self.low_open else '>='} {self.low:g}" + (
-                "" if self.high is None else f" and <= {self.high:g}")  # fmt: skip
+                "" if self.high is None else f" and <= {self.high:g}"
+            )
             raise ValueError(f"Bad method {spec!r}: {self.name} must be {kind} {bounds}, got {text!r}.")
         return value
 
@@ -110,14 +111,22 @@ def _parse_layerskip(argument: str, spec: str) -> list[int] | None:
 
 
 def _parse_taylorseer(argument: str, spec: str) -> tuple[int, int]:
-    interval, order = _arguments(spec, argument, _Number("the interval (1 computes every step)", int, 2, default=5),
-                                 _Number("the order", int, 0, default=1))  # fmt: skip
+    interval, order = _arguments(
+        spec,
+        argument,
+        _Number("the interval (1 computes every step)", int, 2, default=5),
+        _Number("the order", int, 0, default=1),
+    )
     return interval, order
 
 
 def _parse_magcache(argument: str, spec: str) -> tuple[float, int]:
-    threshold, max_skips = _arguments(spec, argument, _Number("the threshold", float, 0, low_open=True, default=0.06),
-                                      _Number("the most consecutive skips", int, 1, default=3))  # fmt: skip
+    threshold, max_skips = _arguments(
+        spec,
+        argument,
+        _Number("the threshold", float, 0, low_open=True, default=0.06),
+        _Number("the most consecutive skips", int, 1, default=3),
+    )
     return threshold, max_skips
 
 
@@ -148,28 +157,61 @@ class MethodKind:
 
 METHOD_KINDS: dict[str, MethodKind] = {
     "baseline": MethodKind("baseline", "the model at full depth", _no_argument, False),
-    "ase": MethodKind("ase:<schedule>", "an exit schedule: linear:M, cosine:M, constant:M, step:d1,d2,... or a "
-                      "schedule or plan folder", _parse_ase, True),
-    "finetuned": MethodKind("finetuned:<model>[:<schedule>]", "another model (ASE fine-tuned) under its own saved "
-                            "schedule, or under this one (a folder may be inside the model's)", _parse_finetuned, True),
-    "deediff": MethodKind("deediff[:<threshold>[:<policy>]]", "DeeDiff uncertainty exits with the model's exit heads "
-                          "(train-uem), threshold in (0, 1] (default: the heads'), per_batch (default) or per_sample",
-                          _parse_deediff, None),
-    "fbcache": MethodKind("fbcache[:<threshold>]", "diffusers FirstBlockCache, threshold > 0 (default 0.05)",
-                          _parse_fbcache, None),
-    "layerskip": MethodKind("layerskip[:<i,j,...>]", "diffusers LayerSkip of these 0-based blocks (default: the "
-                            "middle block)", _parse_layerskip, None),
-    "taylorseer": MethodKind("taylorseer[:<interval>[:<order>]]", "diffusers TaylorSeer cache, interval >= 2, order "
-                             ">= 0 (default 5:1)", _parse_taylorseer, None),
-    "magcache": MethodKind("magcache[:<threshold>[:<skips>]]", "diffusers MagCache, threshold > 0, skips >= 1 "
-                           "(default 0.06:3), ratios calibrated on the model", _parse_magcache, None),
-    "pab": MethodKind("pab[:<range>[:<lo>-<hi>]]", "diffusers PyramidAttentionBroadcast, range >= 2, timestep window "
-                      "lo < hi (default 2:100-800)", _parse_pab, None),
-}  # fmt: skip
+    "ase": MethodKind(
+        "ase:<schedule>",
+        "an exit schedule: linear:M, cosine:M, constant:M, step:d1,d2,... or a schedule or plan folder",
+        _parse_ase,
+        True,
+    ),
+    "finetuned": MethodKind(
+        "finetuned:<model>[:<schedule>]",
+        "another model (ASE fine-tuned) under its own saved "
+        "schedule, or under this one (a folder may be inside the model's)",
+        _parse_finetuned,
+        True,
+    ),
+    "deediff": MethodKind(
+        "deediff[:<threshold>[:<policy>]]",
+        "DeeDiff uncertainty exits with the model's exit heads "
+        "(train-uem), threshold in (0, 1] (default: the heads'), per_batch (default) or per_sample",
+        _parse_deediff,
+        None,
+    ),
+    "fbcache": MethodKind(
+        "fbcache[:<threshold>]", "diffusers FirstBlockCache, threshold > 0 (default 0.05)", _parse_fbcache, None
+    ),
+    "layerskip": MethodKind(
+        "layerskip[:<i,j,...>]",
+        "diffusers LayerSkip of these 0-based blocks (default: the middle block)",
+        _parse_layerskip,
+        None,
+    ),
+    "taylorseer": MethodKind(
+        "taylorseer[:<interval>[:<order>]]",
+        "diffusers TaylorSeer cache, interval >= 2, order >= 0 (default 5:1)",
+        _parse_taylorseer,
+        None,
+    ),
+    "magcache": MethodKind(
+        "magcache[:<threshold>[:<skips>]]",
+        "diffusers MagCache, threshold > 0, skips >= 1 (default 0.06:3), ratios calibrated on the model",
+        _parse_magcache,
+        None,
+    ),
+    "pab": MethodKind(
+        "pab[:<range>[:<lo>-<hi>]]",
+        "diffusers PyramidAttentionBroadcast, range >= 2, timestep window lo < hi (default 2:100-800)",
+        _parse_pab,
+        None,
+    ),
+}
 
 
-STEPS_SUFFIX_HELP = ("<method>@N", "that method at N scheduler steps instead of the cell's (baseline@8: fewer steps, "
-                     "timed beside the rest); its blocks count against the cell's steps")  # fmt: skip
+STEPS_SUFFIX_HELP = (
+    "<method>@N",
+    "that method at N scheduler steps instead of the cell's (baseline@8: fewer steps, "
+    "timed beside the rest); its blocks count against the cell's steps",
+)
 
 
 def method_syntax() -> str:
@@ -202,7 +244,11 @@ def kind_of(spec: str) -> tuple[str, str, int | None]:
     body, steps = _steps_suffix(spec)
     kind, _, argument = body.partition(":")
     entry = METHOD_KINDS.get(kind)
-    if entry is None or (entry.needs_argument is True and not argument) or (entry.needs_argument is False and argument):
+    if (
+        entry is None
+        or (entry.needs_argument is True and not argument)
+        or (entry.needs_argument is False and argument)
+    ):
         raise ValueError(f"Unknown method {spec!r}; accepted kinds: {method_syntax()}, each optionally with @N.")
     return kind, argument, steps
 
@@ -236,7 +282,8 @@ def default_methods(model: str, steps: list[int], scheduler: list[str]) -> list[
 
 def parse_methods(text: str) -> list[str]:
     """Split a `--methods` string on the commas that start a new method (a comma followed by a number continues a
-    list: `ase:step:12,8,4`, `layerskip:3,7`), and check each method (a `ValueError` for an empty list, a repeated method, or a bad one)."""
+    list: `ase:step:12,8,4`, `layerskip:3,7`), and check each method (a `ValueError` for an empty list, a repeated
+    method, or a bad one)."""
     methods: list[str] = []
     for piece in text.split(","):
         continues = methods and methods[-1].startswith(_LISTS) and _LIST_ITEM.fullmatch(piece)

@@ -35,8 +35,8 @@ The diffusers accelerators are applied to the denoiser with `diffusers.hooks` on
 one does not apply to the model (a U-Net, a block class diffusers has no metadata for, no attention it recognises),
 the method's row carries the reason (`Method.unsupported`) and no numbers. Their block fraction is measured by torch
 forward hooks on the `nn.Linear` layers of the attention and feed-forward modules in the denoiser's block lists: the
-weight-count-weighted share of those layers that ran per denoiser call (these counting hooks cost a little time, so accelerator speedups are, if anything,
-understated).
+weight-count-weighted share of those layers that ran per denoiser call (these counting hooks cost a little time, so
+accelerator speedups are, if anything, understated).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from diffusers.hooks import (
     FirstBlockCacheConfig,
     HookRegistry,
     LayerSkipConfig,
-    ModelHook,
     MagCacheConfig,
+    ModelHook,
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
     apply_first_block_cache,
@@ -101,8 +101,10 @@ def _scheduled(schedule: ExitSchedule | None) -> Session:
 
 def _exit_work(pipe: Any) -> Work:
     """The work of the calls made under the pipeline's exit schedule or exit heads, from its `exit_stats`."""
-    return Work(lambda: pipe.exit_stats.block_fraction,
-                lambda: [sum(call.depths) / len(call.depths) for call in pipe.exit_stats.calls])  # fmt: skip
+    return Work(
+        lambda: pipe.exit_stats.block_fraction,
+        lambda: [sum(call.depths) / len(call.depths) for call in pipe.exit_stats.calls],
+    )
 
 
 @dataclass
@@ -168,15 +170,23 @@ def _deediff(parsed: tuple[float | None, str | None], spec: str, target: Target)
     threshold, policy = parsed
     pipe = target.pipe_of(target.model)
     if not isinstance(denoiser_of(pipe), SUPPORTED):
-        return Method(spec, target.model, unsupported=f"uncertainty exits need a transformer of "
-                      f"{', '.join(cls.__name__ for cls in SUPPORTED)}, not {type(denoiser_of(pipe)).__name__}")
+        return Method(
+            spec,
+            target.model,
+            unsupported=f"uncertainty exits need a transformer of "
+            f"{', '.join(cls.__name__ for cls in SUPPORTED)}, not {type(denoiser_of(pipe)).__name__}",
+        )
     heads = getattr(pipe, "exit_heads", None)
     folder = None if target.model.startswith("random:") else Path(resolve_pretrained(target.model)) / "exit_heads"
     if heads is None and folder is not None and (folder / "config.json").is_file():
         heads = ExitHeads.from_pretrained(folder).to(pipe.device)
     if heads is None:
-        return Method(spec, target.model, unsupported=f"{target.model} has no exit heads (train them with "
-                      "`ee-diffusion train-uem` and save them in its folder as exit_heads/)")  # fmt: skip
+        return Method(
+            spec,
+            target.model,
+            unsupported=f"{target.model} has no exit heads (train them with "
+            "`ee-diffusion train-uem` and save them in its folder as exit_heads/)",
+        )
 
     @contextlib.contextmanager
     def session(pipe: Any) -> Iterator[Work]:
@@ -307,8 +317,9 @@ def _accelerator(kind: str, label: str, apply: Callable[[torch.nn.Module], Any],
 
 def _fbcache(threshold: float, spec: str, target: Target) -> Method:
     config = FirstBlockCacheConfig(threshold=threshold)
-    return _accelerator("fbcache", "FirstBlockCache", lambda denoiser: apply_first_block_cache(denoiser, config),
-                        spec, target)  # fmt: skip
+    return _accelerator(
+        "fbcache", "FirstBlockCache", lambda denoiser: apply_first_block_cache(denoiser, config), spec, target
+    )
 
 
 def _block_list(denoiser: torch.nn.Module) -> torch.nn.ModuleList | list:
@@ -334,8 +345,12 @@ def _taylorseer(parsed: tuple[int, int], spec: str, target: Target) -> Method:
     interval, order = parsed
 
     def apply(denoiser: torch.nn.Module) -> None:
-        config = TaylorSeerCacheConfig(cache_interval=interval, max_order=order, taylor_factors_dtype=denoiser.dtype,
-                                       cache_identifiers=[_BLOCK_ATTENTION])  # fmt: skip
+        config = TaylorSeerCacheConfig(
+            cache_interval=interval,
+            max_order=order,
+            taylor_factors_dtype=denoiser.dtype,
+            cache_identifiers=[_BLOCK_ATTENTION],
+        )
         apply_taylorseer_cache(denoiser, config)
 
     return _accelerator("taylorseer", "TaylorSeer", apply, spec, target)
@@ -344,11 +359,16 @@ def _taylorseer(parsed: tuple[int, int], spec: str, target: Target) -> Method:
 def _magcache(parsed: tuple[float, int], spec: str, target: Target) -> Method:
     threshold, max_skips = parsed
     configs = [MagCacheConfig(calibrate=True, num_inference_steps=target.steps)]  # for the trial application
-    method = _accelerator("magcache", "MagCache", lambda denoiser: apply_mag_cache(denoiser, configs[-1]), spec, target)
+    method = _accelerator(
+        "magcache", "MagCache", lambda denoiser: apply_mag_cache(denoiser, configs[-1]), spec, target
+    )
     if method.unsupported is None:
         ratios = _magnitude_ratios(target.pipe_of(target.model), target)
-        configs.append(MagCacheConfig(threshold=threshold, max_skip_steps=max_skips, num_inference_steps=target.steps,
-                                      mag_ratios=ratios))  # fmt: skip
+        configs.append(
+            MagCacheConfig(
+                threshold=threshold, max_skip_steps=max_skips, num_inference_steps=target.steps, mag_ratios=ratios
+            )
+        )
     return method
 
 
@@ -358,13 +378,22 @@ def _magnitude_ratios(pipe: Any, target: Target) -> list[float]:
     blocks = next(c for c in denoiser_of(pipe).children() if isinstance(c, torch.nn.ModuleList))
     inputs: list[torch.Tensor] = []
     residuals: list[torch.Tensor] = []
-    head = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: inputs.append(args[0] if args else
-                                               kwargs["hidden_states"]), with_kwargs=True)  # fmt: skip
-    tail = blocks[-1].register_forward_hook(lambda module, args, output: residuals.append(
-        (output[0] if isinstance(output, tuple) else output).float() - inputs[-1].float()))  # fmt: skip
+    head = blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    tail = blocks[-1].register_forward_hook(
+        lambda module, args, output: residuals.append(
+            (output[0] if isinstance(output, tuple) else output).float() - inputs[-1].float()
+        )
+    )
     try:
-        pipe(class_labels=target.labels, guidance_scale=1.0, num_inference_steps=target.steps, output_type="pt",
-             generator=torch.Generator(pipe.device).manual_seed(0))  # fmt: skip
+        pipe(
+            class_labels=target.labels,
+            guidance_scale=1.0,
+            num_inference_steps=target.steps,
+            output_type="pt",
+            generator=torch.Generator(pipe.device).manual_seed(0),
+        )
     finally:
         head.remove()
         tail.remove()
@@ -377,9 +406,11 @@ def _pab(parsed: tuple[int, int, int], spec: str, target: Target) -> Method:
 
     def apply(denoiser: torch.nn.Module) -> list:
         timestep = _TimestepProbe(denoiser)
-        config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip_range,
-                                                 spatial_attention_timestep_skip_range=(low, high),
-                                                 current_timestep_callback=timestep)  # fmt: skip
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=skip_range,
+            spatial_attention_timestep_skip_range=(low, high),
+            current_timestep_callback=timestep,
+        )
         apply_pyramid_attention_broadcast(denoiser, config)
         return [timestep.handle]
 

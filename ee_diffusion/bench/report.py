@@ -59,8 +59,22 @@ class BenchRow:
     depth_per_step: list[float] | None = None
 
 
-ROW_KEYS = ("method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "timing_spread", "speedup", "block_fraction", "peak_memory_mb", "depth_per_step")  # fmt: skip
+ROW_KEYS = (
+    "method",
+    "model",
+    "scheduler",
+    "steps",
+    "num_samples",
+    "fid",
+    "kid",
+    "class_accuracy",
+    "images_per_s",
+    "timing_spread",
+    "speedup",
+    "block_fraction",
+    "peak_memory_mb",
+    "depth_per_step",
+)
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
@@ -84,21 +98,44 @@ def _cell(value: float | None, spec: str) -> str:
 def format_table(rows: list[BenchRow]) -> str:
     """The rows as a console table (rich), one block of rows per (scheduler, steps) cell."""
     table = Table(show_edge=False, pad_edge=False)
-    headers = ["method", "model", "scheduler", "steps", "n", "FID", "KID x1e3", "class acc", "img/s", "spread",
-               "speedup", "blocks", "peak MB"]  # fmt: skip
+    headers = [
+        "method",
+        "model",
+        "scheduler",
+        "steps",
+        "n",
+        "FID",
+        "KID x1e3",
+        "class acc",
+        "img/s",
+        "spread",
+        "speedup",
+        "blocks",
+        "peak MB",
+    ]
     with_notes = any(row.note for row in rows)
-    for header in headers + ["note"] * with_notes:
-        table.add_column(header, overflow="fold")
+    for header in headers + ["note"] * with_notes:  # a note may fold onto more lines; nothing else does
+        table.add_column(header, overflow="fold", no_wrap=header != "note")
     for index, row in enumerate(rows):
         following = rows[index + 1] if index + 1 < len(rows) else row
         table.add_row(
-            row.method, row.model, row.scheduler, str(row.steps), str(row.num_samples), _cell(row.fid, ".2f"),
-            _cell(None if row.kid is None else row.kid * 1e3, ".2f"), _cell(row.class_accuracy, ".1%"),
-            _cell(row.images_per_s, ".1f"), _cell(row.timing_spread, ".0%"),
-            _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""), _cell(row.block_fraction, ".1%"), _cell(row.peak_memory_mb, ".0f"), *[row.note or ""] * with_notes,
+            row.method,
+            row.model,
+            row.scheduler,
+            str(row.steps),
+            str(row.num_samples),
+            _cell(row.fid, ".2f"),
+            _cell(None if row.kid is None else row.kid * 1e3, ".2f"),
+            _cell(row.class_accuracy, ".1%"),
+            _cell(row.images_per_s, ".1f"),
+            _cell(row.timing_spread, ".0%"),
+            _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
+            _cell(row.block_fraction, ".1%"),
+            _cell(row.peak_memory_mb, ".0f"),
+            *[row.note or ""] * with_notes,
             end_section=(following.scheduler, following.steps) != (row.scheduler, row.steps),
-        )  # fmt: skip
-    console = Console(file=io.StringIO(), width=160, color_system=None)
+        )
+    console = Console(file=io.StringIO(), width=220, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()
 
@@ -121,8 +158,11 @@ def write_csv(path: str, rows: list[BenchRow]) -> None:
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (x: higher is better, y: lower is better)."""
-    return [i for i, (x, y) in enumerate(points)
-            if not any(x2 >= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)]  # fmt: skip
+    return [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any(x2 >= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)
+    ]
 
 
 def plot(path: str, rows: list[BenchRow]) -> None:
@@ -196,4 +236,5 @@ def _save_images(folder: Path, rows: list[BenchRow], images: list[dict[int, torc
         pixels = (pictures.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for index, (array, label) in enumerate(zip(pixels, labels)):
             Image.fromarray(np.squeeze(array, axis=-1) if array.shape[-1] == 1 else array).save(
-                out / f"{index:05d}_class{label}.png")  # fmt: skip
+                out / f"{index:05d}_class{label}.png"
+            )

@@ -3,13 +3,15 @@
 The model is a randomly initialised `DiTTransformer2DModel` (speed does not depend on the weights). Every method runs
 the same DPM-Solver++ loop on the same latents and class labels; the methods are interleaved round by round, the
 median of the timed rounds and their spread (interquartile range over median) are reported, and `speedup` is the
-median over rounds of the baseline's seconds over the method's. `full-depth hook` applies a schedule that runs every block, so its ratio to
-`baseline` is the cost of the hooks themselves. For each schedule the block fraction is read from the hooks' record
-of what actually ran, and `efficiency` is the measured speedup over the speedup that fraction predicts (`1 / f`).
+median over rounds of the baseline's seconds over the method's. `full-depth hook` applies a schedule that runs every
+block, so its ratio to `baseline` is the cost of the hooks themselves. For each schedule the block fraction is read
+from the hooks' record of what actually ran, and `efficiency` is the measured speedup over the speedup that fraction
+predicts (`1 / f`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -18,6 +20,7 @@ from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler
 
 from ..exits import apply_exit_schedule, get_exit_stats, remove_exit_schedule
 from ..metrics import round_speedups, time_interleaved
+from ..outputs import staged_file
 from ..schedules import ExitSchedule
 
 
@@ -66,7 +69,9 @@ def build_dit(config: SpeedConfig, device: torch.device, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
-def denoise(model: DiTTransformer2DModel, config: SpeedConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def denoise(
+    model: DiTTransformer2DModel, config: SpeedConfig, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """One DPM-Solver++ sampling loop over the denoiser (the part of a DiT pipeline that exit schedules speed up)."""
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     shape = (config.batch_size, 4, config.sample_size, config.sample_size)
@@ -114,8 +119,9 @@ def run_speed(
     for name, timing in timings.items():
         speedup = statistics.median(round_speedups(timings["baseline"], timing))
         predicted = 1.0 / fractions[name]
-        rows.append(SpeedRow(name, timing.median, timing.spread, speedup, fractions[name], predicted,
-                             speedup / predicted))  # fmt: skip
+        rows.append(
+            SpeedRow(name, timing.median, timing.spread, speedup, fractions[name], predicted, speedup / predicted)
+        )
     return rows
 
 
@@ -132,3 +138,9 @@ def format_rows(rows: list[SpeedRow]) -> str:
 
 def rows_as_dicts(rows: list[SpeedRow]) -> list[dict]:
     return [asdict(row) for row in rows]
+
+
+def write_json(path: str, settings: dict, rows: list[SpeedRow]) -> None:
+    """`{"config": settings, "rows": [...]}`, written whole and then put in place."""
+    with staged_file(path) as staged:
+        staged.write_text(json.dumps({"config": settings, "rows": rows_as_dicts(rows)}, indent=2))

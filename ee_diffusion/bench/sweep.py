@@ -43,8 +43,9 @@ class SweepConfig:
     scheduler: str = "dpm-solver++"
     steps: list[int] = field(default_factory=lambda: [6, 8, 10, 20])
     budgets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6])
-    accelerators: list[str] = field(default_factory=lambda: ["magcache:0.06:3", "magcache:0.15:4", "fbcache:0.05",
-                                                             "fbcache:0.15"])  # fmt: skip
+    accelerators: list[str] = field(
+        default_factory=lambda: ["magcache:0.06:3", "magcache:0.15:4", "fbcache:0.05", "fbcache:0.15"]
+    )
     num_samples: int = 250
     batch_size: int = 10
     repeats: int = 5
@@ -71,8 +72,10 @@ class SweepConfig:
         ours = ("baseline", "ase", "finetuned", "deediff")
         bad = [spec for spec in self.accelerators if spec.partition(":")[0] not in set(METHOD_KINDS) - set(ours)]
         if bad:
-            raise ValueError(f"`accelerators` must be diffusers accelerator methods ("
-                             f"{', '.join(k for k in METHOD_KINDS if k not in ours)}), got {bad}.")  # fmt: skip
+            raise ValueError(
+                f"`accelerators` must be diffusers accelerator methods ("
+                f"{', '.join(k for k in METHOD_KINDS if k not in ours)}), got {bad}."
+            )
         for spec in self.accelerators:
             check_method(spec)
 
@@ -90,8 +93,12 @@ def _linear_at(num_blocks: int, timesteps: list[float], num_train_timesteps: int
     """The `linear:M` spec whose compute over `timesteps` is nearest to `budget` (None if it is the full model)."""
     from ..schedules import ExitSchedule
 
-    best = min(range(1, num_blocks + 1), key=lambda m: abs(
-        ExitSchedule.linear(num_blocks, m).compute_fraction(timesteps, num_train_timesteps) - budget))  # fmt: skip
+    best = min(
+        range(1, num_blocks + 1),
+        key=lambda m: abs(
+            ExitSchedule.linear(num_blocks, m).compute_fraction(timesteps, num_train_timesteps) - budget
+        ),
+    )
     return None if best == num_blocks else f"ase:linear:{best}"
 
 
@@ -104,9 +111,17 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     from .noise_schedulers import build_scheduler
 
     out = Path(config.out)
-    bench = BenchConfig(model=config.model, methods=["baseline"], num_samples=config.num_samples,
-                        batch_size=config.batch_size, repeats=config.repeats, scheduler=config.scheduler,
-                        guidance_scale=config.guidance_scale, seed=config.seed, device=config.device)  # fmt: skip
+    bench = BenchConfig(
+        model=config.model,
+        methods=["baseline"],
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        repeats=config.repeats,
+        scheduler=config.scheduler,
+        guidance_scale=config.guidance_scale,
+        seed=config.seed,
+        device=config.device,
+    )
     import torch
 
     pipes = {}
@@ -116,8 +131,10 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     denoiser = denoiser_of(pipes[config.model])
     num_blocks = num_exit_blocks(denoiser)
     if config.finetuned is not None and num_exit_blocks(pipes[config.finetuned]) != num_blocks:
-        raise ValueError(f"`finetuned` must have the model's {num_blocks} exit blocks; {config.finetuned} has "
-                         f"{num_exit_blocks(pipes[config.finetuned])}.")  # fmt: skip
+        raise ValueError(
+            f"`finetuned` must have the model's {num_blocks} exit blocks; {config.finetuned} has "
+            f"{num_exit_blocks(pipes[config.finetuned])}."
+        )
     target = Target(config.model, pipes.__getitem__, min(config.steps))
     for spec in config.accelerators:  # a bad argument (`fbcache:x`) stops the sweep now, not after calibrating
         build_method(spec, target)
@@ -126,20 +143,25 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     with staged_folder(out) as stage:
         rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
         for steps in config.steps:
-            plans, timesteps = _calibrated_plans(config, pipes[config.model], probes, steps, stage / "plans", "ase:",
-                                                 progress)  # fmt: skip
+            plans, timesteps = _calibrated_plans(
+                config, pipes[config.model], probes, steps, stage / "plans", "ase:", progress
+            )
             ours = ["baseline", *plans]
             if config.finetuned is not None:
                 folder = stage / "plans" / Path(config.finetuned).name
-                tuned = _calibrated_plans(config, pipes[config.finetuned], probes, steps, folder,
-                                          f"finetuned:{config.finetuned}:", progress)[0]  # fmt: skip
+                tuned = _calibrated_plans(
+                    config, pipes[config.finetuned], probes, steps, folder, f"finetuned:{config.finetuned}:", progress
+                )[0]
                 ours += [f"finetuned:{config.finetuned}", *tuned]
                 plans.update(tuned)
-            shapes = {_linear_at(num_blocks, timesteps, pipes[config.model].scheduler.config.num_train_timesteps, b)
-                      for b in config.budgets} - {None}  # fmt: skip
+            shapes = {
+                _linear_at(num_blocks, timesteps, pipes[config.model].scheduler.config.num_train_timesteps, b)
+                for b in config.budgets
+            } - {None}
             methods = [*ours, *sorted(shapes), *config.accelerators]
-            cell = run_bench(dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress,
-                             pipes=pipes)  # fmt: skip
+            cell = run_bench(
+                dataclasses.replace(bench, methods=methods, steps=[steps]), progress=progress, pipes=pipes
+            )
             rows.extend((row, plans.get(row.method)) for row in cell)
         for row, _ in rows:  # the plans are named by the folder they end up in
             row.method = row.method.replace(str(stage), str(out))
@@ -149,8 +171,9 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     return swept
 
 
-def _calibrated_plans(config: SweepConfig, pipe: Any, probes: dict[str, Any], steps: int, folder: Path, prefix: str,
-                      progress: bool) -> tuple[dict[str, str], list[float]]:  # fmt: skip
+def _calibrated_plans(
+    config: SweepConfig, pipe: Any, probes: dict[str, Any], steps: int, folder: Path, prefix: str, progress: bool
+) -> tuple[dict[str, str], list[float]]:
     """The plans calibrated on `pipe` at `steps`, one per budget below its own schedule's compute, saved under
     `folder`: {bench method (`prefix` + folder): folder}; and the denoiser's timesteps at those steps."""
     from ..calibration import PlanCalibrator
@@ -188,8 +211,11 @@ def best_per_quality(swept: list[SweepRow], max_steps: int) -> dict[float, Sweep
         return {}
     best = {}
     for level in QUALITY_LEVELS:
-        within = [s for s in swept if _quality(s.row) is not None and _quality(s.row) <= _quality(reference.row) * (
-            1 + level)]  # fmt: skip
+        within = [
+            s
+            for s in swept
+            if _quality(s.row) is not None and _quality(s.row) <= _quality(reference.row) * (1 + level)
+        ]
         if within:
             best[level] = min(within, key=lambda s: (s.compute, _quality(s.row)))
     return best
@@ -204,11 +230,15 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
             shutil.copytree(folder, out / "best" / f"fid-within-{level:.0%}".replace("%", "pct"), dirs_exist_ok=True)
     report: dict[str, Any] = {
         "config": dataclasses.asdict(config),
-        "rows": [{**data, "compute": s.compute, "on_front": s.on_front}
-                 for s, data in zip(swept, rows_as_dicts([s.row for s in swept]))],
-        "best": {f"{level:.0%}": {"method": s.row.method, "steps": s.row.steps, "compute": s.compute}
-                 for level, s in best.items()},
-    }  # fmt: skip
+        "rows": [
+            {**data, "compute": s.compute, "on_front": s.on_front}
+            for s, data in zip(swept, rows_as_dicts([s.row for s in swept]))
+        ],
+        "best": {
+            f"{level:.0%}": {"method": s.row.method, "steps": s.row.steps, "compute": s.compute}
+            for level, s in best.items()
+        },
+    }
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
 
 
@@ -225,13 +255,19 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
         accuracy = "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}"
         speed = "-" if row.images_per_s is None else f"{row.images_per_s:.1f}"
         speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
-        lines.append(f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
-                     f"{accuracy:>9} {speed:>7} {speedup:>8}")  # fmt: skip
-    lines.append(f"* on the front (no row has both less compute and better quality); compute: share of the full "
-                 f"model at {max_steps} steps; speedup: against the baseline at the same step count")  # fmt: skip
+        lines.append(
+            f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
+            f"{accuracy:>9} {speed:>7} {speedup:>8}"
+        )
+    lines.append(
+        f"* on the front (no row has both less compute and better quality); compute: share of the full "
+        f"model at {max_steps} steps; speedup: against the baseline at the same step count"
+    )
     for level, s in best_per_quality(swept, max_steps).items():
-        lines.append(f"cheapest within {level:.0%} of the {max_steps}-step baseline's quality: {s.row.method} at "
-                     f"{s.row.steps} steps, {s.compute:.1%} compute")  # fmt: skip
+        lines.append(
+            f"cheapest within {level:.0%} of the {max_steps}-step baseline's quality: {s.row.method} at "
+            f"{s.row.steps} steps, {s.compute:.1%} compute"
+        )
     return "\n".join(lines)
 
 
@@ -256,15 +292,26 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
     label = "FID (lower is better)" if all(s.row.fid is not None for s in scored) else "class error, 1 - accuracy"
     figure, (by_compute, by_speed) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for axes, x_of in ((by_compute, lambda s: s.compute), (by_speed, lambda s: s.row.images_per_s)):
-        for kinds, color, name in ((("baseline",), "tab:gray", "baseline (steps)"),
-                                   (("ase", "finetuned"), "tab:blue", "ours (plans, shapes, fine-tuned)"),
-                                   ((), "tab:orange", "diffusers")):  # fmt: skip
-            points = [s for s in scored if s.row.method.startswith(kinds)
-                      or (not kinds and not s.row.method.startswith(("baseline", "ase", "finetuned")))]  # fmt: skip
+        for kinds, color, name in (
+            (("baseline",), "tab:gray", "baseline (steps)"),
+            (("ase", "finetuned"), "tab:blue", "ours (plans, shapes, fine-tuned)"),
+            ((), "tab:orange", "diffusers"),
+        ):
+            points = [
+                s
+                for s in scored
+                if s.row.method.startswith(kinds)
+                or (not kinds and not s.row.method.startswith(("baseline", "ase", "finetuned")))
+            ]
             axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color, label=name)
             for s in points:
-                axes.annotate(f"{_short(s.row.method)}@{s.row.steps}", (x_of(s), _quality(s.row)),
-                              textcoords="offset points", xytext=(3, 3), fontsize=6)  # fmt: skip
+                axes.annotate(
+                    f"{_short(s.row.method)}@{s.row.steps}",
+                    (x_of(s), _quality(s.row)),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=6,
+                )
     front = sorted((s for s in scored if s.on_front), key=lambda s: s.compute)
     by_compute.plot([s.compute for s in front], [_quality(s.row) for s in front], "--", color="tab:red", label="front")
     by_compute.set_xlabel(f"block compute (share of the full model at {max_steps} steps)")

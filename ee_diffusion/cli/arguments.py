@@ -19,8 +19,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.option_strings and not (action.default is None or action.default is False
-                                                or action.default == argparse.SUPPRESS)  # 0 is a default to show
+        shown = action.option_strings and not (
+            action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        )  # 0 is a default to show
         if shown and "%(default)" not in text:
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
             text += f" (default: {shown})"
@@ -32,8 +33,9 @@ class HelpFormatter(argparse.HelpFormatter):
             if any(line.startswith(" ") for line in paragraph.splitlines()):
                 paragraphs.append(paragraph)
             else:
-                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
-                                                subsequent_indent=indent))  # fmt: skip
+                paragraphs.append(
+                    textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent)
+                )
         return "\n\n".join(paragraphs)
 
 
@@ -66,8 +68,11 @@ def number(
         too_low = value <= low if low_open else value < low
         too_high = high is not None and (value >= high if high_open else value > high)
         if not math.isfinite(value) or too_low or too_high:
-            ends = ("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high is None else f"{high:g}" + (
-                ")" if high_open else "]"))  # fmt: skip
+            ends = (
+                ("(" if low_open else "[")
+                + f"{low:g}, "
+                + ("inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+            )
             raise argparse.ArgumentTypeError(f"expected a finite number in {ends}, got {text}")
         return value
 
@@ -172,15 +177,24 @@ GUIDANCE_SCALE = 2.0  # what the shipped digits models and plans are measured an
 
 def add_guidance(command: argparse.ArgumentParser) -> None:
     """`--guidance-scale`, with the one default of `bench`, `calibrate` and `sweep`."""
-    command.add_argument("--guidance-scale", type=number(0), default=GUIDANCE_SCALE, help="classifier-free guidance "
-                         "(1: off; 2: what the shipped digits models and plans are measured and calibrated at; a plan "
-                         "is calibrated for one guidance scale)")  # fmt: skip
+    command.add_argument(
+        "--guidance-scale",
+        type=number(0),
+        default=GUIDANCE_SCALE,
+        help="classifier-free guidance "
+        "(1: off; 2: what the shipped digits models and plans are measured and calibrated at; a plan "
+        "is calibrated for one guidance scale)",
+    )
 
 
 def add_overwrite(command: argparse.ArgumentParser, what: str) -> None:
     """`--overwrite`: replace an earlier output of the command (`what` names it in the help)."""
-    command.add_argument("--overwrite", action="store_true", help=f"replace {what} when it holds an earlier output "
-                         "of this command (anything else, and the shipped models, are never overwritten)")  # fmt: skip
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} when it holds an earlier output "
+        "of this command (anything else, and the shipped models, are never overwritten)",
+    )
 
 
 def check_output_files(args: argparse.Namespace, *names: str) -> None:

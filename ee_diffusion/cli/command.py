@@ -31,8 +31,13 @@ class Command:
 
     def add_to(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         epilog = self.epilog() if callable(self.epilog) else self.epilog
-        parser = subparsers.add_parser(self.name, formatter_class=arg.HelpFormatter, help=self.summary,
-                                       description=self.description, epilog=epilog)  # fmt: skip
+        parser = subparsers.add_parser(
+            self.name,
+            formatter_class=arg.HelpFormatter,
+            help=self.summary,
+            description=self.description,
+            epilog=epilog,
+        )
         self.add_arguments(parser)
         parser.set_defaults(func=self.run)
         return parser

@@ -12,9 +12,20 @@ from . import arguments as arg
 from .command import Command
 
 TINY_MDLM = "tiny-mdlm"  # the shipped model, by name
-MDLM = OutputKind("ee-diffusion train-mdlm", ("config.json", "generation_config.json", "model.safetensors",
-                                              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                              "README.md", "checkpoint/*"), resumable=True)  # fmt: skip
+MDLM = OutputKind(
+    "ee-diffusion train-mdlm",
+    (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+        "checkpoint/*",
+    ),
+    resumable=True,
+)
 
 
 def _train_mdlm(args: argparse.Namespace) -> int:
@@ -65,8 +76,9 @@ def _dllm_bench(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, {len(methods)} methods, {timing}"
     )
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    rows = run_dllm_bench(pipe, tasks, methods, args.num_problems, args.batch_size, args.repeats, args.warmup,
-                          args.seed)  # fmt: skip
+    rows = run_dllm_bench(
+        pipe, tasks, methods, args.num_problems, args.batch_size, args.repeats, args.warmup, args.seed
+    )
     print(format_rows(rows))
     if any(r.value is not None for r in rows):
         print("\nEach rule's settings, its accuracy-vs-NFE front:")
@@ -94,8 +106,9 @@ def _trained_tasks(model: str) -> list[str]:
     except OSError:
         tasks = None
     if not tasks or not set(tasks) <= set(TASKS):
-        raise ValueError(f"{model} does not say which of the tasks ({', '.join(TASKS)}) it was trained on; name "
-                             "them with --tasks")  # fmt: skip
+        raise ValueError(
+            f"{model} does not say which of the tasks ({', '.join(TASKS)}) it was trained on; name them with --tasks"
+        )
     return list(tasks)
 
 
@@ -128,29 +141,55 @@ def _train_mdlm_arguments(train: argparse.ArgumentParser) -> None:
     from ..dllm.tasks import TASKS
     from ..training.config import MDLMTrainConfig as Recipe
 
-    train.add_argument("--out", "--output-dir", dest="out", required=True, type=arg.output_folder,
-                       help="folder to write the model (and its checkpoint) to; never one of the shipped models")
+    train.add_argument(
+        "--out",
+        "--output-dir",
+        dest="out",
+        required=True,
+        type=arg.output_folder,
+        help="folder to write the model (and its checkpoint) to; never one of the shipped models",
+    )
     arg.add_overwrite(train, "OUT")
-    train.add_argument("--tasks", type=arg.names(TASKS), default=list(Recipe.tasks), metavar="TASK[,TASK...]",
-                       help=f"comma-separated, of {', '.join(TASKS)}; drawn in turn within each batch (name a task "
-                       "twice for twice the share)")
-    train.add_argument("--init-from", type=_language_model,
-                       help="start from this model's weights (a folder or shipped name, e.g. tiny-mdlm)")
+    train.add_argument(
+        "--tasks",
+        type=arg.names(TASKS),
+        default=list(Recipe.tasks),
+        metavar="TASK[,TASK...]",
+        help=f"comma-separated, of {', '.join(TASKS)}; drawn in turn within each batch (name a task "
+        "twice for twice the share)",
+    )
+    train.add_argument(
+        "--init-from",
+        type=_language_model,
+        help="start from this model's weights (a folder or shipped name, e.g. tiny-mdlm)",
+    )
     train.add_argument("--steps", type=arg.integer(1), default=Recipe.steps, help="optimiser steps")
     train.add_argument("--batch-size", type=arg.integer(1), default=Recipe.batch_size, help="problems per step")
-    train.add_argument("--lr", type=arg.number(0, low_open=True), default=Recipe.learning_rate,
-                       help="peak AdamW learning rate")
+    train.add_argument(
+        "--lr", type=arg.number(0, low_open=True), default=Recipe.learning_rate, help="peak AdamW learning rate"
+    )
     train.add_argument("--seed", type=int, default=Recipe.seed, help="seed of initialisation, data and masks")
-    train.add_argument("--checkpoint-every", type=arg.integer(1), default=Recipe.checkpoint_every,
-                       help="steps between checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue the run that wrote OUT (or was interrupted "
-                       "writing it) from OUT/checkpoint")  # fmt: skip
-    train.add_argument("--stop-at", type=arg.integer(1),
-                       help="stop after this step (checkpointed), keeping the learning-rate schedule of --steps")
+    train.add_argument(
+        "--checkpoint-every", type=arg.integer(1), default=Recipe.checkpoint_every, help="steps between checkpoints"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that wrote OUT (or was interrupted writing it) from OUT/checkpoint",
+    )
+    train.add_argument(
+        "--stop-at",
+        type=arg.integer(1),
+        help="stop after this step (checkpointed), keeping the learning-rate schedule of --steps",
+    )
     train.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     train.add_argument("--device", type=arg.device, default="cpu", help="torch device to train on, e.g. cuda")
-    train.add_argument("--workers", type=arg.integer(0), default=0,
-                       help="DataLoader processes generating problems ahead of the model (same run for any number)")
+    train.add_argument(
+        "--workers",
+        type=arg.integer(0),
+        default=0,
+        help="DataLoader processes generating problems ahead of the model (same run for any number)",
+    )
 
 
 def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
@@ -158,17 +197,33 @@ def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
     from ..dllm.tasks import TASKS
 
     bench.add_argument("--model", default=TINY_MDLM, help="shipped model name, folder or hub id")
-    bench.add_argument("--tasks", type=arg.names(TASKS), metavar="TASK[,TASK...]",
-                       help=f"comma-separated, of {', '.join(TASKS)} (default: the tasks the model was trained on)")
-    bench.add_argument("--methods", type=_methods, default=list(METHODS), metavar="METHOD[,METHOD...]",
-                       help=f"comma-separated NAME[:VALUE][+CACHE[/K]], NAME of {', '.join(METHODS)}; CACHE of "
-                       f"{', '.join(CACHE_MODES)}")
-    bench.add_argument("--sweep", action="store_true",
-                       help="also run every rule over its grid of thresholds and print each rule's front")
+    bench.add_argument(
+        "--tasks",
+        type=arg.names(TASKS),
+        metavar="TASK[,TASK...]",
+        help=f"comma-separated, of {', '.join(TASKS)} (default: the tasks the model was trained on)",
+    )
+    bench.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(METHODS),
+        metavar="METHOD[,METHOD...]",
+        help=f"comma-separated NAME[:VALUE][+CACHE[/K]], NAME of {', '.join(METHODS)}; CACHE of "
+        f"{', '.join(CACHE_MODES)}",
+    )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also run every rule over its grid of thresholds and print each rule's front",
+    )
     bench.add_argument("--num-problems", type=arg.integer(1), default=500, help="fresh problems per task")
     bench.add_argument("--batch-size", type=arg.integer(1), default=100, help="problems decoded at once")
-    bench.add_argument("--repeats", type=arg.integer(0), default=3,
-                       help="timed passes (interleaved); 0: decode once, untimed (accuracy and NFE only)")
+    bench.add_argument(
+        "--repeats",
+        type=arg.integer(0),
+        default=3,
+        help="timed passes (interleaved); 0: decode once, untimed (accuracy and NFE only)",
+    )
     bench.add_argument("--warmup", type=arg.integer(0), default=1, help="untimed passes first")
     bench.add_argument("--seed", type=int, default=1234, help="seed of the problems")
     bench.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
@@ -15,8 +14,7 @@ DEFAULT_SPEED_SCHEDULES = ["linear:0.5", "step:1.0,1.0,0.83,0.83,0.67,0.67,0.5,0
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from ..bench.speed import SpeedConfig, format_rows, rows_as_dicts, run_speed
-    from ..outputs import staged_file
+    from ..bench.speed import SpeedConfig, format_rows, run_speed, write_json
     from ..schedules import ExitSchedule
 
     arg.check_output_files(args, "json")
@@ -46,16 +44,18 @@ def _speed(args: argparse.Namespace) -> int:
     rows = run_speed(schedules, config, device=args.device, dtype=getattr(torch, args.dtype))
     print(format_rows(rows))
     if args.json:
-        with staged_file(args.json) as path:
-            settings = {key: value for key, value in vars(args).items() if key != "func"}
-            path.write_text(json.dumps({"config": settings, "rows": rows_as_dicts(rows)}, indent=2))
+        write_json(args.json, {key: value for key, value in vars(args).items() if key != "func"}, rows)
     return 0
 
 
 def _speed_arguments(speed: argparse.ArgumentParser) -> None:
-    speed.add_argument("--schedule", action="append", help="linear:M, cosine:M, constant:M, step:d1,... or a folder "
-                       "(repeatable; M is blocks, or a fraction when written with a '.'; default: linear:0.5 and the "
-                       "ASE table scaled to the model)")  # fmt: skip
+    speed.add_argument(
+        "--schedule",
+        action="append",
+        help="linear:M, cosine:M, constant:M, step:d1,... or a folder "
+        "(repeatable; M is blocks, or a fraction when written with a '.'; default: linear:0.5 and the "
+        "ASE table scaled to the model)",
+    )
     speed.add_argument("--num-layers", type=arg.integer(1), default=12, help="DiT blocks")
     speed.add_argument("--heads", type=arg.integer(1), default=6, help="attention heads")
     speed.add_argument("--head-dim", type=arg.integer(1), default=64, help="channels per head")
@@ -84,13 +84,25 @@ def _bench(args: argparse.Namespace) -> int:
     torch = arg.torch_with_threads(args.threads)
     methods = args.methods if args.methods is not None else default_methods(args.model, args.steps, args.scheduler)
     config = BenchConfig(
-        model=args.model, methods=methods, num_samples=args.num_samples, batch_size=args.batch_size,
+        model=args.model,
+        methods=methods,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
         repeats=args.repeats,
-        steps=args.steps, scheduler=args.scheduler, grid=args.grid,
-        guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
-        compile=args.compile, xformers=args.xformers, save_images=args.save_images,
-        reference=args.reference, fid_backend=args.fid_backend, inception_path=args.inception_path,
-    )  # fmt: skip
+        steps=args.steps,
+        scheduler=args.scheduler,
+        grid=args.grid,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        xformers=args.xformers,
+        save_images=args.save_images,
+        reference=args.reference,
+        fid_backend=args.fid_backend,
+        inception_path=args.inception_path,
+    )
     state = process_state(config.device)
     if state.is_main_process:
         cells = ", ".join(f"{scheduler}-{steps}" for scheduler, steps in config.cells())
@@ -106,11 +118,13 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rows))
     for row in unstable(rows):
-        print(f"warning: the {config.repeats} timed rounds of {row.method} ({row.scheduler}, {row.steps} steps) "
-              f"disagree by {row.timing_spread:.0%} of their median (interquartile range; above "
-              f"{UNSTABLE_SPREAD:.0%} its speed and speedup are not to be trusted): close other work on the machine, "
-              "set --threads to the cores free for it, or raise --repeats or --batch-size.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: the {config.repeats} timed rounds of {row.method} ({row.scheduler}, {row.steps} steps) "
+            f"disagree by {row.timing_spread:.0%} of their median (interquartile range; above "
+            f"{UNSTABLE_SPREAD:.0%} its speed and speedup are not to be trusted): close other work on the machine, "
+            "set --threads to the cores free for it, or raise --repeats or --batch-size.",
+            file=sys.stderr,
+        )
     if args.json:
         write_json(args.json, vars(config), rows)
     if args.csv:
@@ -124,48 +138,104 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     from ..bench.noise_schedulers import SCHEDULERS
 
     schedulers = list(SCHEDULERS)
-    bench.add_argument("--model", default="digits-dit", help="shipped model name, folder, hub id, or random:dit-xl-2 "
-                       "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)")  # fmt: skip
-    bench.add_argument("--methods", type=arg.method_list, help="comma-separated method specs, see below (default: "
-                       "baseline, fewer steps, FirstBlockCache, and the shipped <model>-ase model, its schedule and "
-                       "plan when there is one)")  # fmt: skip
-    bench.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per method and cell, for "
-                       "quality (FID/KID need at least 2)")  # fmt: skip
-    bench.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch; a timed "
-                       "round generates one batch per method")  # fmt: skip
-    bench.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per cell after quality "
-                       "generation, methods interleaved with rotating order; the table gives the median and the "
-                       "spread")  # fmt: skip
-    bench.add_argument("--steps", type=arg.integers(1), default=[10], metavar="N[,N...]",
-                       help="scheduler steps, or a comma-separated list (a grid axis)")  # fmt: skip
-    bench.add_argument("--scheduler", type=arg.names(schedulers), default=["dpm-solver++"],
-                       metavar="NAME[,NAME...]", help=f"{', '.join(schedulers)}, or a comma-separated list of "
-                       "them (a grid axis)")  # fmt: skip
-    bench.add_argument("--grid", default="zip", choices=["zip", "product"], help="zip: pair --scheduler and --steps "
-                       "position by position (a single value is repeated); product: every combination")  # fmt: skip
+    bench.add_argument(
+        "--model",
+        default="digits-dit",
+        help="shipped model name, folder, hub id, or random:dit-xl-2 "
+        "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)",
+    )
+    bench.add_argument(
+        "--methods",
+        type=arg.method_list,
+        help="comma-separated method specs, see below (default: "
+        "baseline, fewer steps, FirstBlockCache, and the shipped <model>-ase model, its schedule and "
+        "plan when there is one)",
+    )
+    bench.add_argument(
+        "--num-samples",
+        type=arg.integer(2),
+        default=250,
+        help="images per method and cell, for quality (FID/KID need at least 2)",
+    )
+    bench.add_argument(
+        "--batch-size",
+        type=arg.integer(1),
+        default=10,
+        help="images per generated batch; a timed round generates one batch per method",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=arg.integer(1),
+        default=5,
+        help="timed rounds per cell after quality "
+        "generation, methods interleaved with rotating order; the table gives the median and the "
+        "spread",
+    )
+    bench.add_argument(
+        "--steps",
+        type=arg.integers(1),
+        default=[10],
+        metavar="N[,N...]",
+        help="scheduler steps, or a comma-separated list (a grid axis)",
+    )
+    bench.add_argument(
+        "--scheduler",
+        type=arg.names(schedulers),
+        default=["dpm-solver++"],
+        metavar="NAME[,NAME...]",
+        help=f"{', '.join(schedulers)}, or a comma-separated list of them (a grid axis)",
+    )
+    bench.add_argument(
+        "--grid",
+        default="zip",
+        choices=["zip", "product"],
+        help="zip: pair --scheduler and --steps "
+        "position by position (a single value is repeated); product: every combination",
+    )
     arg.add_guidance(bench)
     bench.add_argument("--seed", type=int, default=0, help="batch i is seeded with seed + i")
     bench.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser's attention, feed-forward "
-                       "and resnet modules (regional)")  # fmt: skip
-    bench.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (needs the "
-                       "xformers extra: pip install 'ee-diffusion[xformers]')")  # fmt: skip
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser's attention, feed-forward and resnet modules (regional)",
+    )
+    bench.add_argument(
+        "--xformers",
+        action="store_true",
+        help="xformers memory-efficient attention (needs the xformers extra: pip install 'ee-diffusion[xformers]')",
+    )
     bench.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--json", type=arg.output_file, help="write the config and rows to this JSON file")
     bench.add_argument("--csv", type=arg.output_file, help="write the rows to this CSV file")
-    bench.add_argument("--plot", type=arg.output_file, help="write quality against images/s, Pareto front marked, to "
-                       "this PNG file")  # fmt: skip
-    bench.add_argument("--reference", type=arg.existing_path, help="real images to score FID/KID against: a folder "
-                       "of images or an .npz of reference statistics (default: the held-out digits, for the digits "
-                       "models)")  # fmt: skip
-    bench.add_argument("--fid-backend", choices=["clean-fid", "torchmetrics", "digits"],
-                       help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
-                       "images, else clean-fid's Inception)")
-    bench.add_argument("--inception-path", type=arg.existing_path,
-                       help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid")
-    bench.add_argument("--save-images", metavar="DIR", type=arg.output_folder,
-                       help="write every image to DIR/{method}/{index:05d}_class{label}.png")
+    bench.add_argument(
+        "--plot", type=arg.output_file, help="write quality against images/s, Pareto front marked, to this PNG file"
+    )
+    bench.add_argument(
+        "--reference",
+        type=arg.existing_path,
+        help="real images to score FID/KID against: a folder "
+        "of images or an .npz of reference statistics (default: the held-out digits, for the digits "
+        "models)",
+    )
+    bench.add_argument(
+        "--fid-backend",
+        choices=["clean-fid", "torchmetrics", "digits"],
+        help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
+        "images, else clean-fid's Inception)",
+    )
+    bench.add_argument(
+        "--inception-path",
+        type=arg.existing_path,
+        help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid",
+    )
+    bench.add_argument(
+        "--save-images",
+        metavar="DIR",
+        type=arg.output_folder,
+        help="write every image to DIR/{method}/{index:05d}_class{label}.png",
+    )
     arg.add_overwrite(bench, "the --json, --csv and --plot files and the --save-images folder")
 
 

@@ -29,20 +29,40 @@ def _calibrate(args: argparse.Namespace) -> int:
     classes = null_class_label(denoiser_of(pipe))
     labels = [i % classes for i in range(args.num_probes)]
     budget = f"tolerance {args.tolerance}" if args.tolerance is not None else f"target compute {args.target_compute}"
-    print(f"ee-diffusion calibrate: {args.model}, {args.scheduler} {args.steps} steps, guidance "
-          f"{args.guidance_scale}, {args.num_probes} probes (seed {args.seed}), {budget}")  # fmt: skip
-    result = calibrate_plan(pipe, {"class_labels": labels, "guidance_scale": args.guidance_scale}, args.steps,
-                            tolerance=args.tolerance, target_compute=args.target_compute, seed=args.seed)  # fmt: skip
-    settings = {key: getattr(args, key) for key in ("model", "scheduler", "steps", "guidance_scale", "num_probes",
-                                                    "seed", "tolerance", "target_compute")}  # fmt: skip
+    print(
+        f"ee-diffusion calibrate: {args.model}, {args.scheduler} {args.steps} steps, guidance "
+        f"{args.guidance_scale}, {args.num_probes} probes (seed {args.seed}), {budget}"
+    )
+    result = calibrate_plan(
+        pipe,
+        {"class_labels": labels, "guidance_scale": args.guidance_scale},
+        args.steps,
+        tolerance=args.tolerance,
+        target_compute=args.target_compute,
+        seed=args.seed,
+    )
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "model",
+            "scheduler",
+            "steps",
+            "guidance_scale",
+            "num_probes",
+            "seed",
+            "tolerance",
+            "target_compute",
+        )
+    }
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
     actions = ", ".join("reuse" if action == REUSE else str(action) for action in reversed(result.plan.config.depths))
     print(f"plan (per step, first to last): {actions}")
     reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
     method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
-    print(f"block compute {result.compute_fraction:.1%} of the full model's, final-image error {result.error:.4f} "
-          f"(RMS against {reference}, pixels in [0, 1]); saved {args.out} (bench it as --methods {method})"
-          )  # fmt: skip
+    print(
+        f"block compute {result.compute_fraction:.1%} of the full model's, final-image error {result.error:.4f} "
+        f"(RMS against {reference}, pixels in [0, 1]); saved {args.out} (bench it as --methods {method})"
+    )
     return 0
 
 
@@ -53,10 +73,15 @@ def _add_probe_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
     command.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm-solver++", help="the plans' scheduler")
     arg.add_guidance(command)
-    command.add_argument("--num-probes", type=arg.integer(1), default=10, help="probe images per calibration "
-                         "(labels cycle through the classes)")  # fmt: skip
-    command.add_argument("--seed", type=int, default=0,
-                         help="seed of the probes' noise (and of bench batch i: seed + i)")
+    command.add_argument(
+        "--num-probes",
+        type=arg.integer(1),
+        default=10,
+        help="probe images per calibration (labels cycle through the classes)",
+    )
+    command.add_argument(
+        "--seed", type=int, default=0, help="seed of the probes' noise (and of bench batch i: seed + i)"
+    )
     command.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     command.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
 
@@ -65,10 +90,16 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
     _add_probe_arguments(calibrate)
     calibrate.add_argument("--steps", type=arg.integer(2), default=10, help="the plan's step count")
     budget = calibrate.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--tolerance", type=arg.number(0), help="largest final-image error (RMS, pixels in [0, 1]); "
-                        "0 gives the full model")  # fmt: skip
-    budget.add_argument("--target-compute", type=arg.number(0, 1, low_open=True),
-                        help="share of the full block compute to spend, in (0, 1]")
+    budget.add_argument(
+        "--tolerance",
+        type=arg.number(0),
+        help="largest final-image error (RMS, pixels in [0, 1]); 0 gives the full model",
+    )
+    budget.add_argument(
+        "--target-compute",
+        type=arg.number(0, 1, low_open=True),
+        help="share of the full block compute to spend, in (0, 1]",
+    )
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
     arg.add_overwrite(calibrate, "OUT")
 
@@ -84,15 +115,27 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.finetuned == "auto" and shipped_model_path(finetuned) is None:
         finetuned = None
     config = SweepConfig(
-        out=args.out, model=args.model, scheduler=args.scheduler, steps=args.steps, budgets=args.budgets,
-        accelerators=args.accelerators, num_samples=args.num_samples, batch_size=args.batch_size,
-        repeats=args.repeats, guidance_scale=args.guidance_scale, num_probes=args.num_probes, seed=args.seed,
-        device=args.device, finetuned=finetuned,
-    )  # fmt: skip
-    print(f"ee-diffusion sweep: {config.model}, {config.scheduler} at {config.steps} steps, plans at compute "
-          f"{config.budgets}, accelerators {config.accelerators}, fine-tuned model {finetuned}, {config.num_samples} "
-          f"samples per row, guidance {config.guidance_scale}; {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}")  # fmt: skip
+        out=args.out,
+        model=args.model,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        budgets=args.budgets,
+        accelerators=args.accelerators,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        guidance_scale=args.guidance_scale,
+        num_probes=args.num_probes,
+        seed=args.seed,
+        device=args.device,
+        finetuned=finetuned,
+    )
+    print(
+        f"ee-diffusion sweep: {config.model}, {config.scheduler} at {config.steps} steps, plans at compute "
+        f"{config.budgets}, accelerators {config.accelerators}, fine-tuned model {finetuned}, {config.num_samples} "
+        f"samples per row, guidance {config.guidance_scale}; {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}"
+    )
     swept = run_sweep(config)
     print(format_sweep(swept, max(config.steps)))
     print(f"wrote {args.out}/sweep.json, sweep.png, plans/ and best/")
@@ -101,17 +144,33 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _sweep_arguments(sweep: argparse.ArgumentParser) -> None:
     _add_probe_arguments(sweep)
-    sweep.add_argument("--steps", type=arg.integers(2), default=[6, 8, 10, 20], metavar="N[,N...]",
-                       help="step counts (the largest is the reference)")
-    sweep.add_argument("--budgets", type=arg.numbers(0, 1, low_open=True, high_open=True),
-                       default=[0.9, 0.8, 0.7, 0.6], metavar="F[,F...]",
-                       help="compute budgets of the plans and shapes, shares in (0, 1)")
-    sweep.add_argument("--accelerators", type=arg.optional_method_list,
-                       default=["magcache:0.06:3", "magcache:0.15:4", "fbcache:0.05", "fbcache:0.15"],
-                       help="diffusers accelerator methods, as in bench --methods ('' for none)")
-    sweep.add_argument("--finetuned", default="auto", metavar="MODEL",
-                       help="an ASE fine-tuned model of the same shape, benched under its schedule and under plans "
-                       "calibrated on it; auto: the shipped MODEL-ase sibling if there is one; none: leave out")
+    sweep.add_argument(
+        "--steps",
+        type=arg.integers(2),
+        default=[6, 8, 10, 20],
+        metavar="N[,N...]",
+        help="step counts (the largest is the reference)",
+    )
+    sweep.add_argument(
+        "--budgets",
+        type=arg.numbers(0, 1, low_open=True, high_open=True),
+        default=[0.9, 0.8, 0.7, 0.6],
+        metavar="F[,F...]",
+        help="compute budgets of the plans and shapes, shares in (0, 1)",
+    )
+    sweep.add_argument(
+        "--accelerators",
+        type=arg.optional_method_list,
+        default=["magcache:0.06:3", "magcache:0.15:4", "fbcache:0.05", "fbcache:0.15"],
+        help="diffusers accelerator methods, as in bench --methods ('' for none)",
+    )
+    sweep.add_argument(
+        "--finetuned",
+        default="auto",
+        metavar="MODEL",
+        help="an ASE fine-tuned model of the same shape, benched under its schedule and under plans "
+        "calibrated on it; auto: the shipped MODEL-ase sibling if there is one; none: leave out",
+    )
     sweep.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the results to")
     arg.add_overwrite(sweep, "OUT")
     sweep.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per row, for quality")

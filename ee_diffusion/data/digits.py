@@ -30,9 +30,7 @@ class DigitsSplit:
         return len(self.labels)
 
 
-def load_digits_split(
-    split: Literal["train", "heldout"], heldout_fraction: float = 0.2, seed: int = 0
-) -> DigitsSplit:
+def load_digits_split(split: Literal["train", "heldout"], heldout_fraction: float = 0.2, seed: int = 0) -> DigitsSplit:
     """Load one part of the fixed train / held-out split of scikit-learn's digits, as 32x32 images in [-1, 1].
 
     Args:

@@ -82,8 +82,8 @@ def run_dllm_bench(
         runs = {}
         for label, method in parsed.items():
             settings = method_settings(method, steps)
-            runs[label] = lambda label=label, settings=settings: results.__setitem__(
-                label, _decode_all(pipe, problems, batch_size, settings)
+            runs[label] = lambda label=label, settings=settings, results=results, problems=problems: (
+                results.__setitem__(label, _decode_all(pipe, problems, batch_size, settings))
             )
         if repeats:
             timings = time_interleaved(runs, repeats=repeats, warmup=warmup)
@@ -162,8 +162,10 @@ def best_rows(rows: list[BenchRow], target: float = RETENTION_TARGET) -> list[Be
 
 def format_fronts(rows: list[BenchRow]) -> str:
     """Per task and rule, the swept settings as `value -> accuracy @ NFE`, those off the rule's front in brackets."""
-    lines = ["| task | rule | threshold -> accuracy @ NFE (in brackets: off the rule's front) |",
-             "| --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| task | rule | threshold -> accuracy @ NFE (in brackets: off the rule's front) |",
+        "| --- | --- | --- |",
+    ]
     families: dict[tuple, list[BenchRow]] = {}
     for row in rows:
         if row.value is not None:
@@ -171,10 +173,13 @@ def format_fronts(rows: list[BenchRow]) -> str:
     for (task, name, cache), members in families.items():
         on_front = {id(r) for r in front(members)}
         cells = [
-            (f"{r.value:g} -> {r.accuracy:.3f} @ {r.nfe:.2f}" if id(r) in on_front else
-             f"({r.value:g} -> {r.accuracy:.3f} @ {r.nfe:.2f})")
+            (
+                f"{r.value:g} -> {r.accuracy:.3f} @ {r.nfe:.2f}"
+                if id(r) in on_front
+                else f"({r.value:g} -> {r.accuracy:.3f} @ {r.nfe:.2f})"
+            )
             for r in sorted(members, key=lambda r: r.value)
-        ]  # fmt: skip
+        ]
         lines.append(f"| {task} | {name}{'' if cache is None else '+' + cache} | {'; '.join(cells)} |")
     return "\n".join(lines)
 
@@ -196,8 +201,14 @@ def plot_fronts(path: str, rows: list[BenchRow]) -> None:
             families.setdefault(key + ("" if row.cache is None else "+" + row.cache), []).append(row)
         for label, members in families.items():
             members = sorted(members, key=lambda r: r.nfe)
-            line = axis.plot([r.nfe for r in members], [r.accuracy for r in members], marker="o", markersize=3,
-                             linestyle="-" if len(members) > 1 else "none", label=label)[0]  # fmt: skip
+            line = axis.plot(
+                [r.nfe for r in members],
+                [r.accuracy for r in members],
+                marker="o",
+                markersize=3,
+                linestyle="-" if len(members) > 1 else "none",
+                label=label,
+            )[0]
             best = front(members)
             axis.plot([r.nfe for r in best], [r.accuracy for r in best], "o", color=line.get_color(), markersize=6)
         axis.set(title=task, xlabel="denoiser passes per problem (mean NFE)", ylabel="accuracy")

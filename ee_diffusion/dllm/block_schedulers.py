@@ -52,7 +52,9 @@ class _EarlyCommitScheduler(BlockRefinementScheduler):
             )
         return positions
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor, *args, **kwargs):
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor, *args, **kwargs
+    ):
         """`BlockRefinementScheduler.step`, plus: rows where the early-commit rule fires commit every masked position
         of the block. Takes and returns exactly what `BlockRefinementScheduler.step` does."""
         return_dict = kwargs.pop("return_dict", True)
@@ -77,7 +79,9 @@ class _EarlyCommitScheduler(BlockRefinementScheduler):
         )
         return out if return_dict else out.to_tuple()
 
-    def check_block_should_continue(self, step_idx: int, masks_remaining: bool, editing_enabled: bool, *args, **kwargs) -> bool:
+    def check_block_should_continue(
+        self, step_idx: int, masks_remaining: bool, editing_enabled: bool, *args, **kwargs
+    ) -> bool:
         """As `BlockRefinementScheduler`'s, but a block the last step committed entirely ends at once (without
         editing), instead of after one more denoiser pass. A block that ends adds its answer positions to the count
         `gen_length` is checked against."""

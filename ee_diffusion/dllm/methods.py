@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 CACHE_MODES = ("prefix", "dual")  # Fast-dLLM's block KV cache (`kv_cache.py`)
 METHODS = ("full", "halfsteps", "threshold", "prophet", "sched-linear", "sched-cosine", "sched-exp")
 RULES = ("threshold", "prophet", "sched-linear", "sched-cosine", "sched-exp")  # the methods that take a VALUE
@@ -54,8 +53,10 @@ def parse_method(spec: str) -> Method:
     text, _, cache_spec = spec.partition("+")
     name, colon, value = text.partition(":")
     cache, slash, refresh = cache_spec.partition("/")
-    accepted = f"NAME[:VALUE][+CACHE[/K]] with NAME one of {METHODS}, VALUE a number for {RULES}, CACHE one of " \
-               f"{CACHE_MODES}, K a whole number >= 1"  # fmt: skip
+    accepted = (
+        f"NAME[:VALUE][+CACHE[/K]] with NAME one of {METHODS}, VALUE a number for {RULES}, CACHE one of "
+        f"{CACHE_MODES}, K a whole number >= 1"
+    )
     if name not in METHODS or (cache and cache not in CACHE_MODES) or ("+" in spec and not cache):
         raise ValueError(f"Unknown method {spec!r}; expected {accepted}.")
     if slash and not (refresh.isdigit() and int(refresh) >= 1):

@@ -157,8 +157,10 @@ def check_settings(
     as_number("cfg_scale", cfg_scale, low=0)
     check_cache_mode(kv_cache, cache_refresh_every)
     if kv_cache is not None and cfg_scale > 0:
-        raise ValueError(f"`kv_cache` ({kv_cache!r}) does not combine with classifier-free guidance (cfg_scale "
-                         f"{cfg_scale}); use one or the other.")  # fmt: skip
+        raise ValueError(
+            f"`kv_cache` ({kv_cache!r}) does not combine with classifier-free guidance (cfg_scale "
+            f"{cfg_scale}); use one or the other."
+        )
 
 
 def check_prompt_ids(
@@ -173,8 +175,13 @@ def check_prompt_ids(
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"`input_ids` must be a torch tensor of token ids, got {type(input_ids).__name__}.")
-    if input_ids.dim() != 2 or input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point \
-            or input_ids.dtype.is_complex or 0 in input_ids.shape:  # fmt: skip
+    if (
+        input_ids.dim() != 2
+        or input_ids.dtype == torch.bool
+        or input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+        or 0 in input_ids.shape
+    ):
         raise ValueError(
             f"`input_ids` must be a (batch, prompt_length) integer tensor with at least one token, got shape "
             f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}."
@@ -182,18 +189,24 @@ def check_prompt_ids(
     input_ids = input_ids.long()
     vocab = _vocabulary_size(getattr(adapter, "model", None))
     if vocab is not None and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-        raise ValueError(f"`input_ids` must be token ids from 0 to {vocab - 1} (the model's vocabulary), got values "
-                         f"from {int(input_ids.min())} to {int(input_ids.max())}.")  # fmt: skip
+        raise ValueError(
+            f"`input_ids` must be token ids from 0 to {vocab - 1} (the model's vocabulary), got values "
+            f"from {int(input_ids.min())} to {int(input_ids.max())}."
+        )
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"`attention_mask` must be None or a torch tensor, got {type(attention_mask).__name__}.")
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                             f"{tuple(attention_mask.shape)}.")  # fmt: skip
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
         mask = attention_mask.long()
         if bool((mask != attention_mask).any()) or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"`attention_mask` must hold only 0 (padding) and 1 (a prompt token), got the values "
-                             f"{torch.unique(attention_mask).tolist()}.")  # fmt: skip
+            raise ValueError(
+                f"`attention_mask` must hold only 0 (padding) and 1 (a prompt token), got the values "
+                f"{torch.unique(attention_mask).tolist()}."
+            )
         bad = (mask[:, 1:] < mask[:, :-1]).any(-1) | (mask[:, -1] == 0)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -281,8 +294,16 @@ def generate(
             at each block's first step only; 1: at every step, which is exact decoding).
         generator: Randomness of the Gumbel noise and of random remasking.
     """
-    check_settings(gen_length, steps, block_length, remasking=remasking, temperature=temperature,
-                   cfg_scale=cfg_scale, kv_cache=kv_cache, cache_refresh_every=cache_refresh_every)  # fmt: skip
+    check_settings(
+        gen_length,
+        steps,
+        block_length,
+        remasking=remasking,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        kv_cache=kv_cache,
+        cache_refresh_every=cache_refresh_every,
+    )
     input_ids, attention_mask = check_prompt_ids(adapter, input_ids, attention_mask, gen_length)
     num_blocks = gen_length // block_length
     batch, prompt_length = input_ids.shape

@@ -1,15 +1,5 @@
-from .heads import ExitHeads
-from .uncertainty import (
-    UncertaintyExitCall,
-    UncertaintyExitStats,
-    apply_uncertainty_exit,
-    get_uncertainty_exit_heads,
-    get_uncertainty_exit_stats,
-    remove_uncertainty_exit,
-    reset_uncertainty_exit_stats,
-    set_uncertainty_exit_paired,
-)
 from .architectures import ExitArchitecture, get_exit_architecture, register_exit_architecture
+from .heads import ExitHeads
 from .hooks import (
     ExitCall,
     ExitStats,
@@ -24,6 +14,16 @@ from .hooks import (
     remove_exit_schedule,
     reset_exit_stats,
     set_exit_timestep_scale,
+)
+from .uncertainty import (
+    UncertaintyExitCall,
+    UncertaintyExitStats,
+    apply_uncertainty_exit,
+    get_uncertainty_exit_heads,
+    get_uncertainty_exit_stats,
+    remove_uncertainty_exit,
+    reset_uncertainty_exit_stats,
+    set_uncertainty_exit_paired,
 )
 
 __all__ = [

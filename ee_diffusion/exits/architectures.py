@@ -73,7 +73,7 @@ class ExitArchitecture:
             raise ValueError(f"`reuse` must be 'residual' or 'output', got {self.reuse!r}.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parameter_index(cls: type, name: str) -> int:
     return list(inspect.signature(cls.forward).parameters).index(name) - 1
 

@@ -83,25 +83,37 @@ class ExitHeads(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, num_blocks: int, hidden_size: int, exit_blocks: list[int] | None = None,
-                 timestep_channels: int = 128, threshold: float = 0.1, policy: str = "per_batch",
-                 check_every: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_blocks: int,
+        hidden_size: int,
+        exit_blocks: list[int] | None = None,
+        timestep_channels: int = 128,
+        threshold: float = 0.1,
+        policy: str = "per_batch",
+        check_every: int = 1,
+    ) -> None:
         super().__init__()
         as_int("num_blocks", num_blocks, low=2)
         as_int("hidden_size", hidden_size, low=1)
         self.set_exit_rule(threshold, policy, check_every)
         exit_blocks = list(range(1, num_blocks)) if exit_blocks is None else [int(b) for b in exit_blocks]
-        if not exit_blocks or exit_blocks != sorted(set(exit_blocks)) or not 1 <= exit_blocks[0] <= exit_blocks[-1] < \
-                num_blocks:  # fmt: skip
-            raise ValueError(f"`exit_blocks` must be increasing block counts in 1..{num_blocks - 1}, got "
-                             f"{exit_blocks}.")  # fmt: skip
+        if (
+            not exit_blocks
+            or exit_blocks != sorted(set(exit_blocks))
+            or not 1 <= exit_blocks[0] <= exit_blocks[-1] < num_blocks
+        ):
+            raise ValueError(
+                f"`exit_blocks` must be increasing block counts in 1..{num_blocks - 1}, got {exit_blocks}."
+            )
         self.register_to_config(exit_blocks=exit_blocks)
         self.time_proj = Timesteps(timestep_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(timestep_channels, hidden_size)
         self.points = nn.ModuleList(_ExitPoint(hidden_size) for _ in exit_blocks)
 
-    def set_exit_rule(self, threshold: float | None = None, policy: str | None = None,
-                      check_every: int | None = None) -> None:  # fmt: skip
+    def set_exit_rule(
+        self, threshold: float | None = None, policy: str | None = None, check_every: int | None = None
+    ) -> None:
         """Change the exit rule (saved with the heads); `None` keeps a setting as it is."""
         if threshold is not None:
             self.register_to_config(threshold=as_number("threshold", threshold, low=0))
@@ -137,16 +149,23 @@ class ExitHeads(ModelMixin, ConfigMixin):
     def check_fits(self, num_blocks: int, hidden_size: int, model_name: str) -> None:
         """A clear error when these heads were made for another denoiser."""
         if (num_blocks, hidden_size) != (self.config.num_blocks, self.config.hidden_size):
-            raise ValueError(f"These exit heads are for a denoiser with {self.config.num_blocks} blocks of width "
-                             f"{self.config.hidden_size}; this {model_name} has {num_blocks} of width "
-                             f"{hidden_size}.")  # fmt: skip
+            raise ValueError(
+                f"These exit heads are for a denoiser with {self.config.num_blocks} blocks of width "
+                f"{self.config.hidden_size}; this {model_name} has {num_blocks} of width "
+                f"{hidden_size}."
+            )
 
     def cost_in_blocks(self, block: nn.Module) -> tuple[float, float]:
         """What one UEM evaluation and one adapter cost, in blocks: their per-token weights over the per-token weights
         of `block` (one exit unit of the denoiser: the `nn.Linear` weights of its attention and feed-forward
         modules; per-sample layers, like adaLN's, are left out on both sides)."""
-        per_block = sum(m.weight.numel() for module in block.modules() if isinstance(module, (Attention, FeedForward))
-                        for m in module.modules() if isinstance(m, nn.Linear))  # fmt: skip
+        per_block = sum(
+            m.weight.numel()
+            for module in block.modules()
+            if isinstance(module, (Attention, FeedForward))
+            for m in module.modules()
+            if isinstance(m, nn.Linear)
+        )
         point = self.points[0]
         return point.uem_hidden.weight.numel() / per_block, point.adapter.weight.numel() / per_block
 
@@ -166,8 +185,10 @@ class _HandOver(ModelHook):
 def block_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Inside: a list that collects the output of each block of `model` (its exit units) as they run."""
     outputs: list[torch.Tensor] = []
-    handles = [unit.register_forward_hook(lambda module, args, output: outputs.append(output))
-               for unit in get_exit_architecture(model).units(model)]  # fmt: skip
+    handles = [
+        unit.register_forward_hook(lambda module, args, output: outputs.append(output))
+        for unit in get_exit_architecture(model).units(model)
+    ]
     try:
         yield outputs
     finally:
@@ -175,8 +196,13 @@ def block_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def exit_predictions(model: nn.Module, heads: ExitHeads, outputs: list[torch.Tensor], embedding: torch.Tensor,
-                     run: Callable[[int], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+def exit_predictions(
+    model: nn.Module,
+    heads: ExitHeads,
+    outputs: list[torch.Tensor],
+    embedding: torch.Tensor,
+    run: Callable[[int], torch.Tensor],
+) -> torch.Tensor:
     """Every exit point's prediction `g_k(h_k)`, in one call of `model`, stacked: (exit points, batch, ...).
 
     Args:
@@ -186,13 +212,15 @@ def exit_predictions(model: nn.Module, heads: ExitHeads, outputs: list[torch.Ten
             prediction; inside it the first block hands over the adapted hidden states and the other blocks are
             skipped, so the call costs the model's embeddings and output layer only.
     """
-    adapted = torch.cat([heads.adapt(point, outputs[count - 1], embedding)
-                         for point, count in enumerate(heads.exit_blocks)])  # fmt: skip
+    adapted = torch.cat(
+        [heads.adapt(point, outputs[count - 1], embedding) for point, count in enumerate(heads.exit_blocks)]
+    )
     architecture = get_exit_architecture(model)
     units = architecture.units(model)
     for index, unit in enumerate(units):
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(
-            _HandOver(adapted if index == 0 else None, architecture.skip), _HAND_OVER)  # fmt: skip
+            _HandOver(adapted if index == 0 else None, architecture.skip), _HAND_OVER
+        )
     try:
         prediction = run(len(heads.exit_blocks))
     finally:

@@ -94,9 +94,13 @@ class ExitScheduleHook(ModelHook):
     """Decides each call's depth from the timestep argument of the denoiser's forward."""
 
     def __init__(
-        self, schedule: ExitSchedule, architecture: ExitArchitecture, state: _ExitState, num_train_timesteps: int,
+        self,
+        schedule: ExitSchedule,
+        architecture: ExitArchitecture,
+        state: _ExitState,
+        num_train_timesteps: int,
         plan_steps_only: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.schedule = schedule
         self.architecture = architecture
@@ -122,8 +126,9 @@ class ExitScheduleHook(ModelHook):
         state.timesteps, state.units_executed = tuple(timesteps), 0
         return args, kwargs
 
-    def _reuse_or_compute(self, module: torch.nn.Module, args: tuple, kwargs: dict, timesteps: list[float],
-                          depths: list[int]) -> list[int]:  # fmt: skip
+    def _reuse_or_compute(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict, timesteps: list[float], depths: list[int]
+    ) -> list[int]:
         """Under a plan: whether this call reuses (every sample at a `REUSE` step, and work cached for its batch),
         and the depths it runs otherwise (a reuse step with nothing to reuse runs at full depth)."""
         state = self.state
@@ -134,8 +139,10 @@ class ExitScheduleHook(ModelHook):
         if REUSE not in depths:
             return depths
         if any(depth != REUSE for depth in depths):
-            raise ValueError(f"This call's timesteps {timesteps} mix the plan's reuse steps with computed ones; a "
-                             "reuse step needs the whole batch at it.")  # fmt: skip
+            raise ValueError(
+                f"This call's timesteps {timesteps} mix the plan's reuse steps with computed ones; a "
+                "reuse step needs the whole batch at it."
+            )
         if state.cached is None or state.cached_batch != state.batch:
             return [state.num_blocks] * len(depths)
         state.reusing = True
@@ -165,8 +172,9 @@ class ExitUnitHook(ModelHook):
     last unit the span's end, whose difference reuse steps add to their own start instead of running any unit.
     """
 
-    def __init__(self, index: int, architecture: ExitArchitecture, state: _ExitState, last: bool,
-                 residual: bool) -> None:  # fmt: skip
+    def __init__(
+        self, index: int, architecture: ExitArchitecture, state: _ExitState, last: bool, residual: bool
+    ) -> None:
         super().__init__()
         self.index = index
         self.skip = architecture.skip

@@ -119,8 +119,11 @@ class UncertaintyExitHook(ModelHook):
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = self.state
         state.in_call = False
-        state.stats.calls.append(UncertaintyExitCall(tuple(state.timesteps.float().cpu().tolist()),
-                                                     tuple(state.depths.tolist()), state.head_blocks))  # fmt: skip
+        state.stats.calls.append(
+            UncertaintyExitCall(
+                tuple(state.timesteps.float().cpu().tolist()), tuple(state.depths.tolist()), state.head_blocks
+            )
+        )
         state.embedding = state.exited = state.active = None
         return output
 
@@ -221,22 +224,28 @@ def apply_uncertainty_exit(pipe_or_model: Any, heads: ExitHeads, paired: bool = 
         raise TypeError(f"`heads` must be ExitHeads, got {type(heads).__name__}.")
     model, _ = _resolve(pipe_or_model)
     if not isinstance(model, SUPPORTED):
-        raise TypeError(f"Uncertainty exits do not support {type(model).__name__}; supported: "
-                        f"{', '.join(cls.__name__ for cls in SUPPORTED)} (transformers whose blocks pass one "
-                        "hidden-states tensor).")  # fmt: skip
+        raise TypeError(
+            f"Uncertainty exits do not support {type(model).__name__}; supported: "
+            f"{', '.join(cls.__name__ for cls in SUPPORTED)} (transformers whose blocks pass one "
+            "hidden-states tensor)."
+        )
     architecture = get_exit_architecture(model)
     units = architecture.units(model)
-    heads.check_fits(len(units), int(model.config.num_attention_heads * model.config.attention_head_dim),
-                     type(model).__name__)  # fmt: skip
+    heads.check_fits(
+        len(units), int(model.config.num_attention_heads * model.config.attention_head_dim), type(model).__name__
+    )
     registry = HookRegistry.check_if_exists_or_initialize(model)
     if registry.hooks and _denoiser_hook(model) is None:
-        raise ValueError(f"This {type(model).__name__} already carries hooks ({', '.join(registry.hooks)}); remove "
-                         "them (an exit schedule, a cache) before applying uncertainty exits.")  # fmt: skip
+        raise ValueError(
+            f"This {type(model).__name__} already carries hooks ({', '.join(registry.hooks)}); remove "
+            "them (an exit schedule, a cache) before applying uncertainty exits."
+        )
     remove_uncertainty_exit(model)
     state = _State(heads, len(units), heads.cost_in_blocks(units[0]))
     state.paired = bool(paired)
-    registry.register_hook(UncertaintyExitHook(state, architecture.timestep_argument, architecture.sample_argument),
-                           _DENOISER_HOOK)  # fmt: skip
+    registry.register_hook(
+        UncertaintyExitHook(state, architecture.timestep_argument, architecture.sample_argument), _DENOISER_HOOK
+    )
     for index, unit in enumerate(units):
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(UncertaintyUnitHook(index, state), _UNIT_HOOK)
     registry.invalidate_child_registries_cache()
@@ -279,6 +288,7 @@ def _require(pipe_or_model: Any) -> UncertaintyExitHook:
     model, _ = _resolve(pipe_or_model)
     hook = _denoiser_hook(model)
     if hook is None:
-        raise ValueError(f"No uncertainty exit is applied to this {type(model).__name__}; call "
-                         "`apply_uncertainty_exit`.")  # fmt: skip
+        raise ValueError(
+            f"No uncertainty exit is applied to this {type(model).__name__}; call `apply_uncertainty_exit`."
+        )
     return hook

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .digits_classifier import DigitsClassifier, load_digits_classifier
 
-
 BACKENDS = ("clean-fid", "torchmetrics", "digits")
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILENAME}"
@@ -60,7 +59,7 @@ def find_inception_weights(inception_path: str | os.PathLike | None = None) -> P
     if not candidate.is_file():
         raise InceptionWeightsNotFoundError(
             f"clean-fid's Inception network is missing: no file {candidate}. "
-            f"The \"clean-fid\" backend looks for {INCEPTION_FILENAME} in {where} and does not download it "
+            f'The "clean-fid" backend looks for {INCEPTION_FILENAME} in {where} and does not download it '
             f"(clean-fid would fetch it from {INCEPTION_URL}). "
             f"Download that file where you have internet access, copy it to this machine and pass its path (or its "
             f"folder) as inception_path=..., or put it at {clean_fid_inception_dir().resolve() / INCEPTION_FILENAME}."

@@ -63,7 +63,9 @@ def kernel_distance(
 
 def _checked(a: torch.Tensor, b: torch.Tensor, minimum: int) -> tuple[torch.Tensor, torch.Tensor]:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"Expected two (N, d) feature sets with the same d, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(
+            f"Expected two (N, d) feature sets with the same d, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
     if len(a) < minimum or len(b) < minimum:
         raise ValueError(f"Need at least {minimum} samples in each set, got {len(a)} and {len(b)}.")
     return a.double().cpu(), b.double().cpu()

@@ -77,8 +77,10 @@ class ReferenceStatistics:
         """Read statistics written by `save` (or a clean-fid statistics file with `mu` and `sigma`)."""
         with np.load(path, allow_pickle=False) as archive:
             if "mu" not in archive or "sigma" not in archive:
-                raise ValueError(f"{path} is not a reference-statistics file: it needs keys 'mu' and 'sigma', has "
-                                 f"{sorted(archive.files)}.")  # fmt: skip
+                raise ValueError(
+                    f"{path} is not a reference-statistics file: it needs keys 'mu' and 'sigma', has "
+                    f"{sorted(archive.files)}."
+                )
             features = archive["features"] if "features" in archive else archive.get("feats")
             backend = str(archive["backend"]) if "backend" in archive else ""
             num_images = int(archive["num_images"]) if "num_images" in archive else 0

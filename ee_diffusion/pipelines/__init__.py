@@ -1,3 +1,4 @@
+from ..shipped import shipped_model_path
 from .early_exit import (
     EarlyExitDDIMPipeline,
     EarlyExitDDPMPipeline,
@@ -8,7 +9,6 @@ from .early_exit import (
     EarlyExitStableDiffusionPipeline,
     EarlyExitUNet2DPipeline,
 )
-from ..shipped import shipped_model_path
 from .loading import load_early_exit_pipeline
 from .masked_diffusion_lm import MaskedDiffusionLMOutput, MaskedDiffusionLMPipeline
 

@@ -51,8 +51,10 @@ def _checked_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
         raise TypeError(f"`class_labels` must be integer class ids, got {class_labels!r}.")
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.numel():
-        raise ValueError(f"`class_labels` must lie in [0, {num_classes - 1}] (this model has {num_classes} classes; "
-                         f"{num_classes} is its null class), got {bad.tolist()}.")  # fmt: skip
+        raise ValueError(
+            f"`class_labels` must lie in [0, {num_classes - 1}] (this model has {num_classes} classes; "
+            f"{num_classes} is its null class), got {bad.tolist()}."
+        )
     return labels.long()
 
 
@@ -94,14 +96,17 @@ class ClassConditionalSamplingMixin:
         labels = _checked_labels(class_labels, null_class_label(denoiser)).to(device)
         guided = guidance_scale > 1
         channels, size = denoiser.config.in_channels, denoiser.config.sample_size
-        latents = randn_tensor((len(labels), channels, size, size), generator=generator, device=device,
-                               dtype=denoiser.dtype)  # fmt: skip
+        latents = randn_tensor(
+            (len(labels), channels, size, size), generator=generator, device=device, dtype=denoiser.dtype
+        )
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, null_class_label(denoiser))])
         latents = latents * self.scheduler.init_noise_sigma
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)

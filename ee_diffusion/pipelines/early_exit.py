@@ -29,23 +29,22 @@ from ..exits import (
     UncertaintyExitStats,
     apply_exit_schedule,
     apply_uncertainty_exit,
-    get_uncertainty_exit_heads,
-    get_uncertainty_exit_stats,
-    remove_uncertainty_exit,
-    reset_uncertainty_exit_stats,
-    set_uncertainty_exit_paired,
     denoiser_of,
     get_exit_schedule,
     get_exit_stats,
+    get_uncertainty_exit_heads,
+    get_uncertainty_exit_stats,
     remove_exit_schedule,
+    remove_uncertainty_exit,
     reset_exit_stats,
+    reset_uncertainty_exit_stats,
     set_exit_timestep_scale,
+    set_uncertainty_exit_paired,
 )
 from ..outputs import refuse_shipped
-from ..shipped import shipped_model_path
 from ..schedules import ExitSchedule
+from ..shipped import shipped_model_path
 from .class_conditional import ClassConditionalSamplingMixin
-
 
 _KINDS = {"exit_schedule": ExitSchedule, "exit_heads": ExitHeads}
 
@@ -74,7 +73,10 @@ class EarlyExitPipelineMixin:
             if issubclass(base, DiffusionPipeline) and not issubclass(base, EarlyExitPipelineMixin)
         )
         if "__init__" in cls.__dict__:
-            cls.__init__.__annotations__ = {**getattr(parent.__init__, "__annotations__", {}), **cls.__init__.__annotations__}
+            cls.__init__.__annotations__ = {
+                **getattr(parent.__init__, "__annotations__", {}),
+                **cls.__init__.__annotations__,
+            }
         if "__call__" not in cls.__dict__:
             # Each drop-in's `__call__` shows its parent's signature and docstring (`inspect.signature`, `help`), as
             # diffusers' own tests and users' code read it, while running the mixin's `__call__`.
@@ -133,13 +135,17 @@ class EarlyExitPipelineMixin:
     def _put_exit_hooks(self) -> None:
         schedule, heads = self.exit_schedule, getattr(self, "exit_heads", None)
         if schedule is not None and heads is not None:
-            raise ValueError(f"{type(self).__name__} got both `exit_schedule` and `exit_heads`; give one: a schedule "
-                             "decided ahead of time, or heads that decide at run time.")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__} got both `exit_schedule` and `exit_heads`; give one: a schedule "
+                "decided ahead of time, or heads that decide at run time."
+            )
         if denoiser_of(self) is None:
             # Built without its denoiser (diffusers allows it, e.g. to encode prompts only): nothing to hook yet.
             if schedule is not None or heads is not None:
-                raise ValueError(f"{type(self).__name__} has no denoiser to run `exit_schedule` or `exit_heads` on; "
-                                 "give it one, or set them once it has one.")  # fmt: skip
+                raise ValueError(
+                    f"{type(self).__name__} has no denoiser to run `exit_schedule` or `exit_heads` on; "
+                    "give it one, or set them once it has one."
+                )
             return
         if get_uncertainty_exit_heads(self) is not heads:
             remove_uncertainty_exit(self)
@@ -207,8 +213,15 @@ class EarlyExitDiTPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin
 
     _optional_components = ["vae", "exit_heads"]
 
-    def __init__(self, transformer, vae, scheduler, id2label=None, exit_schedule: ExitSchedule | None = None,
-                 exit_heads: ExitHeads | None = None):  # fmt: skip
+    def __init__(
+        self,
+        transformer,
+        vae,
+        scheduler,
+        id2label=None,
+        exit_schedule: ExitSchedule | None = None,
+        exit_heads: ExitHeads | None = None,
+    ):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self._register_exit_schedule(exit_schedule, exit_heads)
 
@@ -234,8 +247,16 @@ class EarlyExitPixArtAlphaPipeline(EarlyExitPipelineMixin, PixArtAlphaPipeline):
 
     _optional_components = [*PixArtAlphaPipeline._optional_components, "exit_heads"]
 
-    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, exit_schedule: ExitSchedule | None = None,
-                 exit_heads: ExitHeads | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vae,
+        transformer,
+        scheduler,
+        exit_schedule: ExitSchedule | None = None,
+        exit_heads: ExitHeads | None = None,
+    ):
         super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
         self._register_exit_schedule(exit_schedule, exit_heads)
 
@@ -259,9 +280,18 @@ class EarlyExitStableDiffusion3Pipeline(EarlyExitPipelineMixin, StableDiffusion3
         exit_schedule: ExitSchedule | None = None,
     ):
         super().__init__(
-            transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
-            tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor,
-        )  # fmt: skip
+            transformer,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            text_encoder_3,
+            tokenizer_3,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
         self._register_exit_schedule(exit_schedule)
 
 
@@ -298,7 +328,14 @@ class EarlyExitStableDiffusionPipeline(EarlyExitPipelineMixin, StableDiffusionPi
         exit_schedule: ExitSchedule | None = None,
     ):
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
-            image_encoder=image_encoder, requires_safety_checker=requires_safety_checker,
-        )  # fmt: skip
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            safety_checker,
+            feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
         self._register_exit_schedule(exit_schedule)

@@ -15,7 +15,9 @@ from . import early_exit
 _DROP_INS = {
     cls.__name__: cls
     for cls in vars(early_exit).values()
-    if isinstance(cls, type) and issubclass(cls, early_exit.EarlyExitPipelineMixin) and cls is not early_exit.EarlyExitPipelineMixin
+    if isinstance(cls, type)
+    and issubclass(cls, early_exit.EarlyExitPipelineMixin)
+    and cls is not early_exit.EarlyExitPipelineMixin
 }
 _BY_PARENT = {name.removeprefix("EarlyExit"): cls for name, cls in _DROP_INS.items()}
 
@@ -33,8 +35,10 @@ def resolve_pretrained(name: str | Path, marker: str = "model_index.json") -> st
         return str(shipped)
     if Path(name).exists() or _HUB_ID.fullmatch(name):
         return name
-    raise ValueError(f"No model {name!r}: it is not a shipped model ({', '.join(shipped_models(marker))}), not a "
-                     "folder that exists, and not a hub id (owner/name).")  # fmt: skip
+    raise ValueError(
+        f"No model {name!r}: it is not a shipped model ({', '.join(shipped_models(marker))}), not a "
+        "folder that exists, and not a hub id (owner/name)."
+    )
 
 
 def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipeline:

@@ -59,9 +59,13 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(model=model, tokenizer=tokenizer)
         self.register_to_config(
-            adapter=adapter, gen_length=gen_length, steps=steps, block_length=block_length,
-            mask_token_id=mask_token_id, eos_token_id=eos_token_id,
-        )  # fmt: skip
+            adapter=adapter,
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            mask_token_id=mask_token_id,
+            eos_token_id=eos_token_id,
+        )
         if mask_token_id is None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         self.adapter = get_adapter(model, adapter, mask_token_id=mask_token_id)
@@ -69,7 +73,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
-    ) -> "MaskedDiffusionLMPipeline":
+    ) -> MaskedDiffusionLMPipeline:
         """Load a saved pipeline, or a transformers folder / Hub id holding a model and its tokenizer, or a shipped
         model by name (`tiny-mdlm`, `tiny-mdlm-puzzles`).
 
@@ -190,14 +194,25 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             if value is not None:  # 0 would otherwise read as "the model's default"
                 as_int(name, value, low=1)
         prompts = self._check_inputs(prompt, input_ids, attention_mask)
-        defaults = tuple(name for name, value in (("gen_length", gen_length), ("steps", steps),
-                                                   ("block_length", block_length)) if value is None)  # fmt: skip
+        defaults = tuple(
+            name
+            for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length))
+            if value is None
+        )
         gen_length = self._default("gen_length", gen_length)
         steps = steps or min(self._default("steps", steps), gen_length)
         block_length = block_length or min(self.config.get("block_length") or gen_length, gen_length)
-        check_settings(gen_length, steps, block_length, remasking=remasking, temperature=temperature,
-                       cfg_scale=cfg_scale, kv_cache=kv_cache, cache_refresh_every=cache_refresh_every,
-                       defaults=defaults)  # fmt: skip
+        check_settings(
+            gen_length,
+            steps,
+            block_length,
+            remasking=remasking,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            kv_cache=kv_cache,
+            cache_refresh_every=cache_refresh_every,
+            defaults=defaults,
+        )
         early_commit = resolve_early_commit(early_commit)
         if parallel is not None and not callable(getattr(parallel, "num_tokens", None)):
             raise TypeError(f"`parallel` must be None or a ThresholdCommit, got {parallel!r}.")
@@ -210,8 +225,10 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
             unknown = self.tokenizer.unk_token_id
             if unknown is not None and bool((input_ids[attention_mask.bool()] == unknown).any()):
-                raise ValueError(f"The prompt {prompt!r} has characters the tokenizer does not know (they would "
-                                 f"become {self.tokenizer.unk_token}); the model was trained on its vocabulary only.")
+                raise ValueError(
+                    f"The prompt {prompt!r} has characters the tokenizer does not know (they would "
+                    f"become {self.tokenizer.unk_token}); the model was trained on its vocabulary only."
+                )
             if input_ids.shape[1] == 0:
                 raise ValueError(f"`prompt` must have at least one token, got {prompt!r} (the tokenizer makes none).")
         input_ids, attention_mask = check_prompt_ids(self.adapter, input_ids, attention_mask, gen_length)

@@ -36,7 +36,9 @@ def _sorted_points(
     """`(timesteps, values)` as parallel lists sorted by timestep, each value an integer."""
     timesteps = _as_float_list(timesteps)
     if len(timesteps) != len(values):
-        raise ValueError(f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}.")
+        raise ValueError(
+            f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}."
+        )
     points = sorted(zip(timesteps, [as_int(name, value) for value in values]))
     return [t for t, _ in points], [value for _, value in points]
 
@@ -49,18 +51,24 @@ def _parse_spec(spec: str) -> tuple[str, list[int | float]]:
         return "folder", []
     shape, _, value = spec.partition(":")
     if shape not in ("linear", "cosine", "constant", "step") or not value or (shape != "step" and "," in value):
-        raise ValueError(f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a "
-                         "folder holding exit_schedule.json.")  # fmt: skip
+        raise ValueError(
+            f"Bad exit schedule {spec!r}: expected linear:M, cosine:M, constant:M, step:d1,d2,... or a "
+            "folder holding exit_schedule.json."
+        )
     depths: list[int | float] = []
     for part in value.split(","):
         try:
             depth = float(part) if "." in part else int(part)
         except ValueError:
-            raise ValueError(f"Bad exit schedule {spec!r}: {part!r} is not a depth (a block count, or a fraction of "
-                             "the model's blocks written with a '.').") from None  # fmt: skip
+            raise ValueError(
+                f"Bad exit schedule {spec!r}: {part!r} is not a depth (a block count, or a fraction of "
+                "the model's blocks written with a '.')."
+            ) from None
         if isinstance(depth, float) and not 0.0 < depth <= 1.0:
-            raise ValueError(f"Bad exit schedule {spec!r}: a depth written as a fraction of the model's depth must "
-                             f"lie in (0, 1], got {part}.")  # fmt: skip
+            raise ValueError(
+                f"Bad exit schedule {spec!r}: a depth written as a fraction of the model's depth must "
+                f"lie in (0, 1], got {part}."
+            )
         if isinstance(depth, int) and depth < 1:
             raise ValueError(f"Bad exit schedule {spec!r}: a depth is at least 1 block, got {part}.")
         depths.append(depth)
@@ -126,8 +134,10 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
         if scheduler_class is not None and (shape != "plan" or not isinstance(scheduler_class, str)):
-            raise ValueError(f"`scheduler_class` is a plan's scheduler class name, got {scheduler_class!r} for a "
-                             f"{shape!r} schedule.")  # fmt: skip
+            raise ValueError(
+                f"`scheduler_class` is a plan's scheduler class name, got {scheduler_class!r} for a "
+                f"{shape!r} schedule."
+            )
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
         min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
         table = None if table is None else [as_int("table", depth) for depth in table]
@@ -136,8 +146,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             timesteps = [float(t) for t in timesteps]
             if not all(math.isfinite(t) for t in timesteps):
                 raise ValueError(f"`timesteps` must be finite numbers, got {timesteps}.")
-        self.register_to_config(num_blocks=num_blocks, min_blocks=min_blocks, table=table, timesteps=timesteps,
-                                depths=depths, num_train_timesteps=num_train_timesteps)  # fmt: skip
+        self.register_to_config(
+            num_blocks=num_blocks,
+            min_blocks=min_blocks,
+            table=table,
+            timesteps=timesteps,
+            depths=depths,
+            num_train_timesteps=num_train_timesteps,
+        )
 
         if shape in ("constant", "linear", "cosine"):
             if min_blocks is None:
@@ -167,8 +183,10 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                     if depth != REUSE:
                         self._check_depth("depths", depth, num_blocks)
                 if depths[-1] == REUSE:
-                    raise ValueError("A plan's first sampling step (its highest timestep) cannot reuse: nothing has "
-                                     "been computed before it.")  # fmt: skip
+                    raise ValueError(
+                        "A plan's first sampling step (its highest timestep) cannot reuse: nothing has "
+                        "been computed before it."
+                    )
             else:
                 for depth in depths:
                     self._check_depth("depths", depth, num_blocks)
@@ -176,22 +194,22 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def constant(cls, num_blocks: int, blocks: int) -> "ExitSchedule":
+    def constant(cls, num_blocks: int, blocks: int) -> ExitSchedule:
         """Run `blocks` of `num_blocks` blocks at every timestep."""
         return cls(num_blocks=num_blocks, shape="constant", min_blocks=blocks)
 
     @classmethod
-    def linear(cls, num_blocks: int, min_blocks: int) -> "ExitSchedule":
+    def linear(cls, num_blocks: int, min_blocks: int) -> ExitSchedule:
         """All blocks at the data end (`s = 0`), falling linearly to `min_blocks` at pure noise (`s = 1`)."""
         return cls(num_blocks=num_blocks, shape="linear", min_blocks=min_blocks)
 
     @classmethod
-    def cosine(cls, num_blocks: int, min_blocks: int) -> "ExitSchedule":
+    def cosine(cls, num_blocks: int, min_blocks: int) -> ExitSchedule:
         """All blocks at `s = 0`, `min_blocks` at `s = 1`, following half a cosine (flat at both ends)."""
         return cls(num_blocks=num_blocks, shape="cosine", min_blocks=min_blocks)
 
     @classmethod
-    def step(cls, num_blocks: int, table: Sequence[int], allow_increasing: bool = False) -> "ExitSchedule":
+    def step(cls, num_blocks: int, table: Sequence[int], allow_increasing: bool = False) -> ExitSchedule:
         """One depth per equal-width bucket of `s`, from the data end to the noise end.
 
         This is the released ASE code's form: `ExitSchedule.step(28, [28, 28, 24, 24, 20, 20, 16, 16, 12, 12])`.
@@ -206,15 +224,21 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         depths: Sequence[int],
         num_train_timesteps: int = 1000,
         allow_increasing: bool = False,
-    ) -> "ExitSchedule":
+    ) -> ExitSchedule:
         """Any measured or calibrated schedule: `depths[i]` blocks at `timesteps[i]`.
 
         Points may be given in any order; they are sorted by timestep. Between points the depth is linearly
         interpolated and rounded up; beyond the first and last point it is held constant.
         """
         timesteps, depths = _sorted_points(timesteps, depths, "depths")
-        return cls(num_blocks=num_blocks, shape="table", timesteps=timesteps, depths=depths,
-                   num_train_timesteps=num_train_timesteps, allow_increasing=allow_increasing)  # fmt: skip
+        return cls(
+            num_blocks=num_blocks,
+            shape="table",
+            timesteps=timesteps,
+            depths=depths,
+            num_train_timesteps=num_train_timesteps,
+            allow_increasing=allow_increasing,
+        )
 
     @classmethod
     def plan(
@@ -224,7 +248,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         actions: Sequence[int],
         num_train_timesteps: int = 1000,
         scheduler_class: str | None = None,
-    ) -> "ExitSchedule":
+    ) -> ExitSchedule:
         """A per-step plan for one sampling run: `actions[i]` at the step of `timesteps[i]` (e.g.
         `scheduler.timesteps`), each a depth in `[1, num_blocks]` or `REUSE` (0). The first step cannot reuse.
         `scheduler_class` names the run's scheduler (`type(scheduler).__name__`); the run's step count is the number
@@ -236,8 +260,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         timesteps, actions = _sorted_points(timesteps, actions, "actions")
         if len(set(timesteps)) != len(timesteps):
             raise ValueError(f"A plan has one action per step: `timesteps` must be distinct, got {timesteps}.")
-        return cls(num_blocks=num_blocks, shape="plan", timesteps=timesteps, depths=actions,
-                   num_train_timesteps=num_train_timesteps, scheduler_class=scheduler_class)  # fmt: skip
+        return cls(
+            num_blocks=num_blocks,
+            shape="plan",
+            timesteps=timesteps,
+            depths=actions,
+            num_train_timesteps=num_train_timesteps,
+            scheduler_class=scheduler_class,
+        )
 
     @property
     def reuses(self) -> bool:
@@ -251,7 +281,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         _parse_spec(spec)
 
     @classmethod
-    def from_spec(cls, spec: str, num_blocks: int) -> "ExitSchedule":
+    def from_spec(cls, spec: str, num_blocks: int) -> ExitSchedule:
         """Parse a command-line schedule: `linear:M`, `cosine:M`, `constant:M`, `step:d1,d2,...`, or a saved folder.
 
         Each depth is a block count (`linear:6`) or, written with a decimal point, a fraction of `num_blocks`
@@ -260,7 +290,9 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         shape, values = _parse_spec(spec)
         if shape == "folder":
             return cls.from_pretrained(spec)
-        depths = [value if isinstance(value, int) else max(1, math.floor(value * num_blocks + 0.5)) for value in values]
+        depths = [
+            value if isinstance(value, int) else max(1, math.floor(value * num_blocks + 0.5)) for value in values
+        ]
         try:
             if shape == "step":
                 return cls.step(num_blocks, depths)

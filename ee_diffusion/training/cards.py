@@ -21,8 +21,17 @@ def hardware(device: str | torch.device) -> str:
     return f"{threads} CPU thread{'s' if threads > 1 else ''} ({platform.processor() or platform.machine()})"
 
 
-def digits_model_card(title: str, command: str, total_steps: int, steps_run: int, seconds: float, batch_size: int,
-                      device: str | torch.device, extra: str = "", results: str = "docs/results.md") -> str:  # fmt: skip
+def digits_model_card(
+    title: str,
+    command: str,
+    total_steps: int,
+    steps_run: int,
+    seconds: float,
+    batch_size: int,
+    device: str | torch.device,
+    extra: str = "",
+    results: str = "docs/results.md",
+) -> str:
     """The card of a trained digits denoiser (or of exit heads trained for one): `extra` says what sets it apart,
     `results` which page of the project's docs holds its measurements."""
     return (

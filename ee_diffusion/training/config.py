@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 LOSS_WEIGHTS = ("constant", "min-snr")
 # What a denoiser trained here may predict (a diffusers scheduler's `prediction_type`): the noise or the velocity.
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -74,16 +74,18 @@ def freeze_timestep_embedding(model: torch.nn.Module) -> list[str]:
     """Stop gradients into the timestep embedding of a DiT or UNet2DModel; returns the frozen parameter names."""
     frozen = [name for name, p in model.named_parameters() if any(k in name for k in _TIMESTEP_EMBEDDING_NAMES)]
     if not frozen:
-        raise ValueError(f"Found no timestep-embedding parameters ({_TIMESTEP_EMBEDDING_NAMES}) in "
-                         f"{type(model).__name__}.")  # fmt: skip
+        raise ValueError(
+            f"Found no timestep-embedding parameters ({_TIMESTEP_EMBEDDING_NAMES}) in {type(model).__name__}."
+        )
     for name, parameter in model.named_parameters():
         if name in frozen:
             parameter.requires_grad_(False)
     return frozen
 
 
-def noised_batch(data: DigitsSplit, config: TrainConfig, generator: torch.Generator, noise_scheduler: DDPMScheduler,
-                 null_label: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def noised_batch(
+    data: DigitsSplit, config: TrainConfig, generator: torch.Generator, noise_scheduler: DDPMScheduler, null_label: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training batch drawn on the CPU from `generator`: the noisy images, their timesteps, their labels (dropped to
     `null_label` with probability `config.class_dropout`) and what the model should output for them."""
     index = torch.randint(len(data), (config.batch_size,), generator=generator)
@@ -99,8 +101,10 @@ def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) 
     """Refuse a prediction type the loops cannot train, before any step; turn the model's own label dropout off
     (`noised_batch` drops labels, once per sample, not once per DiT block); return the model's null label."""
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Cannot train a model predicting {noise_scheduler.config.prediction_type!r}; expected one "
-                         f"of {PREDICTION_TYPES}.")  # fmt: skip
+        raise ValueError(
+            f"Cannot train a model predicting {noise_scheduler.config.prediction_type!r}; expected one "
+            f"of {PREDICTION_TYPES}."
+        )
     null_label = null_class_label(model)
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
@@ -112,12 +116,20 @@ def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], 
     """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
     refuse_shipped(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": config, "step": step, "generator": generator.get_state(),
-                **{name: item.state_dict() for name, item in saved.items()}}, path)  # fmt: skip
+    torch.save(
+        {
+            "config": config,
+            "step": step,
+            "generator": generator.get_state(),
+            **{name: item.state_dict() for name, item in saved.items()},
+        },
+        path,
+    )
 
 
-def load_checkpoint(path: Path | None, config: dict, saved: dict[str, Any], generator: torch.Generator,
-                    device: str | torch.device) -> int:  # fmt: skip
+def load_checkpoint(
+    path: Path | None, config: dict, saved: dict[str, Any], generator: torch.Generator, device: str | torch.device
+) -> int:
     """Restore what `save_checkpoint` wrote into `saved` and `generator`; returns the step to continue from."""
     if path is None or not path.exists():
         raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {None if path is None else path.parent}.")
@@ -182,8 +194,13 @@ def train_denoiser(
     model.train()
     losses: list[float] = []
     began = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
-               desc="ASE fine-tuning" if exit_schedule is not None else "training")  # fmt: skip
+    bar = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        disable=not progress,
+        desc="ASE fine-tuning" if exit_schedule is not None else "training",
+    )
     try:
         for step in bar:
             noisy, timesteps, labels, target = noised_batch(data, config, generator, noise_scheduler, null_label)

@@ -90,8 +90,9 @@ def save_digits_pipeline(
     noise_scheduler = noise_scheduler or digits_noise_scheduler()
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
     if isinstance(denoiser, DiTTransformer2DModel):
-        pipe = EarlyExitDiTPipeline(transformer=denoiser, vae=None, scheduler=scheduler, exit_schedule=exit_schedule,
-                                    exit_heads=exit_heads)  # fmt: skip
+        pipe = EarlyExitDiTPipeline(
+            transformer=denoiser, vae=None, scheduler=scheduler, exit_schedule=exit_schedule, exit_heads=exit_heads
+        )
     else:
         pipe = EarlyExitUNet2DPipeline(unet=denoiser, scheduler=scheduler, exit_schedule=exit_schedule)
     pipe.save_pretrained(out_dir, variant=None, safe_serialization=True)
@@ -107,5 +108,7 @@ def save_safetensors_in_half(folder: Path, pattern: str) -> None:
     from safetensors.torch import load_file, save_file
 
     for path in folder.glob(pattern):
-        tensors = {name: value.half() if value.is_floating_point() else value for name, value in load_file(path).items()}
+        tensors = {
+            name: value.half() if value.is_floating_point() else value for name, value in load_file(path).items()
+        }
         save_file(tensors, path, metadata={"format": "pt"})

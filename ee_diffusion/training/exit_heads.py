@@ -44,23 +44,39 @@ from .denoiser import (
 logger = logging.getLogger(__name__)
 
 
-def exit_head_losses(model: torch.nn.Module, heads: ExitHeads, noisy: torch.Tensor, timesteps: torch.Tensor,
-                     labels: torch.Tensor, target: torch.Tensor, joint: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+def exit_head_losses(
+    model: torch.nn.Module,
+    heads: ExitHeads,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    labels: torch.Tensor,
+    target: torch.Tensor,
+    joint: bool,
+) -> dict[str, torch.Tensor]:
     """The three terms of the loss on one batch (`simple` is zero and costs nothing when not `joint`)."""
     channels = target.shape[1]
     with block_outputs(model) as outputs, torch.set_grad_enabled(joint and torch.is_grad_enabled()):
         final = model(noisy, timesteps, class_labels=labels).sample
     embedding = heads.embed(timesteps)
-    predictions = exit_predictions(model, heads, outputs, embedding, lambda k: model(
-        noisy.repeat(k, 1, 1, 1), timesteps.repeat(k), class_labels=labels.repeat(k)).sample)  # fmt: skip
+    predictions = exit_predictions(
+        model,
+        heads,
+        outputs,
+        embedding,
+        lambda k: model(noisy.repeat(k, 1, 1, 1), timesteps.repeat(k), class_labels=labels.repeat(k)).sample,
+    )
     errors = predictions[:, :, :channels] - target  # exit points x batch x C x H x W
-    uncertainty = torch.stack([heads.uncertainty(point, outputs[count - 1], embedding)
-                               for point, count in enumerate(heads.exit_blocks)])  # fmt: skip
+    uncertainty = torch.stack(
+        [heads.uncertainty(point, outputs[count - 1], embedding) for point, count in enumerate(heads.exit_blocks)]
+    )
     pseudo = torch.tanh(errors.abs()).mean(dim=(2, 3, 4)).detach()
     squared = errors.pow(2).mean(dim=(2, 3, 4))
     simple = (final[:, :channels] - target).pow(2).mean() if joint else torch.zeros((), device=target.device)
-    return {"simple": simple, "uncertainty": (uncertainty - pseudo).pow(2).sum(0).mean(),
-            "layerwise": ((1 - uncertainty) * squared).sum(0).mean()}  # fmt: skip
+    return {
+        "simple": simple,
+        "uncertainty": (uncertainty - pseudo).pow(2).sum(0).mean(),
+        "layerwise": ((1 - uncertainty) * squared).sum(0).mean(),
+    }
 
 
 def train_exit_heads(
@@ -94,8 +110,11 @@ def train_exit_heads(
         device: Where the model and heads train (batches are drawn on the CPU, as in `train_denoiser`).
     """
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
-    weights = {"simple": 1.0, "uncertainty": as_number("uncertainty_weight", uncertainty_weight, low=0),
-               "layerwise": as_number("layerwise_weight", layerwise_weight, low=0)}  # fmt: skip
+    weights = {
+        "simple": 1.0,
+        "uncertainty": as_number("uncertainty_weight", uncertainty_weight, low=0),
+        "layerwise": as_number("layerwise_weight", layerwise_weight, low=0),
+    }
     null_label = prepare_for_batches(model, noise_scheduler)
     model.to(device).requires_grad_(joint)
     heads.to(device)
@@ -105,8 +124,13 @@ def train_exit_heads(
     ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    saved = {"heads": heads, "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema,
-             **({"model": model} if joint else {})}  # fmt: skip
+    saved = {
+        "heads": heads,
+        "optimizer": optimizer,
+        "lr_schedule": lr_schedule,
+        "ema": ema,
+        **({"model": model} if joint else {}),
+    }
     settings = {**asdict(config), "joint": joint, **weights}
     start = load_checkpoint(checkpoint, settings, saved, generator, device) if resume else 0
 
@@ -114,8 +138,13 @@ def train_exit_heads(
     heads.train()
     losses: list[float] = []
     began = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
-               desc="training exit heads" + (" and model" if joint else ""))  # fmt: skip
+    bar = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        disable=not progress,
+        desc="training exit heads" + (" and model" if joint else ""),
+    )
     try:
         for step in bar:
             batch = noised_batch(data, config, generator, noise_scheduler, null_label)

@@ -63,7 +63,12 @@ def encode_problems(
         if len(answer) >= gen_length:
             raise ValueError(f"Answer {problem.answer!r} needs more than gen_length={gen_length} tokens with its EOS.")
         padding = prompt_length - len(prompt)
-        rows.append([tokenizer.pad_token_id] * padding + prompt + answer + [tokenizer.eos_token_id] * (gen_length - len(answer)))
+        rows.append(
+            [tokenizer.pad_token_id] * padding
+            + prompt
+            + answer
+            + [tokenizer.eos_token_id] * (gen_length - len(answer))
+        )
         masks.append([0] * padding + [1] * (len(prompt) + gen_length))
     return torch.tensor(rows), torch.tensor(masks), prompt_length
 
@@ -166,7 +171,7 @@ def train_mdlm(
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
-    model = (build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer))
+    model = build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer)
     model = model.train().to(device)
     adapter = MaskedLMAdapter(model, mask_token_id=tokenizer.mask_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -182,8 +187,9 @@ def train_mdlm(
     stop = config.steps if config.stop_at is None else min(config.stop_at, config.steps)
     if stop <= start:
         raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
-    batches = torch.utils.data.DataLoader(StepBatches(config, tokenizer), batch_size=None,
-                                          sampler=range(start, stop), num_workers=workers)  # fmt: skip
+    batches = torch.utils.data.DataLoader(
+        StepBatches(config, tokenizer), batch_size=None, sampler=range(start, stop), num_workers=workers
+    )
     losses: list[float] = []
     began = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train-mdlm")
@@ -207,9 +213,12 @@ def train_mdlm(
             torch.save({**state, "step": done, "config": asdict(config)}, os.path.join(checkpoint, STATE_FILE))
             window = losses[-config.checkpoint_every :]
             logger.info(
-                "step %d: mean loss %.4f over the last %d steps, %.0f s", done, sum(window) / len(window), len(window),
+                "step %d: mean loss %.4f over the last %d steps, %.0f s",
+                done,
+                sum(window) / len(window),
+                len(window),
                 time.perf_counter() - began,
-            )  # fmt: skip
+            )
     bar.close()
     save_model(model.eval(), tokenizer, config, config.output_dir)
     return losses

@@ -13,8 +13,12 @@ from ee_diffusion.metrics import class_accuracy, load_digits_classifier
 from ee_diffusion.pipelines import shipped_model_path
 
 ASSETS = Path(__file__).resolve().parents[2] / "ee_diffusion" / "assets"
-MODELS = {"digits-dit": EarlyExitDiTPipeline, "digits-dit-ase": EarlyExitDiTPipeline,
-          "digits-unet": EarlyExitUNet2DPipeline, "digits-unet-ase": EarlyExitUNet2DPipeline}  # fmt: skip
+MODELS = {
+    "digits-dit": EarlyExitDiTPipeline,
+    "digits-dit-ase": EarlyExitDiTPipeline,
+    "digits-unet": EarlyExitUNet2DPipeline,
+    "digits-unet-ase": EarlyExitUNet2DPipeline,
+}
 SHIPPED = [name for name in MODELS if shipped_model_path(name) is not None]
 
 
@@ -32,8 +36,9 @@ def test_shipped_model_loads_offline_and_samples(name):
     assert type(pipe) is MODELS[name] and pipe.vae is None
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(class_labels=[3, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                  output_type="pt").images  # fmt: skip
+    images = pipe(
+        class_labels=[3, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
 
 
@@ -74,8 +79,13 @@ def test_shipped_exit_heads_fit_digits_dit_and_exit_earlier_at_the_noisy_steps()
     pipe = shipped_heads_pipe()
     card = (shipped_model_path("digits-dit") / "exit_heads" / "README.md").read_text()
     assert "ee-diffusion train-uem --model digits-dit" in card
-    pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=10, output_type="pt",
-         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pipe(
+        class_labels=[3, 7],
+        guidance_scale=2.0,
+        num_inference_steps=10,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
     profile = pipe.exit_stats.mean_depth_per_call
     assert len(profile) == 10 and profile[0] < profile[-1] and pipe.exit_stats.block_fraction < 1
 
@@ -88,8 +98,13 @@ def test_shipped_exit_heads_sample_the_digits_asked_for_under_every_bench_schedu
     pipe = shipped_heads_pipe()
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     labels = torch.arange(100) % 10
-    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=steps,
-                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    images = pipe(
+        class_labels=labels.tolist(),
+        guidance_scale=2.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert pipe.exit_stats.block_fraction < 1
     assert class_accuracy(images, labels, load_digits_classifier()) >= 0.9
 
@@ -105,6 +120,11 @@ def test_shipped_model_samples_the_digits_asked_for_under_every_bench_scheduler(
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     labels = torch.arange(100) % 10
-    images = pipe(class_labels=labels.tolist(), guidance_scale=2.0, num_inference_steps=steps,
-                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    images = pipe(
+        class_labels=labels.tolist(),
+        guidance_scale=2.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert class_accuracy(images, labels, load_digits_classifier()) >= 0.9

@@ -5,16 +5,28 @@ import pytest
 from ee_diffusion import ExitSchedule
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, run_bench
-from ee_diffusion.bench.method_specs import parse_methods
+from ee_diffusion.bench.method_specs import default_methods, parse_methods
 from ee_diffusion.bench.report import format_table
-from ee_diffusion.bench.method_specs import default_methods
 from ee_diffusion.cli import main
 from ee_diffusion.pipelines import load_early_exit_pipeline
-
 from tests.conftest import save_digits_shaped_dit
 
-ROW_KEYS = {"method", "model", "scheduler", "steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s",
-            "timing_spread", "speedup", "block_fraction", "peak_memory_mb", "depth_per_step"}  # fmt: skip
+ROW_KEYS = {
+    "method",
+    "model",
+    "scheduler",
+    "steps",
+    "num_samples",
+    "fid",
+    "kid",
+    "class_accuracy",
+    "images_per_s",
+    "timing_spread",
+    "speedup",
+    "block_fraction",
+    "peak_memory_mb",
+    "depth_per_step",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +39,13 @@ def digits_shaped_models(tmp_path_factory):
 
 
 def test_bench_rows(digits_shaped_models):
-    config = BenchConfig(model=str(digits_shaped_models / "base"), num_samples=12, batch_size=5, steps=2,
-                         methods=["baseline", "ase:constant:1", f"finetuned:{digits_shaped_models / 'tuned'}"])  # fmt: skip
+    config = BenchConfig(
+        model=str(digits_shaped_models / "base"),
+        num_samples=12,
+        batch_size=5,
+        steps=2,
+        methods=["baseline", "ase:constant:1", f"finetuned:{digits_shaped_models / 'tuned'}"],
+    )
     rows = run_bench(config, progress=False)
     assert [row.method for row in rows] == config.methods
     baseline, ase, tuned = rows
@@ -46,11 +63,18 @@ def test_bench_rows(digits_shaped_models):
 
 
 def test_methods_leave_every_pipeline_as_they_found_it_across_a_grid(digits_shaped_models, monkeypatch):
-    """The bench model itself carries a schedule: `baseline` runs it at full depth, `finetuned:` under its own schedule,
-    in every cell (the second cell reads the schedule again), and the folder's schedule is in force afterwards."""
+    """The bench model itself carries a schedule: `baseline` runs it at full depth, `finetuned:` under its own
+    schedule, in every cell (the second cell reads the schedule again), and the folder's schedule is in force
+    afterwards."""
     tuned = str(digits_shaped_models / "tuned")
-    config = BenchConfig(model=tuned, methods=["baseline", f"finetuned:{tuned}", "ase:constant:1", "fbcache:10"],
-                         num_samples=2, batch_size=2, steps=[2, 3], repeats=1)  # fmt: skip
+    config = BenchConfig(
+        model=tuned,
+        methods=["baseline", f"finetuned:{tuned}", "ase:constant:1", "fbcache:10"],
+        num_samples=2,
+        batch_size=2,
+        steps=[2, 3],
+        repeats=1,
+    )
     pipes, load = {}, harness.load_pipe
     monkeypatch.setattr(harness, "load_pipe", lambda model, *args: pipes.setdefault(model, load(model, *args)))
     rows = run_bench(config, progress=False)
@@ -65,26 +89,53 @@ def test_methods_leave_every_pipeline_as_they_found_it_across_a_grid(digits_shap
 
 def test_bench_cli_json(digits_shaped_models, tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert main(["bench", "--model", str(digits_shaped_models / "base"), "--methods", "baseline,ase:linear:1",
-                 "--num-samples", "4", "--batch-size", "2", "--steps", "2", "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(digits_shaped_models / "base"),
+                "--methods",
+                "baseline,ase:linear:1",
+                "--num-samples",
+                "4",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["config"]["num_samples"] == 4
     assert [set(row) for row in report["rows"]] == [ROW_KEYS, ROW_KEYS]
     assert "ase:linear:1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(methods=["nosuch:1"]), ValueError, r"Unknown method 'nosuch:1'; accepted kinds: baseline, ase:<schedule>, .*fbcache"),
-    (dict(methods=["baseline:1"]), ValueError, "Unknown method 'baseline:1'"),
-    (dict(methods=["fbcache:x"]), ValueError, "Bad method 'fbcache:x'"),
-    (dict(methods=["baseline", "baseline"]), ValueError, "must be distinct"),
-    (dict(scheduler="plms"), ValueError, "`scheduler` must be one of"),
-    (dict(methods=[]), ValueError, "at least one method"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (
+            dict(methods=["nosuch:1"]),
+            ValueError,
+            r"Unknown method 'nosuch:1'; accepted kinds: baseline, ase:<schedule>, .*fbcache",
+        ),
+        (dict(methods=["baseline:1"]), ValueError, "Unknown method 'baseline:1'"),
+        (dict(methods=["fbcache:x"]), ValueError, "Bad method 'fbcache:x'"),
+        (dict(methods=["baseline", "baseline"]), ValueError, "must be distinct"),
+        (dict(scheduler="plms"), ValueError, "`scheduler` must be one of"),
+        (dict(methods=[]), ValueError, "at least one method"),
+    ],
+)
 def test_bad_bench_config(digits_shaped_models, overrides, error, match):
     with pytest.raises(error, match=match):
-        run_bench(BenchConfig(**{"model": str(digits_shaped_models / "base"), "num_samples": 2, "steps": 1,
-                                 **overrides}), progress=False)  # fmt: skip
+        run_bench(
+            BenchConfig(**{"model": str(digits_shaped_models / "base"), "num_samples": 2, "steps": 1, **overrides}),
+            progress=False,
+        )
 
 
 def test_bench_refuses_what_it_cannot_score_before_generating(digits_shaped_models, tmp_path, monkeypatch):
@@ -99,21 +150,39 @@ def test_bench_refuses_what_it_cannot_score_before_generating(digits_shaped_mode
 
 
 def test_parse_methods_keeps_step_tables_whole():
-    text = ("baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,"
-            "magcache,baseline@8,ase:step:12,8@8")  # fmt: skip
-    assert parse_methods(text) == ["baseline", "ase:step:12,10,8", "ase:linear:0.5", "finetuned:digits-dit-ase",
-                                   "layerskip:1,3", "fbcache:0.08", "pab", "magcache", "baseline@8",
-                                   "ase:step:12,8@8"]  # fmt: skip
+    text = (
+        "baseline,ase:step:12,10,8,ase:linear:0.5,finetuned:digits-dit-ase,layerskip:1,3,fbcache:0.08,pab,"
+        "magcache,baseline@8,ase:step:12,8@8"
+    )
+    assert parse_methods(text) == [
+        "baseline",
+        "ase:step:12,10,8",
+        "ase:linear:0.5",
+        "finetuned:digits-dit-ase",
+        "layerskip:1,3",
+        "fbcache:0.08",
+        "pab",
+        "magcache",
+        "baseline@8",
+        "ase:step:12,8@8",
+    ]
 
 
 def test_default_methods_put_fewer_steps_and_a_diffusers_cache_beside_ours():
     assert default_methods("digits-dit", [10], ["dpm-solver++"]) == [
-        "baseline", "baseline@8", "fbcache:0.15", "finetuned:digits-dit-ase", "finetuned:digits-dit-ase@8",
+        "baseline",
+        "baseline@8",
+        "fbcache:0.15",
+        "finetuned:digits-dit-ase",
+        "finetuned:digits-dit-ase@8",
         "finetuned:digits-dit-ase:plans/dpm-solver++-10",  # the plan shipped for this scheduler and step count
-    ]  # fmt: skip
+    ]
     assert default_methods("digits-dit", [10], ["ddim"])[-1] == "finetuned:digits-dit-ase@8"  # no plan for DDIM
     assert default_methods("digits-dit", [10, 20], ["dpm-solver++"]) == [
-        "baseline", "fbcache:0.15", "finetuned:digits-dit-ase"]  # fmt: skip
+        "baseline",
+        "fbcache:0.15",
+        "finetuned:digits-dit-ase",
+    ]
     assert default_methods("no-such-model", [1], ["euler"]) == ["baseline", "fbcache:0.15", "ase:linear:0.5"]
 
 
@@ -139,8 +208,11 @@ def test_bench_schedulers_keep_the_models_prediction_type_and_range_control_and_
     unet = load_early_exit_pipeline("digits-unet").scheduler.config
     thresholded = DPMSolverMultistepScheduler.from_config(unet, thresholding=True).config
     dit = load_early_exit_pipeline("digits-dit").scheduler.config
-    for config, prediction, thresholding in ((dit, "epsilon", False), (unet, "v_prediction", False),
-                                             (thresholded, "v_prediction", True)):  # fmt: skip
+    for config, prediction, thresholding in (
+        (dit, "epsilon", False),
+        (unet, "v_prediction", False),
+        (thresholded, "v_prediction", True),
+    ):
         for kind in SCHEDULERS:
             scheduler = build_scheduler(kind, config)
             assert scheduler.config.prediction_type == prediction, kind
@@ -152,9 +224,11 @@ def test_an_accelerator_counts_the_same_work_after_an_exit_schedule_ran_on_the_m
     """An exit schedule assigned away is taken off the denoiser at once: a diffusers hook removed from beneath a later
     one takes that one's forward with it (diffusers' HookRegistry), so stale exit hooks under the bench's work
     counters made PAB on the U-Net read 28% instead of 70% after an `ase:` row ran."""
+
     def fraction(methods):
-        config = BenchConfig(model="digits-unet", methods=methods, num_samples=2, batch_size=2, repeats=1, steps=4,
-                             guidance_scale=1.0)  # fmt: skip
+        config = BenchConfig(
+            model="digits-unet", methods=methods, num_samples=2, batch_size=2, repeats=1, steps=4, guidance_scale=1.0
+        )
         return {row.method: row.block_fraction for row in run_bench(config, progress=False)}["pab:2:0-1000"]
 
     alone = fraction(["baseline", "pab:2:0-1000"])

@@ -2,14 +2,13 @@ import importlib.util
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, load_pipe, run_bench
 from ee_diffusion.bench.method_specs import METHOD_KINDS
 from ee_diffusion.bench.methods import BUILDERS, Target, build_method, denoiser_of
 from ee_diffusion.pipelines import EarlyExitUNet2DPipeline
-from diffusers import DDPMScheduler
 
 ACCELERATORS = ["fbcache:10", "layerskip:1,2", "taylorseer:2", "magcache:0.5", "pab:2:0-1000"]
 
@@ -25,23 +24,33 @@ def _target(pipe, steps=6):
 
 def _images(pipe, method, steps=6, depths=None):
     with method.session(pipe) as work:
-        images = pipe(class_labels=[1, 2, 3], guidance_scale=1.0, num_inference_steps=steps, output_type="pt",
-                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        images = pipe(
+            class_labels=[1, 2, 3],
+            guidance_scale=1.0,
+            num_inference_steps=steps,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
         if depths is not None:
             depths.append(work.depths())
         return images, work()
 
 
 def test_every_kind_is_registered_with_its_syntax():
-    assert set(METHOD_KINDS) == set(BUILDERS) == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip",
-                                                  "taylorseer", "magcache", "pab"}  # fmt: skip
+    assert (
+        set(METHOD_KINDS)
+        == set(BUILDERS)
+        == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer", "magcache", "pab"}
+    )
 
 
 def test_fbcache_with_a_high_threshold_runs_fewer_blocks(tiny_dit):
     blocks = tiny_dit.transformer.transformer_blocks
     calls = [0] * len(blocks)
-    handles = [block.attn1.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, block in enumerate(blocks)]  # fmt: skip
+    handles = [
+        block.attn1.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(blocks)
+    ]
     try:
         _, full = _images(tiny_dit, build_method("baseline", _target(tiny_dit)))
         baseline_calls, calls[:] = list(calls), [0] * len(blocks)
@@ -72,13 +81,23 @@ def test_removing_an_accelerator_restores_the_model_bit_for_bit(tiny_dit, spec):
 
 def test_accelerators_that_do_not_apply_give_a_row_with_the_reason(tmp_path):
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=11, norm_num_groups=4)  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=11,
+        norm_num_groups=4,
+    )
     EarlyExitUNet2DPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "unet")
     methods = ["baseline", "fbcache", "layerskip", "magcache", "taylorseer", "pab", "deediff"]
-    rows = run_bench(BenchConfig(model=str(tmp_path / "unet"), methods=methods, num_samples=2, batch_size=2, steps=2),
-                     progress=False)  # fmt: skip
+    rows = run_bench(
+        BenchConfig(model=str(tmp_path / "unet"), methods=methods, num_samples=2, batch_size=2, steps=2),
+        progress=False,
+    )
     assert rows[0].note is None and rows[0].images_per_s > 0
     for row in rows[1:]:
         assert "UNet2DModel" in row.note and row.method in methods
@@ -104,13 +123,22 @@ def _count_denoiser_calls(monkeypatch) -> list[tuple[str, int]]:
 
 def test_grid_speedup_is_against_the_baseline_of_the_same_cell(monkeypatch):
     calls = _count_denoiser_calls(monkeypatch)
-    config = BenchConfig(model="random:dit-tiny", methods=["baseline", "layerskip:0,1,2"], num_samples=4, batch_size=2,
-                         scheduler=["ddim", "dpm-solver++"], steps=[2, 8], repeats=3)  # fmt: skip
+    config = BenchConfig(
+        model="random:dit-tiny",
+        methods=["baseline", "layerskip:0,1,2"],
+        num_samples=4,
+        batch_size=2,
+        scheduler=["ddim", "dpm-solver++"],
+        steps=[2, 8],
+        repeats=3,
+    )
     rows = run_bench(config, progress=False)
     assert [(row.method, row.scheduler, row.steps) for row in rows] == [
-        ("baseline", "ddim", 2), ("layerskip:0,1,2", "ddim", 2),
-        ("baseline", "dpm-solver++", 8), ("layerskip:0,1,2", "dpm-solver++", 8),
-    ]  # fmt: skip
+        ("baseline", "ddim", 2),
+        ("layerskip:0,1,2", "ddim", 2),
+        ("baseline", "dpm-solver++", 8),
+        ("layerskip:0,1,2", "dpm-solver++", 8),
+    ]
     assert [row.block_fraction for row in rows] == [1.0, 0.25, 1.0, 0.25]
     assert all(row.images_per_s > 0 and row.timing_spread >= 0 for row in rows)
     assert rows[0].speedup == rows[2].speedup == 1.0  # the median of round-by-round ratios to itself
@@ -127,8 +155,14 @@ def test_grid_speedup_is_against_the_baseline_of_the_same_cell(monkeypatch):
 
 def test_a_method_at_its_own_step_count_samples_those_steps_inside_the_cell(monkeypatch):
     calls = _count_denoiser_calls(monkeypatch)
-    config = BenchConfig(model="random:dit-tiny", methods=["baseline", "baseline@3", "layerskip:0,1,2@4"],
-                         num_samples=2, batch_size=2, steps=[6], repeats=2)  # fmt: skip
+    config = BenchConfig(
+        model="random:dit-tiny",
+        methods=["baseline", "baseline@3", "layerskip:0,1,2@4"],
+        num_samples=2,
+        batch_size=2,
+        steps=[6],
+        repeats=2,
+    )
     rows = run_bench(config, progress=False)
     assert [(row.method, row.steps) for row in rows] == [("baseline", 6), ("baseline@3", 6), ("layerskip:0,1,2@4", 6)]
     # block compute against the full model at the cell's 6 steps: 3 of 6 steps; 4 of 6 steps at a quarter of the blocks
@@ -137,10 +171,13 @@ def test_a_method_at_its_own_step_count_samples_those_steps_inside_the_cell(monk
     assert rows[1].speedup > 0 and rows[0].speedup == 1.0  # timed in the same rounds as the cell's baseline
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("baseline@0", "`@N` needs N >= 1 scheduler steps, got 0"),
-    ("warp@4", "Unknown method 'warp@4'; accepted kinds: .*each optionally with @N"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("baseline@0", "`@N` needs N >= 1 scheduler steps, got 0"),
+        ("warp@4", "Unknown method 'warp@4'; accepted kinds: .*each optionally with @N"),
+    ],
+)
 def test_bad_step_suffix(tiny_dit, spec, match):
     with pytest.raises(ValueError, match=match):
         build_method(spec, _target(tiny_dit))
@@ -162,12 +199,16 @@ def test_compile_keeps_images_and_block_counts_and_the_hooks_never_recompile(tin
     assert fractions[0] == 1.0 and fractions[1] < 1.0 and fractions[3] < 1.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None,
-                    reason="xformers' attention needs a CUDA device and the xformers package")  # fmt: skip
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None,
+    reason="xformers' attention needs a CUDA device and the xformers package",
+)
 def test_xformers_attention_makes_the_same_images_on_cuda():
     cuda = torch.device("cuda")
-    plain, xformers = (load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", device="cuda", xformers=flag),
-                                 cuda) for flag in (False, True))  # fmt: skip
+    plain, xformers = (
+        load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", device="cuda", xformers=flag), cuda)
+        for flag in (False, True)
+    )
     processors = {type(p).__name__ for p in xformers.transformer.attn_processors.values()}
     assert processors == {"XFormersAttnProcessor"}
     for spec in ["baseline", "ase:linear:0.5"]:
@@ -178,7 +219,6 @@ def test_xformers_attention_makes_the_same_images_on_cuda():
 
 def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_records_the_depth_profile(tmp_path):
     from ee_diffusion.exits import ExitHeads
-
     from tests.conftest import save_digits_shaped_dit
 
     save_digits_shaped_dit(tmp_path / "model")
@@ -188,11 +228,16 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
         torch.nn.init.normal_(parameter, std=0.2)
     heads.save_pretrained(tmp_path / "model" / "exit_heads")
     methods = ["baseline", "deediff", "deediff:1", "deediff:1:per_sample", "ase:constant:1"]
-    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=methods, num_samples=4, batch_size=2, steps=3,
-                                 guidance_scale=2.0), progress=False)  # fmt: skip
+    rows = run_bench(
+        BenchConfig(
+            model=str(tmp_path / "model"), methods=methods, num_samples=4, batch_size=2, steps=3, guidance_scale=2.0
+        ),
+        progress=False,
+    )
     baseline, default, everyone, per_sample, schedule = rows
-    uem, adapter = heads.cost_in_blocks(load_pipe(str(tmp_path / "model"), BenchConfig(), torch.device("cpu"))
-                                        .transformer.transformer_blocks[0])  # fmt: skip
+    uem, adapter = heads.cost_in_blocks(
+        load_pipe(str(tmp_path / "model"), BenchConfig(), torch.device("cpu")).transformer.transformer_blocks[0]
+    )
     assert default.block_fraction == pytest.approx(1 + uem / 2) and default.depth_per_step == [2.0] * 3
     assert default.fid == baseline.fid  # threshold 0 (the heads' own): the full model's images
     assert everyone.block_fraction == pytest.approx((1 + uem + adapter) / 2) and everyone.depth_per_step == [1.0] * 3
@@ -201,12 +246,15 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
     assert ExitHeads.from_pretrained(tmp_path / "model" / "exit_heads").config.threshold == 0.0  # rule restored
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("deediff:x", "Bad method 'deediff:x'"),
-    ("deediff:-1", "threshold must be a finite number > 0 and <= 1, got '-1'"),
-    ("deediff:0", "threshold must be a finite number > 0 and <= 1, got '0'"),
-    ("deediff:0.1:per_token", "the policy must be one of per_batch, per_sample, got 'per_token'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("deediff:x", "Bad method 'deediff:x'"),
+        ("deediff:-1", "threshold must be a finite number > 0 and <= 1, got '-1'"),
+        ("deediff:0", "threshold must be a finite number > 0 and <= 1, got '0'"),
+        ("deediff:0.1:per_token", "the policy must be one of per_batch, per_sample, got 'per_token'"),
+    ],
+)
 def test_bad_deediff_specs(tiny_dit, spec, match):
     with pytest.raises(ValueError, match=match):
         build_method(spec, _target(tiny_dit))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig
-from ee_diffusion.cli import main
 from ee_diffusion.bench.report import ROW_KEYS, pareto_front
+from ee_diffusion.cli import main
 from ee_diffusion.metrics import Timing
 
 TINY = ["bench", "--model", "random:dit-tiny", "--num-samples", "6", "--batch-size", "2", "--steps", "3"]
@@ -20,9 +20,24 @@ TINY = ["bench", "--model", "random:dit-tiny", "--num-samples", "6", "--batch-si
 
 def test_json_csv_plot_and_images(tmp_path, capsys):
     out = {name: tmp_path / name for name in ("out.json", "out.csv", "pareto.png", "images")}
-    assert main([*TINY, "--methods", "baseline,ase:linear:0.5,fbcache:0.1,taylorseer:2", "--json", str(out["out.json"]),
-                 "--csv", str(out["out.csv"]), "--plot", str(out["pareto.png"]),
-                 "--save-images", str(out["images"])]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *TINY,
+                "--methods",
+                "baseline,ase:linear:0.5,fbcache:0.1,taylorseer:2",
+                "--json",
+                str(out["out.json"]),
+                "--csv",
+                str(out["out.csv"]),
+                "--plot",
+                str(out["pareto.png"]),
+                "--save-images",
+                str(out["images"]),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out["out.json"].read_text())
     assert set(report) == {"config", "rows", "notes"} and report["notes"] == {}
     assert report["config"]["steps"] == [3] and report["config"]["scheduler"] == ["dpm-solver++"]
@@ -95,10 +110,25 @@ def test_two_processes_make_the_same_images_as_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # What the README says: `accelerate launch --multi_gpu` starts the processes through torchrun, CPUs or not (its
     # `--cpu` launcher starts one process unless MPI is set up); the bench joins them with gloo on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ee_diffusion.cli"]
-    done = subprocess.run([*launch, *args, "--save-images", str(tmp_path / "two")], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ee_diffusion.cli",
+    ]
+    done = subprocess.run(
+        [*launch, *args, "--save-images", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     one, two = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")

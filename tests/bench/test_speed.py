@@ -18,7 +18,10 @@ def test_speed_command_reports_every_method_with_the_executed_fraction(tmp_path,
     assert list(rows) == ["baseline", "full-depth hook", "ase linear:1", "ase step:4,2"]
     scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
     scheduler.set_timesteps(5)
-    for name, schedule in [("ase linear:1", ExitSchedule.linear(4, 1)), ("ase step:4,2", ExitSchedule.step(4, [4, 2]))]:
+    for name, schedule in [
+        ("ase linear:1", ExitSchedule.linear(4, 1)),
+        ("ase step:4,2", ExitSchedule.step(4, [4, 2])),
+    ]:
         assert rows[name]["block_fraction"] == pytest.approx(schedule.compute_fraction(scheduler.timesteps))
         assert rows[name]["predicted_speedup"] == pytest.approx(1 / rows[name]["block_fraction"])
     assert rows["full-depth hook"]["block_fraction"] == 1.0 and rows["baseline"]["speedup"] == 1.0

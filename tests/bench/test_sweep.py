@@ -8,19 +8,34 @@ from ee_diffusion.bench.report import BenchRow
 from ee_diffusion.bench.sweep import SweepConfig, _front, best_per_quality
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import ExitSchedule
-
 from tests.conftest import save_digits_shaped_dit
 
 
 def row(method, steps, fid, fraction):
-    return BenchRow(method=method, model="m", scheduler="s", steps=steps, num_samples=2, fid=fid, kid=None,
-                    class_accuracy=None, images_per_s=1.0, timing_spread=0.0, speedup=1.0, block_fraction=fraction,
-                    peak_memory_mb=None)  # fmt: skip
+    return BenchRow(
+        method=method,
+        model="m",
+        scheduler="s",
+        steps=steps,
+        num_samples=2,
+        fid=fid,
+        kid=None,
+        class_accuracy=None,
+        images_per_s=1.0,
+        timing_spread=0.0,
+        speedup=1.0,
+        block_fraction=fraction,
+        peak_memory_mb=None,
+    )
 
 
 def test_front_and_best_rows_are_on_one_compute_axis():
-    rows = [row("baseline", 10, 8.0, 1.0), row("ase:p", 10, 8.4, 0.7), row("baseline", 5, 9.0, 1.0),
-            row("fbcache:0.1", 10, 9.5, 0.6)]  # fmt: skip
+    rows = [
+        row("baseline", 10, 8.0, 1.0),
+        row("ase:p", 10, 8.4, 0.7),
+        row("baseline", 5, 9.0, 1.0),
+        row("fbcache:0.1", 10, 9.5, 0.6),
+    ]
     swept = _front([(r, None) for r in rows], max_steps=10)
     assert [s.compute for s in swept] == [1.0, 0.7, 0.5, 0.6]
     assert [s.on_front for s in swept] == [True, True, True, False]  # fbcache: more compute and worse than 5 steps
@@ -28,13 +43,16 @@ def test_front_and_best_rows_are_on_one_compute_axis():
     assert best[0.05].row.method == "ase:p" and best[0.20].row.steps == 5
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(steps=[1, 4]), "distinct step counts of at least 2"),
-    (dict(budgets=[1.0]), r"`budgets` must lie in \(0, 1\)"),
-    (dict(accelerators=["ase:linear:1"]), "must be diffusers accelerator methods"),
-    (dict(finetuned="digits-dit"), "must be another model than `model`"),
-    (dict(finetuned="no-such-model"), "No model 'no-such-model'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(steps=[1, 4]), "distinct step counts of at least 2"),
+        (dict(budgets=[1.0]), r"`budgets` must lie in \(0, 1\)"),
+        (dict(accelerators=["ase:linear:1"]), "must be diffusers accelerator methods"),
+        (dict(finetuned="digits-dit"), "must be another model than `model`"),
+        (dict(finetuned="no-such-model"), "No model 'no-such-model'"),
+    ],
+)
 def test_bad_sweeps_are_refused(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         SweepConfig(out=str(tmp_path), **overrides)
@@ -46,11 +64,35 @@ def test_sweep_command_end_to_end(tmp_path, capsys, monkeypatch):
     save_digits_shaped_dit(tmp_path / "model")
     out = tmp_path / "sweep"
     loads = []
-    monkeypatch.setattr(harness, "load_pipe",
-                        lambda *args, load=harness.load_pipe: loads.append(args[0]) or load(*args))  # fmt: skip
-    assert main(["sweep", "--model", str(tmp_path / "model"), "--steps", "2,3", "--budgets", "0.5",
-                 "--accelerators", "fbcache:0.5", "--num-samples", "2", "--batch-size", "2", "--repeats", "1",
-                 "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    monkeypatch.setattr(
+        harness, "load_pipe", lambda *args, load=harness.load_pipe: loads.append(args[0]) or load(*args)
+    )
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tmp_path / "model"),
+                "--steps",
+                "2,3",
+                "--budgets",
+                "0.5",
+                "--accelerators",
+                "fbcache:0.5",
+                "--num-samples",
+                "2",
+                "--batch-size",
+                "2",
+                "--repeats",
+                "1",
+                "--num-probes",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "sweep.json").read_text())
     methods = {(r["method"].split("/")[-1], r["steps"]) for r in report["rows"]}
     assert {("baseline", 2), ("baseline", 3), ("fbcache:0.5", 2), ("dpm-solver++-3-0.5", 3)} <= methods
@@ -68,9 +110,34 @@ def test_sweep_with_a_finetuned_model_benches_it_under_its_schedule_and_plans_cu
     # 62.5% at 4 steps (1, 1, 1 and 2 blocks)
     save_digits_shaped_dit(tmp_path / "tuned", exit_schedule=ExitSchedule.step(2, [2, 1]))
     out = tmp_path / "sweep"
-    assert main(["sweep", "--model", str(tmp_path / "model"), "--finetuned", str(tmp_path / "tuned"), "--steps",
-                 "4", "--budgets", "0.8,0.5", "--accelerators", "", "--num-samples", "2", "--batch-size", "2",
-                 "--repeats", "1", "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tmp_path / "model"),
+                "--finetuned",
+                str(tmp_path / "tuned"),
+                "--steps",
+                "4",
+                "--budgets",
+                "0.8,0.5",
+                "--accelerators",
+                "",
+                "--num-samples",
+                "2",
+                "--batch-size",
+                "2",
+                "--repeats",
+                "1",
+                "--num-probes",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["method"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
     tuned = str(tmp_path / "tuned")
     assert rows[f"finetuned:{tuned}"]["block_fraction"] == 0.625 and rows[f"finetuned:{tuned}"]["model"] == tuned

@@ -1,5 +1,6 @@
-"""The ComfyUI node's logic (`ee_diffusion.comfyui_exits`) against a stand-in of ComfyUI's ModelPatcher and tiny models whose
-forward honours `patches_replace["dit"]`: which blocks run at each sigma is counted by forward hooks on the blocks."""
+"""The ComfyUI node's logic (`ee_diffusion.comfyui_exits`) against a stand-in of ComfyUI's ModelPatcher and tiny
+models whose forward honours `patches_replace["dit"]`: which blocks run at each sigma is counted by forward hooks on
+the blocks."""
 
 from __future__ import annotations
 

@@ -35,8 +35,14 @@ def _fake_comfy_api() -> dict[str, types.ModuleType]:
             self.args, self.kwargs = args, kwargs
 
     def io_type(io_type: str) -> type:
-        return type(io_type, (), {"Input": type("Input", (Recorded,), {"io_type": io_type}),
-                                  "Output": type("Output", (Recorded,), {"io_type": io_type})})  # fmt: skip
+        return type(
+            io_type,
+            (),
+            {
+                "Input": type("Input", (Recorded,), {"io_type": io_type}),
+                "Output": type("Output", (Recorded,), {"io_type": io_type}),
+            },
+        )
 
     class ComfyNode:
         pass
@@ -46,9 +52,14 @@ def _fake_comfy_api() -> dict[str, types.ModuleType]:
             raise NotImplementedError
 
     io = types.SimpleNamespace(
-        ComfyNode=ComfyNode, Schema=type("Schema", (Recorded,), {}), NodeOutput=type("NodeOutput", (Recorded,), {}),
-        Model=io_type("MODEL"), Combo=io_type("COMBO"), Float=io_type("FLOAT"), String=io_type("STRING"),
-    )  # fmt: skip
+        ComfyNode=ComfyNode,
+        Schema=type("Schema", (Recorded,), {}),
+        NodeOutput=type("NodeOutput", (Recorded,), {}),
+        Model=io_type("MODEL"),
+        Combo=io_type("COMBO"),
+        Float=io_type("FLOAT"),
+        String=io_type("STRING"),
+    )
     package, versioned = types.ModuleType("comfy_api"), types.ModuleType("comfy_api.v0_0_2")
     versioned.io, versioned.ComfyExtension = io, ComfyExtension
     package.v0_0_2 = versioned
@@ -84,9 +95,13 @@ def test_with_the_pinned_v3_api_it_is_a_v3_extension_only(monkeypatch):
     assert schema["node_id"] == module.NODE_ID and schema["display_name"] == "Early Exit Schedule (ee-diffusion)"
     inputs = [(type(i).io_type, i.args[0], i.kwargs) for i in schema["inputs"]]
     assert [(kind, name) for kind, name, _ in inputs] == [
-        ("MODEL", "model"), ("COMBO", "shape"), ("FLOAT", "min_depth_fraction"), ("FLOAT", "start_percent"),
-        ("FLOAT", "end_percent"), ("STRING", "schedule_folder"),
-    ]  # fmt: skip
+        ("MODEL", "model"),
+        ("COMBO", "shape"),
+        ("FLOAT", "min_depth_fraction"),
+        ("FLOAT", "start_percent"),
+        ("FLOAT", "end_percent"),
+        ("STRING", "schedule_folder"),
+    ]
     assert inputs[1][2]["options"] == list(NODE_SHAPES) and inputs[5][2]["optional"] is True
     assert [type(o).io_type for o in schema["outputs"]] == ["MODEL"]
     assert list(inspect.signature(node_class.execute).parameters) == [name for _, name, _ in inputs]

@@ -24,7 +24,8 @@ def test_split_is_fixed_stratified_and_disjoint():
 
 
 def test_resize_keeps_the_scan():
-    """Pooling a 32x32 image back to 8x8 lands nearest to a scan of its own class, close to it (bilinear blurs edges)."""
+    """Pooling a 32x32 image back to 8x8 lands nearest to a scan of its own class, close to it (bilinear blurs
+    edges)."""
     heldout = load_digits_split("heldout")
     digits = load_digits()
     scans = digits.images.astype(np.float32) / 8 - 1
@@ -34,10 +35,13 @@ def test_resize_keeps_the_scan():
     assert distances.min(axis=1).max() < 0.2  # in units of [-1, 1]; a grey level is 0.125
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(split="test"), "'train' or 'heldout'"),
-    (dict(split="train", heldout_fraction=1.0), r"in \(0, 1\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(split="test"), "'train' or 'heldout'"),
+        (dict(split="train", heldout_fraction=1.0), r"in \(0, 1\)"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_digits_split(**kwargs)

@@ -63,8 +63,12 @@ def test_cached_forward_is_the_models_forward(bert, tokenizer):
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"early_commit": SchEDCommit(tau_high=0.5, tau_low=0.1, shape="exp")}, {"early_commit": ProphetCommit(
-        thresholds=(0.5, 0.3, 0.1))}, {"parallel": ThresholdCommit(0.05)}],
+    [
+        {},
+        {"early_commit": SchEDCommit(tau_high=0.5, tau_low=0.1, shape="exp")},
+        {"early_commit": ProphetCommit(thresholds=(0.5, 0.3, 0.1))},
+        {"parallel": ThresholdCommit(0.05)},
+    ],
     ids=["plain", "sched", "prophet", "threshold"],
 )
 def test_refreshing_every_step_changes_nothing(bert, tokenizer, mode, settings):
@@ -108,12 +112,21 @@ def test_approximate_cache_decodes_and_counts_passes(bert, tokenizer):
 @pytest.mark.parametrize(
     "settings, error, match",
     [
-        ({"kv_cache": "triple"}, ValueError,
-         r"`kv_cache` must be None \(off\) or one of \('prefix', 'dual'\), got 'triple'"),
-        ({"cache_refresh_every": 2}, ValueError,
-         r"`cache_refresh_every` only applies with `kv_cache` .* got cache_refresh_every=2 with kv_cache=None"),
-        ({"kv_cache": "prefix", "cache_refresh_every": 0}, ValueError,
-         "`cache_refresh_every` must be an integer >= 1"),
+        (
+            {"kv_cache": "triple"},
+            ValueError,
+            r"`kv_cache` must be None \(off\) or one of \('prefix', 'dual'\), got 'triple'",
+        ),
+        (
+            {"cache_refresh_every": 2},
+            ValueError,
+            r"`cache_refresh_every` only applies with `kv_cache` .* got cache_refresh_every=2 with kv_cache=None",
+        ),
+        (
+            {"kv_cache": "prefix", "cache_refresh_every": 0},
+            ValueError,
+            "`cache_refresh_every` must be an integer >= 1",
+        ),
         ({"kv_cache": "prefix", "cache_refresh_every": 1.5}, TypeError, "`cache_refresh_every` must be an integer"),
         ({"kv_cache": "prefix", "cache_refresh_every": True}, TypeError, "`cache_refresh_every` must be an integer"),
         ({"kv_cache": "dual", "cfg_scale": 1.0}, ValueError, "does not combine with classifier-free guidance"),
@@ -127,5 +140,13 @@ def test_bad_cache_settings_raise(bert, tokenizer, settings, error, match):
 def test_models_that_take_no_cached_keys_are_refused(tokenizer):
     ids, mask = _batch(tokenizer)
     with pytest.raises(ValueError, match="needs a model that can take cached keys and values.*LLaDAStandIn"):
-        generate(LLaDAAdapter(LLaDAStandIn()), ids, mask, gen_length=4, steps=4, block_length=4, mask_token_id=1,
-                 kv_cache="prefix")  # fmt: skip
+        generate(
+            LLaDAAdapter(LLaDAStandIn()),
+            ids,
+            mask,
+            gen_length=4,
+            steps=4,
+            block_length=4,
+            mask_token_id=1,
+            kv_cache="prefix",
+        )

@@ -85,16 +85,23 @@ def test_answer_window_counts_from_after():
     assert window.tolist() == [[False] * 4 + [True] * 2, [False, True, True, False, False, False]]
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"marker": "The answer is"}, TypeError, r"`marker` must be None or a sequence of token ids, got 'The answer is'"),
-    ({"marker": 41}, TypeError, r"`marker` must be None or a sequence of token ids, got 41"),
-    ({"marker": []}, ValueError, r"`marker` must hold at least one token id"),
-    ({"marker": [41, 4.5]}, TypeError, r"`marker\[1\]` must be an integer, got 4.5"),
-    ({"marker": [-1]}, ValueError, r"`marker\[0\]` must be an integer >= 0, got -1"),
-    ({"answer_start": -1}, ValueError, r"`answer_start` must be an integer >= 0, got -1"),
-    ({"answer_start": 1.5}, TypeError, r"`answer_start` must be an integer, got 1.5"),
-    ({"window": 0}, ValueError, r"`window` must be an integer >= 1, got 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            {"marker": "The answer is"},
+            TypeError,
+            r"`marker` must be None or a sequence of token ids, got 'The answer is'",
+        ),
+        ({"marker": 41}, TypeError, r"`marker` must be None or a sequence of token ids, got 41"),
+        ({"marker": []}, ValueError, r"`marker` must hold at least one token id"),
+        ({"marker": [41, 4.5]}, TypeError, r"`marker\[1\]` must be an integer, got 4.5"),
+        ({"marker": [-1]}, ValueError, r"`marker\[0\]` must be an integer >= 0, got -1"),
+        ({"answer_start": -1}, ValueError, r"`answer_start` must be an integer >= 0, got -1"),
+        ({"answer_start": 1.5}, TypeError, r"`answer_start` must be an integer, got 1.5"),
+        ({"window": 0}, ValueError, r"`window` must be an integer >= 1, got 0"),
+    ],
+)
 def test_prophet_bad_window_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
         ProphetCommit(**kwargs)

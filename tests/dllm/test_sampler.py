@@ -13,8 +13,19 @@ MASK, EOS = 1, 2
 EOT = 3  # stands in for LLaDA's end-of-turn token
 
 
-def llada_reference(model, prompt, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0, generator=None,
-                    confidence_dtype=None, logits_inf_ids=(), confidence_inf_ids=()):
+def llada_reference(
+    model,
+    prompt,
+    steps,
+    gen_length,
+    block_length,
+    temperature=0.0,
+    cfg_scale=0.0,
+    generator=None,
+    confidence_dtype=None,
+    logits_inf_ids=(),
+    confidence_inf_ids=(),
+):
     """LLaDA's released `generate()` (github ML-GSAI/LLaDA, generate.py) for a batch of unpadded prompts, written out
     plainly as the reference the sampler must match step for step. As there: Gumbel noise in LLaDA's own form
     (`exp(logits) / (-log u) ** temperature`), the confidence softmax in the logits' dtype (or in `confidence_dtype`,
@@ -36,8 +47,9 @@ def llada_reference(model, prompt, steps, gen_length, block_length, temperature=
         start = prompt_length + block * block_length
         end = start + block_length
         masked_in_block = (x[:, start:end] == MASK).sum(-1).tolist()
-        counts = [[m // steps_per_block + (i < m % steps_per_block) for i in range(steps_per_block)]
-                  for m in masked_in_block]  # fmt: skip
+        counts = [
+            [m // steps_per_block + (i < m % steps_per_block) for i in range(steps_per_block)] for m in masked_in_block
+        ]
         for i in range(steps_per_block):
             mask_index = x == MASK
             if cfg_scale > 0:
@@ -91,14 +103,27 @@ class NearTies(torch.nn.Module):
 def decode_both(model, prompts, steps, block_length, gen_length=8, **options):
     """The sampler's and the reference's decoding of `prompts`, and the denoiser inputs of each (the trajectories)."""
     counter = ForwardCounter(model)
-    out = generate(MaskedLMAdapter(model, MASK), prompts, gen_length=gen_length, steps=steps,
-                   block_length=block_length, mask_token_id=MASK, **options)  # fmt: skip
+    out = generate(
+        MaskedLMAdapter(model, MASK),
+        prompts,
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        mask_token_id=MASK,
+        **options,
+    )
     sampler_inputs, counter.inputs = counter.inputs, []
     dtype = options.get("confidence_dtype")
     reference, tied_cuts = llada_reference(
-        model, prompts, steps, gen_length, block_length, confidence_dtype=getattr(torch, dtype) if dtype else None,
-        logits_inf_ids=options.get("logits_inf_ids", ()), confidence_inf_ids=options.get("confidence_inf_ids", ()),
-    )  # fmt: skip
+        model,
+        prompts,
+        steps,
+        gen_length,
+        block_length,
+        confidence_dtype=getattr(torch, dtype) if dtype else None,
+        logits_inf_ids=options.get("logits_inf_ids", ()),
+        confidence_inf_ids=options.get("confidence_inf_ids", ()),
+    )
     return out, sampler_inputs, reference, counter.inputs, tied_cuts
 
 
@@ -109,11 +134,19 @@ def decode_both(model, prompts, steps, block_length, gen_length=8, **options):
 def test_full_decoding_equals_the_llada_reference(tiny_bert, tokenizer, steps, block_length, temperature, cfg_scale):
     prompt = tokenizer("12+345=", return_tensors="pt")["input_ids"]
     out = generate(
-        MaskedLMAdapter(tiny_bert, MASK), prompt, gen_length=8, steps=steps, block_length=block_length,
-        mask_token_id=MASK, temperature=temperature, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(3),
-    )  # fmt: skip
-    expected, _ = llada_reference(tiny_bert, prompt, steps, 8, block_length, temperature, cfg_scale,
-                                  torch.Generator().manual_seed(3))  # fmt: skip
+        MaskedLMAdapter(tiny_bert, MASK),
+        prompt,
+        gen_length=8,
+        steps=steps,
+        block_length=block_length,
+        mask_token_id=MASK,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        generator=torch.Generator().manual_seed(3),
+    )
+    expected, _ = llada_reference(
+        tiny_bert, prompt, steps, 8, block_length, temperature, cfg_scale, torch.Generator().manual_seed(3)
+    )
     assert torch.equal(out.sequences, expected)
     assert out.nfe.tolist() == [steps * (2 if cfg_scale else 1)]
 
@@ -141,11 +174,14 @@ def test_float32_confidences_are_an_option(tokenizer):
     assert not all(map(torch.equal, inputs, bf16_inputs))  # the option changes the trajectory
 
 
-@pytest.mark.parametrize("options", [
-    {"logits_inf_ids": (EOS,)},  # LLaDA's logits_eos_inf
-    {"confidence_inf_ids": (EOS, EOT)},  # its confidence_eos_eot_inf
-    {"logits_inf_ids": [EOS], "confidence_inf_ids": [EOS, EOT]},  # both
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"logits_inf_ids": (EOS,)},  # LLaDA's logits_eos_inf
+        {"confidence_inf_ids": (EOS, EOT)},  # its confidence_eos_eot_inf
+        {"logits_inf_ids": [EOS], "confidence_inf_ids": [EOS, EOT]},  # both
+    ],
+)
 @pytest.mark.parametrize("steps, block_length", [(8, 4), (8, 2)])
 def test_llada_eos_options_follow_the_llada_reference(tokenizer, options, steps, block_length):
     prompts = tokenizer(PROMPTS, return_tensors="pt")["input_ids"]
@@ -167,8 +203,16 @@ def second_row_at_first_step(logits, positions, progress):
 def test_nfe_is_counted_per_sample_and_matches_an_independent_count(tiny_bert, tokenizer):
     encoded = tokenizer(["1+2=", "sort:3121=", "9+9="], return_tensors="pt", padding=True)
     counter = ForwardCounter(tiny_bert)
-    out = generate(MaskedLMAdapter(tiny_bert, MASK), encoded["input_ids"], encoded["attention_mask"], gen_length=8,
-                   steps=8, block_length=8, mask_token_id=MASK, early_commit=second_row_at_first_step)  # fmt: skip
+    out = generate(
+        MaskedLMAdapter(tiny_bert, MASK),
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        gen_length=8,
+        steps=8,
+        block_length=8,
+        mask_token_id=MASK,
+        early_commit=second_row_at_first_step,
+    )
     assert out.nfe.tolist() == [8, 1, 8]
     assert counter.rows == int(out.nfe.sum()) and counter.calls == 8
     assert (out.sequences != MASK).all()
@@ -179,16 +223,30 @@ def test_early_commit_reduces_nfe_and_keeps_a_settled_answer():
     model = TargetModel(target, vocab_size=12, margin=10.0)
     prompt = torch.tensor([[5, 6, 7]])
     full = generate(MaskedLMAdapter(model, MASK), prompt, gen_length=8, steps=8, block_length=4, mask_token_id=MASK)
-    early = generate(MaskedLMAdapter(model, MASK), prompt, gen_length=8, steps=8, block_length=4, mask_token_id=MASK,
-                     early_commit=SchEDCommit(tau_high=9.0, tau_low=2.5))  # fmt: skip
+    early = generate(
+        MaskedLMAdapter(model, MASK),
+        prompt,
+        gen_length=8,
+        steps=8,
+        block_length=4,
+        mask_token_id=MASK,
+        early_commit=SchEDCommit(tau_high=9.0, tau_low=2.5),
+    )
     assert full.sequences.tolist() == early.sequences.tolist() == [target]
     assert full.nfe.tolist() == [8] and early.nfe.tolist() == [1]
 
 
 def test_early_commit_waits_until_the_margin_reaches_tau():
     model = TargetModel([5] * 8, vocab_size=12, margin=6.0)
-    out = generate(MaskedLMAdapter(model, MASK), torch.tensor([[5]]), gen_length=8, steps=8, block_length=8,
-                   mask_token_id=MASK, early_commit=SchEDCommit(tau_high=8.0, tau_low=0.0))  # fmt: skip
+    out = generate(
+        MaskedLMAdapter(model, MASK),
+        torch.tensor([[5]]),
+        gen_length=8,
+        steps=8,
+        block_length=8,
+        mask_token_id=MASK,
+        early_commit=SchEDCommit(tau_high=8.0, tau_low=0.0),
+    )
     # tau(p) = 8 - 8p falls to 6.0 at p = 0.25: the second step of eight.
     assert out.nfe.tolist() == [2]
 
@@ -198,21 +256,36 @@ def test_prophet_with_a_marker_waits_until_the_sampler_has_committed_it():
     margins = torch.tensor([10.0, 10.0, 9.0, 9.0, 9.0, 0.5, 0.5, 0.5])
     model = TargetModel([41, 42, 5, 6, 7, 8, 9, 5], vocab_size=48, margin=margins)
     decode = dict(gen_length=8, steps=8, block_length=8, mask_token_id=MASK)
-    marker = generate(MaskedLMAdapter(model, MASK), torch.tensor([[5]]), **decode,
-                      early_commit=ProphetCommit(marker=[41, 42], window=3))  # fmt: skip
+    marker = generate(
+        MaskedLMAdapter(model, MASK),
+        torch.tensor([[5]]),
+        **decode,
+        early_commit=ProphetCommit(marker=[41, 42], window=3),
+    )
     # the marker's two tokens are committed at steps 1 and 2; step 3 sees them and the window after them fires
     assert marker.nfe.tolist() == [3]
     assert marker.sequences.tolist() == [[41, 42, 5, 6, 7, 8, 9, 5]]
-    offset = generate(MaskedLMAdapter(model, MASK), torch.tensor([[5]]), **decode,
-                      early_commit=ProphetCommit(answer_start=2, window=3))  # fmt: skip
+    offset = generate(
+        MaskedLMAdapter(model, MASK),
+        torch.tensor([[5]]),
+        **decode,
+        early_commit=ProphetCommit(answer_start=2, window=3),
+    )
     assert offset.nfe.tolist() == [1]  # a fixed offset does not wait for the marker
 
 
 def test_threshold_rule_commits_confident_tokens_in_parallel():
     margins = torch.tensor([10.0, 10.0, 10.0, 0.1, 0.1, 0.1, 0.1, 0.1])
     model = TargetModel([5, 6, 7, 8, 9, 5, 6, 7], vocab_size=12, margin=margins)
-    out = generate(MaskedLMAdapter(model, MASK), torch.tensor([[5]]), gen_length=8, steps=8, block_length=8,
-                   mask_token_id=MASK, parallel=ThresholdCommit(0.9))  # fmt: skip
+    out = generate(
+        MaskedLMAdapter(model, MASK),
+        torch.tensor([[5]]),
+        gen_length=8,
+        steps=8,
+        block_length=8,
+        mask_token_id=MASK,
+        parallel=ThresholdCommit(0.9),
+    )
     assert out.nfe.tolist() == [6]  # the three confident positions in the first step, then one per step
     assert out.sequences.tolist() == [[5, 6, 7, 8, 9, 5, 6, 7]]
 
@@ -222,18 +295,38 @@ def test_left_padded_batch_decodes_like_single_prompts(tiny_bert, tokenizer):
     adapter = MaskedLMAdapter(tiny_bert, MASK)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     assert (encoded["attention_mask"] == 0).any()
-    batched = generate(adapter, encoded["input_ids"], encoded["attention_mask"], gen_length=8, steps=8,
-                       block_length=4, mask_token_id=MASK)  # fmt: skip
+    batched = generate(
+        adapter,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        gen_length=8,
+        steps=8,
+        block_length=4,
+        mask_token_id=MASK,
+    )
     for row, prompt in enumerate(prompts):
-        single = generate(adapter, tokenizer(prompt, return_tensors="pt")["input_ids"], gen_length=8, steps=8,
-                          block_length=4, mask_token_id=MASK)  # fmt: skip
+        single = generate(
+            adapter,
+            tokenizer(prompt, return_tensors="pt")["input_ids"],
+            gen_length=8,
+            steps=8,
+            block_length=4,
+            mask_token_id=MASK,
+        )
         assert torch.equal(batched.sequences[row], single.sequences[0])
 
 
 def test_eos_finishes_a_row_and_fills_the_rest():
     model = TargetModel([5, 6, EOS, 7, 7, 7, 7, 7], vocab_size=12, margin=torch.tensor([9.0, 8.0, 7.0] + [0.5] * 5))
-    out = generate(MaskedLMAdapter(model, MASK), torch.tensor([[5]]), gen_length=8, steps=8, block_length=8,
-                   mask_token_id=MASK, eos_token_id=EOS)  # fmt: skip
+    out = generate(
+        MaskedLMAdapter(model, MASK),
+        torch.tensor([[5]]),
+        gen_length=8,
+        steps=8,
+        block_length=8,
+        mask_token_id=MASK,
+        eos_token_id=EOS,
+    )
     assert out.sequences.tolist() == [[5, 6, EOS, EOS, EOS, EOS, EOS, EOS]]
     assert out.nfe.tolist() == [3]
 
@@ -269,37 +362,68 @@ def test_bad_lengths_raise(tiny_bert):
     with pytest.raises(ValueError, match="number of blocks"):
         generate(adapter, torch.tensor([[5]]), gen_length=8, steps=3, block_length=4, mask_token_id=MASK)
     with pytest.raises(ValueError, match="remasking"):
-        generate(adapter, torch.tensor([[5]]), gen_length=8, steps=8, block_length=8, mask_token_id=MASK,
-                 remasking="x")
+        generate(
+            adapter, torch.tensor([[5]]), gen_length=8, steps=8, block_length=8, mask_token_id=MASK, remasking="x"
+        )
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"confidence_dtype": "int8"}, ValueError, r"`confidence_dtype` must be None .* got 'int8'"),
-    ({"confidence_dtype": torch.long}, ValueError, r"'float64'\) \(a name or a torch.dtype\), got torch.int64"),
-    ({"logits_inf_ids": EOS}, TypeError, r"`logits_inf_ids` must be a sequence of token ids .* got 2"),
-    ({"confidence_inf_ids": [EOS, -1]}, ValueError, r"`confidence_inf_ids\[1\]` must be an integer >= 0, got -1"),
-    ({"confidence_inf_ids": [2.0]}, TypeError, r"`confidence_inf_ids\[0\]` must be an integer, got 2.0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"confidence_dtype": "int8"}, ValueError, r"`confidence_dtype` must be None .* got 'int8'"),
+        ({"confidence_dtype": torch.long}, ValueError, r"'float64'\) \(a name or a torch.dtype\), got torch.int64"),
+        ({"logits_inf_ids": EOS}, TypeError, r"`logits_inf_ids` must be a sequence of token ids .* got 2"),
+        ({"confidence_inf_ids": [EOS, -1]}, ValueError, r"`confidence_inf_ids\[1\]` must be an integer >= 0, got -1"),
+        ({"confidence_inf_ids": [2.0]}, TypeError, r"`confidence_inf_ids\[0\]` must be an integer, got 2.0"),
+    ],
+)
 def test_bad_selection_options_raise(tiny_bert, options, error, match):
     with pytest.raises(error, match=match):
-        generate(MaskedLMAdapter(tiny_bert, MASK), torch.tensor([[5]]), gen_length=8, steps=8, block_length=8,
-                 mask_token_id=MASK, **options)  # fmt: skip
+        generate(
+            MaskedLMAdapter(tiny_bert, MASK),
+            torch.tensor([[5]]),
+            gen_length=8,
+            steps=8,
+            block_length=8,
+            mask_token_id=MASK,
+            **options,
+        )
 
 
-@pytest.mark.parametrize("input_ids, attention_mask, settings, error, match", [
-    (torch.tensor([5, 6]), None, {}, ValueError, r"`input_ids` must be a \(batch, prompt_length\) integer tensor"),
-    (torch.tensor([[5.0, 6.0]]), None, {}, ValueError, r"got shape \(1, 2\) and dtype torch.float32"),
-    (torch.tensor([[5, 6]]), torch.tensor([[1, 0]]), {}, ValueError, r"`attention_mask` must pad on the left"),
-    (torch.tensor([[5, 6]]), torch.tensor([[1, 1, 1]]), {}, ValueError,
-     r"must have the shape of `input_ids` \(1, 2\)"),
-    (torch.tensor([[5] * 30]), None, {}, ValueError,
-     r"The prompt \(30 tokens\) and the answer \(`gen_length` 8\) make 38 positions, more than the model takes "
-     r"\(its `max_position_embeddings` is 20\)"),
-    (torch.tensor([[5]]), None, {"cache_refresh_every": 2}, ValueError, r"`cache_refresh_every` only applies with"),
-    (torch.tensor([[5]]), None, {"gen_length": 8.0}, TypeError, r"`gen_length` must be an integer, got 8.0"),
-])  # fmt: skip
-def test_bad_prompts_and_settings_raise_before_the_first_pass(tokenizer, input_ids, attention_mask, settings, error,
-                                                             match):  # fmt: skip
+@pytest.mark.parametrize(
+    "input_ids, attention_mask, settings, error, match",
+    [
+        (torch.tensor([5, 6]), None, {}, ValueError, r"`input_ids` must be a \(batch, prompt_length\) integer tensor"),
+        (torch.tensor([[5.0, 6.0]]), None, {}, ValueError, r"got shape \(1, 2\) and dtype torch.float32"),
+        (torch.tensor([[5, 6]]), torch.tensor([[1, 0]]), {}, ValueError, r"`attention_mask` must pad on the left"),
+        (
+            torch.tensor([[5, 6]]),
+            torch.tensor([[1, 1, 1]]),
+            {},
+            ValueError,
+            r"must have the shape of `input_ids` \(1, 2\)",
+        ),
+        (
+            torch.tensor([[5] * 30]),
+            None,
+            {},
+            ValueError,
+            r"The prompt \(30 tokens\) and the answer \(`gen_length` 8\) make 38 positions, more than the model takes "
+            r"\(its `max_position_embeddings` is 20\)",
+        ),
+        (
+            torch.tensor([[5]]),
+            None,
+            {"cache_refresh_every": 2},
+            ValueError,
+            r"`cache_refresh_every` only applies with",
+        ),
+        (torch.tensor([[5]]), None, {"gen_length": 8.0}, TypeError, r"`gen_length` must be an integer, got 8.0"),
+    ],
+)
+def test_bad_prompts_and_settings_raise_before_the_first_pass(
+    tokenizer, input_ids, attention_mask, settings, error, match
+):
     from ee_diffusion.training.mdlm import build_model
 
     from .conftest import tiny_config
@@ -307,6 +431,11 @@ def test_bad_prompts_and_settings_raise_before_the_first_pass(tokenizer, input_i
     model = build_model(tokenizer, tiny_config(gen_length=8, max_prompt_length=12)).eval()  # 20 positions
     forwards = ForwardCounter(model)
     with pytest.raises(error, match=match):
-        generate(MaskedLMAdapter(model, MASK), input_ids, attention_mask, mask_token_id=MASK,
-                 **{"gen_length": 8, "steps": 8, "block_length": 8, **settings})  # fmt: skip
+        generate(
+            MaskedLMAdapter(model, MASK),
+            input_ids,
+            attention_mask,
+            mask_token_id=MASK,
+            **{"gen_length": 8, "steps": 8, "block_length": 8, **settings},
+        )
     assert forwards.calls == 0

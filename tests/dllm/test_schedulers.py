@@ -34,8 +34,15 @@ class KnowsTheAnswer(torch.nn.Module):
 def run(model, scheduler, tokenizer, **kwargs):
     pipe = LLaDA2Pipeline(model=model, scheduler=scheduler, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    settings = dict(gen_length=8, block_length=4, num_inference_steps=4, threshold=1.0, editing_threshold=None,
-                    sampling_method="greedy", output_type="seq")  # fmt: skip
+    settings = dict(
+        gen_length=8,
+        block_length=4,
+        num_inference_steps=4,
+        threshold=1.0,
+        editing_threshold=None,
+        sampling_method="greedy",
+        output_type="seq",
+    )
     # prompts of 8 tokens: with blocks of 4 the answer is exactly two blocks
     return pipe(prompt=["12+3456=", "sort:41="], **{**settings, **kwargs}).sequences
 
@@ -75,12 +82,22 @@ def test_scheduler_that_never_fires_decodes_like_the_block_refinement_scheduler(
     model = LLaDA2StandIn(vocab_size=len(tokenizer))
     never = SchEDScheduler(tau_high=1e9, tau_low=1e9)
     for kwargs in ({}, {"threshold": 0.0}):  # one token per step; or whole blocks at their first step
-        assert torch.equal(run(model, never, tokenizer, **kwargs), run(model, BlockRefinementScheduler(), tokenizer, **kwargs))
+        assert torch.equal(
+            run(model, never, tokenizer, **kwargs), run(model, BlockRefinementScheduler(), tokenizer, **kwargs)
+        )
     # Sampling too, from the same generator. (What the draws are depends on torch's random streams, which change
     # between releases; on some a row draws EOS first and diffusers' pipeline stops it there, masks left behind.)
-    sampled = {name: run(model, scheduler, tokenizer, sampling_method="multinomial", temperature=1.0,
-                         generator=torch.Generator().manual_seed(0))
-               for name, scheduler in (("never", never), ("stock", BlockRefinementScheduler()))}  # fmt: skip
+    sampled = {
+        name: run(
+            model,
+            scheduler,
+            tokenizer,
+            sampling_method="multinomial",
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for name, scheduler in (("never", never), ("stock", BlockRefinementScheduler()))
+    }
     assert torch.equal(sampled["never"], sampled["stock"])
 
 
@@ -99,7 +116,12 @@ def test_step_keeps_the_block_refinement_contract():
 def test_from_config_swaps_into_a_pipeline_config(tmp_path):
     base = BlockRefinementScheduler(block_length=16, num_inference_steps=16, threshold=0.8)
     sched = SchEDScheduler.from_config(base.config, shape="exp", k=8.0)
-    assert (sched.config.block_length, sched.config.threshold, sched.config.shape, sched.config.k) == (16, 0.8, "exp", 8.0)
+    assert (sched.config.block_length, sched.config.threshold, sched.config.shape, sched.config.k) == (
+        16,
+        0.8,
+        "exp",
+        8.0,
+    )
     sched.save_pretrained(tmp_path)
     assert SchEDScheduler.from_pretrained(tmp_path).config.k == 8.0
     assert ProphetScheduler()._rule.thresholds == (7.5, 5.0, 2.5)  # the released code's, as ProphetCommit's

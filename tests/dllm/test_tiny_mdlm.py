@@ -6,8 +6,13 @@ import pytest
 from ee_diffusion import MaskedDiffusionLMPipeline, SchEDCommit
 from ee_diffusion.dllm.tasks import accuracy, make_problems
 
-TRAINED = [("tiny-mdlm", "addition"), ("tiny-mdlm", "sorting"), ("tiny-mdlm-puzzles", "permutation"),
-           ("tiny-mdlm-puzzles", "digitsum"), ("tiny-mdlm-puzzles", "longadd")]  # fmt: skip
+TRAINED = [
+    ("tiny-mdlm", "addition"),
+    ("tiny-mdlm", "sorting"),
+    ("tiny-mdlm-puzzles", "permutation"),
+    ("tiny-mdlm-puzzles", "digitsum"),
+    ("tiny-mdlm-puzzles", "longadd"),
+]
 
 
 @pytest.mark.slow

@@ -45,8 +45,9 @@ def test_puzzle_tasks_accept_every_valid_answer_and_only_those():
 
 
 def test_encoding_left_pads_prompts_and_pads_answers_with_eos(tokenizer):
-    ids, mask, prompt_length = encode_problems([Problem("addition", "1+2=", "3"), Problem("addition", "10+20=", "30")],
-                                               tokenizer, gen_length=4)  # fmt: skip
+    ids, mask, prompt_length = encode_problems(
+        [Problem("addition", "1+2=", "3"), Problem("addition", "10+20=", "30")], tokenizer, gen_length=4
+    )
     assert prompt_length == 6
     assert tokenizer.decode(ids[0]) == "[PAD][PAD]1+2=3[EOS][EOS][EOS]"
     assert mask[0].tolist() == [0, 0] + [1] * 8
@@ -70,8 +71,16 @@ def test_loss_never_masks_the_prompt(tokenizer):
 
 
 def test_training_reduces_the_loss_and_resumes(tmp_path):
-    config = tiny_config(output_dir=str(tmp_path / "m"), steps=60, batch_size=32, warmup_steps=5, checkpoint_every=30,
-                         gen_length=18, max_prompt_length=22, learning_rate=3e-3)  # fmt: skip
+    config = tiny_config(
+        output_dir=str(tmp_path / "m"),
+        steps=60,
+        batch_size=32,
+        warmup_steps=5,
+        checkpoint_every=30,
+        gen_length=18,
+        max_prompt_length=22,
+        learning_rate=3e-3,
+    )
     losses = train_mdlm(config, progress=False)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "generation_config.json").exists()
@@ -92,8 +101,15 @@ def test_training_reduces_the_loss_and_resumes(tmp_path):
 
 def test_training_can_start_from_a_model_and_learn_other_tasks(tmp_path, tiny_bert, tokenizer):
     tiny_bert.save_pretrained(tmp_path / "start")
-    config = tiny_config(output_dir=str(tmp_path / "m"), steps=1, batch_size=6, learning_rate=1e-12, warmup_steps=1,
-                         init_from=str(tmp_path / "start"), tasks=("digitsum",))  # fmt: skip
+    config = tiny_config(
+        output_dir=str(tmp_path / "m"),
+        steps=1,
+        batch_size=6,
+        learning_rate=1e-12,
+        warmup_steps=1,
+        init_from=str(tmp_path / "start"),
+        tasks=("digitsum",),
+    )
     train_mdlm(config, progress=False)
     trained = type(tiny_bert).from_pretrained(tmp_path / "m")
     for name, weight in tiny_bert.state_dict().items():  # one step at lr 1e-12: still the starting weights

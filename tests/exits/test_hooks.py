@@ -49,7 +49,9 @@ def test_exit_equals_a_model_truncated_to_that_depth(tiny_dit):
     """ASE's exit: the output layer reads the hidden state after block S(t); same as a DiT built with S(t) layers."""
     truncated = DiTTransformer2DModel(**{**tiny_dit.config, "num_layers": 2}).eval()
     truncated.load_state_dict(tiny_dit.state_dict(), strict=False)
-    assert torch.equal(truncated.transformer_blocks[1].ff.net[2].weight, tiny_dit.transformer_blocks[1].ff.net[2].weight)
+    assert torch.equal(
+        truncated.transformer_blocks[1].ff.net[2].weight, tiny_dit.transformer_blocks[1].ff.net[2].weight
+    )
     apply_exit_schedule(tiny_dit, ExitSchedule.constant(4, 2))
     x, t, y = dit_inputs()
     assert torch.equal(tiny_dit(x, timestep=t, class_labels=y).sample, truncated(x, timestep=t, class_labels=y).sample)
@@ -59,16 +61,33 @@ def test_exit_equals_a_model_truncated_to_that_depth(tiny_dit):
 def test_pixart_exit_equals_a_pixart_truncated_to_that_depth():
     from diffusers import PixArtTransformer2DModel
 
-    config = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-                  caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                  norm_elementwise_affine=False, norm_eps=1e-6)  # fmt: skip
+    config = dict(
+        sample_size=8,
+        num_layers=4,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=16,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     full = PixArtTransformer2DModel(**config).eval()
     truncated = PixArtTransformer2DModel(**{**config, "num_layers": 2}).eval()
     truncated.load_state_dict(full.state_dict(), strict=False)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 6, 16),
-                  timestep=torch.tensor([900, 100]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8),
+        encoder_hidden_states=torch.randn(2, 6, 16),
+        timestep=torch.tensor([900, 100]),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
     apply_exit_schedule(full, ExitSchedule.constant(4, 2))
     assert torch.equal(full(**inputs).sample, truncated(**inputs).sample)
     remove_exit_schedule(full)
@@ -162,10 +181,17 @@ def test_gradients_flow_through_an_exited_model(tiny_dit):
 def make_tiny_sd3(num_layers=3):
     torch.manual_seed(0)
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
-        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
         out_channels=4,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -190,10 +216,16 @@ def test_sd3_exit_matches_diffusers_skip_layers(depth):
 def make_tiny_unet():
     torch.manual_seed(0)
     return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
 
 
 @torch.no_grad()
@@ -265,8 +297,13 @@ def test_unsupported_class_names_the_supported_ones_and_can_be_registered():
     model = TinyStack().eval()
     with pytest.raises(TypeError, match=r"does not support TinyStack\. Supported classes: ") as refused:
         apply_exit_schedule(model, ExitSchedule.linear(3, 1))
-    for supported in ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "UNet2DModel",
-                      "UNet2DConditionModel"):  # fmt: skip
+    for supported in (
+        "DiTTransformer2DModel",
+        "PixArtTransformer2DModel",
+        "SD3Transformer2DModel",
+        "UNet2DModel",
+        "UNet2DConditionModel",
+    ):
         assert supported in str(refused.value)
     register_exit_architecture(TinyStack, ExitArchitecture(units=lambda m: list(m.layers)))
     apply_exit_schedule(model, ExitSchedule.constant(3, 1))

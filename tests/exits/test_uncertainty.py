@@ -12,7 +12,6 @@ from ee_diffusion.exits import (
     reset_uncertainty_exit_stats,
 )
 from ee_diffusion.exits.heads import block_outputs, exit_predictions
-
 from tests.conftest import make_tiny_dit
 
 NUM_BLOCKS = 4
@@ -40,8 +39,9 @@ class RowsPerBlock:
 
     def __init__(self, model):
         self.rows = [0] * len(model.transformer_blocks)
-        self.handles = [block.attn1.register_forward_hook(self._hook(i))
-                        for i, block in enumerate(model.transformer_blocks)]  # fmt: skip
+        self.handles = [
+            block.attn1.register_forward_hook(self._hook(i)) for i, block in enumerate(model.transformer_blocks)
+        ]
 
     def _hook(self, index):
         def hook(module, args, output):
@@ -83,8 +83,13 @@ def test_a_huge_threshold_exits_at_the_first_head_and_runs_one_block():
     model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs()
     with torch.no_grad(), block_outputs(model) as outputs:
         model(x[0], x[1], class_labels=x[2])
-        first = exit_predictions(model, heads, outputs, heads.embed(x[1]), lambda k: model(
-            x[0].repeat(k, 1, 1, 1), x[1].repeat(k), class_labels=x[2].repeat(k)).sample)[0]  # fmt: skip
+        first = exit_predictions(
+            model,
+            heads,
+            outputs,
+            heads.embed(x[1]),
+            lambda k: model(x[0].repeat(k, 1, 1, 1), x[1].repeat(k), class_labels=x[2].repeat(k)).sample,
+        )[0]
     heads.set_exit_rule(threshold=1.0)  # an uncertainty is a sigmoid, at most 1
     apply_uncertainty_exit(model, heads)
     counter = RowsPerBlock(model)
@@ -194,7 +199,14 @@ def test_bad_heads_and_rules_are_refused():
 def test_unet_is_refused():
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with pytest.raises(TypeError, match="do not support UNet2DModel; supported: DiTTransformer2DModel"):
         apply_uncertainty_exit(unet, ExitHeads(num_blocks=4, hidden_size=16))

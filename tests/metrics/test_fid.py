@@ -33,11 +33,14 @@ def test_kid_is_unbiased_near_zero_on_the_same_distribution_and_grows_with_a_shi
     assert kernel_distance(a, b) == kernel_distance(a, b)  # subsets drawn from a fixed seed by default
 
 
-@pytest.mark.parametrize("a, b, match", [
-    (torch.zeros(5, 3), torch.zeros(5, 4), "same d"),
-    (torch.zeros(5), torch.zeros(5, 4), "same d"),
-    (torch.zeros(1, 3), torch.zeros(5, 3), "at least 2 samples"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (torch.zeros(5, 3), torch.zeros(5, 4), "same d"),
+        (torch.zeros(5), torch.zeros(5, 4), "same d"),
+        (torch.zeros(1, 3), torch.zeros(5, 3), "at least 2 samples"),
+    ],
+)
 def test_bad_feature_sets(a, b, match):
     for metric in (frechet_distance, kernel_distance):
         with pytest.raises(ValueError, match=match):

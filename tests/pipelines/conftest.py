@@ -296,11 +296,11 @@ class DepthRecorder:
             self._handles.append(work_module(unit).register_forward_hook(self._unit_hook(index)))
 
     @classmethod
-    def for_transformer(cls, pipe) -> "DepthRecorder":
+    def for_transformer(cls, pipe) -> DepthRecorder:
         return cls(pipe.transformer, list(pipe.transformer.transformer_blocks))
 
     @classmethod
-    def for_unet(cls, pipe) -> "DepthRecorder":
+    def for_unet(cls, pipe) -> DepthRecorder:
         return cls(pipe.unet, decoder_units(pipe.unet))
 
     def _pre_hook(self, module, args, kwargs):

@@ -1,4 +1,5 @@
-"""Calibrated plans: budgets honoured, repeatable, on transformers, U-Nets and flow matching, and bad budgets refused."""
+"""Calibrated plans: budgets honoured, repeatable, on transformers, U-Nets and flow matching, and bad budgets
+refused."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import json
 
 import pytest
 
-from ee_diffusion.cli import main
 from ee_diffusion import calibrate_plan
+from ee_diffusion.cli import main
 from ee_diffusion.schedules import REUSE, ExitSchedule
-
 from tests.conftest import save_digits_shaped_dit
 
 from .conftest import CASES, DepthRecorder
@@ -66,15 +66,18 @@ def test_u_nets_and_flow_matching_calibrate_too(name):
     assert result.plan.config.shape == "plan" and len(result.timesteps) == STEPS
 
 
-@pytest.mark.parametrize("budget, error, match", [
-    (dict(), ValueError, "exactly one budget"),
-    (dict(tolerance=0.1, target_compute=0.5), ValueError, "exactly one budget"),
-    (dict(tolerance=-0.1), ValueError, "`tolerance` must be a finite number >= 0"),
-    (dict(tolerance=float("nan")), ValueError, "`tolerance` must be a finite number"),
-    (dict(target_compute=0), ValueError, r"`target_compute` must lie in \(0, 1\]"),
-    (dict(target_compute=1.5), ValueError, r"`target_compute` must lie in \(0, 1\]"),
-    (dict(target_compute="half"), TypeError, "`target_compute` must be a number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "budget, error, match",
+    [
+        (dict(), ValueError, "exactly one budget"),
+        (dict(tolerance=0.1, target_compute=0.5), ValueError, "exactly one budget"),
+        (dict(tolerance=-0.1), ValueError, "`tolerance` must be a finite number >= 0"),
+        (dict(tolerance=float("nan")), ValueError, "`tolerance` must be a finite number"),
+        (dict(target_compute=0), ValueError, r"`target_compute` must lie in \(0, 1\]"),
+        (dict(target_compute=1.5), ValueError, r"`target_compute` must lie in \(0, 1\]"),
+        (dict(target_compute="half"), TypeError, "`target_compute` must be a number"),
+    ],
+)
 def test_bad_budgets_are_refused_before_any_run(budget, error, match):
     case = CASES["dit"]
     pipe = case.make()
@@ -106,23 +109,66 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
 
     save_digits_shaped_dit(tmp_path / "model")
     out = tmp_path / "plan"
-    assert main(["calibrate", "--model", str(tmp_path / "model"), "--steps", "3", "--target-compute", "0.5",
-                 "--num-probes", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tmp_path / "model"),
+                "--steps",
+                "3",
+                "--target-compute",
+                "0.5",
+                "--num-probes",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "calibration.json").read_text())
     plan = ExitSchedule.from_pretrained(out)
     assert report["compute_fraction"] == plan.compute_fraction(report["timesteps"]) <= 0.5
     assert f"--methods ase:{out}" in capsys.readouterr().out
-    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=["baseline", f"ase:{out}"], num_samples=2,
-                                 steps=3, repeats=1), progress=False)  # fmt: skip
+    rows = run_bench(
+        BenchConfig(
+            model=str(tmp_path / "model"), methods=["baseline", f"ase:{out}"], num_samples=2, steps=3, repeats=1
+        ),
+        progress=False,
+    )
     assert rows[1].block_fraction == pytest.approx(report["compute_fraction"])
     # on a model that carries a schedule, the plan is calibrated against it and benched on that model
     tuned = tmp_path / "tuned"
     save_digits_shaped_dit(tuned, exit_schedule=ExitSchedule.step(2, [2, 1]))
-    assert main(["calibrate", "--model", str(tuned), "--steps", "3", "--tolerance", "0", "--num-probes", "2",
-                 "--out", str(tmp_path / "tuned-plan")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tuned),
+                "--steps",
+                "3",
+                "--tolerance",
+                "0",
+                "--num-probes",
+                "2",
+                "--out",
+                str(tmp_path / "tuned-plan"),
+            ]
+        )
+        == 0
+    )
     assert f"--methods finetuned:{tuned}:{tmp_path / 'tuned-plan'}" in capsys.readouterr().out
-    rows = run_bench(BenchConfig(model=str(tmp_path / "model"), methods=["baseline", f"finetuned:{tuned}",
-                                 f"finetuned:{tuned}:{tmp_path / 'tuned-plan'}"], num_samples=2, steps=3, repeats=1),
-                     progress=False)  # fmt: skip
+    rows = run_bench(
+        BenchConfig(
+            model=str(tmp_path / "model"),
+            methods=["baseline", f"finetuned:{tuned}", f"finetuned:{tuned}:{tmp_path / 'tuned-plan'}"],
+            num_samples=2,
+            steps=3,
+            repeats=1,
+        ),
+        progress=False,
+    )
     assert rows[1].model == rows[2].model == str(tuned)
     assert rows[2].block_fraction == rows[1].block_fraction < 1  # tolerance 0: the model's own schedule

@@ -16,7 +16,6 @@ from ee_diffusion import (
     num_exit_blocks,
 )
 from ee_diffusion.pipelines.class_conditional import null_class_label
-
 from tests.conftest import assert_same_after_reload
 
 from .conftest import DepthRecorder, assert_depths_follow_schedule, make_dit_pipe
@@ -24,21 +23,40 @@ from .conftest import DepthRecorder, assert_depths_follow_schedule, make_dit_pip
 
 def pixel_dit(seed: int = 0) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=8, patch_size=2, num_layers=4,
-                                 num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10).eval()  # fmt: skip
+    return DiTTransformer2DModel(
+        in_channels=1,
+        out_channels=1,
+        sample_size=8,
+        patch_size=2,
+        num_layers=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=10,
+    ).eval()
 
 
 def pixel_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11).eval()  # fmt: skip
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=11,
+    ).eval()
 
 
 def make_pipe(kind: str, exit_schedule=None):
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
     if kind == "dit":
-        pipe = EarlyExitDiTPipeline(transformer=pixel_dit(), vae=None, scheduler=scheduler, exit_schedule=exit_schedule)
+        pipe = EarlyExitDiTPipeline(
+            transformer=pixel_dit(), vae=None, scheduler=scheduler, exit_schedule=exit_schedule
+        )
     else:
         pipe = EarlyExitUNet2DPipeline(unet=pixel_unet(), scheduler=scheduler, exit_schedule=exit_schedule)
     pipe.set_progress_bar_config(disable=True)
@@ -51,8 +69,13 @@ def denoiser_of(pipe):
 
 def run(pipe, guidance_scale=1.0, labels=(1, 2), steps=4, output_type="pt"):
     generator = torch.Generator().manual_seed(0)
-    return pipe(class_labels=list(labels), guidance_scale=guidance_scale, generator=generator,
-                num_inference_steps=steps, output_type=output_type).images  # fmt: skip
+    return pipe(
+        class_labels=list(labels),
+        guidance_scale=guidance_scale,
+        generator=generator,
+        num_inference_steps=steps,
+        output_type=output_type,
+    ).images
 
 
 def manual_loop(pipe, labels, steps=4, guidance_scale=1.0):
@@ -88,8 +111,9 @@ def test_pixel_space_pipeline_returns_the_denoised_pixels(kind, guidance_scale):
 def test_guidance_uses_the_models_null_class(kind, null):
     pipe = make_pipe(kind)
     seen = []
-    denoiser_of(pipe).register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()),
-                                                with_kwargs=True)  # fmt: skip
+    denoiser_of(pipe).register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True
+    )
     run(pipe, guidance_scale=4.0, labels=(3, 7))
     assert seen and all(labels == [3, 7, null, null] for labels in seen)
     assert null_class_label(denoiser_of(pipe)) == null
@@ -97,10 +121,16 @@ def test_guidance_uses_the_models_null_class(kind, null):
 
 def test_null_class_needs_a_class_conditional_model():
     torch.manual_seed(0)
-    unconditional = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4,
-                                down_block_types=("DownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "UpBlock2D"))  # fmt: skip
+    unconditional = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with pytest.raises(TypeError, match="not a class-conditional"):
         null_class_label(unconditional)
 
@@ -149,26 +179,37 @@ def test_shipped_names_resolve_offline_and_unknown_names_fail_at_once(tmp_path):
     assert shipped_models("tokenizer.json") == ["tiny-mdlm", "tiny-mdlm-puzzles"]
     assert resolve_pretrained("facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"  # a hub id is left to the hub
     assert resolve_pretrained(tmp_path) == str(tmp_path)
-    for load, name, shipped in ((load_early_exit_pipeline, "digits-ditt", "digits-dit, digits-dit-ase"),
-                                (MaskedDiffusionLMPipeline.from_pretrained, "tiny-mlm", "tiny-mdlm"),
-                                (load_early_exit_pipeline, str(tmp_path / "nowhere"), "digits-unet")):  # fmt: skip
-        with pytest.raises(ValueError, match=f"No model '{re.escape(name)}': it is not a shipped model \\(.*{shipped}"):
+    for load, name, shipped in (
+        (load_early_exit_pipeline, "digits-ditt", "digits-dit, digits-dit-ase"),
+        (MaskedDiffusionLMPipeline.from_pretrained, "tiny-mlm", "tiny-mdlm"),
+        (load_early_exit_pipeline, str(tmp_path / "nowhere"), "digits-unet"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"No model '{re.escape(name)}': it is not a shipped model \\(.*{shipped}"
+        ):
             load(name)
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         load_early_exit_pipeline(str(SHIPPED_MODELS_DIR / "tiny-mdlm"))
 
 
 @pytest.mark.parametrize("kind", ["dit", "unet"])
-@pytest.mark.parametrize("call, error, match", [
-    (dict(class_labels=[10]), ValueError, r"in \[0, 9\] \(this model has 10 classes; 10 is its null class\), got \[10\]"),
-    (dict(class_labels=[1, -1]), ValueError, r"got \[-1\]"),
-    (dict(class_labels=[]), ValueError, "`class_labels` is empty"),
-    (dict(class_labels=[1.5]), TypeError, "integer class ids"),
-    (dict(num_inference_steps=0), ValueError, "`num_inference_steps` must be an integer >= 1, got 0"),
-    (dict(num_inference_steps=2.5), TypeError, "`num_inference_steps` must be an integer, got 2.5"),
-    (dict(guidance_scale=float("nan")), ValueError, "`guidance_scale` must be a finite number, got nan"),
-    (dict(output_type="tensor"), ValueError, "`output_type` must be"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            dict(class_labels=[10]),
+            ValueError,
+            r"in \[0, 9\] \(this model has 10 classes; 10 is its null class\), got \[10\]",
+        ),
+        (dict(class_labels=[1, -1]), ValueError, r"got \[-1\]"),
+        (dict(class_labels=[]), ValueError, "`class_labels` is empty"),
+        (dict(class_labels=[1.5]), TypeError, "integer class ids"),
+        (dict(num_inference_steps=0), ValueError, "`num_inference_steps` must be an integer >= 1, got 0"),
+        (dict(num_inference_steps=2.5), TypeError, "`num_inference_steps` must be an integer, got 2.5"),
+        (dict(guidance_scale=float("nan")), ValueError, "`guidance_scale` must be a finite number, got nan"),
+        (dict(output_type="tensor"), ValueError, "`output_type` must be"),
+    ],
+)
 def test_bad_call_arguments_raise_before_sampling(kind, call, error, match):
     pipe = make_pipe(kind)
     calls = []

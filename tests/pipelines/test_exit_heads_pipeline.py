@@ -6,7 +6,6 @@ from diffusers import DPMSolverMultistepScheduler
 
 from ee_diffusion import EarlyExitDiTPipeline, ExitSchedule, UncertaintyExitStats, load_early_exit_pipeline
 from ee_diffusion.exits import ExitHeads
-
 from tests.conftest import make_tiny_dit
 from tests.exits.test_uncertainty import RowsPerBlock
 from tests.pipelines.conftest import NUM_PIXART_BLOCKS, make_pixart_pipe, pixart_inputs
@@ -21,15 +20,21 @@ def random_heads(num_blocks: int, threshold: float, policy: str = "per_sample") 
 
 
 def dit_pipe(**kwargs) -> EarlyExitDiTPipeline:
-    pipe = EarlyExitDiTPipeline(transformer=make_tiny_dit(4), vae=None, scheduler=DPMSolverMultistepScheduler(),
-                                **kwargs)  # fmt: skip
+    pipe = EarlyExitDiTPipeline(
+        transformer=make_tiny_dit(4), vae=None, scheduler=DPMSolverMultistepScheduler(), **kwargs
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def sample(pipe, guidance=2.0):
-    return pipe(class_labels=[1, 2, 3], guidance_scale=guidance, num_inference_steps=3, output_type="pt",
-                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    return pipe(
+        class_labels=[1, 2, 3],
+        guidance_scale=guidance,
+        num_inference_steps=3,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def test_dit_pipeline_with_heads_pairs_guidance_halves_and_goes_back_to_the_full_model(tmp_path):
@@ -74,7 +79,12 @@ def test_pixart_pipeline_with_heads_runs_fewer_blocks():
     pipe = make_pixart_pipe()
     pipe.exit_heads = random_heads(NUM_PIXART_BLOCKS, threshold=1.0)  # every sample leaves at the first head
     counter = RowsPerBlock(pipe.transformer)
-    pipe(**pixart_inputs(), num_inference_steps=2, guidance_scale=4.5, output_type="latent",
-         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pipe(
+        **pixart_inputs(),
+        num_inference_steps=2,
+        guidance_scale=4.5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert counter.rows == [2 * 2] + [0] * (NUM_PIXART_BLOCKS - 1)  # 2 steps x a guided batch of 2
     assert {call.depths for call in pipe.exit_stats.calls} == {(1, 1)}

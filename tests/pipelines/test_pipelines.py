@@ -25,7 +25,6 @@ from ee_diffusion import (
     num_exit_blocks,
     remove_exit_schedule,
 )
-
 from tests.conftest import assert_same_after_reload
 
 from .conftest import (
@@ -397,18 +396,23 @@ def test_non_schedule_assigned_or_loaded_raises_type_error(tmp_path):
         EarlyExitDiTPipeline.from_pretrained(tmp_path, exit_schedule=DDIMScheduler())
 
 
-@pytest.mark.parametrize("drop_in, parent", [
-    (ee_diffusion.EarlyExitPixArtAlphaPipeline, "PixArtAlphaPipeline"),
-    (ee_diffusion.EarlyExitStableDiffusion3Pipeline, "StableDiffusion3Pipeline"),
-    (ee_diffusion.EarlyExitDDPMPipeline, "DDPMPipeline"),
-    (ee_diffusion.EarlyExitDDIMPipeline, "DDIMPipeline"),
-    (ee_diffusion.EarlyExitStableDiffusionPipeline, "StableDiffusionPipeline"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "drop_in, parent",
+    [
+        (ee_diffusion.EarlyExitPixArtAlphaPipeline, "PixArtAlphaPipeline"),
+        (ee_diffusion.EarlyExitStableDiffusion3Pipeline, "StableDiffusion3Pipeline"),
+        (ee_diffusion.EarlyExitDDPMPipeline, "DDPMPipeline"),
+        (ee_diffusion.EarlyExitDDIMPipeline, "DDIMPipeline"),
+        (ee_diffusion.EarlyExitStableDiffusionPipeline, "StableDiffusionPipeline"),
+    ],
+)
 def test_drop_in_call_shows_the_parent_signature(drop_in, parent):
     import diffusers
 
     stock = getattr(diffusers, parent).__call__
-    assert inspect.signature(drop_in.__call__) == inspect.signature(stock) and drop_in.__call__.__doc__ == stock.__doc__
+    assert (
+        inspect.signature(drop_in.__call__) == inspect.signature(stock) and drop_in.__call__.__doc__ == stock.__doc__
+    )
 
 
 def test_dit_drop_in_call_shows_its_own_loop_signature():
@@ -481,6 +485,9 @@ def test_dit_drop_in_stochastic_steps_follow_the_generator():
     images = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        images.append(pipe(class_labels=[3], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                           output_type="pt").images)  # fmt: skip
+        images.append(
+            pipe(
+                class_labels=[3], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt"
+            ).images
+        )
     assert torch.equal(*images)

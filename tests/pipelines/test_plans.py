@@ -11,7 +11,6 @@ import torch
 
 from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_stats
 from ee_diffusion.schedules import REUSE
-
 from tests.conftest import make_tiny_dit
 
 from .conftest import CASES, assert_depths_follow_schedule, images_of
@@ -106,12 +105,17 @@ def test_a_plan_runs_only_at_its_own_scheduler_and_step_count(tmp_path):
     recorder = case.recorder(pipe)
     _run(pipe, case, steps=4)
     timesteps = [call.timesteps[0] for call in recorder.calls]
-    plan = ExitSchedule.plan(case.num_units, timesteps, [4, REUSE, 2, 2], scheduler_class=type(pipe.scheduler).__name__)
+    plan = ExitSchedule.plan(
+        case.num_units, timesteps, [4, REUSE, 2, 2], scheduler_class=type(pipe.scheduler).__name__
+    )
     pipe.exit_schedule = plan
     planned = _run(pipe, case, steps=4)
     for steps in (3, 5, 8):
-        with pytest.raises(ValueError, match=rf"made for 4 steps of {type(pipe.scheduler).__name__}; the run asks "
-                                             rf"for {steps} steps"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"made for 4 steps of {type(pipe.scheduler).__name__}; the run asks "
+            rf"for {steps} steps",
+        ):
             _run(pipe, case, steps=steps)
     own = pipe.scheduler
     pipe.scheduler = EulerDiscreteScheduler.from_config(own.config)

@@ -13,15 +13,32 @@ NUM_BLOCKS = 4
 
 def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=8, patch_size=2, num_layers=NUM_BLOCKS,
-                                 num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    return DiTTransformer2DModel(
+        in_channels=1,
+        out_channels=1,
+        sample_size=8,
+        patch_size=2,
+        num_layers=NUM_BLOCKS,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=10,
+    )
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11)  # fmt: skip
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=11,
+    )
 
 
 def tiny_data(n: int = 32) -> DigitsSplit:
@@ -64,8 +81,9 @@ def test_training_learns_what_the_noise_scheduler_says_the_model_predicts(make_m
     for prediction_type in ("epsilon", "v_prediction"):
         models[prediction_type] = make_model()  # same initial weights, same batches and noise
         noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
-        train_denoiser(models[prediction_type], data, TrainConfig(**QUICK), noise_scheduler=noise_scheduler,
-                       progress=False)  # fmt: skip
+        train_denoiser(
+            models[prediction_type], data, TrainConfig(**QUICK), noise_scheduler=noise_scheduler, progress=False
+        )
     # Scored at the noisy steps, where the two targets part (the velocity is about minus the image, the noise about
     # the input): each model is the better one at its own target.
     for own, other in (("epsilon", "v_prediction"), ("v_prediction", "epsilon")):
@@ -98,18 +116,23 @@ def test_ase_step_reduces_the_loss_under_the_schedule_and_keeps_the_timestep_emb
         assert parameter.requires_grad
 
 
-@pytest.mark.parametrize("schedule", [
-    ExitSchedule.step(NUM_BLOCKS, [4, 4, 3, 3, 2, 2, 1, 1, 1, 1]),
-    ExitSchedule.plan(NUM_BLOCKS, [999, 666, 333, 0], [4, REUSE, 2, REUSE]),  # reuse steps: nothing to train
-], ids=["schedule", "plan"])  # fmt: skip
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ExitSchedule.step(NUM_BLOCKS, [4, 4, 3, 3, 2, 2, 1, 1, 1, 1]),
+        ExitSchedule.plan(NUM_BLOCKS, [999, 666, 333, 0], [4, REUSE, 2, REUSE]),  # reuse steps: nothing to train
+    ],
+    ids=["schedule", "plan"],
+)
 def test_ase_training_runs_each_block_only_for_the_samples_that_use_it(schedule):
     model, data = tiny_dit(), tiny_data()
     calls = []  # per denoiser call: its timesteps
     block_batches = [[] for _ in range(NUM_BLOCKS)]  # per block: the batch size of each of its runs
     model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[1].tolist()), with_kwargs=True)
     for i, block in enumerate(model.transformer_blocks):
-        block.attn1.register_forward_pre_hook(lambda m, args, kwargs, i=i: block_batches[i].append(args[0].shape[0]),
-                                              with_kwargs=True)  # fmt: skip
+        block.attn1.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: block_batches[i].append(args[0].shape[0]), with_kwargs=True
+        )
     train_denoiser(model, data, TrainConfig(**{**QUICK, "steps": 3}), exit_schedule=schedule, progress=False)
 
     assert len(calls) > 3  # more than one group per step
@@ -153,8 +176,14 @@ def test_resume_continues_bit_identically(tmp_path):
         assert torch.equal(a, b)
 
     with pytest.raises(ValueError, match="another config"):
-        train_denoiser(tiny_dit(), data, TrainConfig(**{**QUICK, "steps": 5}), out_dir=tmp_path / "resumed",
-                       resume=True, progress=False)  # fmt: skip
+        train_denoiser(
+            tiny_dit(),
+            data,
+            TrainConfig(**{**QUICK, "steps": 5}),
+            out_dir=tmp_path / "resumed",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         train_denoiser(tiny_dit(), data, config, out_dir=tmp_path / "nothing", resume=True, progress=False)
 
@@ -172,12 +201,15 @@ def test_loss_weights():
     torch.testing.assert_close(loss_weights(timesteps, velocity, "min-snr", gamma=5.0), snr.clamp(max=5) / (snr + 1))
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(steps=0), "`steps` must be at least 1"),
-    (dict(loss_weight="snr"), "`loss_weight` must be one of"),
-    (dict(class_dropout=1.0), r"`class_dropout` must be in \[0, 1\)"),
-    (dict(ema_decay=1.0), r"`ema_decay` must be in \(0, 1\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(steps=0), "`steps` must be at least 1"),
+        (dict(loss_weight="snr"), "`loss_weight` must be one of"),
+        (dict(class_dropout=1.0), r"`class_dropout` must be in \[0, 1\)"),
+        (dict(ema_decay=1.0), r"`ema_decay` must be in \(0, 1\)"),
+    ],
+)
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**overrides)

@@ -8,7 +8,6 @@ from ee_diffusion import EarlyExitDiTPipeline, load_early_exit_pipeline
 from ee_diffusion.cli import main
 from ee_diffusion.exits import ExitHeads
 from ee_diffusion.training import TrainConfig, exit_head_losses, train_exit_heads
-
 from tests.conftest import save_digits_shaped_dit
 from tests.training.test_denoiser import NUM_BLOCKS, QUICK, tiny_data, tiny_dit
 
@@ -92,8 +91,14 @@ def test_resume_continues_bit_identically(tmp_path):
     straight = heads_for(model)
     train_exit_heads(model, straight, data, config, out_dir=tmp_path / "straight", progress=False)
     first = heads_for(model)
-    train_exit_heads(model, first, data, TrainConfig(**{**QUICK, "steps": 4, "checkpoint_every": 2}),
-                     out_dir=tmp_path / "resumed", progress=False)  # fmt: skip
+    train_exit_heads(
+        model,
+        first,
+        data,
+        TrainConfig(**{**QUICK, "steps": 4, "checkpoint_every": 2}),
+        out_dir=tmp_path / "resumed",
+        progress=False,
+    )
     (tmp_path / "resumed" / "checkpoint.pt").unlink()
     interrupted = heads_for(model)
     calls = []
@@ -108,22 +113,30 @@ def test_resume_continues_bit_identically(tmp_path):
         train_exit_heads(model, interrupted, data, config, out_dir=tmp_path / "resumed", progress=False)
     handle.remove()
     resumed = ExitHeads(num_blocks=NUM_BLOCKS, hidden_size=16)  # the checkpoint, not the initialisation, decides
-    result = train_exit_heads(model, resumed, data, config, out_dir=tmp_path / "resumed", resume=True,
-                              progress=False)  # fmt: skip
+    result = train_exit_heads(model, resumed, data, config, out_dir=tmp_path / "resumed", resume=True, progress=False)
     assert (result.steps_run, result.total_steps) == (2, 4)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="another config"):
-        train_exit_heads(model, heads_for(model), data, config, out_dir=tmp_path / "resumed", resume=True,
-                         joint=True, progress=False)  # fmt: skip
+        train_exit_heads(
+            model,
+            heads_for(model),
+            data,
+            config,
+            out_dir=tmp_path / "resumed",
+            resume=True,
+            joint=True,
+            progress=False,
+        )
 
 
 def test_train_uem_command_frozen_and_joint(tmp_path):
     save_digits_shaped_dit(tmp_path / "model")
     heads_folder, joint_folder = tmp_path / "heads", tmp_path / "joint"
     common = ["--steps", "2", "--batch-size", "4", "--threads", "1", "--model", str(tmp_path / "model")]
-    assert main(["train-uem", *common, "--out", str(heads_folder), "--threshold", "0.2", "--policy",
-                 "per_sample"]) == 0  # fmt: skip
+    assert (
+        main(["train-uem", *common, "--out", str(heads_folder), "--threshold", "0.2", "--policy", "per_sample"]) == 0
+    )
     heads = ExitHeads.from_pretrained(heads_folder)
     assert (heads.exit_blocks, heads.config.threshold, heads.config.policy) == ([1], 0.2, "per_sample")
     assert "ee-diffusion train-uem" in (heads_folder / "README.md").read_text()
