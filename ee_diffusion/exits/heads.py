@@ -38,6 +38,7 @@ from .architectures import get_exit_architecture
 
 _HAND_OVER = "ee_exit_heads_hand_over"
 POLICIES = ("per_batch", "per_sample")
+DECISIONS = ("previous_step", "per_block")
 
 
 class _ExitPoint(nn.Module):
@@ -74,7 +75,11 @@ class ExitHeads(ModelMixin, ConfigMixin):
         threshold: The exit rule: the uncertainty at or below which a sample exits (>= 0; 0 never exits).
         policy: The exit rule: `"per_batch"` (the batch exits together, when every sample may) or `"per_sample"`
             (samples that exit stop costing compute; classifier-free-guidance pairs exit together).
-        check_every: The exit rule: check every k-th exit point only (fewer host reads on a GPU).
+        check_every: The exit rule: check every k-th exit point only.
+        decision: The exit rule: when a call's exits are decided. `"previous_step"` (default): from the uncertainties
+            the same samples had at the previous denoiser call of the run, copied to the host without waiting, so a
+            call makes no host read; `"per_block"` (DeeDiff's released rule): from this call's own uncertainties,
+            read on the host at each checked exit point (one GPU synchronisation per point).
 
     The exit rule saved with trained heads is the one `ee-diffusion bench --methods deediff` uses; change it with
     `set_exit_rule`.
@@ -92,11 +97,12 @@ class ExitHeads(ModelMixin, ConfigMixin):
         threshold: float = 0.1,
         policy: str = "per_batch",
         check_every: int = 1,
+        decision: str = "previous_step",
     ) -> None:
         super().__init__()
         as_int("num_blocks", num_blocks, low=2)
         as_int("hidden_size", hidden_size, low=1)
-        self.set_exit_rule(threshold, policy, check_every)
+        self.set_exit_rule(threshold, policy, check_every, decision)
         exit_blocks = list(range(1, num_blocks)) if exit_blocks is None else [int(b) for b in exit_blocks]
         if (
             not exit_blocks
@@ -112,7 +118,11 @@ class ExitHeads(ModelMixin, ConfigMixin):
         self.points = nn.ModuleList(_ExitPoint(hidden_size) for _ in exit_blocks)
 
     def set_exit_rule(
-        self, threshold: float | None = None, policy: str | None = None, check_every: int | None = None
+        self,
+        threshold: float | None = None,
+        policy: str | None = None,
+        check_every: int | None = None,
+        decision: str | None = None,
     ) -> None:
         """Change the exit rule (saved with the heads); `None` keeps a setting as it is."""
         if threshold is not None:
@@ -123,6 +133,10 @@ class ExitHeads(ModelMixin, ConfigMixin):
             self.register_to_config(policy=policy)
         if check_every is not None:
             self.register_to_config(check_every=as_int("check_every", check_every, low=1))
+        if decision is not None:
+            if decision not in DECISIONS:
+                raise ValueError(f"`decision` must be one of {DECISIONS}, got {decision!r}.")
+            self.register_to_config(decision=decision)
 
     @property
     def exit_blocks(self) -> list[int]:

@@ -12,9 +12,22 @@ hands the whole batch to the model's own output layer. Blocks after a sample's e
   and class labels). A classifier-free-guidance batch (conditional half, then unconditional half, as diffusers'
   pipelines build it) exits by pairs when `paired` is set (the drop-in pipelines set it from `guidance_scale`).
 
-Host synchronisation: deciding whether a sample exits is a read of the uncertainties on the host, once per exit
-point checked. `check_every=k` checks every k-th exit point only (the others cost nothing: no UEM, no read), so a GPU
-run makes at most `len(exit_blocks) / k` reads per denoiser call; the final depths are read once per call, after it.
+When the exits are decided (the heads' `decision`):
+
+- `"previous_step"` (default): before a call runs, from the uncertainties its samples had at the previous call of the
+  sampling run. Each call evaluates the UEMs of the exit points its samples reach (on the device), and copies them to
+  the host without waiting (pinned memory and an event on CUDA); the next call reads that copy, which the device
+  finished long before. So a call makes no host read: Python knows every sample's exit block before the first block
+  runs, and the GPU queue never drains inside a call. What changes in DeeDiff's rule: a step exits where the previous
+  step's uncertainty allowed it (the uncertainties move little from one step to the next), and where none of the
+  points a sample reached allowed it, the sample runs every block and every point is evaluated again. The first call
+  of a run (and a call whose batch size changed) runs every block. The drop-in pipelines start each run afresh;
+  with a stock pipeline or a bare model, call `reset_uncertainty_exit_stats` between runs.
+- `"per_block"` (DeeDiff's released rule): at each checked exit point, from the call's own uncertainties, read on the
+  host there: one GPU synchronisation per checked point (`check_every=k` checks every k-th point only).
+
+Either way the record of a call (its timesteps, each sample's depth, the heads' work) is read on the host when the
+stats are asked for (`get_uncertainty_exit_stats`), after the pipeline call, not during it.
 
 Threshold 0 never exits (an uncertainty is a sigmoid, above 0): every block runs and the output is bit-identical to the
 model's without hooks. `remove_uncertainty_exit` restores the original forwards. Supported denoisers: the transformer
@@ -71,6 +84,45 @@ class UncertaintyExitStats:
         return [sum(call.depths) / len(call.depths) for call in self.calls]
 
 
+class HostCopy:
+    """A tensor on its way to the host, copied without waiting for the device (pinned memory and an event on CUDA),
+    to be read a call later, when the device has long finished it. `values()` is the only place that reads it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.to("cpu", non_blocking=True).clone()
+
+    def values(self) -> list:
+        """The tensor's values as (nested) Python lists."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host-decided indices on `device`, sent without waiting for the device's queue."""
+    indices = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
+
+
+@dataclass
+class _Record:
+    """A call as recorded while it runs: its timesteps still on the device, the depths as a host list or tensor."""
+
+    timesteps: torch.Tensor
+    depths: list[int] | torch.Tensor
+    head_blocks: float
+
+
 class _State:
     """The call in flight, shared by the denoiser hook and the block hooks."""
 
@@ -78,21 +130,54 @@ class _State:
         self.heads, self.num_blocks = heads, num_blocks
         self.uem_cost, self.adapter_cost = unit_costs
         self.threshold, self.policy, self.check_every, self.paired = 0.0, "per_batch", 1, False  # set per call
+        self.decision = "previous_step"
         self.point_of = {count - 1: point for point, count in enumerate(heads.exit_blocks)}  # block index -> point
-        self.stats = UncertaintyExitStats(num_blocks)
+        self.records: list[_Record] = []
         self.in_call = False
         self.batch = 0
         self.embedding: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
         self.active: torch.Tensor | None = None  # samples still running (None: all of them)
         self.exited: torch.Tensor | None = None  # the adapted hidden states of the samples that exited
-        self.depths: torch.Tensor | None = None
+        self.depths: torch.Tensor | list[int] | None = None
         self.head_blocks = 0.0
         self.done = False
+        # "previous_step": the previous call's uncertainties on their way to the host, and this call's plan
+        self.previous: HostCopy | None = None
+        self.previous_batch = 0
+        self.uncertainties: torch.Tensor | None = None  # this call's, exit points x batch (inf: not evaluated)
+        self.exit_block: list[int] = []  # per sample: the block count after which it exits (num_blocks: none)
+        self.running: list[list[int]] = []  # per block: the samples that run it
+
+    def forget_previous(self) -> None:
+        self.previous, self.previous_batch = None, 0
+
+    def checked(self, point: int) -> bool:
+        return point % self.check_every == 0
+
+    def plan(self, batch: int) -> list[int]:
+        """Each sample's exit block for this call, from the previous call's uncertainties (see the module docstring):
+        the first checked exit point where its uncertainty (its pair's too, when paired; the whole batch's under
+        `per_batch`) was at or below the threshold."""
+        full = [self.num_blocks] * batch
+        if self.previous is None or self.previous_batch != batch:
+            return full
+        values = self.previous.values()  # exit points x batch, inf where a sample did not reach a point
+        points = [p for p in range(len(values)) if self.checked(p)]
+        sure = [[value <= self.threshold for value in row] for row in values]
+        blocks = self.heads.exit_blocks
+        if self.policy == "per_batch":
+            first = next((p for p in points if all(sure[p])), None)
+            return full if first is None else [blocks[first]] * batch
+        if self.paired:
+            half = batch // 2
+            sure = [[row[i] and row[(i + half) % batch] for i in range(batch)] for row in sure]
+        return [next((blocks[p] for p in points if sure[p][i]), self.num_blocks) for i in range(batch)]
 
 
 class UncertaintyExitHook(ModelHook):
-    """On the denoiser: embeds the call's timestep for the heads, and records the call when it returns."""
+    """On the denoiser: embeds the call's timestep for the heads, plans the exits (`previous_step`), and records the
+    call when it returns."""
 
     def __init__(self, state: _State, timestep_argument: str, sample_argument: str) -> None:
         super().__init__()
@@ -108,28 +193,35 @@ class UncertaintyExitHook(ModelHook):
         timesteps = timesteps.expand(batch) if timesteps.numel() == 1 else timesteps
         rule = state.heads.config
         state.threshold, state.policy, state.check_every = rule.threshold, rule.policy, rule.check_every
+        state.decision = rule.get("decision", "previous_step")
         if state.paired and state.policy == "per_sample" and batch % 2:
             raise ValueError(f"A paired (classifier-free guidance) batch must have an even size, got {batch}.")
         state.in_call, state.batch, state.done = True, batch, False
         state.timesteps, state.embedding = timesteps, state.heads.embed(timesteps)
         state.active, state.exited, state.head_blocks = None, None, 0.0
-        state.depths = torch.full((batch,), state.num_blocks, dtype=torch.long)
+        if state.decision == "per_block":
+            state.depths = torch.full((batch,), state.num_blocks, dtype=torch.long)
+            return args, kwargs
+        state.exit_block = state.plan(batch)
+        state.depths = list(state.exit_block)
+        state.running = [[i for i in range(batch) if state.exit_block[i] > b] for b in range(state.num_blocks)]
+        points = len(state.heads.exit_blocks)
+        state.uncertainties = torch.full((points, batch), float("inf"), device=state.embedding.device)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = self.state
         state.in_call = False
-        state.stats.calls.append(
-            UncertaintyExitCall(
-                tuple(state.timesteps.float().cpu().tolist()), tuple(state.depths.tolist()), state.head_blocks
-            )
-        )
-        state.embedding = state.exited = state.active = None
+        depths = state.depths if isinstance(state.depths, list) else state.depths.clone()
+        state.records.append(_Record(state.timesteps.detach(), depths, state.head_blocks))
+        if state.decision == "previous_step":
+            state.previous, state.previous_batch = HostCopy(state.uncertainties), state.batch
+        state.embedding = state.exited = state.active = state.uncertainties = None
         return output
 
 
 class UncertaintyUnitHook(ModelHook):
-    """On block `index`: runs it on the samples still running, then lets those that may exit at its exit point go."""
+    """On block `index`: runs it on the samples still running, then lets those that exit at its exit point go."""
 
     def __init__(self, index: int, state: _State) -> None:
         super().__init__()
@@ -146,16 +238,48 @@ class UncertaintyUnitHook(ModelHook):
             args, kwargs = _rows(args, state.active, state.batch), _rows(kwargs, state.active, state.batch)
         hidden = self.fn_ref.original_forward(*args, **kwargs)
         point = state.point_of.get(self.index)
-        if point is not None and point % state.check_every == 0:
-            hidden = self._exit(point, hidden)
+        if point is not None and state.checked(point):
+            hidden = self._exit(point, hidden) if state.decision == "per_block" else self._planned_exit(point, hidden)
         if not self.last or state.exited is None:
             return hidden
         if not state.done:
             state.exited[state.active] = hidden
         return state.exited
 
+    def _planned_exit(self, point: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`previous_step`: record this point's uncertainties for the next call, and let go the samples planned to
+        exit here (known on the host before the call)."""
+        state = self.state
+        running = state.running[self.index]
+        rows = None if len(running) == state.batch else _on_device(running, hidden.device)
+        embedding = state.embedding if rows is None else state.embedding[rows]
+        uncertainty = state.heads.uncertainty(point, hidden, embedding)
+        state.head_blocks += len(running) * state.uem_cost
+        if rows is None:
+            state.uncertainties[point] = uncertainty
+        else:
+            state.uncertainties[point, rows] = uncertainty
+        staying = state.running[self.index + 1] if not self.last else []
+        leaving = [i for i, sample in enumerate(running) if state.exit_block[sample] == self.index + 1]
+        if not leaving:
+            return hidden
+        if state.exited is None:
+            state.exited = hidden.new_empty((state.batch, *hidden.shape[1:]))
+        local = _on_device(leaving, hidden.device)
+        state.exited[_on_device([running[i] for i in leaving], hidden.device)] = state.heads.adapt(
+            point, hidden[local], embedding[local]
+        )
+        state.head_blocks += len(leaving) * state.adapter_cost
+        if not staying:
+            state.done = True
+            return state.exited
+        kept = [i for i, sample in enumerate(running) if state.exit_block[sample] > self.index + 1]
+        state.active = _on_device(staying, hidden.device)
+        return hidden[_on_device(kept, hidden.device)]
+
     def _exit(self, point: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The samples of `hidden` that stay; those whose uncertainty allows it leave, with their adapted state."""
+        """`per_block`: the samples of `hidden` that stay; those whose uncertainty allows it leave, with their adapted
+        state (a host read of the uncertainties)."""
         state = self.state
         active = torch.arange(state.batch, device=hidden.device) if state.active is None else state.active
         embedding = state.embedding[active]
@@ -274,14 +398,26 @@ def get_uncertainty_exit_heads(pipe_or_model: Any) -> ExitHeads | None:
 
 
 def get_uncertainty_exit_stats(pipe_or_model: Any) -> UncertaintyExitStats:
-    """A copy of what the dynamic exit ran: per denoiser call, the timesteps, each sample's depth, the heads' work."""
-    stats = _require(pipe_or_model).state.stats
-    return UncertaintyExitStats(stats.num_blocks, list(stats.calls))
+    """What the dynamic exit ran: per denoiser call, the timesteps, each sample's depth, the heads' work (read on the
+    host here, once, not during the calls)."""
+    state = _require(pipe_or_model).state
+    calls = [
+        UncertaintyExitCall(
+            tuple(record.timesteps.float().cpu().tolist()),
+            tuple(record.depths if isinstance(record.depths, list) else record.depths.tolist()),
+            record.head_blocks,
+        )
+        for record in state.records
+    ]
+    return UncertaintyExitStats(state.num_blocks, calls)
 
 
 def reset_uncertainty_exit_stats(pipe_or_model: Any) -> None:
-    """Forget the recorded calls."""
-    _require(pipe_or_model).state.stats.calls.clear()
+    """Forget the recorded calls, and start a new sampling run (`previous_step` decisions plan its first call at full
+    depth)."""
+    state = _require(pipe_or_model).state
+    state.records.clear()
+    state.forget_previous()
 
 
 def _require(pipe_or_model: Any) -> UncertaintyExitHook:

@@ -240,8 +240,10 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
     )
     assert default.block_fraction == pytest.approx(1 + uem / 2) and default.depth_per_step == [2.0] * 3
     assert default.fid == baseline.fid  # threshold 0 (the heads' own): the full model's images
-    assert everyone.block_fraction == pytest.approx((1 + uem + adapter) / 2) and everyone.depth_per_step == [1.0] * 3
-    assert per_sample.depth_per_step == [1.0] * 3
+    # a run's first step runs every block (the default `previous_step` decision knows nothing yet), the others leave
+    # at the first head
+    assert everyone.block_fraction == pytest.approx(((2 + uem) + 2 * (1 + uem + adapter)) / (3 * 2))
+    assert everyone.depth_per_step == per_sample.depth_per_step == [2.0, 1.0, 1.0]
     assert schedule.depth_per_step == [1.0] * 3 and baseline.depth_per_step is None
     assert ExitHeads.from_pretrained(tmp_path / "model" / "exit_heads").config.threshold == 0.0  # rule restored
 

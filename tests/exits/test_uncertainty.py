@@ -1,4 +1,7 @@
-"""DeeDiff's dynamic exit: heads decide at run time, blocks after a sample's exit really do not run for it."""
+"""DeeDiff's dynamic exit: heads decide at run time, blocks after a sample's exit really do not run for it.
+
+Most tests run one call under DeeDiff's released per-block rule (`decision="per_block"`); the default rule decides a
+call from the previous call's uncertainties (`previous_step`), tested at the end against the per-block one."""
 
 import pytest
 import torch
@@ -90,7 +93,7 @@ def test_a_huge_threshold_exits_at_the_first_head_and_runs_one_block():
             heads.embed(x[1]),
             lambda k: model(x[0].repeat(k, 1, 1, 1), x[1].repeat(k), class_labels=x[2].repeat(k)).sample,
         )[0]
-    heads.set_exit_rule(threshold=1.0)  # an uncertainty is a sigmoid, at most 1
+    heads.set_exit_rule(threshold=1.0, decision="per_block")  # an uncertainty is a sigmoid, at most 1
     apply_uncertainty_exit(model, heads)
     counter = RowsPerBlock(model)
     torch.testing.assert_close(run(model, *x), first)
@@ -107,7 +110,7 @@ def test_exit_depth_follows_the_threshold():
     apply_uncertainty_exit(model, heads)
     depths = []
     for threshold in sorted(set(torch.quantile(u.flatten(), torch.tensor([0.0, 0.3, 0.6, 1.0])).tolist())):
-        heads.set_exit_rule(threshold=threshold, policy="per_sample")
+        heads.set_exit_rule(threshold=threshold, policy="per_sample", decision="per_block")
         run(model, *x)
         depths.append(sum(get_uncertainty_exit_stats(model).calls[-1].depths))
     assert depths == sorted(depths, reverse=True) and depths[0] > depths[-1]
@@ -116,7 +119,7 @@ def test_exit_depth_follows_the_threshold():
 def test_per_sample_exits_run_fewer_rows_and_equal_each_sample_run_alone():
     model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs(batch=8)
     u = uncertainties(model, heads, *x)
-    heads.set_exit_rule(threshold=float(u.median()), policy="per_sample")
+    heads.set_exit_rule(threshold=float(u.median()), policy="per_sample", decision="per_block")
     apply_uncertainty_exit(model, heads)
     counter = RowsPerBlock(model)
     batched = run(model, *x)
@@ -132,7 +135,7 @@ def test_per_sample_exits_run_fewer_rows_and_equal_each_sample_run_alone():
 def test_guidance_pairs_exit_together():
     model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs(batch=8)
     u = uncertainties(model, heads, *x)
-    heads.set_exit_rule(threshold=float(u.median()), policy="per_sample")
+    heads.set_exit_rule(threshold=float(u.median()), policy="per_sample", decision="per_block")
     apply_uncertainty_exit(model, heads, paired=True)
     run(model, *x)
     depths = get_uncertainty_exit_stats(model).calls[-1].depths
@@ -150,7 +153,7 @@ def test_guidance_pairs_exit_together():
 def test_per_batch_exits_together_when_every_sample_may():
     model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs(batch=8)
     u = uncertainties(model, heads, *x)
-    heads.set_exit_rule(threshold=float(u[1].max()), policy="per_batch")  # every sample may leave at point 2
+    heads.set_exit_rule(threshold=float(u[1].max()), policy="per_batch", decision="per_block")  # all may leave at 2
     apply_uncertainty_exit(model, heads)
     run(model, *x)
     depths = get_uncertainty_exit_stats(model).calls[-1].depths
@@ -160,7 +163,7 @@ def test_per_batch_exits_together_when_every_sample_may():
 
 def test_check_every_skips_exit_points():
     model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs()
-    heads.set_exit_rule(threshold=1.0, check_every=2)  # points 0 and 2: after blocks 1 and 3
+    heads.set_exit_rule(threshold=1.0, check_every=2, decision="per_block")  # points 0 and 2: after blocks 1, 3
     apply_uncertainty_exit(model, heads)
     run(model, *x)
     assert get_uncertainty_exit_stats(model).calls[-1].depths == (1,) * 6
@@ -187,6 +190,8 @@ def test_bad_heads_and_rules_are_refused():
         ExitHeads(num_blocks=4, hidden_size=16, threshold=-0.1)
     with pytest.raises(ValueError, match="`policy` must be one of"):
         ExitHeads(num_blocks=4, hidden_size=16).set_exit_rule(policy="per_token")
+    with pytest.raises(ValueError, match=r"`decision` must be one of \('previous_step', 'per_block'\)"):
+        ExitHeads(num_blocks=4, hidden_size=16).set_exit_rule(decision="per_token")
     with pytest.raises(ValueError, match="`exit_blocks` must be increasing block counts in 1..3"):
         ExitHeads(num_blocks=4, hidden_size=16, exit_blocks=[2, 4])
     with pytest.raises(TypeError, match="`heads` must be ExitHeads"):
@@ -210,3 +215,78 @@ def test_unet_is_refused():
     )
     with pytest.raises(TypeError, match="do not support UNet2DModel; supported: DiTTransformer2DModel"):
         apply_uncertainty_exit(unet, ExitHeads(num_blocks=4, hidden_size=16))
+
+
+@pytest.mark.parametrize("policy, paired", [("per_sample", False), ("per_sample", True), ("per_batch", False)])
+def test_previous_step_decides_a_call_as_the_per_block_rule_decided_the_call_before(policy, paired):
+    """Under `previous_step`, a run's first call runs every block (and evaluates every point); the next call exits
+    where the first call's uncertainties allowed, so with the same inputs twice it makes the per-block rule's
+    decisions, runs the same rows per block, and gives the same output."""
+    model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs(batch=8)
+    u = uncertainties(model, heads, *x)
+    threshold = float(u.median()) if policy == "per_sample" else float(u[1].max())
+    heads.set_exit_rule(threshold=threshold, policy=policy, decision="per_block")
+    apply_uncertainty_exit(model, heads, paired=paired)
+    counter = RowsPerBlock(model)
+    expected = run(model, *x)
+    expected_depths, expected_rows = get_uncertainty_exit_stats(model).calls[-1].depths, list(counter.rows)
+    assert len(set(expected_depths)) > 1 or policy == "per_batch"
+
+    heads.set_exit_rule(decision="previous_step")
+    reset_uncertainty_exit_stats(model)
+    counter.rows = [0] * NUM_BLOCKS
+    first = run(model, *x)
+    assert counter.rows == [8] * NUM_BLOCKS  # nothing known yet: every block
+    torch.testing.assert_close(first, run_plain(model, *x))
+    counter.rows = [0] * NUM_BLOCKS
+    second = run(model, *x)
+    stats = get_uncertainty_exit_stats(model)
+    assert stats.calls[0].depths == (NUM_BLOCKS,) * 8 and stats.calls[1].depths == expected_depths
+    assert counter.rows == expected_rows
+    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-5)
+    run(model, *inputs(batch=6))  # another batch size: nothing known for it, every block
+    assert get_uncertainty_exit_stats(model).calls[-1].depths == (NUM_BLOCKS,) * 6
+
+
+def run_plain(model, *x):
+    """The model's output without any hooks (a copy of its weights)."""
+    plain = make_tiny_dit(NUM_BLOCKS)
+    plain.load_state_dict(model.state_dict())
+    return run(plain, *x)
+
+
+def test_previous_step_makes_no_host_read_inside_a_call_and_per_block_one_per_checked_point():
+    from tests.host_reads import HostReads
+
+    model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs(batch=8)
+    u = uncertainties(model, heads, *x)
+    apply_uncertainty_exit(model, heads)
+    for policy, threshold in (("per_sample", float(u.median())), ("per_batch", float(u[1].max()))):
+        heads.set_exit_rule(threshold=threshold, policy=policy, decision="previous_step")
+        reset_uncertainty_exit_stats(model)
+        with HostReads(model) as reads:
+            for _ in range(3):
+                run(model, *x)
+        assert reads.per_call == [0, 0, 0], reads.kinds
+        assert get_uncertainty_exit_stats(model).calls[-1].depths != (NUM_BLOCKS,) * 8  # and it did exit
+    heads.set_exit_rule(threshold=0.0, decision="per_block", check_every=1)
+    with HostReads(model) as reads:
+        run(model, *x)
+    assert reads.per_call == [len(heads.exit_blocks)]  # one read of the uncertainties per checked point
+
+
+def test_previous_step_at_threshold_zero_is_bit_identical_and_a_new_run_starts_at_full_depth():
+    model, heads, x = make_tiny_dit(NUM_BLOCKS), trained_looking_heads(), inputs()
+    reference = run(model, *x)
+    heads.set_exit_rule(threshold=0)
+    assert heads.config.decision == "previous_step"  # the default
+    apply_uncertainty_exit(model, heads)
+    for _ in range(3):
+        assert torch.equal(run(model, *x), reference)
+    heads.set_exit_rule(threshold=1.0)
+    run(model, *x)  # decided from the previous call's uncertainties: every point allowed it
+    assert get_uncertainty_exit_stats(model).calls[-1].depths == (1,) * 6
+    reset_uncertainty_exit_stats(model)  # a new sampling run
+    run(model, *x)
+    assert get_uncertainty_exit_stats(model).calls == [get_uncertainty_exit_stats(model).calls[0]]
+    assert get_uncertainty_exit_stats(model).calls[0].depths == (NUM_BLOCKS,) * 6
