@@ -29,7 +29,13 @@ demo: $(BIN)/ee-diffusion
 app: $(BIN)/ee-diffusion
 	$(BIN)/python app.py
 
-test: $(BIN)/ee-diffusion
+# The tests also cover the peers the bench compares against (cache-dit, DeepCache: the `peers` extra); they skip,
+# saying so, where those are not installed (`make test-lower-bounds`).
+$(VENV)/peers-installed: $(BIN)/ee-diffusion
+	$(BIN)/python -m pip install -q -e ".[dev,peers]"
+	touch $@
+
+test: $(BIN)/ee-diffusion $(VENV)/peers-installed
 	$(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/ee-diffusion

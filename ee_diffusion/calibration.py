@@ -3,29 +3,39 @@
 From a few of the pipeline's own sampling runs (probes: its own noise and conditioning, no training data):
 
 1. the pipeline as it is, under its own exit schedule if it has one (an ASE fine-tuned model is trained for it) and at
-   full depth otherwise, makes the reference final images, and the denoiser's timesteps give the plan its steps; that
-   schedule's depths at those steps are the starting plan (the *base*), and plans only ever cut below it;
+   full depth otherwise, at the *reference* step count, makes the reference final images; at the plan's step count
+   (the same, unless asked otherwise), the denoiser's timesteps give the plan its steps, and that schedule's depths at
+   those steps are the starting plan (the *base*): plans only ever cut below it;
 2. sensitivity: for each step and each cheaper action there (every depth below the base's, and `REUSE`), one run with
    only that step changed gives the error it alone puts on the final images, through the solver's later steps;
-3. a chain of plans from the base to the cheapest: each link changes one step, by the move that costs the least
-   predicted error (errors of separate steps summed in squares) per block saved, one block at a time or straight to
-   `REUSE`;
-4. every plan on the chain is run and its real final-image error measured; the budget then picks one: the cheapest
-   with a measured error within `tolerance`, or, for `target_compute`, the most accurate at or under the target,
-   then filled back up to the target block by block where the sensitivities say blocks help most (and measured).
+3. a chain of plans from the base to the cheapest, each link one move from the last (one step one block shallower,
+   or straight to `REUSE`), every plan measured whole: at each link the few moves the sensitivities rank best are run
+   as whole plans, and the one whose *measured* error grows least per block saved is taken, so the compounding of
+   consecutive choices (two reuse steps in a row, say) is measured, not predicted by adding per-step errors;
+4. the budget picks a plan from the chain: the cheapest with a measured error within `tolerance`, or, for
+   `target_compute`, the most accurate at or under the target, then filled back up to the target block by block where
+   the sensitivities say blocks help most (and measured).
+
+`calibrate_plan` then holds the plan against the plain alternative it could be: the same model at fewer steps with the
+same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Without a
+step count (`num_inference_steps=None`) it calibrates at several step counts against one reference step count, fewer
+steps at full depth among them, and returns the best plan at the budget, so it never returns a plan worse than the
+fewer-steps baseline it measured.
 
 The error of a plan is the root-mean-square difference of its final images from the reference's, from the same noise
-and conditioning, in pixel values in [0, 1] (`output_type="np"`). What a plan fixes ahead of time is everything: the
-depth or reuse of each step; nothing is decided while sampling.
+and conditioning, in pixel values in [0, 1] (`output_type="np"`). Compute is the share of the reference's block
+compute (the full model, or its own schedule, at the reference step count) a plan spends. What a plan fixes ahead of
+time is everything: the depth or reuse of each step; nothing is decided while sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +43,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .exits import denoiser_of, exit_schedule_in_force, num_exit_blocks, own_exit_schedule
+from .exits import (
+    denoiser_of,
+    denoisers_of,
+    exit_schedule_in_force,
+    num_exit_blocks,
+    own_exit_schedule,
+    scheduler_timesteps,
+)
 from .outputs import staged_folder
 from .schedules import REUSE, ExitSchedule
 from .validation import as_int, as_number
@@ -51,17 +68,30 @@ class PlanPoint:
 
 
 @dataclass(frozen=True)
+class FewerSteps:
+    """The plain alternative of a plan: the model as it is (at full depth, or under its own schedule) at `steps`
+    steps, its share of the reference's block compute, and its measured error against the same reference."""
+
+    steps: int
+    compute_fraction: float
+    error: float
+
+
+@dataclass(frozen=True)
 class Calibration:
     """What `calibrate_plan` found.
 
     Args:
         plan: The plan the budget picked.
-        compute_fraction: Its share of the full model's block compute (reuse steps count 0).
+        compute_fraction: Its share of the reference's block compute (reuse steps count 0).
         error: Its measured final-image error (RMS against the reference, pixel values in [0, 1]) on the probes.
         timesteps: The denoiser's timestep at each step, in sampling order.
         sensitivity: `sensitivity[i][a]`: the final-image error of the base with step `i` at action `a` alone.
         chain: Every plan measured, from the base to the cheapest.
         base: The reference's action at each step: the pipeline's own schedule's depths (all blocks without one).
+        reference_steps: The step count of the reference images (the plan's own, unless asked otherwise).
+        fewer_steps: The fewer-steps baseline at the plan's compute (`None` where none was measured), so a user sees
+            whether the plan beats it; `beats_fewer_steps` says whether it does.
     """
 
     plan: ExitSchedule
@@ -71,6 +101,18 @@ class Calibration:
     sensitivity: tuple[dict[int, float], ...]
     chain: tuple[PlanPoint, ...]
     base: tuple[int, ...]
+    reference_steps: int | None = None
+    fewer_steps: FewerSteps | None = None
+
+    @property
+    def steps(self) -> int:
+        """The plan's step count."""
+        return len(self.timesteps)
+
+    @property
+    def beats_fewer_steps(self) -> bool | None:
+        """Whether the plan's error is at most the fewer-steps baseline's (`None` where none was measured)."""
+        return None if self.fewer_steps is None else self.error <= self.fewer_steps.error
 
     def save_pretrained(self, folder: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
         """Write the plan (`exit_schedule.json`) and the record of the calibration (`calibration.json`: `settings`,
@@ -78,8 +120,11 @@ class Calibration:
         in place (`ee_diffusion.outputs.staged_folder`)."""
         report = {
             **(settings or {}),
+            "steps": self.steps,
+            "reference_steps": self.reference_steps,
             "compute_fraction": self.compute_fraction,
             "error": self.error,
+            "fewer_steps": None if self.fewer_steps is None else dataclasses.asdict(self.fewer_steps),
             "timesteps": list(self.timesteps),
             "base": list(self.base),
             "chain": [
@@ -102,20 +147,49 @@ class PlanCalibrator:
             scheduler the plan is for. Its own exit schedule, if it has one, is the reference and the base the plans
             cut from (`base`); a fine-tuned model's schedule is what it was trained to sample with.
         call_kwargs: What each probe call passes besides the steps, generator and output type: the probes'
-            conditioning, e.g. `{"class_labels": [0, 1, ..., 9], "guidance_scale": 2.0}` (its batch is the probes).
+            conditioning, e.g. `{"class_labels": [0, 1, ..., 9], "guidance_scale": 2.0}` or, for a text-to-image
+            pipeline, `{"prompt": ["a cat", "a dog"], "height": 512, "width": 512}` (its batch is the probes;
+            `ee_diffusion.bench.harness.probe_kwargs` makes them for any pipeline the bench drives).
         num_inference_steps: The step count the plans are for.
         seed: Seed of the probes' noise (the same in every run).
         progress: Show a progress bar over the runs.
+        reference_steps: The step count of the reference images (default: `num_inference_steps`); compute is a share
+            of the reference's.
+        candidates: How many of the best-ranked moves each link of the chain measures as whole plans (1: the
+            sensitivities alone choose, more: the measured compounding does).
     """
 
     def __init__(
-        self, pipe: Any, call_kwargs: dict[str, Any], num_inference_steps: int, seed: int = 0, progress: bool = True
+        self,
+        pipe: Any,
+        call_kwargs: dict[str, Any],
+        num_inference_steps: int,
+        seed: int = 0,
+        progress: bool = True,
+        reference_steps: int | None = None,
+        candidates: int = 3,
     ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
         self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
         self.num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
-        self.num_blocks = num_exit_blocks(pipe)  # a clear error for a pipeline without a supported denoiser
+        self.reference_steps = (
+            self.num_inference_steps if reference_steps is None else as_int("reference_steps", reference_steps, low=2)
+        )
+        self.candidates = as_int("candidates", candidates, low=1)
+        try:
+            self.num_blocks = num_exit_blocks(pipe)
+        except TypeError as error:  # no denoiser the exit hooks know
+            raise TypeError(
+                f"Cannot calibrate a plan for {type(pipe).__name__}: {error} Calibration drives the early-exit "
+                "pipelines (ee_diffusion.load_early_exit_pipeline opens a supported folder as one) and stock "
+                "diffusers pipelines with one of those denoisers."
+            ) from None
+        for name in ("num_inference_steps", "generator", "output_type"):
+            if name in call_kwargs:
+                raise ValueError(
+                    f"`call_kwargs` must leave out {name!r}, which every probe call sets; got {sorted(call_kwargs)}."
+                )
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.scheduler_class = type(pipe.scheduler).__name__
@@ -125,13 +199,21 @@ class PlanCalibrator:
         self.sensitivity: tuple[dict[int, float], ...] = ()
         self._measured: dict[tuple[int, ...], float] = {}
         self._chain: tuple[PlanPoint, ...] | None = None
+        self._reference: np.ndarray | None = None
+        self._fewer: dict[int, FewerSteps] = {}
 
     def for_tolerance(self, tolerance: float) -> Calibration:
         """The cheapest plan of the chain whose measured error is at most `tolerance` (0: the base)."""
         tolerance = as_number("tolerance", tolerance, low=0)
         chain = self.chain
-        chosen = min((p for p in chain if p.error <= tolerance), key=lambda p: (p.compute_fraction, p.error))
-        return self._result(chosen)
+        within = [p for p in chain if p.error <= tolerance]
+        if not within:
+            raise ValueError(
+                f"No plan at {self.num_inference_steps} steps is within `tolerance={tolerance}`: the model as it is "
+                f"at those steps already has error {chain[0].error:.4f} against the {self.reference_steps}-step "
+                "reference."
+            )
+        return self._result(min(within, key=lambda p: (p.compute_fraction, p.error)))
 
     def for_target_compute(self, target_compute: float) -> Calibration:
         """The most accurate plan of the chain at or under `target_compute`, filled back up to it block by block."""
@@ -145,7 +227,9 @@ class PlanCalibrator:
                 f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps."
             )
         best = min(under, key=lambda p: (p.error, -p.compute_fraction))
-        filled = _fill(best.actions, self.sensitivity, self.num_blocks, target_compute)
+        filled = _fill(
+            best.actions, self.sensitivity, self.num_blocks, target_compute * self.reference_steps / len(best.actions)
+        )
         if filled != best.actions:
             with self._session() as (measure, _):
                 best = PlanPoint(filled, self._compute(filled), measure(filled))
@@ -167,16 +251,34 @@ class PlanCalibrator:
             ]
             bar.reset(total=sum(map(len, options)))
             bar.set_description("calibrating: sensitivity")
+            base_error = measure(base)
             sensitivity = tuple(
                 {action: measure(base[:i] + (action,) + base[i + 1 :]) for action in options[i]} for i in range(steps)
             )
             for i, step in enumerate(sensitivity):
-                step[base[i]] = 0.0
+                step[base[i]] = base_error
             self.sensitivity = sensitivity
-            chain = _chain(base, sensitivity)
-            bar.reset(total=len(chain))
+            bar.reset(total=sum(base))
             bar.set_description("calibrating: chain")
+            chain = _measured_chain(base, sensitivity, measure, self.candidates)
             self._chain = tuple(PlanPoint(actions, self._compute(actions), measure(actions)) for actions in chain)
+
+    def fewer_steps(self, steps: int) -> FewerSteps:
+        """The model as it is (at full depth, or under its own schedule) at `steps` steps, measured against the
+        reference from the same noise."""
+        steps = as_int("steps", steps, low=1)
+        if steps not in self._fewer:
+            with self._session(desc=f"calibrating: {steps} steps") as (_, bar):
+                generator = torch.Generator(self.denoiser.device).manual_seed(self.seed)
+                with exit_schedule_in_force(self.pipe, self.reference_schedule):
+                    images = self.pipe(
+                        **self.call_kwargs, num_inference_steps=steps, generator=generator, output_type="np"
+                    ).images
+                error = float(np.sqrt(np.mean((np.asarray(images, dtype=np.float64) - self._reference) ** 2)))
+                bar.update()
+            base_compute = sum(self.base) / (len(self.base) * self.num_blocks)  # the own schedule's share, per step
+            self._fewer[steps] = FewerSteps(steps, base_compute * steps / self.reference_steps, error)
+        return self._fewer[steps]
 
     @contextlib.contextmanager
     def _session(self, total: int = 1, desc: str = "calibrating") -> Iterator[Any]:
@@ -191,23 +293,41 @@ class PlanCalibrator:
             return np.asarray(images, dtype=np.float64)
 
         with exit_schedule_in_force(pipe, None) as use, tqdm(total=total, desc=desc, disable=not self.progress) as bar:
-            if not self._measured:  # the reference: the full model, whose calls give the plan its steps
+            if self._reference is None:  # the reference, and the pipeline as it is at the plan's steps (the base)
                 recorded: list[float] = []
-                handle = self.denoiser.register_forward_pre_hook(
-                    lambda module, args, kwargs: recorded.append(_timestep(args, kwargs)), with_kwargs=True
-                )
+                handles = [
+                    denoiser.register_forward_pre_hook(
+                        lambda module, args, kwargs: recorded.append(max(scheduler_timesteps(module, args, kwargs))),
+                        with_kwargs=True,
+                    )
+                    for denoiser in denoisers_of(pipe)
+                ]
                 use(self.reference_schedule)
                 try:
-                    self._reference = sample()
+                    own = sample()
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
                 self.timesteps = tuple(_one_per_step(recorded, self.num_inference_steps))
                 self.base = (
                     tuple(self.reference_schedule.depths_for(self.timesteps, self.num_train_timesteps))
                     if self.reference_schedule is not None
                     else (self.num_blocks,) * self.num_inference_steps
                 )
-                self._measured[self.base] = 0.0
+                if self.reference_steps == self.num_inference_steps:
+                    self._reference = own
+                else:
+                    generator = torch.Generator(self.denoiser.device).manual_seed(self.seed)
+                    self._reference = np.asarray(
+                        pipe(
+                            **self.call_kwargs,
+                            num_inference_steps=self.reference_steps,
+                            generator=generator,
+                            output_type="np",
+                        ).images,
+                        dtype=np.float64,
+                    )
+                self._measured[self.base] = float(np.sqrt(np.mean((own - self._reference) ** 2)))
 
             def measure(actions: tuple[int, ...]) -> float:
                 if actions not in self._measured:
@@ -229,7 +349,8 @@ class PlanCalibrator:
         )
 
     def _compute(self, actions: tuple[int, ...]) -> float:
-        return sum(actions) / (len(actions) * self.num_blocks)
+        """The share of the reference's block compute: reference steps at full depth."""
+        return sum(actions) / (self.reference_steps * self.num_blocks)
 
     def _result(self, point: PlanPoint) -> Calibration:
         return Calibration(
@@ -240,24 +361,33 @@ class PlanCalibrator:
             sensitivity=self.sensitivity,
             chain=self.chain,
             base=self.base,
+            reference_steps=self.reference_steps,
         )
 
 
 def calibrate_plan(
     pipe: Any,
     call_kwargs: dict[str, Any],
-    num_inference_steps: int,
+    num_inference_steps: int | None,
     tolerance: float | None = None,
     target_compute: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    reference_steps: int | None = None,
+    candidates: int = 3,
 ) -> Calibration:
-    """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one); see
-    `PlanCalibrator` for the arguments, and to pick plans for several budgets from one set of measurements.
+    """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one), held
+    against the fewer-steps baseline at its compute; see `PlanCalibrator` for the arguments, and to pick plans for
+    several budgets from one set of measurements.
 
     Args:
+        num_inference_steps: The plan's step count; `None`: pick it. Plans are calibrated at step counts from the
+            fewest the budget allows up to `reference_steps` (fewer steps at full depth among them), all measured
+            against the reference at `reference_steps`, and the best at the budget is returned.
         tolerance: Largest final-image error allowed (RMS, pixel values in [0, 1]; 0 gives the full model).
-        target_compute: Share of the full block compute to spend, in (0, 1].
+        target_compute: Share of the reference's block compute to spend, in (0, 1].
+        reference_steps: The reference images' step count (default: `num_inference_steps`; needed without it).
+        candidates: See `PlanCalibrator`.
     """
     if (tolerance is None) == (target_compute is None):
         raise ValueError("Give exactly one budget: `tolerance` or `target_compute`.")
@@ -265,32 +395,79 @@ def calibrate_plan(
         as_number("tolerance", tolerance, low=0)
     elif not 0 < as_number("target_compute", target_compute) <= 1:
         raise ValueError(f"`target_compute` must lie in (0, 1], got {target_compute!r}.")
-    calibrator = PlanCalibrator(pipe, call_kwargs, num_inference_steps, seed=seed, progress=progress)
+    if num_inference_steps is None and reference_steps is None:
+        raise ValueError("Without `num_inference_steps`, give `reference_steps`: the step count plans are held to.")
+    reference = as_int("reference_steps", reference_steps if reference_steps is not None else num_inference_steps, 2)
+    counts = [num_inference_steps] if num_inference_steps is not None else _step_counts(reference, target_compute)
+    found = []
+    for steps in counts:
+        calibrator = PlanCalibrator(
+            pipe, call_kwargs, steps, seed=seed, progress=progress, reference_steps=reference, candidates=candidates
+        )
+        try:
+            result = (
+                calibrator.for_tolerance(tolerance)
+                if tolerance is not None
+                else calibrator.for_target_compute(target_compute)
+            )
+        except ValueError:  # nothing at this step count fits the budget
+            if num_inference_steps is not None:
+                raise
+            continue
+        fewer = _equal_compute_steps(result.compute_fraction, calibrator)
+        found.append(dataclasses.replace(result, fewer_steps=calibrator.fewer_steps(fewer) if fewer else None))
+    if not found:
+        raise ValueError(f"No plan at {counts} steps fits the budget.")
     if tolerance is not None:
-        return calibrator.for_tolerance(tolerance)
-    return calibrator.for_target_compute(target_compute)
+        return min(found, key=lambda c: (c.compute_fraction, c.error))
+    return min(found, key=lambda c: (c.error, c.compute_fraction))
 
 
-def _timestep(args: tuple, kwargs: dict) -> float:
-    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-    return float(torch.as_tensor(timestep).reshape(-1)[0])
+def _step_counts(reference: int, target_compute: float | None) -> list[int]:
+    """The step counts `calibrate_plan` tries without one: from the fewest whose full-depth run fits the budget (or
+    2) up to the reference, at most six, closer together near the fewest."""
+    fewest = max(2, math.floor((target_compute or 0) * reference + 1e-9))
+    if fewest >= reference:
+        return [reference]
+    counts = {fewest, reference}
+    for share in (0.15, 0.3, 0.5, 0.75):
+        counts.add(round(fewest + share * (reference - fewest)))
+    return sorted(counts)
+
+
+def _equal_compute_steps(compute_fraction: float, calibrator: PlanCalibrator) -> int | None:
+    """The most steps the model as it is can take within `compute_fraction` of the reference (`None`: fewer than 2,
+    which many schedulers and pipelines do not sample with, or the plan's own step count, where the plan is the model
+    as it is)."""
+    base_share = sum(calibrator.base) / (len(calibrator.base) * calibrator.num_blocks)
+    steps = math.floor(compute_fraction / base_share * calibrator.reference_steps + 1e-9)
+    return steps if 2 <= steps < calibrator.num_inference_steps else None
 
 
 def _one_per_step(recorded: list[float], steps: int) -> list[float]:
-    """The denoiser's timesteps, one per sampling step (a pipeline calls it once per step)."""
-    if len(recorded) != steps or len(set(recorded)) != steps:
+    """The scheduler's timesteps, one per sampling step, from the denoisers' calls in order (consecutive calls at one
+    timestep are one step: the conditional and unconditional calls of true classifier-free guidance, say)."""
+    per_step = [t for i, t in enumerate(recorded) if i == 0 or t != recorded[i - 1]]
+    if len(per_step) != steps or len(set(per_step)) != steps:
         raise ValueError(
-            f"A plan needs one denoiser call per step at distinct timesteps; this pipeline made "
-            f"{len(recorded)} calls for {steps} steps at {recorded}."
+            f"A plan needs the denoiser called at {steps} distinct timesteps, one step after another; this pipeline "
+            f"called it at {recorded} for {steps} steps."
         )
-    return recorded
+    return per_step
 
 
-def _chain(base: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> list[tuple[int, ...]]:
-    """Plans from `base` to the cheapest, each one move from the last: the step whose next cheaper action (one block
-    less, or `REUSE`) adds the least predicted squared error per block saved."""
+def _measured_chain(
+    base: tuple[int, ...],
+    sensitivity: tuple[dict[int, float], ...],
+    measure: Callable[[tuple[int, ...]], float],
+    candidates: int,
+) -> list[tuple[int, ...]]:
+    """Plans from `base` to the cheapest, each one move from the last (a step one block shallower, or straight to
+    `REUSE`): of the moves whose predicted squared error per block saved (from the sensitivities) is lowest, the
+    `candidates` best are run as whole plans, and the one whose measured error grows least per block saved is taken."""
     actions, chain = list(base), [tuple(base)]
-    predicted = [0.0] * len(base)  # squared error of each step's current action
+    predicted = [sensitivity[i][base[i]] ** 2 for i in range(len(base))]  # squared error of each step's action
+    error = measure(tuple(base))
 
     def moves(i: int) -> list[int]:
         current = actions[i]
@@ -300,17 +477,21 @@ def _chain(base: tuple[int, ...], sensitivity: tuple[dict[int, float], ...]) -> 
         return cheaper
 
     while True:
-        best = None
-        for i in range(len(actions)):
-            for action in moves(i):
-                cost = (sensitivity[i][action] ** 2 - predicted[i]) / (actions[i] - action)
-                if best is None or cost < best[0]:
-                    best = (cost, i, action)
-        if best is None:
+        ranked = sorted(
+            ((sensitivity[i][action] ** 2 - predicted[i]) / (actions[i] - action), i, action)
+            for i in range(len(actions))
+            for action in moves(i)
+        )
+        if not ranked:
             return chain
-        _, i, action = best
+        trials = []
+        for _, i, action in ranked[:candidates]:
+            plan = tuple(actions[:i] + [action] + actions[i + 1 :])
+            trials.append(((measure(plan) - error) / (actions[i] - action), i, action, plan))
+        _, i, action, plan = min(trials)
         actions[i], predicted[i] = action, sensitivity[i][action] ** 2
-        chain.append(tuple(actions))
+        error = measure(plan)
+        chain.append(plan)
 
 
 def _fill(

@@ -71,7 +71,10 @@ class HostReads:
     def __enter__(self) -> HostReads:
         self._stack = contextlib.ExitStack()
         stack = self._stack
-        handles = [self.denoiser.register_forward_pre_hook(self._start), self.denoiser.register_forward_hook(self._stop)]
+        handles = [
+            self.denoiser.register_forward_pre_hook(self._start),
+            self.denoiser.register_forward_hook(self._stop),
+        ]
         stack.callback(lambda: [handle.remove() for handle in handles])
         for name in ("cpu", "tolist", "numpy"):
             original = getattr(torch.Tensor, name)

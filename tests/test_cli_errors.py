@@ -75,6 +75,18 @@ CASES = [
     (["bench", "--methods", "ase:wavy:3"], "Bad exit schedule 'wavy:3': expected linear:M"),
     (["bench", "--methods", "finetuned:nowhere"], "--methods: No model 'nowhere'"),
     (["bench", "--methods", "finetuned:digits-dit-ase:plans/nowhere"], "Bad exit schedule 'plans/nowhere'"),
+    # prompts and sizes: for text-to-image pipelines, checked against the model's model_index.json before it loads
+    (["bench", "--height", "0"], "--height: expected an integer >= 1, got 0"),
+    (["bench", "--prompt", ""], "--prompt: expected a non-empty prompt, got ''"),
+    (["bench", "--prompts", "/no/such/prompts.txt"], "--prompts: no such file: '/no/such/prompts.txt'"),
+    (["bench", "--prompts", "README.md", "--prompt", "a"], "argument --prompt: not allowed with argument --prompts"),
+    (["bench", "--prompt", "a cat"], "digits-dit (EarlyExitDiTPipeline) is class-conditional"),
+    (["bench", "--model", "random:dit-tiny", "--width", "64"], "it takes no height or width"),
+    (
+        ["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--prompt", "a"],
+        "it takes no prompt; leave out --prompt",
+    ),
+    (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--prompt", "a"], "digits-unet (EarlyExitUNet2DPipeline)"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "pab:0"], "--accelerators: Bad method 'pab:0'"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "magcache:0.1:0"], "--accelerators: Bad method 'magcache:0.1:0'"),
     # found once the model is loaded: a value the model cannot take
@@ -132,7 +144,7 @@ CASES = [
     (["bench", "--csv", "/proc/rows.csv"], "--csv: cannot write '/proc/rows.csv'"),
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "bogus:1"], "--accelerators: Unknown method 'bogus:1'"),
-    (["sweep", "--out", "/tmp/x", "--accelerators", "baseline"], "must be diffusers accelerator methods"),
+    (["sweep", "--out", "/tmp/x", "--accelerators", "baseline"], "must be other accelerators' methods"),
     (["sweep", "--out", "/tmp/x", "--accelerators", "fbcache:x", "--steps", "2"], "Bad method 'fbcache:x'"),
     (["sweep", "--out", "/tmp/x", "--finetuned", "nowhere"], "No model 'nowhere'"),
     (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--finetuned", "digits-unet"], "another model than"),

@@ -1,9 +1,19 @@
 """`ee-diffusion bench`: methods side by side on one model, in one run: speed, executed blocks and sample quality.
 
-Quality: every method generates the same class labels from the same seeds, batch by batch, the methods taking turns.
-FID and KID are scored against `reference` (`ee_diffusion.metrics.compute_fid_kid`); the digits models default to the
-held-out digits split seen through the digits feature network, whose predictions also give their class accuracy.
-Other models without a reference get speed rows only.
+Inputs: what a pipeline call takes is read from its `__call__` signature, in one place (`pipeline_inputs`): class
+labels (class-conditional models: DiT, the digits models; image `i` gets label `i % 10`), prompts (text-to-image
+pipelines: PixArt, SD3, Stable Diffusion, Flux, ...; image `i` gets prompt `i % len(prompts)`, and `height`/`width`
+where given) or nothing but a batch size (unconditional DDPM/DDIM), and the name of its guidance argument.
+
+Quality: every method generates the same class labels or prompts from the same seeds, batch by batch, the methods
+taking turns. FID and KID are scored against `reference` (`ee_diffusion.metrics.compute_fid_kid`); the digits models
+default to the held-out digits split seen through the digits feature network, whose predictions also give their class
+accuracy. Other models without a reference get PSNR and SSIM (`ee_diffusion.metrics.image_similarity`) of each
+method's images against the full-compute output of the same seeds and conditioning: the cell's `baseline` row, or a
+full-compute run the bench makes apart when there is none (`similarity_steps` sets its step count). That measures
+closeness to the full model, not image quality: a method that samples along another trajectory (fewer steps) can be
+as good and still score low, so fewer-steps rows are to be judged against a `reference`. `random:` models (latents,
+no images) get speed rows only.
 
 Speed is timed apart from quality generation, after it (which is its warm-up): `repeats` rounds in which every method
 generates one batch, the order rotating from round to round (`ee_diffusion.metrics.time_interleaved`). `images_per_s`
@@ -33,8 +43,11 @@ rounds at once, and `images_per_s` is the number of processes times the images p
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +73,7 @@ from ..metrics import (
     class_accuracy,
     compute_fid_kid,
     image_files,
+    image_similarity,
     load_digits_classifier,
     load_reference_statistics,
     round_speedups,
@@ -84,6 +98,214 @@ RANDOM_MODELS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- what a call takes
+# How a pipeline is conditioned, by the argument of its `__call__` that says it, in the order they are looked for.
+CONDITIONINGS = {
+    "class_labels": "class-conditional (one class id per image: DiT, the digits models)",
+    "prompt": "text-to-image (one prompt per image: PixArt, SD3, Stable Diffusion, Flux, ...)",
+    "batch_size": "unconditional (DDPM, DDIM)",
+}
+# What every bench and calibration call passes besides the conditioning.
+_ALWAYS_PASSED = ("num_inference_steps", "generator", "output_type")
+
+
+@dataclass(frozen=True)
+class PipelineInputs:
+    """What a pipeline's `__call__` takes, read from its signature (`pipeline_inputs`): the one place where the bench,
+    `calibrate` and `sweep` learn how to call a pipeline.
+
+    Args:
+        pipeline: The pipeline class's name.
+        conditioning: One of `CONDITIONINGS`: `"class_labels"`, `"prompt"` or `"batch_size"` (unconditional).
+        sizes: Whether it takes `height` and `width`.
+        guidance: The name of its guidance argument (`guidance_scale`), or `None`. For Flux-dev that is the guidance
+            distilled into the model; its true classifier-free guidance, `true_cfg_scale`, is left at its default.
+        default_guidance: That argument's default in the signature.
+        resolution_binning: Whether it takes `use_resolution_binning` (PixArt): turned off when sizes are given, so
+            the images are made at exactly those sizes.
+        fixed: Arguments every call passes: `clean_caption=False` where PixArt's caption cleaning lacks its packages
+            (beautifulsoup4, ftfy), which the pipeline would otherwise fall back to with a warning at every call.
+    """
+
+    pipeline: str
+    conditioning: str
+    sizes: bool
+    guidance: str | None
+    default_guidance: float | None
+    resolution_binning: bool = False
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def check(
+        self,
+        model: str,
+        prompts: list[str] | None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        """Raise a `ValueError` saying what to change when the pipeline cannot take these inputs: prompts for a model
+        without them, none for one that needs them, sizes it does not take, guidance it does not have."""
+        kind = f"{model} ({self.pipeline}) is {CONDITIONINGS[self.conditioning]}"
+        if self.conditioning == "prompt" and not prompts:
+            raise ValueError(
+                f"{kind}: give the prompts to generate (--prompt TEXT, repeatable, or --prompts FILE, one per line; "
+                "`prompts` in Python)."
+            )
+        if self.conditioning != "prompt" and prompts:
+            raise ValueError(
+                f"{kind}: it takes no prompt; leave out --prompt and --prompts (`prompts`), which are for "
+                "text-to-image pipelines."
+            )
+        if not self.sizes and (height is not None or width is not None):
+            raise ValueError(
+                f"{kind}: it takes no height or width (its images have its model's size); leave out --height and "
+                "--width."
+            )
+        if self.guidance is None and guidance_scale not in (None, 1.0):
+            raise ValueError(
+                f"{kind}: it has no guidance, got guidance_scale={guidance_scale}; leave out --guidance-scale."
+            )
+
+    def conditions(self, count: int, prompts: list[str] | None = None, num_classes: int = 10) -> list[Any]:
+        """What each of `count` images is conditioned on: class `i % num_classes`, prompt `i % len(prompts)`, or
+        `None` (unconditional)."""
+        if self.conditioning == "class_labels":
+            return [i % num_classes for i in range(count)]
+        if self.conditioning == "prompt":
+            return [prompts[i % len(prompts)] for i in range(count)]
+        return [None] * count
+
+    def call_kwargs(
+        self,
+        conditions: list[Any],
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, Any]:
+        """The call's arguments besides the steps, generator and output type, for one batch of `conditions`;
+        `guidance_scale=None` and sizes left out keep the pipeline's defaults."""
+        kwargs: dict[str, Any] = {
+            self.conditioning: len(conditions) if self.conditioning == "batch_size" else list(conditions),
+            **dict(self.fixed),
+        }
+        if self.guidance is not None and guidance_scale is not None:
+            kwargs[self.guidance] = guidance_scale
+        if self.sizes:
+            kwargs.update({name: size for name, size in (("height", height), ("width", width)) if size is not None})
+            if self.resolution_binning and (height is not None or width is not None):
+                kwargs["use_resolution_binning"] = False
+        return kwargs
+
+    def guidance_in_effect(self, guidance_scale: float | None) -> str:
+        """The guidance a run gets, in words (for the commands' headers)."""
+        if self.guidance is None:
+            return "no guidance"
+        if guidance_scale is None:
+            return f"{self.guidance} {self.default_guidance:g} (the pipeline's default)"
+        return f"{self.guidance} {guidance_scale:g}"
+
+
+def pipeline_inputs(pipe: Any) -> PipelineInputs:
+    """What `pipe` (a pipeline or a pipeline class) takes; a `TypeError` naming its class and what is supported when
+    the bench and calibration cannot drive it."""
+    return _inputs_of_class(pipe if isinstance(pipe, type) else type(pipe))
+
+
+@functools.cache
+def _inputs_of_class(cls: type) -> PipelineInputs:
+    parameters = dict(inspect.signature(cls.__call__).parameters)
+    parameters.pop("self", None)
+    conditioning = next((name for name in CONDITIONINGS if name in parameters), None)
+    required = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and name != conditioning
+    ]
+    missing = [name for name in _ALWAYS_PASSED if name not in parameters]
+    if conditioning is None or missing or required:
+        supported = "; ".join(f"`{name}`: {kind}" for name, kind in CONDITIONINGS.items())
+        problem = (
+            f"it also needs {', '.join(map(repr, required))}"
+            if conditioning is not None and not missing
+            else f"its __call__ takes {', '.join(parameters) or 'nothing'}"
+        )
+        raise TypeError(
+            f"The bench, calibrate and sweep cannot drive {cls.__name__}: {problem}. They drive pipelines whose "
+            f"__call__ takes {', '.join(_ALWAYS_PASSED)} and one of {supported}."
+        )
+    guidance = "guidance_scale" if "guidance_scale" in parameters else None
+    default = parameters[guidance].default if guidance else None
+    fixed = []
+    if parameters.get("clean_caption") is not None and parameters["clean_caption"].default is True:
+        from diffusers.utils import is_bs4_available, is_ftfy_available
+
+        if not (is_bs4_available() and is_ftfy_available()):
+            logger.warning(
+                "%s cleans captions with beautifulsoup4 and ftfy, which are not installed: prompts are used as they "
+                "are (clean_caption=False).",
+                cls.__name__,
+            )
+            fixed.append(("clean_caption", False))
+    return PipelineInputs(
+        pipeline=cls.__name__,
+        conditioning=conditioning,
+        sizes="height" in parameters and "width" in parameters,
+        guidance=guidance,
+        default_guidance=float(default) if isinstance(default, (int, float)) else None,
+        resolution_binning="use_resolution_binning" in parameters,
+        fixed=tuple(fixed),
+    )
+
+
+def probe_kwargs(
+    pipe: Any,
+    model: str,
+    count: int,
+    prompts: list[str] | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[str, Any]:
+    """The call arguments of `count` calibration probes on `pipe` (of `model`, for messages): class labels cycling
+    through all the model's classes, or `prompts` cycling, with the sizes and guidance given (`PlanCalibrator`'s
+    `call_kwargs`); a `ValueError` saying what to change when the pipeline takes other inputs."""
+    from ..pipelines.class_conditional import null_class_label
+
+    inputs = pipeline_inputs(pipe)
+    inputs.check(model, prompts, height, width, guidance_scale)
+    classes = null_class_label(denoiser_of(pipe)) if inputs.conditioning == "class_labels" else 1
+    return inputs.call_kwargs(inputs.conditions(count, prompts, classes), guidance_scale, height, width)
+
+
+def pipeline_inputs_of_model(model: str) -> PipelineInputs | None:
+    """What the pipeline of a bench model takes, known before loading it: from the class its `model_index.json`
+    names (a shipped model's, a folder's, a hub id's from the cache or the hub), or for `random:` models; `None` when
+    that needs the pipeline loaded (no `model_index.json` to read, a class only the loader knows)."""
+    from diffusers import DiffusionPipeline
+
+    from .. import pipelines
+    from ..pipelines.loading import resolve_pretrained
+
+    if model.startswith("random:"):
+        return pipeline_inputs(EarlyExitDiTPipeline)
+    resolved = resolve_pretrained(model)
+    if Path(resolved).is_dir():
+        if not (Path(resolved) / "model_index.json").is_file():
+            return None  # the loader says what is missing
+        name = DiffusionPipeline.load_config(resolved).get("_class_name") or ""
+    else:
+        try:
+            name = DiffusionPipeline.load_config(resolved).get("_class_name") or ""
+        except (OSError, ValueError):
+            return None  # the loader says why
+    cls = getattr(pipelines, name, None) or getattr(pipelines, f"EarlyExit{name}", None)
+    if not (isinstance(cls, type) and issubclass(cls, pipelines.EarlyExitPipelineMixin)):
+        return None  # the loader names what it supports
+    return pipeline_inputs(cls)
+
+
 @dataclass
 class BenchConfig:
     """What `run_bench` measures.
@@ -91,13 +313,15 @@ class BenchConfig:
     Args:
         model: Shipped model name (`digits-dit`, `digits-unet`), folder, hub id or `random:<name>` (`RANDOM_MODELS`).
         methods: Method specs (see `ee_diffusion.bench.methods`).
-        num_samples: Images per method and cell (class labels cycle through 0..9), for quality.
+        num_samples: Images per method and cell (class labels cycle through 0..9, prompts through `prompts`), for
+            quality.
         batch_size: Images per generated batch; a timed round generates one batch per method.
         repeats: Timed rounds per cell (after quality generation, interleaved with rotating order).
         steps: Scheduler steps, one value or a list (a grid axis).
         scheduler: One of `SCHEDULERS`, or a list of them (a grid axis).
         grid: `"zip"` (cells pair the lists position by position) or `"product"` (every combination).
-        guidance_scale: Classifier-free guidance scale (1: off).
+        guidance_scale: The value of the pipeline's guidance argument (`PipelineInputs.guidance`: classifier-free
+            guidance, 1: off; for Flux-dev its distilled guidance); `None`: the pipeline's own default.
         seed: Seed of batch `i` is `seed + i`, for every method.
         device: Torch device.
         dtype: `float32`, `float16` or `bfloat16`.
@@ -110,6 +334,12 @@ class BenchConfig:
         fid_backend: Feature network of FID/KID against `reference`: "clean-fid", "torchmetrics" or "digits"
             (default: the one stored in the `.npz`, else "digits" for 1x32x32 images and "clean-fid" otherwise).
         inception_path: The local `inception-2015-12-05.pt` (or its folder) for the "clean-fid" backend.
+        prompts: What a text-to-image pipeline generates, image `i` prompt `i % len(prompts)` (required for them,
+            refused by the others).
+        height: Image height for pipelines that take one (`None`: the pipeline's default).
+        width: Image width for pipelines that take one (`None`: the pipeline's default).
+        similarity_steps: Step count of the full-compute output that PSNR and SSIM compare with (`None`: each
+            cell's own); `ee-diffusion sweep` sets its largest, so that every step count has one reference.
     """
 
     model: str = "digits-dit"
@@ -120,7 +350,7 @@ class BenchConfig:
     steps: int | list[int] = 50
     scheduler: str | list[str] = "dpm-solver++"
     grid: str = "zip"
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = 1.0
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -130,8 +360,23 @@ class BenchConfig:
     reference: str | None = None
     fid_backend: str | None = None
     inception_path: str | None = None
+    prompts: list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    similarity_steps: int | None = None
 
     def __post_init__(self) -> None:
+        self.prompts = checked_prompts(self.prompts)
+        for name in ("height", "width", "similarity_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer of at least 1 or None, got {value!r}.")
+        if self.guidance_scale is not None and not (
+            isinstance(self.guidance_scale, (int, float))
+            and math.isfinite(self.guidance_scale)
+            and self.guidance_scale >= 0
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 or None, got {self.guidance_scale!r}.")
         self.steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
         self.scheduler = [self.scheduler] if isinstance(self.scheduler, str) else list(self.scheduler)
         bad = [name for name in self.scheduler if name not in SCHEDULERS]
@@ -178,6 +423,20 @@ class BenchConfig:
         return [(self.scheduler[i % len(self.scheduler)], self.steps[i % len(self.steps)]) for i in range(length)]
 
 
+def checked_prompts(prompts: Any) -> list[str] | None:
+    """`prompts` as a list of non-empty texts, or `None`; a `ValueError`/`TypeError` naming the bad one otherwise."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"`prompts` must be a list of texts, got {prompts!r}.")
+    prompts = list(prompts)
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise TypeError(f"`prompts` must be a list of texts, got {prompts!r}.")
+    if not prompts or not all(prompt.strip() for prompt in prompts):
+        raise ValueError(f"`prompts` must be non-empty texts, at least one (or None for no prompts), got {prompts!r}.")
+    return prompts
+
+
 @dataclass
 class _Run:
     """What one method produced in one cell: its images and block fractions batch by batch, its timed rounds (one
@@ -190,6 +449,23 @@ class _Run:
     speedups: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
     depth_profiles: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class _Cell:
+    """One (scheduler, steps) cell: a run per method, and the full-compute run PSNR and SSIM compare with (one of
+    `runs`, or one generated apart, without a row), when they are scored."""
+
+    scheduler: str
+    steps: int
+    runs: list[_Run]
+    reference: _Run | None = None
+
+    @property
+    def all_runs(self) -> list[_Run]:
+        """The runs, then the reference when it has no row."""
+        apart = self.reference is not None and all(self.reference is not run for run in self.runs)
+        return [*self.runs, *([self.reference] * apart)]
 
 
 def process_state(device: str) -> PartialState:
@@ -233,7 +509,7 @@ def compile_regions(pipe: Any) -> None:
 
 
 def _generate(
-    run: _Run, pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device
+    run: _Run, pipe: Any, conditions: list[Any], seed: int, config: BenchConfig, steps: int, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """One call of the method: its images (on the CPU) and executed block fraction, against the full model at the
     cell's `steps` (a method at its own step count, `@N`, scales its per-call fraction by N / steps). Where the method
@@ -243,7 +519,7 @@ def _generate(
     with run.method.session(pipe) as work:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        images = _call(pipe, labels, seed, config, own_steps, device)
+        images = _call(pipe, conditions, seed, config, own_steps, device)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             run.peak_memory_mb = max(run.peak_memory_mb or 0.0, peak)
@@ -253,15 +529,16 @@ def _generate(
         return images.float().cpu(), work() * own_steps / steps
 
 
-def _call(pipe: Any, labels: list[int], seed: int, config: BenchConfig, steps: int, device: torch.device) -> Any:
+def _call(
+    pipe: Any, conditions: list[Any], seed: int, config: BenchConfig, steps: int, device: torch.device
+) -> torch.Tensor:
+    """One pipeline call for one batch of `conditions` (class labels, prompts or `None`s): its images, NCHW."""
     generator = torch.Generator(device).manual_seed(seed)
-    return pipe(
-        class_labels=labels,
-        guidance_scale=config.guidance_scale,
-        generator=generator,
-        num_inference_steps=steps,
-        output_type="pt",
-    ).images
+    kwargs = pipeline_inputs(pipe).call_kwargs(conditions, config.guidance_scale, config.height, config.width)
+    images = pipe(**kwargs, generator=generator, num_inference_steps=steps, output_type="pt").images
+    if not isinstance(images, torch.Tensor):  # DDPM and DDIM give NHWC arrays whatever the output type
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return images
 
 
 def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] | None = None) -> list[BenchRow]:
@@ -288,12 +565,14 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
                 pipes[model].scheduler = build_scheduler(cell_scheduler[-1], schedulers[model])
         return pipes[model]
 
+    inputs = pipeline_inputs(pipe_of(config.model))
+    inputs.check(config.model, config.prompts, config.height, config.width, config.guidance_scale)
     if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model))):
         raise ValueError(
             f"FID/KID of {config.model} need at least 2 samples per method, got num_samples={config.num_samples}."
         )
-    labels = [i % 10 for i in range(config.num_samples)]
-    batches = [labels[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
+    conditions = inputs.conditions(config.num_samples, config.prompts)
+    batches = [conditions[i : i + config.batch_size] for i in range(0, config.num_samples, config.batch_size)]
 
     def use_scheduler(scheduler: str) -> None:
         cell_scheduler.append(scheduler)
@@ -304,47 +583,53 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
     cells = []  # every cell's methods, built (and so checked) before anything is generated
     for scheduler, steps in config.cells():
         use_scheduler(scheduler)  # before building (MagCache calibrates at the cell's scheduler and steps)
-        methods = [build_method(spec, Target(config.model, pipe_of, steps)) for spec in config.methods]
+        target = Target(config.model, pipe_of, steps, _small_call(pipe_of(config.model), batches[0], config))
+        methods = [build_method(spec, target) for spec in config.methods]
         if len({m.name for m in methods}) != len(methods):
             raise ValueError(f"Methods must be distinct, got {config.methods}.")
         if all(method.unsupported is not None for method in methods):
             reasons = "; ".join(f"{method.name}: {method.unsupported}" for method in methods)
             raise ValueError(f"No method can run on {config.model}: {reasons}.")
-        cells.append((scheduler, steps, [_Run(method) for method in methods]))
+        cells.append(_Cell(scheduler, steps, [_Run(method) for method in methods]))
+    for model, pipe in pipes.items():  # every model of the methods (fine-tuned ones) takes the same inputs
+        if model != config.model:
+            pipeline_inputs(pipe).check(model, config.prompts, config.height, config.width, config.guidance_scale)
+    if _scoring(config, pipes) == "similarity":
+        for cell in cells:
+            cell.reference = _full_compute_run(cell, config, pipe_of)
     bar = tqdm(total=0, desc="generating", disable=not (progress and state.is_main_process))  # this process's calls
-    results = []
-    for scheduler, steps, runs in cells:
-        use_scheduler(scheduler)
-        active = [run for run in runs if run.method.unsupported is None]
+    for cell in cells:
+        use_scheduler(cell.scheduler)
+        active = [run for run in cell.runs if run.method.unsupported is None]
+        generating = [run for run in cell.all_runs if run.method.unsupported is None]
         with state.split_between_processes(list(range(len(batches)))) as mine:
-            bar.total += (len(mine) + config.repeats) * len(active)
+            bar.total += len(mine) * len(generating) + config.repeats * len(active)
             bar.refresh()
             for index in mine:
-                for offset in range(len(active)):
-                    run = active[(index + offset) % len(active)]
+                for offset in range(len(generating)):
+                    run = generating[(index + offset) % len(generating)]
                     images, fraction = _generate(
-                        run, pipes[run.method.model], batches[index], config.seed + index, config, steps, device
+                        run, pipes[run.method.model], batches[index], config.seed + index, config, cell.steps, device
                     )
                     run.images[index] = images
                     run.fractions.append(fraction)
                     bar.update()
-        _time(active, pipes, batches[0], config, steps, device, bar)
-        results.append((scheduler, steps, runs))
+        _time(active, pipes, batches[0], config, cell.steps, device, bar)
     bar.close()
     gathered = gather_object(
         [
             [
                 (run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb, run.depth_profiles)
-                for run in runs
+                for run in cell.all_runs
             ]
-            for _, _, runs in results
+            for cell in cells
         ]
     )
     if not state.is_main_process:
         return []
-    for position, (_, _, runs) in enumerate(results):  # every process's part of each cell, in process order
-        parts = gathered[position :: len(results)]
-        for number, run in enumerate(runs):
+    for position, cell in enumerate(cells):  # every process's part of each cell, in process order
+        parts = gathered[position :: len(cells)]
+        for number, run in enumerate(cell.all_runs):
             run.images = {i: image for part in parts for i, image in part[number][0].items()}
             run.fractions = [f for part in parts for f in part[number][1]]
             run.timings = [timing for part in parts for timing in part[number][2]]
@@ -352,16 +637,37 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
             peaks = [part[number][4] for part in parts if part[number][4] is not None]
             run.peak_memory_mb = max(peaks) if peaks else None
             run.depth_profiles = [profile for part in parts for profile in part[number][5]]
-    rows = _score(results, labels, config, len(batches[0]), pipes, progress)
+    rows = _score(cells, conditions, config, len(batches[0]), pipes, progress)
     if config.save_images:
-        save_images(config.save_images, rows, [run.images for _, _, runs in results for run in runs], labels)
+        if inputs.conditioning == "prompt":
+            names = [f"prompt{i % len(config.prompts)}" for i in range(config.num_samples)]
+        else:
+            names = conditions if inputs.conditioning == "class_labels" else [""] * config.num_samples
+        save_images(config.save_images, rows, [run.images for cell in cells for run in cell.runs], names)
     return rows
+
+
+def _full_compute_run(cell: _Cell, config: BenchConfig, pipe_of: Any) -> _Run:
+    """The run of the model at full depth at `similarity_steps` (default: the cell's), from the cell's own methods
+    (`baseline`, `baseline@N`) when it has it, else a run of its own."""
+    steps = config.similarity_steps or cell.steps
+    spec = "baseline" if steps == cell.steps else f"baseline@{steps}"
+    same = [run for run in cell.runs if run.method.name == spec and run.method.unsupported is None]
+    return same[0] if same else _Run(build_method(spec, Target(config.model, pipe_of, cell.steps)))
+
+
+def _small_call(pipe: Any, conditions: list[Any], config: BenchConfig) -> dict[str, Any]:
+    """The arguments of a call of two images of the bench's own conditions (without guidance where it has any): what
+    MagCache calibrates on."""
+    inputs = pipeline_inputs(pipe)
+    two = (list(conditions) * 2)[:2]
+    return inputs.call_kwargs(two, 1.0 if inputs.guidance is not None else None, config.height, config.width)
 
 
 def _time(
     active: list[_Run],
     pipes: dict[str, Any],
-    labels: list[int],
+    conditions: list[Any],
     config: BenchConfig,
     steps: int,
     device: torch.device,
@@ -372,7 +678,7 @@ def _time(
 
     def timed_call(run: _Run) -> None:
         with run.method.session(pipes[run.method.model]):
-            _call(pipes[run.method.model], labels, config.seed, config, run.method.steps or steps, device)
+            _call(pipes[run.method.model], conditions, config.seed, config, run.method.steps or steps, device)
         bar.update()
 
     calls = {run.method.name: partial(timed_call, run) for run in active}
@@ -385,32 +691,49 @@ def _time(
             run.speedups.extend(round_speedups(baseline, timing))
 
 
+def _scoring(config: BenchConfig, pipes: dict[str, Any]) -> str | None:
+    """How quality is scored: `"fid"` (against `reference`, or the held-out digits for the digits models),
+    `"similarity"` (PSNR and SSIM against the full-compute output) or `None` (the latents of `random:` models)."""
+    if config.reference is not None or all(_is_digits_shaped(pipe) for pipe in pipes.values()):
+        return "fid"
+    return None if config.model.startswith("random:") else "similarity"
+
+
 def _score(
-    results: list[tuple[str, int, list[_Run]]],
-    labels: list[int],
+    cells: list[_Cell],
+    conditions: list[Any],
     config: BenchConfig,
     timed_images: int,
     pipes: dict[str, Any],
     progress: bool,
 ) -> list[BenchRow]:
+    scoring = _scoring(config, pipes)
     digits = all(_is_digits_shaped(pipe) for pipe in pipes.values())
-    extractor, reference = _quality_reference(config, digits, progress)
-    classifier = load_digits_classifier() if digits else None
+    extractor, reference = _quality_reference(config, digits, progress) if scoring == "fid" else (None, None)
+    if scoring is None:
+        logger.warning("%s makes latents, not images: speed rows only.", config.model)
+    classifier = load_digits_classifier() if digits and scoring == "fid" else None
+    against = config.reference or ("the held-out digits" if digits else None)
     rows = []
     bar = tqdm(
-        total=sum(len(runs) for _, _, runs in results),
+        total=sum(len(cell.runs) for cell in cells),
         desc="scoring",
-        disable=not (extractor is not None and progress),
+        disable=not (scoring is not None and progress),
     )
-    for scheduler, steps, runs in results:
-        baseline = next((run for run in runs if run.method.name == "baseline"), None)
-        for run in runs:
+    for cell in cells:
+        baseline = next((run for run in cell.runs if run.method.name == "baseline"), None)
+        full = (
+            None
+            if cell.reference is None
+            else torch.cat([cell.reference.images[i] for i in sorted(cell.reference.images)])
+        )
+        for run in cell.runs:
             bar.update()
             row = BenchRow(
                 method=run.method.name,
                 model=run.method.model,
-                scheduler=scheduler,
-                steps=steps,
+                scheduler=cell.scheduler,
+                steps=cell.steps,
                 num_samples=config.num_samples,
                 fid=None,
                 kid=None,
@@ -433,13 +756,17 @@ def _score(
             row.peak_memory_mb = run.peak_memory_mb
             if run.depth_profiles:  # one per batch, each a depth per sampling step: their mean, step by step
                 row.depth_per_step = [statistics.fmean(depths) for depths in zip(*run.depth_profiles)]
+            images = torch.cat([run.images[i] for i in sorted(run.images)])
+            if full is not None:
+                similarity = image_similarity(images, full)
+                row.psnr, row.ssim = similarity.psnr, similarity.ssim
+                row.quality_reference = f"full compute: baseline@{config.similarity_steps or cell.steps}"
             if extractor is None:
                 continue
-            images = torch.cat([run.images[i] for i in sorted(run.images)])
             quality = compute_fid_kid(images, reference, extractor=extractor, progress=progress)
-            row.fid, row.kid = quality.fid, quality.kid
+            row.fid, row.kid, row.quality_reference = quality.fid, quality.kid, against
             if classifier is not None:
-                row.class_accuracy = class_accuracy(images, torch.tensor(labels), classifier)
+                row.class_accuracy = class_accuracy(images, torch.tensor(conditions), classifier)
     bar.close()
     return rows
 
@@ -448,10 +775,7 @@ def _quality_reference(
     config: BenchConfig, digits: bool, progress: bool
 ) -> tuple[FeatureExtractor | None, ReferenceStatistics | None]:
     """The feature network and reference statistics FID/KID are scored with: `--reference`, else (for the digits
-    models) the held-out digits split through the digits network; `(None, None)` when quality cannot be scored."""
-    if config.reference is None and not digits:
-        logger.warning("No --reference: quality is scored for the pixel-space digits models only; speed rows only.")
-        return None, None
+    models) the held-out digits split through the digits network."""
     if config.reference is None:
         extractor = FeatureExtractor("digits", device=config.device)
         heldout = (load_digits_split("heldout").images + 1) / 2
@@ -466,6 +790,7 @@ def _quality_reference(
 
 def _is_digits_shaped(pipe: Any) -> bool:
     """A pixel-space model of 1 x 32 x 32 images: scored against the held-out digits by default."""
-    denoiser = denoiser_of(pipe)
-    shape = (denoiser.config.in_channels, denoiser.config.sample_size)
-    return getattr(pipe, "vae", None) is None and shape == (1, 32)
+    if getattr(pipe, "vae", None) is not None:
+        return False
+    config = denoiser_of(pipe).config
+    return (config.get("in_channels"), config.get("sample_size")) == (1, 32)

@@ -9,6 +9,7 @@ cell's (`baseline@8` in a 10-step cell is the fewer-steps baseline).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import textwrap
@@ -48,14 +49,17 @@ def _parse_finetuned(argument: str, spec: str) -> tuple[str, str]:
     return model, schedule
 
 
-def _parse_deediff(argument: str, spec: str) -> tuple[float | None, str | None]:
-    from ..exits.heads import POLICIES
+def _parse_deediff(argument: str, spec: str) -> tuple[float | None, str | None, str | None]:
+    from ..exits.heads import DECISIONS, POLICIES
 
-    threshold, _, policy = argument.partition(":")
+    threshold, _, rest = argument.partition(":")
+    policy, _, decision = rest.partition(":")
     (threshold,) = _arguments(spec, threshold, _Number("the threshold", float, 0, 1, low_open=True, default=None))
     if policy and policy not in POLICIES:
         raise ValueError(f"Bad method {spec!r}: the policy must be one of {', '.join(POLICIES)}, got {policy!r}.")
-    return threshold, policy or None
+    if decision and decision not in DECISIONS:
+        raise ValueError(f"Bad method {spec!r}: the decision must be one of {', '.join(DECISIONS)}, got {decision!r}.")
+    return threshold, policy or None, decision or None
 
 
 @dataclass(frozen=True)
@@ -130,17 +134,112 @@ def _parse_magcache(argument: str, spec: str) -> tuple[float, int]:
     return threshold, max_skips
 
 
-def _parse_pab(argument: str, spec: str) -> tuple[int, int, int]:
-    skip, _, window = argument.partition(":")
-    (skip_range,) = _arguments(spec, skip, _Number("the range (1 recomputes every call)", int, 2, default=2))
-    low_text, dash, high_text = (window or "100-800").partition("-")
-    if not dash:
-        raise ValueError(f"Bad method {spec!r}: expected pab[:<range>[:<lo>-<hi>]], e.g. pab:2:100-800.")
-    low = _Number("the window's low end", int, 0).parse(low_text, spec)
+def _window(text: str, spec: str, usage: str, lowest: int = 0) -> tuple[int, int]:
+    """A timestep window `<lo>-<hi>` (a timestep t is inside when lo < t < hi), lo >= `lowest` and lo < hi; `usage`:
+    how the kind is written, for the message."""
+    negative = lowest < 0 and text.startswith("-")
+    low_text, dash, high_text = text[negative:].partition("-")
+    if not (dash and low_text and high_text):
+        raise ValueError(f"Bad method {spec!r}: expected {usage}, got the window {text!r}.")
+    low = _Number("the window's low end", int, lowest).parse("-" * negative + low_text, spec)
     high = _Number("the window's high end", int, 0).parse(high_text, spec)
     if low >= high:
         raise ValueError(f"Bad method {spec!r}: the timestep window <lo>-<hi> needs lo < hi, got {low}-{high}.")
+    return low, high
+
+
+def _parse_pab(argument: str, spec: str) -> tuple[int, int, int]:
+    skip, _, window = argument.partition(":")
+    (skip_range,) = _arguments(spec, skip, _Number("the range (1 recomputes every call)", int, 2, default=2))
+    low, high = _window(window or "100-800", spec, "pab[:<range>[:<lo>-<hi>]], e.g. pab:2:100-800")
     return skip_range, low, high
+
+
+def _parse_seacache(argument: str, spec: str) -> tuple[float, int, int]:
+    threshold, skips, order = _arguments(
+        spec,
+        argument,
+        _Number("the threshold", float, 0, low_open=True, default=0.25),
+        _Number("the most consecutive cached steps", int, 1, default=2),
+        _Number("the residual order", int, 0, high=1, default=1),
+    )
+    return threshold, skips, order
+
+
+def _parse_fastercache(argument: str, spec: str) -> tuple[int, tuple[int, int], int]:
+    """`(attention range, attention window, unconditional-branch range)`."""
+    parts = argument.split(":") if argument else []
+    if len(parts) > 3:
+        raise ValueError(f"Bad method {spec!r}: at most 3 ':'-separated arguments.")
+    parts += [""] * (3 - len(parts))
+    attention = _Number("the range (1 recomputes every call)", int, 2, default=2).parse(parts[0], spec)
+    usage = "fastercache[:<range>[:<lo>-<hi>[:<cfg>]]], e.g. fastercache:2:-1-681"
+    window = _window(parts[1] or "-1-681", spec, usage, lowest=-1)
+    unconditional = _Number("the unconditional range (1 computes it every call)", int, 2, default=5).parse(
+        parts[2], spec
+    )
+    return attention, window, unconditional
+
+
+@dataclass(frozen=True)
+class DBCacheArguments:
+    """cache-dit's DBCache as a bench method writes it (see `METHOD_KINDS`); `mask`: a predefined step computation
+    mask (`slow`, `medium`, `fast`, `ultra`), `static`: masked steps always reuse the cache."""
+
+    threshold: float = 0.08
+    fn: int = 1
+    bn: int = 0
+    warmup: int = 4
+    order: int | None = None  # TaylorSeer's order; None: no TaylorSeer
+    mask: str | None = None
+    static: bool = False
+
+
+_DBCACHE_NUMBERS = (
+    _Number("the threshold", float, 0, low_open=True, default=DBCacheArguments.threshold),
+    _Number("Fn (the first blocks always computed)", int, 1, default=DBCacheArguments.fn),
+    _Number("Bn (the last blocks always computed)", int, 0, default=DBCacheArguments.bn),
+    _Number("the warmup steps", int, 0, default=DBCacheArguments.warmup),
+)
+MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+
+
+def _parse_dbcache(argument: str, spec: str, before: int = 0) -> DBCacheArguments:
+    """DBCache's arguments; `before`: how many arguments of the spec come ahead of them (for the message)."""
+    if argument.count(":") >= len(_DBCACHE_NUMBERS):
+        raise ValueError(f"Bad method {spec!r}: at most {before + len(_DBCACHE_NUMBERS)} ':'-separated arguments.")
+    threshold, fn, bn, warmup = _arguments(spec, argument, *_DBCACHE_NUMBERS)
+    return DBCacheArguments(threshold, fn, bn, warmup)
+
+
+def _parse_dbcache_taylorseer(argument: str, spec: str) -> DBCacheArguments:
+    order, _, rest = argument.partition(":")
+    (order,) = _arguments(spec, order, _Number("the TaylorSeer order", int, 1, default=1))
+    return dataclasses.replace(_parse_dbcache(rest, spec, before=1), order=order)
+
+
+def _parse_dbcache_scm(argument: str, spec: str) -> DBCacheArguments:
+    mask, _, rest = argument.partition(":")
+    policy, static = mask.removesuffix("-static") or "medium", mask.endswith("-static")
+    if policy not in MASK_POLICIES:
+        accepted = ", ".join(f"{name}[-static]" for name in MASK_POLICIES)
+        raise ValueError(f"Bad method {spec!r}: the mask must be one of {accepted}, got {mask!r}.")
+    if static and rest.partition(":")[0]:
+        raise ValueError(
+            f"Bad method {spec!r}: a -static mask reuses the cache on every masked step and has no threshold; leave "
+            f"it empty (dbcache-scm:{mask}::<Fn>...)."
+        )
+    return dataclasses.replace(_parse_dbcache(rest, spec, before=1), mask=policy, static=static)
+
+
+def _parse_deepcache(argument: str, spec: str) -> tuple[int, int]:
+    interval, branch = _arguments(
+        spec,
+        argument,
+        _Number("the interval (1 computes every step)", int, 2, default=3),
+        _Number("the branch", int, 0, default=0),
+    )
+    return interval, branch
 
 
 @dataclass(frozen=True)
@@ -171,9 +270,10 @@ METHOD_KINDS: dict[str, MethodKind] = {
         True,
     ),
     "deediff": MethodKind(
-        "deediff[:<threshold>[:<policy>]]",
-        "DeeDiff uncertainty exits with the model's exit heads "
-        "(train-uem), threshold in (0, 1] (default: the heads'), per_batch (default) or per_sample",
+        "deediff[:<threshold>[:<policy>[:<decision>]]]",
+        "DeeDiff uncertainty exits with the model's exit heads (train-uem), threshold in (0, 1] (default: the "
+        "heads'), per_batch or per_sample, decided from the previous step (previous_step: no host read inside a call) "
+        "or at each block (per_block, DeeDiff's released rule); defaults: the heads' own rule",
         _parse_deediff,
         None,
     ),
@@ -202,6 +302,47 @@ METHOD_KINDS: dict[str, MethodKind] = {
         "pab[:<range>[:<lo>-<hi>]]",
         "diffusers PyramidAttentionBroadcast, range >= 2, timestep window lo < hi (default 2:100-800)",
         _parse_pab,
+        None,
+    ),
+    "seacache": MethodKind(
+        "seacache[:<threshold>[:<skips>[:<order>]]]",
+        "diffusers SeaCache, threshold > 0, at most skips >= 1 cached steps in a row, residual order 0 or 1 "
+        "(default 0.25:2:1)",
+        _parse_seacache,
+        None,
+    ),
+    "fastercache": MethodKind(
+        "fastercache[:<range>[:<lo>-<hi>[:<cfg>]]]",
+        "diffusers FasterCache: attention every range >= 2 calls in the timestep window lo < hi (lo >= -1), the "
+        "unconditional branch every cfg >= 2 (under guidance; default 2:-1-681:5)",
+        _parse_fastercache,
+        None,
+    ),
+    "dbcache": MethodKind(
+        "dbcache[:<threshold>[:<Fn>[:<Bn>[:<warmup>]]]]",
+        "cache-dit DBCache, threshold > 0, Fn >= 1 and Bn >= 0 blocks always computed, warmup >= 0 steps "
+        "(default 0.08:1:0:4; the peers extra)",
+        _parse_dbcache,
+        None,
+    ),
+    "dbcache-taylorseer": MethodKind(
+        "dbcache-taylorseer[:<order>[:<dbcache args>]]",
+        "cache-dit DBCache with its TaylorSeer calibrator of order >= 1 (default 1), then dbcache's arguments",
+        _parse_dbcache_taylorseer,
+        None,
+    ),
+    "dbcache-scm": MethodKind(
+        "dbcache-scm[:<mask>[:<dbcache args>]]",
+        "cache-dit DBCache under its step computation mask slow, medium (default), fast or ultra (-static: "
+        "reuse on every masked step), then dbcache's arguments",
+        _parse_dbcache_scm,
+        None,
+    ),
+    "deepcache": MethodKind(
+        "deepcache[:<interval>[:<branch>]]",
+        "DeepCache on a U-Net: the deep branches cached, recomputed every interval >= 2 steps, skip branch >= 0 "
+        "(default 3:0; the peers extra)",
+        _parse_deepcache,
         None,
     ),
 }

@@ -3,7 +3,9 @@ Pareto plot (PNG) and the images (PNG).
 
 JSON: `{"config": {...}, "rows": [{ROW_KEYS}], "notes": {method: reason}}`; the rows carry exactly `ROW_KEYS`, and a
 method that could not run (an accelerator that does not support the model) has a row of `None` numbers and its reason
-in `notes`. The CSV has the `ROW_KEYS` columns and a last `note` column.
+in `notes`. The CSV has the `ROW_KEYS` columns and a last `note` column. `quality_reference` says what a row's quality
+numbers are measured against: the `--reference` (FID/KID), the held-out digits, or, for `psnr` and `ssim`, the
+full-compute output of the same seeds and prompts (`full compute: baseline@<steps>`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ class BenchRow:
     `ee_diffusion.metrics.paired_speedup`). `depth_per_step` is, under an exit schedule or exit heads, the mean number
     of blocks run at each sampling step (mean over samples and batches; a classifier-free-guidance call counts both
     halves); under a diffusers accelerator, the blocks' worth of work each step ran (its measured block fraction
-    times the model's exit blocks); `None` for methods that run every block."""
+    times the model's exit blocks); `None` for methods that run every block. `psnr` (dB, capped at
+    `ee_diffusion.metrics.PSNR_CAP_DB`) and `ssim` compare the images with the full-compute output of the same seeds
+    and conditioning (models scored without a FID reference); `quality_reference` names what the quality numbers are
+    measured against."""
 
     method: str
     model: str
@@ -57,6 +62,9 @@ class BenchRow:
     peak_memory_mb: float | None
     note: str | None = None
     depth_per_step: list[float] | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    quality_reference: str | None = None
 
 
 ROW_KEYS = (
@@ -74,6 +82,16 @@ ROW_KEYS = (
     "block_fraction",
     "peak_memory_mb",
     "depth_per_step",
+    "psnr",
+    "ssim",
+    "quality_reference",
+)
+
+# Said under every table with PSNR/SSIM rows.
+SIMILARITY_NOTE = (
+    "PSNR/SSIM vs full: each method's images against the full-compute output ({reference}) of the same seeds and "
+    "prompts: closeness to the full model, not image quality. A row with fewer steps samples along another "
+    "trajectory and is penalised unfairly; judge fewer-steps rows against real images (--reference, FID/KID)."
 )
 
 
@@ -89,6 +107,17 @@ def notes(rows: list[BenchRow]) -> dict[str, str]:
 def unstable(rows: list[BenchRow]) -> list[BenchRow]:
     """The rows whose timed rounds disagree by more than `UNSTABLE_SPREAD` of their median."""
     return [row for row in rows if row.timing_spread is not None and row.timing_spread > UNSTABLE_SPREAD]
+
+
+def similarity_note(rows: list[BenchRow]) -> str | None:
+    """What the PSNR/SSIM numbers of `rows` mean and do not mean, when some row has them."""
+    scored = [row for row in rows if row.psnr is not None]
+    if not scored:
+        return None
+    references = sorted(
+        {row.quality_reference.removeprefix("full compute: ") for row in scored if row.quality_reference}
+    )
+    return SIMILARITY_NOTE.format(reference=", ".join(references) or "the baseline")
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -114,6 +143,9 @@ def format_table(rows: list[BenchRow]) -> str:
         "peak MB",
     ]
     with_notes = any(row.note for row in rows)
+    with_similarity = any(row.psnr is not None for row in rows)
+    if with_similarity:  # against the full-compute output: labelled so, and explained under the table
+        headers[headers.index("class acc") + 1 : headers.index("class acc") + 1] = ["PSNR vs full", "SSIM vs full"]
     for header in headers + ["note"] * with_notes:  # a note may fold onto more lines; nothing else does
         table.add_column(header, overflow="fold", no_wrap=header != "note")
     for index, row in enumerate(rows):
@@ -127,6 +159,7 @@ def format_table(rows: list[BenchRow]) -> str:
             _cell(row.fid, ".2f"),
             _cell(None if row.kid is None else row.kid * 1e3, ".2f"),
             _cell(row.class_accuracy, ".1%"),
+            *[_cell(row.psnr, ".2f"), _cell(row.ssim, ".4f")] * with_similarity,
             _cell(row.images_per_s, ".1f"),
             _cell(row.timing_spread, ".0%"),
             _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
@@ -167,7 +200,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot(path: str, rows: list[BenchRow]) -> None:
     """Quality against images/s, one point per method and cell, the Pareto front joined; FID when the rows have it,
-    otherwise class accuracy (as error, 1 - accuracy), otherwise the block fraction (speed-only rows). When rows
+    otherwise class accuracy (as error, 1 - accuracy), otherwise PSNR against the full-compute output (higher is
+    better), otherwise the block fraction (speed-only rows). When rows
     have a depth profile (exit schedules, exit heads), a second panel draws the blocks run at each sampling step."""
     import matplotlib
 
@@ -175,10 +209,14 @@ def plot(path: str, rows: list[BenchRow]) -> None:
     import matplotlib.pyplot as plt
 
     rows = [row for row in rows if row.images_per_s is not None]
+    higher_is_better = False
     if all(row.fid is not None for row in rows):
         label, quality = "FID (lower is better)", [row.fid for row in rows]
     elif all(row.class_accuracy is not None for row in rows):
         label, quality = "class error, 1 - accuracy", [1 - row.class_accuracy for row in rows]
+    elif all(row.psnr is not None for row in rows):
+        label, quality = "PSNR vs the full-compute output, dB (higher is better)", [row.psnr for row in rows]
+        higher_is_better = True
     else:
         label, quality = "executed block fraction (speed-only rows)", [row.block_fraction for row in rows]
     speed = [row.images_per_s for row in rows]
@@ -190,7 +228,8 @@ def plot(path: str, rows: list[BenchRow]) -> None:
     for row, x, y in zip(rows, speed, quality):
         name = f"{row.method} ({row.scheduler}-{row.steps})" if several_cells else row.method
         axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    front = sorted(pareto_front(list(zip(speed, quality))), key=lambda i: speed[i])
+    lower_is_better = [-value for value in quality] if higher_is_better else quality
+    front = sorted(pareto_front(list(zip(speed, lower_is_better))), key=lambda i: speed[i])
     axes.plot([speed[i] for i in front], [quality[i] for i in front], "--o", color="tab:red", label="Pareto front")
     axes.set_xlabel("images / s")
     axes.set_ylabel(label)
@@ -216,16 +255,22 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
 
 
-def save_images(folder: str, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int]) -> None:
+def save_images(
+    folder: str, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int] | list[str]
+) -> None:
     """Write `{folder}/{method}/{index:05d}_class{label}.png` (under `{scheduler}-{steps}/` when there are several
-    cells); `images[k]` holds row `k`'s batches by batch index, NCHW in [0, 1]. 1, 3 and 4 channels are grey, RGB
-    and RGBA (the latents of `random:` models are written as they are). The folder is written whole, then put in
-    place of an earlier one (`ee_diffusion.outputs.staged_folder`)."""
+    cells); `images[k]` holds row `k`'s batches by batch index, NCHW in [0, 1]. A label that is a text is the name's
+    suffix as it is (`prompt0`: `00000_prompt0.png`; empty: `00000.png`). 1, 3 and 4 channels are grey, RGB and RGBA
+    (the latents of `random:` models are written as they are). The folder is written whole, then put in place of an
+    earlier one (`ee_diffusion.outputs.staged_folder`)."""
     with staged_folder(folder) as staged:
         _save_images(staged, rows, images, labels)
 
 
-def _save_images(folder: Path, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int]) -> None:
+def _save_images(
+    folder: Path, rows: list[BenchRow], images: list[dict[int, torch.Tensor]], labels: list[int] | list[str]
+) -> None:
+    suffixes = [f"_class{label}" if isinstance(label, int) else f"_{label}" if label else "" for label in labels]
     several_cells = len({(row.scheduler, row.steps) for row in rows}) > 1
     for row, batches in zip(rows, images):
         if row.note is not None:
@@ -234,7 +279,7 @@ def _save_images(folder: Path, rows: list[BenchRow], images: list[dict[int, torc
         out.mkdir(parents=True, exist_ok=True)
         pictures = torch.cat([batches[i] for i in sorted(batches)])
         pixels = (pictures.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for index, (array, label) in enumerate(zip(pixels, labels)):
+        for index, (array, suffix) in enumerate(zip(pixels, suffixes)):
             Image.fromarray(np.squeeze(array, axis=-1) if array.shape[-1] == 1 else array).save(
-                out / f"{index:05d}_class{label}.png"
+                out / f"{index:05d}{suffix}.png"
             )

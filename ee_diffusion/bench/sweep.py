@@ -14,9 +14,15 @@ For each step count of the sweep, one bench run (`run_bench`, its own interleave
 Every row gets `compute`: its block compute as a share of the full model at the sweep's largest step count
 (`block_fraction * steps / max(steps)`), so a plan at 10 steps and the baseline at 8 stand on one axis. Speed
 (`images_per_s`) is comparable within a step count (interleaved rounds); across step counts it comes from separate
-runs. The front is the set of rows no other row beats on both compute and FID (class error when there is no FID).
-For each quality level (FID within 5, 10 and 20% of the largest step count's baseline) the cheapest row is named, and
-when it is a plan, its folder is copied to `OUT/best/fid-within-<p>pct`.
+runs. The front is the set of rows no other row beats on both compute and quality: FID where the rows have it (the
+digits models, or `reference`), else PSNR against the full model's output at the largest step count, from the same
+seeds and prompts (higher is better; text-to-image pipelines without a reference), else class error. For each quality
+level (FID or class error within 5, 10 and 20% of the largest step count's baseline) the cheapest row is named, and
+when it is a plan, its folder is copied to `OUT/best/fid-within-<p>pct`; a PSNR front has no such levels (the
+baseline's own PSNR is the cap, `ee_diffusion.metrics.PSNR_CAP_DB`, not a quality to be within a share of).
+
+Probes and bench images are conditioned as the model's pipeline takes them (`ee_diffusion.bench.harness.
+PipelineInputs`): class labels, or `prompts` (cycled) at `height` x `width`.
 """
 
 from __future__ import annotations
@@ -29,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs import staged_folder
-from .report import BenchRow, pareto_front, rows_as_dicts
+from .report import BenchRow, pareto_front, rows_as_dicts, similarity_note
 
 QUALITY_LEVELS = (0.05, 0.10, 0.20)
 
 
 @dataclass
 class SweepConfig:
-    """What `run_sweep` measures (the bench settings are `BenchConfig`'s)."""
+    """What `run_sweep` measures (the bench settings are `BenchConfig`'s; `guidance_scale=None`: the pipeline's
+    default)."""
 
     out: str
     model: str = "digits-dit"
@@ -49,11 +56,17 @@ class SweepConfig:
     num_samples: int = 250
     batch_size: int = 10
     repeats: int = 5
-    guidance_scale: float = 2.0
+    guidance_scale: float | None = 2.0
     num_probes: int = 10
     seed: int = 0
     device: str = "cpu"
     finetuned: str | None = None
+    prompts: list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    reference: str | None = None
+    fid_backend: str | None = None
+    inception_path: str | None = None
 
     def __post_init__(self) -> None:
         if not self.steps or min(self.steps) < 2 or len(set(self.steps)) != len(self.steps):
@@ -73,7 +86,7 @@ class SweepConfig:
         bad = [spec for spec in self.accelerators if spec.partition(":")[0] not in set(METHOD_KINDS) - set(ours)]
         if bad:
             raise ValueError(
-                f"`accelerators` must be diffusers accelerator methods ("
+                f"`accelerators` must be other accelerators' methods (diffusers' caches, cache-dit, DeepCache: "
                 f"{', '.join(k for k in METHOD_KINDS if k not in ours)}), got {bad}."
             )
         for spec in self.accelerators:
@@ -105,8 +118,7 @@ def _linear_at(num_blocks: int, timesteps: list[float], num_train_timesteps: int
 def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
     """Calibrate plans, run the bench at every step count, and write `OUT/sweep.json` and the best plans."""
     from ..exits import denoiser_of, num_exit_blocks
-    from ..pipelines.class_conditional import null_class_label
-    from .harness import BenchConfig, load_pipe, run_bench
+    from .harness import BenchConfig, load_pipe, probe_kwargs, run_bench
     from .methods import Target, build_method
     from .noise_schedulers import build_scheduler
 
@@ -121,6 +133,13 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
         guidance_scale=config.guidance_scale,
         seed=config.seed,
         device=config.device,
+        prompts=config.prompts,
+        height=config.height,
+        width=config.width,
+        reference=config.reference,
+        fid_backend=config.fid_backend,
+        inception_path=config.inception_path,
+        similarity_steps=max(config.steps),  # PSNR/SSIM of every step count against one full-compute output
     )
     import torch
 
@@ -135,11 +154,16 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[SweepRow]:
             f"`finetuned` must have the model's {num_blocks} exit blocks; {config.finetuned} has "
             f"{num_exit_blocks(pipes[config.finetuned])}."
         )
-    target = Target(config.model, pipes.__getitem__, min(config.steps))
-    for spec in config.accelerators:  # a bad argument (`fbcache:x`) stops the sweep now, not after calibrating
+    probes = [  # each model checked against the sweep's inputs; the model's probes serve both
+        probe_kwargs(
+            pipe, model, config.num_probes, config.prompts, config.guidance_scale, config.height, config.width
+        )
+        for model, pipe in pipes.items()
+    ][0]
+    small = {**probes, **{key: value[:2] for key, value in probes.items() if key in ("class_labels", "prompt")}}
+    target = Target(config.model, pipes.__getitem__, min(config.steps), small)
+    for spec in config.accelerators:  # one that cannot take this model (`layerskip:99`) stops the sweep now
         build_method(spec, target)
-    labels = [i % null_class_label(denoiser) for i in range(config.num_probes)]
-    probes = {"class_labels": labels, "guidance_scale": config.guidance_scale}
     with staged_folder(out) as stage:
         rows: list[tuple[BenchRow, str | None]] = []  # each row and, for a plan, its folder
         for steps in config.steps:
@@ -191,33 +215,43 @@ def _calibrated_plans(
     return plans, list(calibrator.timesteps)
 
 
-def _quality(row: BenchRow) -> float | None:
-    if row.fid is not None:
-        return row.fid
-    return None if row.class_accuracy is None else 1 - row.class_accuracy
+def _measure(rows: list[BenchRow]) -> str | None:
+    """The quality measure of a sweep's rows: `"fid"` where any row has a FID, else `"psnr"`, else `"class"`."""
+    for measure, key in (("fid", "fid"), ("psnr", "psnr"), ("class", "class_accuracy")):
+        if any(getattr(row, key) is not None for row in rows):
+            return measure
+    return None
+
+
+def _quality(row: BenchRow, measure: str | None) -> float | None:
+    """The row's quality as a number to minimise: FID, minus PSNR (higher is better), or class error."""
+    value = {"fid": row.fid, "psnr": row.psnr, "class": row.class_accuracy}.get(measure)
+    if value is None:
+        return None
+    return {"fid": value, "psnr": -value, "class": 1 - value}[measure]
 
 
 def _front(rows: list[tuple[BenchRow, str | None]], max_steps: int) -> list[SweepRow]:
-    scored = [row for row, _ in rows if row.block_fraction is not None and _quality(row) is not None]
+    measure = _measure([row for row, _ in rows])
+    scored = [row for row, _ in rows if row.block_fraction is not None and _quality(row, measure) is not None]
     computes = {id(row): row.block_fraction * row.steps / max_steps for row in scored}
-    front = {id(scored[i]) for i in pareto_front([(-computes[id(r)], _quality(r)) for r in scored])}
+    front = {id(scored[i]) for i in pareto_front([(-computes[id(r)], _quality(r, measure)) for r in scored])}
     return [SweepRow(row, computes.get(id(row), float("nan")), id(row) in front) for row, _ in rows]
 
 
 def best_per_quality(swept: list[SweepRow], max_steps: int) -> dict[float, SweepRow]:
-    """For each quality level: the cheapest row within that share of the largest step count's baseline quality."""
+    """For each quality level: the cheapest row within that share of the largest step count's baseline quality (FID
+    or class error; none for PSNR, whose baseline scores the cap against itself)."""
+    measure = _measure([s.row for s in swept])
     reference = next((s for s in swept if s.row.method == "baseline" and s.row.steps == max_steps), None)
-    if reference is None or _quality(reference.row) is None:
+    if measure == "psnr" or reference is None or _quality(reference.row, measure) is None:
         return {}
     best = {}
     for level in QUALITY_LEVELS:
-        within = [
-            s
-            for s in swept
-            if _quality(s.row) is not None and _quality(s.row) <= _quality(reference.row) * (1 + level)
-        ]
+        bound = _quality(reference.row, measure) * (1 + level)
+        within = [s for s in swept if _quality(s.row, measure) is not None and _quality(s.row, measure) <= bound]
         if within:
-            best[level] = min(within, key=lambda s: (s.compute, _quality(s.row)))
+            best[level] = min(within, key=lambda s: (s.compute, _quality(s.row, measure)))
     return best
 
 
@@ -244,20 +278,28 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
 
 def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
     """The rows by compute, the front marked, and the cheapest row per quality level."""
-    header = f"{'method':46} {'steps':>5} {'compute':>8} {'FID':>7} {'class acc':>9} {'img/s':>7} {'speedup':>8}"
+    psnr = _measure([s.row for s in swept]) == "psnr"
+    quality = f"{'PSNR vs full':>12} {'SSIM':>6}" if psnr else f"{'FID':>7} {'class acc':>9}"
+    header = f"{'method':46} {'steps':>5} {'compute':>8} {quality} {'img/s':>7} {'speedup':>8}"
     lines = [f"  {header}"]
     for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
         row = dataclasses.replace(s.row, method=_short(s.row.method))
         if row.note is not None:
             lines.append(f"  {row.method:46} {row.steps:>5} {'':>8} {row.note}")
             continue
-        fid = "-" if row.fid is None else f"{row.fid:.2f}"
-        accuracy = "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}"
+        if psnr:
+            psnr_text = "-" if row.psnr is None else f"{row.psnr:.2f}"
+            ssim_text = "-" if row.ssim is None else f"{row.ssim:.3f}"
+            shown = f"{psnr_text:>12} {ssim_text:>6}"
+        else:
+            fid = "-" if row.fid is None else f"{row.fid:.2f}"
+            accuracy = "-" if row.class_accuracy is None else f"{row.class_accuracy:.1%}"
+            shown = f"{fid:>7} {accuracy:>9}"
         speed = "-" if row.images_per_s is None else f"{row.images_per_s:.1f}"
         speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
         lines.append(
-            f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {fid:>7} "
-            f"{accuracy:>9} {speed:>7} {speedup:>8}"
+            f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {shown} "
+            f"{speed:>7} {speedup:>8}"
         )
     lines.append(
         f"* on the front (no row has both less compute and better quality); compute: share of the full "
@@ -268,6 +310,9 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
             f"cheapest within {level:.0%} of the {max_steps}-step baseline's quality: {s.row.method} at "
             f"{s.row.steps} steps, {s.compute:.1%} compute"
         )
+    note = similarity_note([s.row for s in swept])
+    if psnr and note is not None:
+        lines.append(f"note: {note} No cheapest row per quality level: those are shares of a FID (--reference).")
     return "\n".join(lines)
 
 
@@ -288,8 +333,13 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [s for s in swept if _quality(s.row) is not None and s.row.images_per_s is not None]
-    label = "FID (lower is better)" if all(s.row.fid is not None for s in scored) else "class error, 1 - accuracy"
+    measure = _measure([s.row for s in swept])
+    shown = {"fid": lambda row: row.fid, "psnr": lambda row: row.psnr}.get(measure, lambda row: 1 - row.class_accuracy)
+    scored = [s for s in swept if _quality(s.row, measure) is not None and s.row.images_per_s is not None]
+    label = {
+        "fid": "FID (lower is better)",
+        "psnr": f"PSNR vs the full model at {max_steps} steps, dB (higher is better)",
+    }.get(measure, "class error, 1 - accuracy")
     figure, (by_compute, by_speed) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for axes, x_of in ((by_compute, lambda s: s.compute), (by_speed, lambda s: s.row.images_per_s)):
         for kinds, color, name in (
@@ -303,21 +353,22 @@ def plot_sweep(path: str, swept: list[SweepRow], max_steps: int) -> None:
                 if s.row.method.startswith(kinds)
                 or (not kinds and not s.row.method.startswith(("baseline", "ase", "finetuned")))
             ]
-            axes.scatter([x_of(s) for s in points], [_quality(s.row) for s in points], color=color, label=name)
+            axes.scatter([x_of(s) for s in points], [shown(s.row) for s in points], color=color, label=name)
             for s in points:
                 axes.annotate(
                     f"{_short(s.row.method)}@{s.row.steps}",
-                    (x_of(s), _quality(s.row)),
+                    (x_of(s), shown(s.row)),
                     textcoords="offset points",
                     xytext=(3, 3),
                     fontsize=6,
                 )
     front = sorted((s for s in scored if s.on_front), key=lambda s: s.compute)
-    by_compute.plot([s.compute for s in front], [_quality(s.row) for s in front], "--", color="tab:red", label="front")
+    by_compute.plot([s.compute for s in front], [shown(s.row) for s in front], "--", color="tab:red", label="front")
     by_compute.set_xlabel(f"block compute (share of the full model at {max_steps} steps)")
     by_speed.set_xlabel("images / s (interleaved within a step count)")
     by_compute.set_ylabel(label)
-    by_compute.set_yscale("log")
+    if measure != "psnr":
+        by_compute.set_yscale("log")
     by_compute.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -180,10 +181,112 @@ def add_guidance(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--guidance-scale",
         type=number(0),
-        default=GUIDANCE_SCALE,
-        help="classifier-free guidance "
-        "(1: off; 2: what the shipped digits models and plans are measured and calibrated at; a plan "
-        "is calibrated for one guidance scale)",
+        help="the pipeline's guidance_scale argument: classifier-free guidance (1: off), for Flux-dev its distilled "
+        "guidance (its true_cfg_scale stays at its default); a plan is calibrated for one guidance scale (default: "
+        f"{GUIDANCE_SCALE:g} for class-conditional models, what the shipped digits models and plans are measured and "
+        "calibrated at; the pipeline's own default for the others)",
+    )
+
+
+def prompt_text(text: str) -> str:
+    """A prompt: any text that is not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty prompt, got {text!r}")
+    return text
+
+
+def prompt_file(text: str) -> list[str]:
+    """A text file of prompts, one per line (blank lines skipped), holding at least one."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r} (a text file, one prompt per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no prompt (one per line; blank lines are skipped)")
+    return prompts
+
+
+def add_inputs(command: argparse.ArgumentParser, what: str) -> None:
+    """`--prompt`/`--prompts` and `--height`/`--width`, for text-to-image pipelines (`what`: what the prompts make)."""
+    prompts = command.add_mutually_exclusive_group()
+    prompts.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        type=prompt_text,
+        metavar="TEXT",
+        help=f"a prompt, repeatable: text-to-image pipelines (PixArt, SD3, Stable Diffusion, Flux, ...) need at least "
+        f"one; {what} cycle through them (class-conditional models take class labels instead, and refuse it)",
+    )
+    prompts.add_argument(
+        "--prompts",
+        type=prompt_file,
+        metavar="FILE",
+        help="a text file of prompts, one per line (blank lines skipped), instead of --prompt",
+    )
+    for side in ("height", "width"):
+        command.add_argument(
+            f"--{side}",
+            type=integer(1),
+            metavar="PX",
+            help=f"image {side} in pixels, for pipelines that take one (default: the pipeline's; a multiple of what "
+            "its VAE and patches need, 8 or 16 for most)",
+        )
+
+
+def check_model_inputs(args: argparse.Namespace) -> Any:
+    """Before anything loads: whether `args.model`'s pipeline takes what the command line gives (prompts or class
+    labels, sizes, guidance), as far as its `model_index.json` tells (a `ValueError` saying what to change), and the
+    guidance default filled in (`GUIDANCE_SCALE` for class-conditional models, the pipeline's own for the others).
+    Returns its
+    `ee_diffusion.bench.harness.PipelineInputs`, or `None` when that is known only once the pipeline is loaded (then
+    the command checks it there)."""
+    from ..bench.harness import pipeline_inputs_of_model
+
+    inputs = pipeline_inputs_of_model(args.model)
+    if inputs is not None:
+        inputs.check(args.model, args.prompts, args.height, args.width, args.guidance_scale)
+        if args.guidance_scale is None:  # recorded as the value it is (JSON, calibration.json)
+            args.guidance_scale = GUIDANCE_SCALE if inputs.conditioning == "class_labels" else inputs.default_guidance
+    return inputs
+
+
+def describe_inputs(args: argparse.Namespace, inputs: Any) -> str:
+    """What the command's images are conditioned on and their guidance, in words (for the commands' headers)."""
+    if args.prompts:
+        what = f"{len(args.prompts)} prompt(s)"
+        if args.height or args.width:
+            what += f" at {args.height or 'default'} x {args.width or 'default'} px"
+    else:
+        what = "class labels" if inputs is None or inputs.conditioning == "class_labels" else "no conditioning"
+    if inputs is not None:
+        return f"{what}, {inputs.guidance_in_effect(args.guidance_scale)}"
+    guidance = "the pipeline's default" if args.guidance_scale is None else f"{args.guidance_scale:g}"
+    return f"{what}, guidance {guidance}"
+
+
+def add_reference(command: argparse.ArgumentParser) -> None:
+    """`--reference`, `--fid-backend` and `--inception-path`: real images to score FID/KID against."""
+    command.add_argument(
+        "--reference",
+        type=existing_path,
+        help="real images to score FID/KID against: a folder of images or an .npz of reference statistics (default: "
+        "the held-out digits for the digits models; PSNR/SSIM against the full-compute output for other models)",
+    )
+    command.add_argument(
+        "--fid-backend",
+        choices=["clean-fid", "torchmetrics", "digits"],
+        help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
+        "images, else clean-fid's Inception)",
+    )
+    command.add_argument(
+        "--inception-path",
+        type=existing_path,
+        help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid",
     )
 
 

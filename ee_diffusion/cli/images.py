@@ -75,9 +75,19 @@ def _speed_arguments(speed: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from ..bench.harness import BenchConfig, process_state, run_bench
     from ..bench.method_specs import default_methods
-    from ..bench.report import SAVED_IMAGES, UNSTABLE_SPREAD, format_table, plot, unstable, write_csv, write_json
+    from ..bench.report import (
+        SAVED_IMAGES,
+        UNSTABLE_SPREAD,
+        format_table,
+        plot,
+        similarity_note,
+        unstable,
+        write_csv,
+        write_json,
+    )
     from ..outputs import check_output_folder
 
+    inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
     arg.check_output_files(args, "json", "csv", "plot")
     if args.save_images:
         check_output_folder(args.save_images, SAVED_IMAGES, overwrite=args.overwrite)
@@ -102,14 +112,17 @@ def _bench(args: argparse.Namespace) -> int:
         reference=args.reference,
         fid_backend=args.fid_backend,
         inception_path=args.inception_path,
+        prompts=args.prompts,
+        height=args.height,
+        width=args.width,
     )
     state = process_state(config.device)
     if state.is_main_process:
         cells = ", ".join(f"{scheduler}-{steps}" for scheduler, steps in config.cells())
         print(
             f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples in each of "
-            f"{cells} (scheduler-steps), guidance {config.guidance_scale}, batches of {config.batch_size}; speed: "
-            f"{config.repeats} interleaved rounds of one batch per method; {args.device} {args.dtype}, "
+            f"{cells} (scheduler-steps), {arg.describe_inputs(args, inputs)}, batches of {config.batch_size}; "
+            f"speed: {config.repeats} interleaved rounds of one batch per method; {args.device} {args.dtype}, "
             f"{state.num_processes} process(es), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"
         )
@@ -117,6 +130,9 @@ def _bench(args: argparse.Namespace) -> int:
     if not state.is_main_process:
         return 0
     print(format_table(rows))
+    note = similarity_note(rows)
+    if note is not None:
+        print(f"note: {note}")
     for row in unstable(rows):
         print(
             f"warning: the {config.repeats} timed rounds of {row.method} ({row.scheduler}, {row.steps} steps) "
@@ -193,6 +209,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
         "position by position (a single value is repeated); product: every combination",
     )
     arg.add_guidance(bench)
+    arg.add_inputs(bench, "the images")
     bench.add_argument("--seed", type=int, default=0, help="batch i is seeded with seed + i")
     bench.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
@@ -212,29 +229,12 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--plot", type=arg.output_file, help="write quality against images/s, Pareto front marked, to this PNG file"
     )
-    bench.add_argument(
-        "--reference",
-        type=arg.existing_path,
-        help="real images to score FID/KID against: a folder "
-        "of images or an .npz of reference statistics (default: the held-out digits, for the digits "
-        "models)",
-    )
-    bench.add_argument(
-        "--fid-backend",
-        choices=["clean-fid", "torchmetrics", "digits"],
-        help="FID/KID feature network for --reference (default: the .npz's, else digits for 1x32x32 "
-        "images, else clean-fid's Inception)",
-    )
-    bench.add_argument(
-        "--inception-path",
-        type=arg.existing_path,
-        help="local inception-2015-12-05.pt (or its folder) for --fid-backend clean-fid",
-    )
+    arg.add_reference(bench)
     bench.add_argument(
         "--save-images",
         metavar="DIR",
         type=arg.output_folder,
-        help="write every image to DIR/{method}/{index:05d}_class{label}.png",
+        help="write every image to DIR/{method}/{index:05d}_class{label}.png (_prompt{k}.png: the k-th prompt)",
     )
     arg.add_overwrite(bench, "the --json, --csv and --plot files and the --save-images folder")
 
@@ -245,9 +245,14 @@ def _bench_epilog() -> str:
     return (
         f"methods (--methods, comma-separated):\n{methods_help()}\n"
         "An accelerator that does not apply to the model gets a row with the reason instead of numbers.\n\n"
-        "example:\n"
+        "Quality: FID/KID against --reference (the digits models: the held-out digits, and class accuracy); other "
+        "models without one: PSNR/SSIM of each method's images against the full-compute output of the same seeds "
+        "and prompts, which penalises fewer-steps rows unfairly (another trajectory).\n\n"
+        "examples:\n"
         "  ee-diffusion bench --model random:dit-xl-2 --methods baseline,ase:linear:0.5,fbcache:0.08 \\\n"
         "      --batch-size 8 --num-samples 32 --steps 25 --dtype bfloat16 --device cuda\n"
+        "  ee-diffusion bench --model PIXART_FOLDER --prompt 'a cat' --prompt 'a dog' --height 512 --width 512 \\\n"
+        "      --methods baseline,ase:linear:0.5,fbcache:0.2 --num-samples 8 --batch-size 4 --steps 20\n"
     )
 
 
@@ -262,12 +267,14 @@ COMMANDS = [
     Command(
         "bench",
         "compare methods on one model: speed, executed blocks, FID/KID/class accuracy",
-        "Generate the same class labels from the same seeds with each method, batch by batch, then time --repeats "
-        "rounds of one batch per method (interleaved, rotating order), and report speed (median and spread), speedup "
-        "(median of the per-round ratios to the baseline), executed block fraction and, for the digits models, "
-        "FID/KID against the held-out digits and class accuracy by the digits feature network (any model: "
-        "--reference). Under `accelerate launch --multi_gpu --num_processes N -m ee_diffusion.cli bench ...` (GPUs "
-        "or CPU processes) the batches are split over the processes and scored once.",
+        "Generate the same class labels (class-conditional models) or prompts (text-to-image pipelines: --prompt) "
+        "from the same seeds with each method, batch by batch, then time --repeats rounds of one batch per method "
+        "(interleaved, rotating order), and report speed (median and spread), speedup (median of the per-round "
+        "ratios to the baseline), executed block fraction and, for the digits models, FID/KID against the held-out "
+        "digits and class accuracy by the digits feature network (any model: --reference; without one, PSNR/SSIM "
+        "against the full-compute output). Under `accelerate launch --multi_gpu --num_processes N -m "
+        "ee_diffusion.cli bench ...` (GPUs or CPU processes) the batches are split over the processes and scored "
+        "once.",
         _bench_arguments,
         _bench,
         epilog=_bench_epilog,

@@ -3,55 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..outputs import OutputKind
 from . import arguments as arg
 from .command import Command
 
+DEFAULT_REFERENCE_STEPS = 10  # the bench's default step count
 CALIBRATION = OutputKind("ee-diffusion calibrate", ("exit_schedule.json", "calibration.json"))
 SWEEP = OutputKind("ee-diffusion sweep", ("sweep.json", "sweep.png", "plans/*", "best/*"))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from ..bench.harness import probe_kwargs
     from ..bench.noise_schedulers import build_scheduler
     from ..calibration import calibrate_plan
-    from ..exits import denoiser_of
     from ..outputs import check_output_folder
     from ..pipelines import load_early_exit_pipeline
-    from ..pipelines.class_conditional import null_class_label
     from ..schedules import REUSE
 
+    inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
     check_output_folder(args.out, CALIBRATION, overwrite=args.overwrite)
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = build_scheduler(args.scheduler, pipe.scheduler.config)
-    classes = null_class_label(denoiser_of(pipe))
-    labels = [i % classes for i in range(args.num_probes)]
+    probes = probe_kwargs(
+        pipe, args.model, args.num_probes, args.prompts, args.guidance_scale, args.height, args.width
+    )
     budget = f"tolerance {args.tolerance}" if args.tolerance is not None else f"target compute {args.target_compute}"
+    reference_steps = args.reference_steps or args.steps or DEFAULT_REFERENCE_STEPS
+    steps = f"{args.steps} steps" if args.steps else "the step count picked"
     print(
-        f"ee-diffusion calibrate: {args.model}, {args.scheduler} {args.steps} steps, guidance "
-        f"{args.guidance_scale}, {args.num_probes} probes (seed {args.seed}), {budget}"
+        f"ee-diffusion calibrate: {args.model}, {args.scheduler} at {steps}, against the {reference_steps}-step "
+        f"reference, {arg.describe_inputs(args, inputs)}, {args.num_probes} probes (seed {args.seed}), {budget}"
     )
     result = calibrate_plan(
         pipe,
-        {"class_labels": labels, "guidance_scale": args.guidance_scale},
+        probes,
         args.steps,
         tolerance=args.tolerance,
         target_compute=args.target_compute,
         seed=args.seed,
+        reference_steps=reference_steps,
+        candidates=args.candidates,
     )
     settings = {
         key: getattr(args, key)
         for key in (
             "model",
             "scheduler",
-            "steps",
             "guidance_scale",
+            "prompts",
+            "height",
+            "width",
             "num_probes",
             "seed",
             "tolerance",
             "target_compute",
+            "candidates",
         )
     }
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
@@ -60,9 +70,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
     method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
     print(
-        f"block compute {result.compute_fraction:.1%} of the full model's, final-image error {result.error:.4f} "
-        f"(RMS against {reference}, pixels in [0, 1]); saved {args.out} (bench it as --methods {method})"
+        f"{result.steps} steps, block compute {result.compute_fraction:.1%} of the {reference_steps}-step "
+        f"reference's, final-image error {result.error:.4f} (RMS against {reference} at {reference_steps} steps, "
+        f"pixels in [0, 1]); saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
+        f"--steps {result.steps}: a plan runs only at its scheduler and step count)"
     )
+    fewer = result.fewer_steps
+    if fewer is not None:
+        gap = abs(result.error - fewer.error) / max(fewer.error, 1e-12)
+        line = (
+            f"the model at {fewer.steps} steps, at {fewer.compute_fraction:.1%} compute, has error {fewer.error:.4f}: "
+        )
+        if result.beats_fewer_steps:
+            print(line + f"the plan's is {gap:.0%} lower")
+        else:
+            print(
+                f"warning: {line}the plan's is {gap:.0%} higher. Fewer steps beat this plan at its compute: use "
+                f"--steps {fewer.steps} without a plan, or leave out --steps to let calibrate pick the step count.",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -70,14 +96,15 @@ def _add_probe_arguments(command: argparse.ArgumentParser) -> None:
     """The options `calibrate` and `sweep` share: the model and scheduler, and the probes' guidance, count and seed."""
     from ..bench.noise_schedulers import SCHEDULERS
 
-    command.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder")
+    command.add_argument("--model", default="digits-dit", help="shipped model name, pipeline folder or hub id")
     command.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm-solver++", help="the plans' scheduler")
     arg.add_guidance(command)
+    arg.add_inputs(command, "the probes (and, in sweep, the bench's images)")
     command.add_argument(
         "--num-probes",
         type=arg.integer(1),
         default=10,
-        help="probe images per calibration (labels cycle through the classes)",
+        help="probe images per calibration (labels cycle through the classes, prompts through --prompt)",
     )
     command.add_argument(
         "--seed", type=int, default=0, help="seed of the probes' noise (and of bench batch i: seed + i)"
@@ -88,7 +115,18 @@ def _add_probe_arguments(command: argparse.ArgumentParser) -> None:
 
 def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
     _add_probe_arguments(calibrate)
-    calibrate.add_argument("--steps", type=arg.integer(2), default=10, help="the plan's step count")
+    calibrate.add_argument(
+        "--steps",
+        type=arg.integer(2),
+        help="the plan's step count (default: picked: plans at several step counts up to --reference-steps, fewer "
+        "steps at full depth among them, all held to one reference; the best at the budget wins)",
+    )
+    calibrate.add_argument(
+        "--reference-steps",
+        type=arg.integer(2),
+        help=f"step count of the reference images errors and compute are measured against (default: --steps, or "
+        f"{DEFAULT_REFERENCE_STEPS} without it)",
+    )
     budget = calibrate.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--tolerance",
@@ -100,6 +138,13 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         type=arg.number(0, 1, low_open=True),
         help="share of the full block compute to spend, in (0, 1]",
     )
+    calibrate.add_argument(
+        "--candidates",
+        type=arg.integer(1),
+        default=3,
+        help="moves each link of the chain runs as whole plans, the best measured taken (1: the sensitivities alone "
+        "choose, as the plans shipped with the digits models were made)",
+    )
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
     arg.add_overwrite(calibrate, "OUT")
 
@@ -109,6 +154,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder
     from ..shipped import shipped_model_path
 
+    inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
     check_output_folder(args.out, SWEEP, overwrite=args.overwrite)
     torch = arg.torch_with_threads(args.threads)
     finetuned = {"none": None, "auto": f"{args.model}-ase"}.get(args.finetuned, args.finetuned)
@@ -129,11 +175,17 @@ def _sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         finetuned=finetuned,
+        prompts=args.prompts,
+        height=args.height,
+        width=args.width,
+        reference=args.reference,
+        fid_backend=args.fid_backend,
+        inception_path=args.inception_path,
     )
     print(
         f"ee-diffusion sweep: {config.model}, {config.scheduler} at {config.steps} steps, plans at compute "
         f"{config.budgets}, accelerators {config.accelerators}, fine-tuned model {finetuned}, {config.num_samples} "
-        f"samples per row, guidance {config.guidance_scale}; {torch.get_num_threads()} threads, torch "
+        f"samples per row, {arg.describe_inputs(args, inputs)}; {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}"
     )
     swept = run_sweep(config)
@@ -176,6 +228,7 @@ def _sweep_arguments(sweep: argparse.ArgumentParser) -> None:
     sweep.add_argument("--num-samples", type=arg.integer(2), default=250, help="images per row, for quality")
     sweep.add_argument("--batch-size", type=arg.integer(1), default=10, help="images per generated batch")
     sweep.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds per step count")
+    arg.add_reference(sweep)
 
 
 COMMANDS = [
@@ -199,7 +252,9 @@ COMMANDS = [
         "fine-tuned model (--finetuned), that model under its schedule and under plans calibrated on it. Prints every "
         "row by block compute (a share of the full model at the largest step count) with the front marked and the "
         "cheapest row within 5, 10 and 20% of the largest step count's baseline FID; writes OUT/sweep.json, "
-        "OUT/sweep.png, the plans (OUT/plans/) and the best plan per quality level (OUT/best/).",
+        "OUT/sweep.png, the plans (OUT/plans/) and the best plan per quality level (OUT/best/). Quality is FID where "
+        "there is one (the digits models, --reference), else PSNR against the full model's output at the largest "
+        "step count (the front then has no quality levels), else class error.",
         _sweep_arguments,
         _sweep,
     ),

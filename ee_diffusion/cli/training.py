@@ -1,4 +1,5 @@
-"""`ee-diffusion train`, `finetune-ase` and `train-uem`: the shipped digits models and what is trained on them.
+"""`ee-diffusion train`, `train-flux`, `finetune-ase` and `train-uem`: the shipped digits models and what is trained on
+them.
 
 Each writes its folder whole and puts it in place when done (`ee_diffusion.outputs.staged_folder`): an interrupted
 run leaves an earlier output as it was, and keeps its checkpoint beside it for `--resume`.
@@ -28,6 +29,11 @@ _MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "README.md
 TRAINED = OutputKind("ee-diffusion train", (*_PIPELINE_FILES, *_MODEL_FILES), resumable=True)
 FINETUNED = OutputKind("ee-diffusion finetune-ase", _PIPELINE_FILES, resumable=True)
 EXIT_HEADS = OutputKind("ee-diffusion train-uem", (*_PIPELINE_FILES, *_MODEL_FILES), resumable=True)
+FLUX_TRAINED = OutputKind(
+    "ee-diffusion train-flux",
+    (*_PIPELINE_FILES, "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"),
+    resumable=True,
+)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -118,6 +124,102 @@ def _train_classifier(args: argparse.Namespace, folder: Path) -> str:
     model.save_pretrained(folder)
     (folder / "README.md").write_text(digits_classifier_card(_command(args), args.epochs, seconds, accuracy))
     return f"(held-out accuracy {accuracy:.2%}, {seconds:.0f} s)"
+
+
+def _train_flux(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_folder, staged_folder
+
+    too_long = [length for length in args.eval_text_lengths if length > 512]
+    if too_long:
+        raise ValueError(f"--eval-text-lengths must be at most 512 (FluxPipeline's limit), got {too_long}.")
+    check_output_folder(args.out, FLUX_TRAINED, overwrite=args.overwrite, resume=args.resume)
+    arg.torch_with_threads(args.threads)
+    from diffusers import FluxPipeline
+
+    from ..bench.noise_schedulers import schedulers_for
+    from ..training import TrainConfig
+    from ..training.cards import digits_flux_card
+    from ..training.digits_flux import (
+        DigitsFluxConfig,
+        build_digits_flux_pipeline,
+        save_digits_flux_pipeline,
+        train_digits_flux,
+    )
+    from ..training.flow_matching import FlowMatchingConfig
+
+    config = DigitsFluxConfig(
+        vae=TrainConfig(
+            steps=args.vae_steps,
+            batch_size=args.vae_batch_size,
+            learning_rate=args.vae_lr,
+            warmup_steps=min(args.warmup_steps, args.vae_steps),
+            ema_decay=args.ema_decay,
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+        ),
+        transformer=_train_config(args, class_dropout=args.prompt_dropout),
+        flow=FlowMatchingConfig(sigma_sampling=args.sigma_sampling, max_text_length=args.max_text_length),
+        kl_weight=args.kl_weight,
+    )
+    pipe = build_digits_flux_pipeline(seed=args.seed, vae_seed=args.seed)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    text = count(pipe.text_encoder) + count(pipe.text_encoder_2)
+    print(
+        f"ee-diffusion train-flux: digits-flux, transformer {count(pipe.transformer) / 1e6:.2f}M, VAE "
+        f"{count(pipe.vae) / 1e6:.2f}M, text encoders {text / 1e3:.0f}K parameters (frozen)"
+    )
+    with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
+        vae_result, result = train_digits_flux(pipe, config, out_dir=folder, resume=args.resume, device=args.device)
+        save_digits_flux_pipeline(pipe, folder)
+        saved = FluxPipeline.from_pretrained(folder)  # what is measured is what was saved (fp16 weights)
+        accuracies = _flux_accuracies(saved, args, schedulers_for(saved.scheduler.config))
+        card = digits_flux_card(
+            saved,
+            _command(args),
+            config,
+            vae_result,
+            result,
+            args.device,
+            accuracies,
+            args.eval_samples,
+            args.eval_steps,
+        )
+        (folder / "README.md").write_text(card)
+    seconds = vae_result.seconds + result.seconds
+    print(f"saved {args.out} ({vae_result.steps_run} + {result.steps_run} steps in {seconds / 60:.1f} min)")
+    return 0
+
+
+def _flux_accuracies(pipe, args: argparse.Namespace, schedulers: list[str]) -> list[tuple[str, int, float, float]]:
+    """(scheduler, max_sequence_length, true_cfg_scale, class accuracy) of `--eval-samples` samples at `--eval-steps`,
+    for each scheduler that fits the model: unguided at each `--eval-text-lengths` length, and guided at each
+    `--eval-cfg` scale at the first length."""
+    from ..bench.noise_schedulers import build_scheduler
+    from ..training.digits_flux import digits_flux_accuracy
+
+    if not args.eval_samples:
+        return []
+    own = pipe.scheduler
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    try:
+        for name in schedulers:
+            pipe.scheduler = build_scheduler(name, own.config)
+            first = args.eval_text_lengths[0]
+            runs = [(length, 1.0) for length in args.eval_text_lengths] + [(first, scale) for scale in args.eval_cfg]
+            for length, scale in runs:
+                accuracy = digits_flux_accuracy(
+                    pipe, args.eval_samples, args.eval_steps, true_cfg_scale=scale, max_sequence_length=length
+                )
+                print(
+                    f"  {name}, {args.eval_steps} steps, max_sequence_length {length}, true_cfg_scale {scale:g}: "
+                    f"class accuracy {accuracy:.1%}"
+                )
+                rows.append((name, length, scale, accuracy))
+    finally:
+        pipe.scheduler = own
+        pipe.set_progress_bar_config(disable=False)
+    return rows
 
 
 def _finetune_ase(args: argparse.Namespace) -> int:
@@ -282,6 +384,57 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     _add_training_arguments(train, steps=3000, batch=128, lr=5e-4, warmup=100, loss_weight="constant")
 
 
+def _flux_arguments(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--vae-steps", type=arg.integer(1), default=600, help="optimiser steps of the VAE (first)")
+    train.add_argument("--vae-batch-size", type=arg.integer(1), default=64, help="images per VAE step")
+    train.add_argument(
+        "--vae-lr", type=arg.number(0, low_open=True), default=1e-3, help="peak learning rate of the VAE"
+    )
+    train.add_argument(
+        "--kl-weight", type=arg.number(0), default=1e-4, help="weight of the VAE's KL term per latent element"
+    )
+    train.add_argument(
+        "--prompt-dropout",
+        type=arg.number(0, 1, high_open=True),
+        default=0.1,
+        help="share of prompts replaced by the empty prompt (for true_cfg_scale with negative_prompt=''), [0, 1)",
+    )
+    train.add_argument(
+        "--sigma-sampling",
+        choices=["logit-normal", "uniform"],
+        default="logit-normal",
+        help="how noise levels are drawn before the scheduler's shift",
+    )
+    train.add_argument(
+        "--max-text-length",
+        type=arg.integer(1, 512),
+        default=512,
+        help="the longest T5 sequence (max_sequence_length) the transformer is trained for; 8: only 8",
+    )
+    train.add_argument(
+        "--eval-samples",
+        type=arg.integer(0),
+        default=500,
+        help="samples per scheduler whose class accuracy the card reports (0: none)",
+    )
+    train.add_argument("--eval-steps", type=arg.integer(1), default=28, help="sampling steps of that measurement")
+    train.add_argument(
+        "--eval-cfg",
+        type=arg.numbers(1, 100, low_open=True),
+        default=[2.0],
+        metavar="SCALE[,SCALE...]",
+        help="true_cfg_scale values (negative prompt '') measured besides the unguided 1",
+    )
+    train.add_argument(
+        "--eval-text-lengths",
+        type=arg.integers(4),
+        default=[8, 512],
+        metavar="N[,N...]",
+        help="max_sequence_length values (T5 tokens) measured unguided; guidance is measured at the first",
+    )
+    _add_training_arguments(train, steps=4000, batch=128, lr=1e-3, warmup=100, loss_weight=None)
+
+
 def _finetune_arguments(finetune: argparse.ArgumentParser) -> None:
     finetune.add_argument("--model", required=True, help="pipeline folder to start from")
     finetune.add_argument("--schedule", required=True, help="linear:M, cosine:M, step:d1,... or a schedule folder")
@@ -335,6 +488,17 @@ COMMANDS = [
         "as a drop-in pipeline folder.",
         _train_arguments,
         _train,
+    ),
+    Command(
+        "train-flux",
+        "train the shipped text-to-image digits-flux model (VAE, then Flux transformer) from scratch",
+        "Train digits-flux: a small AutoencoderKL on the digits first, then a FluxTransformer2DModel (2 double-stream "
+        "and 6 single-stream blocks) on its latents with the rectified-flow objective, prompts 'a handwritten seven' "
+        "read by a tiny CLIP and a tiny T5 encoder (frozen at their seeded initialisation); seeded, with EMA and "
+        "checkpoints. Saves a stock FluxPipeline folder whose card reports the class accuracy of its samples under "
+        "each scheduler that fits it.",
+        _flux_arguments,
+        _train_flux,
     ),
     Command(
         "finetune-ase",

@@ -1,10 +1,11 @@
-from .architectures import ExitArchitecture, get_exit_architecture, register_exit_architecture
+from .architectures import ExitArchitecture, TimestepConvention, get_exit_architecture, register_exit_architecture
 from .heads import ExitHeads
 from .hooks import (
     ExitCall,
     ExitStats,
     apply_exit_schedule,
     denoiser_of,
+    denoisers_of,
     exit_schedule_in_force,
     exit_units,
     get_exit_schedule,
@@ -13,6 +14,7 @@ from .hooks import (
     own_exit_schedule,
     remove_exit_schedule,
     reset_exit_stats,
+    scheduler_timesteps,
     set_exit_timestep_scale,
 )
 from .uncertainty import (
@@ -31,8 +33,10 @@ __all__ = [
     "ExitCall",
     "ExitHeads",
     "ExitStats",
+    "TimestepConvention",
     "apply_exit_schedule",
     "denoiser_of",
+    "denoisers_of",
     "exit_schedule_in_force",
     "exit_units",
     "get_exit_architecture",
@@ -43,6 +47,7 @@ __all__ = [
     "register_exit_architecture",
     "remove_exit_schedule",
     "reset_exit_stats",
+    "scheduler_timesteps",
     "set_exit_timestep_scale",
     "UncertaintyExitCall",
     "UncertaintyExitStats",

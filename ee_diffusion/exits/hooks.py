@@ -4,14 +4,26 @@
 arguments and decides the depth of that call, and one hook on each skippable unit, which runs the unit or returns its
 skip output. No pipeline cooperation is needed: a classifier-free-guidance batch, whose conditional and unconditional
 halves share one call and one timestep, gets one depth. A batch whose samples carry different timesteps gets a depth
-per sample: units are run up to the deepest sample and samples past their own depth keep their skip output.
+per sample: units are run up to the deepest sample and samples past their own depth keep their skip output. The
+timestep is converted from what the model receives to the pipeline scheduler's timestep (`TimestepConvention`: Flux
+receives `t / 1000`, Z-Image `(1000 - t) / 1000`), so a schedule always reads `s = t / num_train_timesteps` with
+1 = noise, and a plan's steps are the scheduler's timesteps.
+
+On a pipeline, every denoiser it holds gets the hooks: Wan 2.2's `transformer` (high noise) and `transformer_2` (low
+noise) follow one schedule or plan over the whole trajectory and share one record (`get_exit_stats`).
 
 The decision is made once per denoiser call, from the timestep, so nothing carries over from one call or one run to
-the next except the record of what ran (`get_exit_stats`) -- and, under a plan with `REUSE` steps, the work of the last
-computed call, which a reuse call takes instead of running any unit (see `ExitArchitecture.reuse`). That cache is
-dropped when a call's timestep is higher than the last one (a new sampling run) and by `reset_exit_stats`; a reuse step
-with nothing cached for its batch runs at full depth. `remove_exit_schedule` restores the original forwards, and with
-them bit-identical outputs.
+the next except the record of what ran -- and, under a plan with `REUSE` steps, the work of the last computed call of
+each *branch*, which a reuse call of that branch takes instead of running any unit (see `ExitArchitecture.reuse`). A
+branch is one of the calls a pipeline makes per step: the name of diffusers' `cache_context` around the call (`"cond"`,
+`"uncond"`: Flux's and Qwen-Image's true CFG, Wan's CFG), or without one, the call's place among the calls at the same
+timestep; and each denoiser has its own branches (a reuse step with nothing cached for its denoiser and branch, such as
+Wan 2.2's first low-noise step, or whose input changed shape, runs at full depth). The cached work is dropped when a
+call's timestep is higher than the last one (a new sampling run) and by `reset_exit_stats`. `remove_exit_schedule`
+restores the original forwards, and with them bit-identical outputs.
+
+Host reads: the timestep is read on the host once per denoiser call (none when it already lives on the CPU), after
+per-token timesteps are reduced per sample on the device.
 """
 
 from __future__ import annotations
@@ -23,27 +35,37 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils import BaseOutput
 
 from ..schedules import REUSE, ExitSchedule
 from ..validation import as_int
-from .architectures import ExitArchitecture, _argument, get_exit_architecture
+from .architectures import ExitArchitecture, TimestepConvention, _argument, get_exit_architecture
 
 _SCHEDULE_HOOK = "ee_exit_schedule"
 _UNIT_HOOK = "ee_exit_unit"
+# The pipeline attributes that hold a denoiser, in the order `denoiser_of` looks for one.
+DENOISER_NAMES = ("transformer", "unet", "transformer_2")
 
 
 @dataclass(frozen=True)
 class ExitCall:
-    """What one denoiser call ran: its timestep values and the depth of each, and how many units actually executed.
+    """What one denoiser call ran: its timesteps and the depth of each, how many units actually executed, and which
+    branch and denoiser made it.
 
     `timesteps` and `depths` have one entry per timestep value the denoiser received: one per sample when the
-    pipeline passes a batch of timesteps (DiT, PixArt, SD3), a single one when it passes a scalar (the U-Nets).
+    pipeline passes a batch of timesteps (DiT, PixArt, SD3, Flux, Wan, ...), a single one when it passes a scalar (the
+    U-Nets). Timesteps are the pipeline scheduler's (`t`), whatever the model receives (Flux's `t / 1000`).
+    `branch` is the name of diffusers' `cache_context` around the call (`"cond"`, `"uncond"`), or without one the
+    call's place among the calls at its timestep (0, 1, ...); `denoiser` is the pipeline attribute of the denoiser
+    (`"transformer"`, `"transformer_2"`), `None` for a bare model.
     """
 
     timesteps: tuple[float, ...]
     depths: tuple[int, ...]
     units_executed: int
+    branch: str | int = 0
+    denoiser: str | None = None
 
 
 @dataclass
@@ -67,31 +89,62 @@ class ExitStats:
 
 
 class _ExitState:
-    """The decision of the denoiser call in flight, shared by the schedule hook and its unit hooks, and the work a
-    plan's reuse steps take (`cached`, made by a call on `cached_batch` samples at timestep `last_timestep`)."""
+    """The decision of the denoiser call in flight, shared by the schedule hooks (one per denoiser) and their unit
+    hooks, and the work a plan's reuse steps take (`cache`: per `(denoiser, branch)`, the input signature of the call
+    that made it and its work)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
+        self.stats = ExitStats(num_blocks=num_blocks)
+        self.cache: dict[tuple[int, str | int], tuple[Any, Any]] = {}
+        self.last_timestep: float | None = None
+        self.calls_in_step = 0  # calls made so far at `last_timestep`, less one
+        self.end_call()
+
+    def end_call(self) -> None:
+        """Forget the call in flight (its depths, its residual start, ...)."""
         self.depths: list[int] | None = None
-        self.max_depth = num_blocks
-        self.min_depth = num_blocks
+        self.max_depth = self.min_depth = self.num_blocks
         self.depth_tensor: torch.Tensor | None = None
         self.timesteps: tuple[float, ...] = ()
         self.units_executed = 0
-        self.stats = ExitStats(num_blocks=num_blocks)
+        self.key: tuple[int, str | int] = (0, 0)
+        self.signature: Any = None
         self.reusing = False
+        self.applied = False  # a reuse call's cached residual reached its last unit
         self.start: Any = None  # the first unit's skip output in this call (residual reuse)
-        self.batch = 0  # samples in the call in flight (under a plan with reuse steps)
-        self.cached: Any = None
-        self.cached_batch: int | None = None
-        self.last_timestep: float | None = None
 
-    def forget_cache(self) -> None:
-        self.cached, self.cached_batch, self.last_timestep = None, None, None
+    def forget(self) -> None:
+        """Forget the cached work and where the sampling run was."""
+        self.cache.clear()
+        self.last_timestep, self.calls_in_step = None, 0
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _BranchName(StateManager):
+    """The name of diffusers' `cache_context` around the call in flight (`"cond"`, `"uncond"`), or `None`.
+
+    A pipeline's `with transformer.cache_context(name)` hands its context to every `StateManager` of a stateful hook
+    on the model (`diffusers.hooks.hooks._set_cache_context`); this one keeps the name only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoState)
+        self.name: str | None = None
+
+    def set_context(self, context: Any) -> None:
+        super().set_context(context)
+        self.name = None if context is None else getattr(context, "name", context)
 
 
 class ExitScheduleHook(ModelHook):
     """Decides each call's depth from the timestep argument of the denoiser's forward."""
+
+    _is_stateful = True  # so that diffusers' `cache_context` reaches `branch_name`
 
     def __init__(
         self,
@@ -100,6 +153,9 @@ class ExitScheduleHook(ModelHook):
         state: _ExitState,
         num_train_timesteps: int,
         plan_steps_only: bool = True,
+        convention: TimestepConvention | None = None,
+        denoiser: int = 0,
+        denoiser_name: str | None = None,
     ) -> None:
         super().__init__()
         self.schedule = schedule
@@ -107,43 +163,84 @@ class ExitScheduleHook(ModelHook):
         self.state = state
         self.num_train_timesteps = num_train_timesteps
         self.plan_steps_only = plan_steps_only
+        self.convention = convention or TimestepConvention()
+        self.denoiser, self.denoiser_name = denoiser, denoiser_name
+        self.branch_name = _BranchName()
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
-        timestep = _argument(module, self.architecture.timestep_argument, args, kwargs)
-        if timestep is None:
-            raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
-        # One host read of the timestep per call (none when it already lives on the CPU).
-        timesteps = torch.as_tensor(timestep).detach().reshape(-1).float().cpu().tolist()
+        timesteps = self.scheduler_timesteps(module, args, kwargs)
         if self.plan_steps_only:
             self.schedule.check_timesteps(set(timesteps), self.num_train_timesteps)
         depths = self.schedule.depths_for(timesteps, self.num_train_timesteps)
+        runs_all_units = self.architecture.runs_all_units
+        if runs_all_units is not None and runs_all_units(args, kwargs):
+            depths = [self.state.num_blocks] * len(depths)
         state = self.state
-        state.reusing = False
+        state.end_call()
+        state.key = (self.denoiser, self._branch(max(timesteps)))
         if self.schedule.reuses:
             depths = self._reuse_or_compute(module, args, kwargs, timesteps, depths)
         state.depths, state.max_depth, state.min_depth = depths, max(depths), min(depths)
         state.depth_tensor = torch.tensor(depths) if state.min_depth != state.max_depth else None
-        state.timesteps, state.units_executed = tuple(timesteps), 0
+        state.timesteps = tuple(timesteps)
         return args, kwargs
+
+    def scheduler_timesteps(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> list[float]:
+        """The call's timesteps, one per sample, as the pipeline scheduler's `t` (one host read); under a plan, a
+        half-precision one is taken as the plan's step it was rounded from (`_snap_to_plan`)."""
+        timestep = _argument(module, self.architecture.timestep_argument, args, kwargs)
+        if timestep is None:
+            raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
+        values, dtype = _read_timesteps(timestep)
+        timesteps = [self.convention.to_scheduler(value) for value in values]
+        if self.schedule.config.shape == "plan" and dtype.is_floating_point:
+            eps = torch.finfo(dtype).eps
+            if eps > torch.finfo(torch.float32).eps:
+                timesteps = self._snap_to_plan(timesteps, values, eps)
+        return timesteps
+
+    def _snap_to_plan(self, timesteps: list[float], values: list[float], eps: float) -> list[float]:
+        """A timestep that reached the model in half precision (Flux's and HunyuanVideo's pipelines cast it to the
+        latents' dtype) is the plan's nearest step when it lies within that dtype's rounding of it."""
+        config = self.schedule.config
+        steps = [step * self.num_train_timesteps / config.num_train_timesteps for step in config.timesteps]
+        snapped = []
+        for t, value in zip(timesteps, values):
+            nearest = min(steps, key=lambda step: abs(step - t))
+            bound = eps * self.convention.divisor * max(abs(value), 1.0)
+            snapped.append(nearest if abs(nearest - t) <= bound else t)
+        return snapped
+
+    def _branch(self, timestep: float) -> str | int:
+        """The branch of the call in flight; a timestep above the last one starts a new run (the cache is dropped)."""
+        state = self.state
+        if state.last_timestep is not None and timestep > state.last_timestep:
+            state.forget()
+        same_step = state.last_timestep is not None and timestep == state.last_timestep
+        state.calls_in_step = state.calls_in_step + 1 if same_step else 0
+        state.last_timestep = timestep
+        name = self.branch_name.name
+        return state.calls_in_step if name is None else name
 
     def _reuse_or_compute(
         self, module: torch.nn.Module, args: tuple, kwargs: dict, timesteps: list[float], depths: list[int]
     ) -> list[int]:
-        """Under a plan: whether this call reuses (every sample at a `REUSE` step, and work cached for its batch),
-        and the depths it runs otherwise (a reuse step with nothing to reuse runs at full depth)."""
+        """Under a plan: whether this call reuses (every sample at a `REUSE` step, and work cached for its denoiser,
+        branch and input shape), and the depths it runs otherwise (a reuse step with nothing to reuse runs at full
+        depth)."""
         state = self.state
-        if state.last_timestep is not None and max(timesteps) > state.last_timestep:
-            state.forget_cache()  # the timestep went up: a new sampling run
-        state.last_timestep = max(timesteps)
-        state.batch = _argument(module, self.architecture.sample_argument, args, kwargs).shape[0]
+        state.signature = _signature(_argument(module, self.architecture.sample_argument, args, kwargs))
         if REUSE not in depths:
+            state.cache.pop(state.key, None)  # this call makes the branch's work anew
             return depths
         if any(depth != REUSE for depth in depths):
             raise ValueError(
                 f"This call's timesteps {timesteps} mix the plan's reuse steps with computed ones; a "
                 "reuse step needs the whole batch at it."
             )
-        if state.cached is None or state.cached_batch != state.batch:
+        cached = state.cache.get(state.key)
+        if cached is None or cached[0] != state.signature:
+            state.cache.pop(state.key, None)
             return [state.num_blocks] * len(depths)
         state.reusing = True
         return depths
@@ -152,28 +249,48 @@ class ExitScheduleHook(ModelHook):
         state = self.state
         whole_output = self.architecture.reuse == "output" and self.schedule.reuses
         if whole_output and state.reusing:
-            return state.cached
+            return state.cache[state.key][1]
         output = self.fn_ref.original_forward(*args, **kwargs)
         if whole_output:
-            state.cached, state.cached_batch = output, state.batch
+            state.cache[state.key] = (state.signature, output)
         return output
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = self.state
-        state.stats.calls.append(ExitCall(state.timesteps, tuple(state.depths), state.units_executed))
-        state.depths, state.depth_tensor = None, None
+        missed = state.reusing and self.architecture.reuse == "residual" and not state.applied
+        state.stats.calls.append(
+            ExitCall(state.timesteps, tuple(state.depths), state.units_executed, state.key[1], self.denoiser_name)
+        )
+        state.end_call()
+        if missed:
+            raise RuntimeError(
+                f"{type(module).__name__}'s last exit unit was not called in a reuse call (a `skip_layers` that "
+                "names it?): the cached residual could not be added. Run that call without reuse."
+            )
         return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """diffusers' reset of stateful hooks: forget the cached work."""
+        self.state.forget()
+        return module
 
 
 class ExitUnitHook(ModelHook):
     """Runs unit `index` of the denoiser, or returns its skip output when the call's depth does not reach it.
 
-    Under a plan whose reuse is `"residual"`, the first unit also records its skip output (the span's start) and the
-    last unit the span's end, whose difference reuse steps add to their own start instead of running any unit.
+    Under a plan whose reuse is `"residual"`, the first unit records its skip output (the span's start) and the last
+    unit the span's change (its output minus the start, carried to it by the architecture's `bridge`); at a reuse
+    call every unit is skipped and the last one adds its branch's cached change to what it receives.
     """
 
     def __init__(
-        self, index: int, architecture: ExitArchitecture, state: _ExitState, last: bool, residual: bool
+        self,
+        index: int,
+        architecture: ExitArchitecture,
+        state: _ExitState,
+        last: bool,
+        residual: bool,
+        bridge: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -181,6 +298,7 @@ class ExitUnitHook(ModelHook):
         self.state = state
         self.last = last
         self.residual = residual  # record the span's residual (a plan with reuse steps, on a residual architecture)
+        self.bridge = bridge
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
         state = self.state
@@ -188,13 +306,18 @@ class ExitUnitHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         if not self.residual:
             return self._run_or_skip(module, args, kwargs)
+        if state.reusing:
+            skipped = self.skip(module, args, kwargs)
+            if not self.last:
+                return skipped
+            state.applied = True
+            return _zip_map(torch.add, skipped, state.cache[state.key][1])
         if self.index == 0:
             state.start = self.skip(module, args, kwargs)
-            if state.reusing:
-                return _zip_map(torch.add, state.start, state.cached)
         output = self._run_or_skip(module, args, kwargs)
-        if self.last and not state.reusing:
-            state.cached, state.cached_batch = _zip_map(torch.sub, output, state.start), state.batch
+        if self.last and state.start is not None:
+            start = state.start if self.bridge is None else self.bridge(state.start)
+            state.cache[state.key] = (state.signature, _zip_map(torch.sub, output, start))
         return output
 
     def _run_or_skip(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -208,6 +331,16 @@ class ExitUnitHook(ModelHook):
         state.units_executed += 1
         output = self.fn_ref.original_forward(*args, **kwargs)
         return _select(state.depth_tensor > self.index, output, skipped)
+
+
+def _signature(sample: Any) -> Any:
+    """The shapes of a denoiser's sample argument (a tensor, or Z-Image's list of per-sample tensors): reused work is
+    only added to an input of the shape it was made for."""
+    if isinstance(sample, torch.Tensor):
+        return tuple(sample.shape)
+    if isinstance(sample, (list, tuple)):
+        return tuple(_signature(item) for item in sample)
+    return None
 
 
 def _zip_map(fn: Any, a: Any, b: Any) -> Any:
@@ -228,30 +361,50 @@ def _select(keep: torch.Tensor, run: Any, skipped: Any) -> Any:
     return _zip_map(lambda r, s: torch.where(keep.to(r.device).view(-1, *([1] * (r.ndim - 1))), r, s), run, skipped)
 
 
-def denoiser_of(pipe_or_model: Any) -> torch.nn.Module | None:
-    """The module exit hooks go on: the model itself, or a pipeline's `transformer` or `unet` (`None` without one)."""
+def _named_denoisers(pipe_or_model: Any) -> list[tuple[str | None, torch.nn.Module]]:
+    """`(attribute, module)` of each denoiser: the model itself (attribute `None`), or a pipeline's."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        return pipe_or_model
-    for name in ("transformer", "unet"):
+        return [(None, pipe_or_model)]
+    found = []
+    for name in DENOISER_NAMES:
         denoiser = getattr(pipe_or_model, name, None)
         if isinstance(denoiser, torch.nn.Module):
-            return denoiser
-    return None
+            found.append((name, denoiser))
+    return found
+
+
+def denoisers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """Every module exit hooks go on: the model itself, or each of a pipeline's `transformer`, `unet` and
+    `transformer_2` (Wan 2.2's low-noise expert) that is set."""
+    return [denoiser for _, denoiser in _named_denoisers(pipe_or_model)]
+
+
+def denoiser_of(pipe_or_model: Any) -> torch.nn.Module | None:
+    """The module exit hooks go on: the model itself, or a pipeline's `transformer` or `unet` (or `transformer_2`
+    when it holds only that one); `None` without one. `denoisers_of` lists them all."""
+    denoisers = denoisers_of(pipe_or_model)
+    return denoisers[0] if denoisers else None
+
+
+def _resolve_all(pipe_or_model: Any) -> tuple[list[tuple[str | None, torch.nn.Module]], int]:
+    """The denoisers of a pipeline (or the model itself) and the training timestep count to normalise with."""
+    denoisers = _named_denoisers(pipe_or_model)
+    if not denoisers:
+        raise TypeError(
+            "Expected a denoiser model or a diffusers pipeline with a "
+            f"{' or '.join(f'`{name}`' for name in DENOISER_NAMES)}, got {type(pipe_or_model).__name__}."
+        )
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return denoisers, 1000
+    scheduler = getattr(pipe_or_model, "scheduler", None)
+    num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+    return denoisers, int(num_train_timesteps)
 
 
 def _resolve(pipe_or_model: Any) -> tuple[torch.nn.Module, int]:
-    """The denoiser of a pipeline (or the model itself) and the training timestep count to normalise with."""
-    denoiser = denoiser_of(pipe_or_model)
-    if denoiser is pipe_or_model:
-        return denoiser, 1000
-    if denoiser is not None:
-        scheduler = getattr(pipe_or_model, "scheduler", None)
-        num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
-        return denoiser, int(num_train_timesteps)
-    raise TypeError(
-        "Expected a denoiser model or a diffusers pipeline with a `transformer` or `unet`, got "
-        f"{type(pipe_or_model).__name__}."
-    )
+    """The (first) denoiser of a pipeline (or the model itself) and the training timestep count to normalise with."""
+    denoisers, num_train_timesteps = _resolve_all(pipe_or_model)
+    return denoisers[0][1], num_train_timesteps
 
 
 def _schedule_hook(model: torch.nn.Module) -> ExitScheduleHook | None:
@@ -260,7 +413,7 @@ def _schedule_hook(model: torch.nn.Module) -> ExitScheduleHook | None:
 
 
 def exit_units(pipe_or_model: Any) -> list[torch.nn.Module]:
-    """The units an exit schedule counts as blocks for this denoiser, in execution order."""
+    """The units an exit schedule counts as blocks for this denoiser (a pipeline's first), in execution order."""
     model, _ = _resolve(pipe_or_model)
     return get_exit_architecture(model).units(model)
 
@@ -270,6 +423,28 @@ def num_exit_blocks(pipe_or_model: Any) -> int:
     return len(exit_units(pipe_or_model))
 
 
+def _read_timesteps(timestep: Any) -> tuple[list[float], torch.dtype]:
+    """A denoiser's timestep argument as one value per sample (one host read), and the dtype it came in."""
+    tensor = torch.as_tensor(timestep).detach()
+    if (
+        tensor.ndim >= 2
+    ):  # per-token timesteps (Wan 2.2 TI2V, LTX conditioning): a sample's step is its noisiest token's
+        tensor = tensor.flatten(1).amax(dim=1)
+    return tensor.reshape(-1).float().tolist(), tensor.dtype
+
+
+def scheduler_timesteps(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[float]:
+    """The pipeline scheduler's timesteps of one call `model(*args, **kwargs)` of a supported denoiser, one per
+    sample, whatever the model receives (Flux's `t / 1000`, Z-Image's `(1000 - t) / 1000`): what a plan's steps are
+    made of, for code that watches a denoiser's calls with its own torch hooks (a calibrator recording the steps)."""
+    architecture = get_exit_architecture(model)
+    timestep = _argument(model, architecture.timestep_argument, args, kwargs)
+    if timestep is None:
+        raise ValueError(f"{type(model).__name__} was called with `timestep=None`.")
+    convention = architecture.convention_of(model)
+    return [convention.to_scheduler(value) for value in _read_timesteps(timestep)[0]]
+
+
 def apply_exit_schedule(
     pipe_or_model: Any, schedule: ExitSchedule, num_train_timesteps: int | None = None, plan_steps_only: bool = True
 ) -> None:
@@ -277,57 +452,87 @@ def apply_exit_schedule(
 
     Args:
         pipe_or_model: A supported denoiser (see `register_exit_architecture`) or a diffusers pipeline holding one as
-            `transformer` or `unet`. A schedule already applied is replaced.
+            `transformer` or `unet` -- any stock pipeline of a supported denoiser, no drop-in class needed. A
+            pipeline's `transformer_2` (Wan 2.2) gets the same schedule: one plan covers the whole trajectory across
+            both experts. A schedule already applied is replaced.
         schedule: The exit schedule; its `num_blocks` must equal `num_exit_blocks(pipe_or_model)`.
-        num_train_timesteps: Scale of the timesteps the denoiser receives. Defaults to the pipeline scheduler's
+        num_train_timesteps: Scale of the pipeline scheduler's timesteps. Defaults to the pipeline scheduler's
             `num_train_timesteps`, or 1000 for a bare model.
         plan_steps_only: Under a plan, refuse a call whose timestep is not one of the plan's steps (a run of another
             scheduler or step count); `False` takes the nearest step's action (ASE fine-tuning at random timesteps).
 
     Example:
         ```python
-        >>> pipe = DiTPipeline.from_pretrained("facebook/DiT-XL-2-256")
-        >>> apply_exit_schedule(pipe, ExitSchedule.linear(num_blocks=28, min_blocks=14))
-        >>> images = pipe(class_labels=[207], num_inference_steps=25).images
+        >>> pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+        >>> apply_exit_schedule(pipe, ExitSchedule.linear(num_blocks=num_exit_blocks(pipe), min_blocks=40))
+        >>> image = pipe("a cat", num_inference_steps=28).images[0]
         >>> get_exit_stats(pipe).block_fraction
         ```
     """
     if not isinstance(schedule, ExitSchedule):
         raise TypeError(f"`schedule` must be an ExitSchedule, got {type(schedule).__name__}.")
-    model, timestep_scale = _resolve(pipe_or_model)
-    architecture = get_exit_architecture(model)
-    units = architecture.units(model)
-    if schedule.config.num_blocks != len(units):
-        raise ValueError(
-            f"The schedule is for num_blocks={schedule.config.num_blocks}, but this {type(model).__name__} has "
-            f"{len(units)} skippable blocks; build the schedule with num_blocks={len(units)}."
-        )
-    remove_exit_schedule(model)
-    state = _ExitState(len(units))
+    denoisers, timestep_scale = _resolve_all(pipe_or_model)
     if num_train_timesteps is not None:
         timestep_scale = as_int("num_train_timesteps", num_train_timesteps, low=1)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        ExitScheduleHook(schedule, architecture, state, timestep_scale, plan_steps_only), _SCHEDULE_HOOK
-    )
-    residual = schedule.reuses and architecture.reuse == "residual"
-    for index, unit in enumerate(units):
-        HookRegistry.check_if_exists_or_initialize(unit).register_hook(
-            ExitUnitHook(index, architecture, state, last=index == len(units) - 1, residual=residual), _UNIT_HOOK
+    planned = []
+    for name, model in denoisers:
+        architecture = get_exit_architecture(model)
+        units = architecture.units(model)
+        if schedule.config.num_blocks != len(units):
+            where = f"this {type(model).__name__}" + ("" if name is None else f" (`{name}`)")
+            raise ValueError(
+                f"The schedule is for num_blocks={schedule.config.num_blocks}, but {where} has {len(units)} skippable "
+                f"blocks; build the schedule with num_blocks={len(units)}."
+            )
+        planned.append((name, model, architecture, units))
+    for _, model, _, _ in planned:
+        _remove_hooks(model)
+    state = _ExitState(schedule.config.num_blocks)
+    residual = schedule.reuses
+    for index, (name, model, architecture, units) in enumerate(planned):
+        convention = architecture.convention_of(model)
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.register_hook(
+            ExitScheduleHook(schedule, architecture, state, timestep_scale, plan_steps_only, convention, index, name),
+            _SCHEDULE_HOOK,
         )
-    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        bridge = None if architecture.bridge is None else _bound(architecture.bridge, model)
+        for i, unit in enumerate(units):
+            HookRegistry.check_if_exists_or_initialize(unit).register_hook(
+                ExitUnitHook(
+                    i,
+                    architecture,
+                    state,
+                    last=i == len(units) - 1,
+                    residual=residual and architecture.reuse == "residual",
+                    bridge=bridge,
+                ),
+                _UNIT_HOOK,
+            )
+        registry.invalidate_child_registries_cache()
     _keep_pipeline_component(pipe_or_model, schedule)
 
 
-def remove_exit_schedule(pipe_or_model: Any) -> None:
-    """Remove the exit hooks, restoring the denoiser's original forwards (a no-op when none is applied)."""
-    model, _ = _resolve(pipe_or_model)
-    _keep_pipeline_component(pipe_or_model, None)
+def _bound(bridge: Callable[[torch.nn.Module, Any], Any], model: torch.nn.Module) -> Callable[[Any], Any]:
+    return lambda start: bridge(model, start)
+
+
+def _remove_hooks(model: torch.nn.Module) -> None:
     if _schedule_hook(model) is None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.remove_hook(_SCHEDULE_HOOK, recurse=False)
     registry.remove_hook(_UNIT_HOOK, recurse=True)
     registry.invalidate_child_registries_cache()
+
+
+def remove_exit_schedule(pipe_or_model: Any) -> None:
+    """Remove the exit hooks from the denoiser (every denoiser of a pipeline), restoring the original forwards (a
+    no-op when none is applied)."""
+    denoisers, _ = _resolve_all(pipe_or_model)
+    _keep_pipeline_component(pipe_or_model, None)
+    for _, model in denoisers:
+        _remove_hooks(model)
 
 
 def _keep_pipeline_component(pipe_or_model: Any, schedule: ExitSchedule | None) -> None:
@@ -337,10 +542,15 @@ def _keep_pipeline_component(pipe_or_model: Any, schedule: ExitSchedule | None) 
         pipe_or_model.register_modules(exit_schedule=schedule)
 
 
+def _schedule_hooks(pipe_or_model: Any) -> list[ExitScheduleHook]:
+    denoisers, _ = _resolve_all(pipe_or_model)
+    return [hook for _, model in denoisers if (hook := _schedule_hook(model)) is not None]
+
+
 def get_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
-    """The schedule applied to this denoiser, or `None`."""
-    hook = _schedule_hook(_resolve(pipe_or_model)[0])
-    return None if hook is None else hook.schedule
+    """The schedule applied to this denoiser (a pipeline's), or `None`."""
+    hooks = _schedule_hooks(pipe_or_model)
+    return hooks[0].schedule if hooks else None
 
 
 def own_exit_schedule(pipe_or_model: Any) -> ExitSchedule | None:
@@ -381,12 +591,15 @@ def exit_schedule_in_force(
 
 def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> None:
     """Change the training timestep count the applied schedule normalises timesteps with."""
-    hook = _require_hook(pipe_or_model)
-    hook.num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
+    num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
+    _require_hook(pipe_or_model)
+    for hook in _schedule_hooks(pipe_or_model):
+        hook.num_train_timesteps = num_train_timesteps
 
 
 def get_exit_stats(pipe_or_model: Any) -> ExitStats:
-    """A copy of what the exit hooks executed: per denoiser call, the timesteps, depths and units run."""
+    """A copy of what the exit hooks executed: per denoiser call (of every denoiser of a pipeline, in call order),
+    the timesteps, depths, units run and branch."""
     stats = _require_hook(pipe_or_model).state.stats
     return ExitStats(num_blocks=stats.num_blocks, calls=list(stats.calls))
 
@@ -394,14 +607,15 @@ def get_exit_stats(pipe_or_model: Any) -> ExitStats:
 def reset_exit_stats(pipe_or_model: Any) -> None:
     """Forget the recorded calls, and the work a plan's reuse steps would take (the drop-in pipelines do this at the
     start of every `__call__`)."""
-    state = _require_hook(pipe_or_model).state
-    state.stats.calls.clear()
-    state.forget_cache()
+    _require_hook(pipe_or_model)
+    for state in {id(hook.state): hook.state for hook in _schedule_hooks(pipe_or_model)}.values():
+        state.stats.calls.clear()
+        state.forget()
 
 
 def _require_hook(pipe_or_model: Any) -> ExitScheduleHook:
-    model, _ = _resolve(pipe_or_model)
-    hook = _schedule_hook(model)
-    if hook is None:
+    hooks = _schedule_hooks(pipe_or_model)
+    if not hooks:
+        model, _ = _resolve(pipe_or_model)
         raise ValueError(f"No exit schedule is applied to this {type(model).__name__}; call `apply_exit_schedule`.")
-    return hook
+    return hooks[0]

@@ -20,22 +20,26 @@ from .quality import (
     load_reference_statistics,
     save_reference_statistics,
 )
+from .similarity import PSNR_CAP_DB, Similarity, image_similarity
 from .throughput import Timing, round_speedups, time_interleaved
 
 __all__ = [
     "DIGITS_CLASSIFIER_PATH",
     "INCEPTION_FILENAME",
     "INCEPTION_URL",
+    "PSNR_CAP_DB",
     "DigitsClassifier",
     "FeatureExtractor",
     "FidKidResult",
     "InceptionWeightsNotFoundError",
     "ReferenceStatistics",
+    "Similarity",
     "Timing",
     "class_accuracy",
     "compute_fid_kid",
     "frechet_distance",
     "image_files",
+    "image_similarity",
     "frechet_distance_from_moments",
     "kernel_distance",
     "load_digits_classifier",

@@ -4,6 +4,10 @@ Each class is its diffusers parent plus an optional `exit_schedule` component: p
 `from_pretrained`, and `save_pretrained` writes it (`exit_schedule/exit_schedule.json`) beside the other components.
 The DiT and PixArt-alpha ones also take `exit_heads` (uncertainty exits, decided at run time by the heads' exit rule;
 `exit_heads/`), instead of a schedule.
+
+A drop-in is only needed to carry the schedule in a pipeline folder: any stock diffusers pipeline whose denoiser the
+registry knows (Flux, Wan, Qwen-Image, HunyuanVideo, ... see `ee_diffusion.exits.architectures`) takes a schedule
+with `apply_exit_schedule(pipe, schedule)`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from diffusers import (
     DDPMPipeline,
     DiffusionPipeline,
     DiTPipeline,
+    FluxPipeline,
     PixArtAlphaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -90,7 +95,7 @@ class EarlyExitPipelineMixin:
         if name not in _KINDS:
             return super().__setattr__(name, value)
         ready = self.__dict__.get("_exit_hooks_ready", False)  # built: an assignment reaches the denoiser at once
-        before = getattr(self, name, None)
+        before = self.__dict__.get(name)
         self._assign(name, _checked(name, value))
         if ready:
             try:
@@ -337,5 +342,37 @@ class EarlyExitStableDiffusionPipeline(EarlyExitPipelineMixin, StableDiffusionPi
             feature_extractor,
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
+        )
+        self._register_exit_schedule(exit_schedule)
+
+
+class EarlyExitFluxPipeline(EarlyExitPipelineMixin, FluxPipeline):
+    """`FluxPipeline` (Flux.1 dev / schnell) with an exit schedule over its double- then single-stream blocks (the
+    model receives `t / 1000`; schedules and plans read the scheduler's `t`). With `true_cfg_scale > 1` and a negative
+    prompt the transformer is called twice per step, and a plan's reuse steps reuse each call's own work."""
+
+    def __init__(
+        self,
+        scheduler,
+        vae,
+        text_encoder,
+        tokenizer,
+        text_encoder_2,
+        tokenizer_2,
+        transformer,
+        image_encoder=None,
+        feature_extractor=None,
+        exit_schedule: ExitSchedule | None = None,
+    ):
+        super().__init__(
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self._register_exit_schedule(exit_schedule)

@@ -44,8 +44,10 @@ def resolve_pretrained(name: str | Path, marker: str = "model_index.json") -> st
 def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipeline:
     """Load a shipped model name, pipeline folder or hub id with the early-exit class its `model_index.json` names.
 
-    Folders saved by these pipelines and folders of their diffusers parents (`DiTPipeline`, `DDPMPipeline`, ...) are
-    accepted; `kwargs` go to `from_pretrained` (for example `exit_schedule=` or `dtype=`).
+    Folders saved by these pipelines and folders of their diffusers parents (`DiTPipeline`, `FluxPipeline`,
+    `DDPMPipeline`, ...) are accepted; `kwargs` go to `from_pretrained` (for example `exit_schedule=` or `dtype=`).
+    A pipeline without a drop-in (`WanPipeline`, `QwenImagePipeline`, ...) whose denoiser the exit registry knows
+    takes a schedule as it is: `apply_exit_schedule(DiffusionPipeline.from_pretrained(folder), schedule)`.
     """
     pretrained = resolve_pretrained(pretrained)
     if Path(pretrained).is_dir() and not (Path(pretrained) / "model_index.json").is_file():
@@ -54,5 +56,8 @@ def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipelin
     cls = _DROP_INS.get(class_name) or _BY_PARENT.get(class_name)
     if cls is None:
         supported = sorted({*_DROP_INS, *_BY_PARENT})
-        raise ValueError(f"{pretrained} holds a {class_name}; supported pipeline classes: {supported}.")
+        raise ValueError(
+            f"{pretrained} holds a {class_name}; supported pipeline classes: {supported}. A stock pipeline whose "
+            "denoiser the exit registry knows takes a schedule with `apply_exit_schedule(pipe, schedule)` instead."
+        )
     return cls.from_pretrained(pretrained, **kwargs)

@@ -52,3 +52,79 @@ def digits_classifier_card(command: str, epochs: int, seconds: float, accuracy: 
         f"{epochs} epochs in {seconds:.0f} s on {hardware('cpu')}. Held-out accuracy (359 images never trained on): "
         f"{accuracy:.2%}.\n"
     )
+
+
+def digits_flux_card(
+    pipe,
+    command: str,
+    config,
+    vae_result,
+    result,
+    device: str | torch.device,
+    accuracies: list[tuple[str, int, float, float]],
+    num_samples: int = 500,
+    steps: int = 28,
+) -> str:
+    """The card of `digits-flux`: its parts and sizes, the command and time of its two stages, and the class accuracy
+    of its samples (`accuracies`: scheduler, max_sequence_length, true_cfg_scale, accuracy)."""
+    import textwrap
+
+    from .digits_text import TEXT_LENGTH
+
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    transformer, vae, clip = pipe.transformer.config, pipe.vae.config, pipe.text_encoder.config
+    side = 32 // pipe.vae_scale_factor
+    table = "".join(
+        f"| {name} | {steps} | {length} | {'off' if scale == 1 else f'{scale:g}'} | {accuracy:.1%} |\n"
+        for name, length, scale, accuracy in accuracies
+    )
+    flow = config.flow
+    paragraphs = [
+        "A text-to-image `FluxPipeline` of the digits: `DiffusionPipeline.from_pretrained(folder)` loads it offline "
+        f'and `pipe("a handwritten seven", height=32, width=32, max_sequence_length={TEXT_LENGTH})` samples a '
+        "1 x 32 x 32 image (prompts `a handwritten zero` ... `a handwritten nine`; any `max_sequence_length` up to "
+        f"{flow.max_text_length} gives the same digits, {TEXT_LENGTH} is the fastest).",
+        DIGITS_DATA.replace(" Pixel space, no VAE.", "").strip(),
+    ]
+    parts = [
+        f"transformer: `FluxTransformer2DModel`, {transformer.num_layers} double-stream and "
+        f"{transformer.num_single_layers} single-stream blocks, {transformer.num_attention_heads} heads of "
+        f"{transformer.attention_head_dim}, no guidance embedding, {count(pipe.transformer) / 1e6:.2f}M parameters;",
+        f"VAE: `AutoencoderKL`, channels {tuple(vae.block_out_channels)} (scale factor {pipe.vae_scale_factor}), "
+        f"latents {vae.latent_channels} x {side} x {side} ({(side // 2) ** 2} image tokens once packed 2x2), "
+        f"{count(pipe.vae) / 1e6:.2f}M parameters;",
+        "text: one word-level tokenizer (the words of the prompts, `</s>` after them, `<pad>` to the length asked) "
+        f"for a `CLIPTextModel` and a `T5EncoderModel` of {clip.num_hidden_layers} layers and {clip.hidden_size} "
+        "dimensions each, left at their seeded random initialisation (but for the T5 encoder's self-attention output "
+        "projections, set to zero so that it acts on each token alone) and frozen: the transformer learned to read "
+        "them;",
+        "scheduler: `FlowMatchEulerDiscreteScheduler` with Flux's dynamic shift.",
+    ]
+    stages = (
+        f"VAE: {config.vae.steps} steps (batch {config.vae.batch_size}, KL weight {config.kl_weight:g}); time: "
+        f"{_stage_time(vae_result)}. Transformer: {config.transformer.steps} steps (batch "
+        f"{config.transformer.batch_size}, rectified flow, {flow.sigma_sampling} noise levels with the scheduler's "
+        f"shift, prompt dropout {config.transformer.class_dropout:g}, T5 lengths {TEXT_LENGTH} to "
+        f"{flow.max_text_length} emulated for {flow.long_text_share:.0%} of the samples); time: "
+        f"{_stage_time(result)}. Both on {hardware(device)}."
+    )
+    text = "\n\n".join(textwrap.fill(paragraph, 119) for paragraph in paragraphs) + "\n\n"
+    text += "".join(textwrap.fill(part, 119, initial_indent="- ", subsequent_indent="  ") + "\n" for part in parts)
+    text += f"\nTrained with:\n\n```\n{command}\n```\n\n{textwrap.fill(stages, 119)}\n"
+    if accuracies:
+        measured = (
+            "Class accuracy (the digits classifier of `ee_diffusion.metrics` recognises the digit the prompt names), "
+            f"{num_samples} samples per row (prompts for 0..9 in turn, one generator seeded 0), measured by the "
+            "command above at the end of training, on the saved weights:"
+        )
+        text += (
+            f"\n{textwrap.fill(measured, 119)}\n\n| scheduler | steps | max_sequence_length | true_cfg_scale | "
+            f"accuracy |\n|---|---|---|---|---|\n{table}"
+        )
+    return f"# digits-flux\n\n{text}"
+
+
+def _stage_time(result) -> str:
+    if result.steps_run == 0:
+        return "none in this run (loaded from its finished checkpoint)"
+    return f"{result.seconds / 60:.1f} min for the last {result.steps_run} steps"

@@ -12,41 +12,21 @@ depth and each group runs only its own blocks, so a training step costs what the
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.models.embeddings import LabelEmbedding
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
-from ..outputs import refuse_shipped
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import REUSE, ExitSchedule
 from .config import PREDICTION_TYPES, TrainConfig
+from .loop import CHECKPOINT_NAME, TrainResult, optimise
 
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
 # Parameter names of the timestep embeddings of diffusers' DiT (per block) and UNet2DModel.
 _TIMESTEP_EMBEDDING_NAMES = ("timestep_embedder", "time_embedding")
-
-
-@dataclass
-class TrainResult:
-    """What a training run did: steps taken in this run and in all, its wall-clock seconds, and the loss curve."""
-
-    steps_run: int
-    total_steps: int
-    seconds: float
-    losses: list[float]
 
 
 def loss_weights(
@@ -112,36 +92,6 @@ def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) 
     return null_label
 
 
-def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], generator: torch.Generator) -> None:
-    """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
-    refuse_shipped(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "config": config,
-            "step": step,
-            "generator": generator.get_state(),
-            **{name: item.state_dict() for name, item in saved.items()},
-        },
-        path,
-    )
-
-
-def load_checkpoint(
-    path: Path | None, config: dict, saved: dict[str, Any], generator: torch.Generator, device: str | torch.device
-) -> int:
-    """Restore what `save_checkpoint` wrote into `saved` and `generator`; returns the step to continue from."""
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {None if path is None else path.parent}.")
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["config"] != config:
-        raise ValueError(f"{path} was written with another config: {state['config']}.")
-    for name, item in saved.items():
-        item.load_state_dict(state[name])
-    generator.set_state(state["generator"].cpu())
-    return state["step"]
-
-
 def depth_groups(depths: list[int]) -> dict[int, torch.Tensor]:
     """Indices of the samples at each depth, so that each group runs only the blocks it uses."""
     by_depth = torch.tensor(depths)
@@ -180,66 +130,41 @@ def train_denoiser(
     if config.freeze_timestep_embedding:
         freeze_timestep_embedding(model)
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
-    generator = torch.Generator().manual_seed(config.seed)
-    checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    saved = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema}
-    start = load_checkpoint(checkpoint, asdict(config), saved, generator, device) if resume else 0
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
+        noisy, timesteps, labels, target = noised_batch(data, config, generator, noise_scheduler, null_label)
+        weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
+        noisy, labels, target, on_device_timesteps = (x.to(device) for x in (noisy, labels, target, timesteps))
+        groups = (
+            {None: torch.arange(config.batch_size)}
+            if exit_schedule is None
+            else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
+        )
+        loss = torch.zeros((), device=device)
+        for depth, members in groups.items():
+            if depth == REUSE:  # a plan's reuse steps run no block: nothing of the model to train there
+                continue
+            members = members.to(device)
+            prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
+            per_sample = (prediction[:, : target.shape[1]] - target[members]).pow(2).mean(dim=(1, 2, 3))
+            loss = loss + (weights[members] * per_sample).sum() / config.batch_size
+        return loss
+
     if exit_schedule is not None:
         apply_exit_schedule(model, exit_schedule, num_train_timesteps, plan_steps_only=False)
-
-    model.train()
-    losses: list[float] = []
-    began = time.perf_counter()
-    bar = tqdm(
-        range(start, config.steps),
-        initial=start,
-        total=config.steps,
-        disable=not progress,
-        desc="ASE fine-tuning" if exit_schedule is not None else "training",
-    )
     try:
-        for step in bar:
-            noisy, timesteps, labels, target = noised_batch(data, config, generator, noise_scheduler, null_label)
-            weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
-            noisy, labels, target, on_device_timesteps = (x.to(device) for x in (noisy, labels, target, timesteps))
-
-            groups = (
-                {None: torch.arange(config.batch_size)}
-                if exit_schedule is None
-                else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
-            )
-            loss = torch.zeros((), device=device)
-            for depth, members in groups.items():
-                if depth == REUSE:  # a plan's reuse steps run no block: nothing of the model to train there
-                    continue
-                members = members.to(device)
-                prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
-                per_sample = (prediction[:, : target.shape[1]] - target[members]).pow(2).mean(dim=(1, 2, 3))
-                loss = loss + (weights[members] * per_sample).sum() / config.batch_size
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            lr_schedule.step()
-            ema.step(model.parameters())
-            if exit_schedule is not None:
-                reset_exit_stats(model)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-            done = step + 1
-            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-                save_checkpoint(checkpoint, asdict(config), done, saved, generator)
+        return optimise(
+            {"model": model},
+            batch_loss,
+            config,
+            checkpoint=Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None,
+            resume=resume,
+            desc="ASE fine-tuning" if exit_schedule is not None else "training",
+            progress=progress,
+            after_step=None if exit_schedule is None else lambda: reset_exit_stats(model),
+        )
     finally:
         if exit_schedule is not None:
             remove_exit_schedule(model)
-        model.eval()
-    ema.copy_to(model.parameters())
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    seconds = time.perf_counter() - began
-    logger.info("trained %d steps in %.0f s", config.steps - start, seconds)
-    return TrainResult(steps_run=config.steps - start, total_steps=config.steps, seconds=seconds, losses=losses)
+        for parameter in model.parameters():  # the timestep embedding, frozen for ASE fine-tuning
+            parameter.requires_grad_(True)

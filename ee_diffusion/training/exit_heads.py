@@ -18,28 +18,17 @@ heads' predictions come from one extra call of the denoiser that runs only its e
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ..data.digits import DigitsSplit
 from ..exits.heads import ExitHeads, block_outputs, exit_predictions
 from ..validation import as_number
 from .config import TrainConfig
-from .denoiser import (
-    CHECKPOINT_NAME,
-    TrainResult,
-    load_checkpoint,
-    noised_batch,
-    prepare_for_batches,
-    save_checkpoint,
-)
+from .denoiser import noised_batch, prepare_for_batches
+from .loop import CHECKPOINT_NAME, TrainResult, optimise
 
 logger = logging.getLogger(__name__)
 
@@ -118,54 +107,24 @@ def train_exit_heads(
     null_label = prepare_for_batches(model, noise_scheduler)
     model.to(device).requires_grad_(joint)
     heads.to(device)
-    trained = [*heads.parameters(), *(model.parameters() if joint else [])]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
-    generator = torch.Generator().manual_seed(config.seed)
-    checkpoint = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    saved = {
-        "heads": heads,
-        "optimizer": optimizer,
-        "lr_schedule": lr_schedule,
-        "ema": ema,
-        **({"model": model} if joint else {}),
-    }
-    settings = {**asdict(config), "joint": joint, **weights}
-    start = load_checkpoint(checkpoint, settings, saved, generator, device) if resume else 0
 
-    model.train(joint)
-    heads.train()
-    losses: list[float] = []
-    began = time.perf_counter()
-    bar = tqdm(
-        range(start, config.steps),
-        initial=start,
-        total=config.steps,
-        disable=not progress,
-        desc="training exit heads" + (" and model" if joint else ""),
-    )
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
+        batch = noised_batch(data, config, generator, noise_scheduler, null_label)
+        noisy, timesteps, labels, target = (x.to(device) for x in batch)
+        terms = exit_head_losses(model, heads, noisy, timesteps, labels, target, joint)
+        return sum(weights[name] * term for name, term in terms.items())
+
+    model.train(joint)  # a frozen model stays in eval mode; a jointly trained one is put in train mode
     try:
-        for step in bar:
-            batch = noised_batch(data, config, generator, noise_scheduler, null_label)
-            noisy, timesteps, labels, target = (x.to(device) for x in batch)
-            terms = exit_head_losses(model, heads, noisy, timesteps, labels, target, joint)
-            loss = sum(weights[name] * term for name, term in terms.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            lr_schedule.step()
-            ema.step(trained)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-            done = step + 1
-            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-                save_checkpoint(checkpoint, settings, done, saved, generator)
+        return optimise(
+            {"heads": heads, **({"model": model} if joint else {})},
+            batch_loss,
+            config,
+            checkpoint=Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None,
+            resume=resume,
+            settings={"joint": joint, **weights},
+            desc="training exit heads" + (" and model" if joint else ""),
+            progress=progress,
+        )
     finally:
         model.eval().requires_grad_(True)
-        heads.eval()
-    ema.copy_to(trained)
-    seconds = time.perf_counter() - began
-    logger.info("trained exit heads %d steps in %.0f s", config.steps - start, seconds)
-    return TrainResult(steps_run=config.steps - start, total_steps=config.steps, seconds=seconds, losses=losses)

@@ -87,7 +87,9 @@ def test_shipped_exit_heads_fit_digits_dit_and_exit_earlier_at_the_noisy_steps()
         generator=torch.Generator().manual_seed(0),
     )
     profile = pipe.exit_stats.mean_depth_per_call
-    assert len(profile) == 10 and profile[0] < profile[-1] and pipe.exit_stats.block_fraction < 1
+    # the run's first step runs every block (the default decision knows nothing before it), then the noisy steps exit
+    # earlier than the clean ones
+    assert len(profile) == 10 and profile[0] == 12 and profile[1] < profile[-1] and pipe.exit_stats.block_fraction < 1
 
 
 @pytest.mark.slow

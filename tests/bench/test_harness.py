@@ -26,6 +26,9 @@ ROW_KEYS = {
     "block_fraction",
     "peak_memory_mb",
     "depth_per_step",
+    "psnr",
+    "ssim",
+    "quality_reference",
 }
 
 
@@ -56,6 +59,7 @@ def test_bench_rows(digits_shaped_models):
     for row in rows:
         assert row.num_samples == 12 and row.steps == 2 and row.scheduler == "dpm-solver++"
         assert row.fid > 0 and row.kid is not None and 0 <= row.class_accuracy <= 1 and row.images_per_s > 0
+        assert row.quality_reference == "the held-out digits" and row.psnr is None and row.ssim is None
     # The same seeds and labels: the baseline and a full-depth schedule produce the same images, hence the same FID.
     again = run_bench(BenchConfig(**{**vars(config), "methods": ["baseline", "ase:constant:2"]}), progress=False)
     assert again[0].fid == again[1].fid == baseline.fid

@@ -1,16 +1,28 @@
+import contextlib
 import importlib.util
+import re
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, UNet2DModel
 
 from ee_diffusion.bench import harness
 from ee_diffusion.bench.harness import BenchConfig, load_pipe, run_bench
-from ee_diffusion.bench.method_specs import METHOD_KINDS
+from ee_diffusion.bench.method_specs import METHOD_KINDS, parse_methods
 from ee_diffusion.bench.methods import BUILDERS, Target, build_method, denoiser_of
-from ee_diffusion.pipelines import EarlyExitUNet2DPipeline
+from ee_diffusion.pipelines import EarlyExitDiTPipeline, EarlyExitUNet2DPipeline
+from tests.conftest import make_tiny_dit
+from tests.pipelines.conftest import make_pixart_pipe, make_sd3_pipe, pixart_inputs, sd3_inputs
 
-ACCELERATORS = ["fbcache:10", "layerskip:1,2", "taylorseer:2", "magcache:0.5", "pab:2:0-1000"]
+ACCELERATORS = [
+    "fbcache:10",
+    "layerskip:1,2",
+    "taylorseer:2",
+    "magcache:0.5",
+    "pab:2:0-1000",
+    "seacache:5",
+    "fastercache:2:-1-1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +52,10 @@ def test_every_kind_is_registered_with_its_syntax():
     assert (
         set(METHOD_KINDS)
         == set(BUILDERS)
-        == {"baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer", "magcache", "pab"}
+        == {
+            *("baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer", "magcache", "pab"),
+            *("seacache", "fastercache", "dbcache", "dbcache-taylorseer", "dbcache-scm", "deepcache"),
+        }
     )
 
 
@@ -93,7 +108,17 @@ def test_accelerators_that_do_not_apply_give_a_row_with_the_reason(tmp_path):
         norm_num_groups=4,
     )
     EarlyExitUNet2DPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "unet")
-    methods = ["baseline", "fbcache", "layerskip", "magcache", "taylorseer", "pab", "deediff"]
+    methods = [
+        "baseline",
+        "fbcache",
+        "layerskip",
+        "magcache",
+        "taylorseer",
+        "pab",
+        "deediff",
+        "seacache",
+        "fastercache",
+    ]
     rows = run_bench(
         BenchConfig(model=str(tmp_path / "unet"), methods=methods, num_samples=2, batch_size=2, steps=2),
         progress=False,
@@ -227,14 +252,21 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
     for parameter in heads.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
     heads.save_pretrained(tmp_path / "model" / "exit_heads")
-    methods = ["baseline", "deediff", "deediff:1", "deediff:1:per_sample", "ase:constant:1"]
+    methods = [
+        "baseline",
+        "deediff",
+        "deediff:1",
+        "deediff:1:per_sample",
+        "ase:constant:1",
+        "deediff:1:per_batch:per_block",
+    ]
     rows = run_bench(
         BenchConfig(
             model=str(tmp_path / "model"), methods=methods, num_samples=4, batch_size=2, steps=3, guidance_scale=2.0
         ),
         progress=False,
     )
-    baseline, default, everyone, per_sample, schedule = rows
+    baseline, default, everyone, per_sample, schedule, per_block = rows
     uem, adapter = heads.cost_in_blocks(
         load_pipe(str(tmp_path / "model"), BenchConfig(), torch.device("cpu")).transformer.transformer_blocks[0]
     )
@@ -244,6 +276,7 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
     # at the first head
     assert everyone.block_fraction == pytest.approx(((2 + uem) + 2 * (1 + uem + adapter)) / (3 * 2))
     assert everyone.depth_per_step == per_sample.depth_per_step == [2.0, 1.0, 1.0]
+    assert per_block.depth_per_step == [1.0] * 3  # DeeDiff's released rule decides inside each call
     assert schedule.depth_per_step == [1.0] * 3 and baseline.depth_per_step is None
     assert ExitHeads.from_pretrained(tmp_path / "model" / "exit_heads").config.threshold == 0.0  # rule restored
 
@@ -255,6 +288,7 @@ def test_deediff_uses_the_heads_in_the_model_folder_at_each_threshold_and_record
         ("deediff:-1", "threshold must be a finite number > 0 and <= 1, got '-1'"),
         ("deediff:0", "threshold must be a finite number > 0 and <= 1, got '0'"),
         ("deediff:0.1:per_token", "the policy must be one of per_batch, per_sample, got 'per_token'"),
+        ("deediff:0.1:per_batch:soon", "the decision must be one of previous_step, per_block, got 'soon'"),
     ],
 )
 def test_bad_deediff_specs(tiny_dit, spec, match):
@@ -264,3 +298,183 @@ def test_bad_deediff_specs(tiny_dit, spec, match):
 
 def test_deediff_without_heads_gives_a_row_with_the_reason(tiny_dit):
     assert "has no exit heads" in build_method("deediff", _target(tiny_dit)).unsupported
+
+
+class TinyFluxPipe:
+    """A tiny `FluxTransformer2DModel` in a minimal flow-matching sampling loop, called as Flux's pipeline calls it:
+    packed latent tokens laid out by `img_ids`, the timestep as `t / 1000`."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=8,
+            pooled_projection_dim=8,
+            axes_dims_rope=(2, 2, 4),
+        ).eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+
+    @torch.no_grad()
+    def __call__(self, num_inference_steps: int, batch: int = 2) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+        inputs = dict(
+            encoder_hidden_states=torch.randn(batch, 3, 8, generator=g),
+            pooled_projections=torch.randn(batch, 8, generator=g),
+            img_ids=torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], dim=-1),
+            txt_ids=torch.zeros(3, 3),
+        )
+        latents = torch.randn(batch, 16, 4, generator=g)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.scheduler.timesteps:
+            velocity = self.transformer(latents, timestep=t.expand(batch) / 1000, **inputs).sample
+            latents = self.scheduler.step(velocity, t, latents).prev_sample
+        return latents
+
+
+def make_test_pipe(model: str):
+    """A tiny pipeline of each denoiser family the peers are tested on (see `sample`)."""
+    if model == "dit":
+        return load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny"), torch.device("cpu"))
+    return {"pixart": make_pixart_pipe, "sd3": make_sd3_pipe, "flux": TinyFluxPipe}[model]()
+
+
+def sample(pipe, method=None, steps: int = 8, guidance: float = 4.0):
+    """What `pipe` makes under `method` (`None`: as it is), and the `Work` of the method's session: class labels 1-3
+    for a class-conditional pipeline, 2 prompts' embeddings for PixArt and SD3, the loop for Flux; guided above 1."""
+    session = method.session(pipe) if method is not None else contextlib.nullcontext()
+    with session as work:
+        generator = torch.Generator().manual_seed(0)
+        if isinstance(pipe, TinyFluxPipe):
+            images = pipe(steps)
+        elif isinstance(pipe, EarlyExitDiTPipeline | EarlyExitUNet2DPipeline):
+            images = pipe(
+                class_labels=[1, 2, 3],
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                output_type="pt",
+                generator=generator,
+            ).images
+        else:
+            inputs = (pixart_inputs if "PixArt" in type(pipe).__name__ else sd3_inputs)(batch=2)
+            images = pipe(
+                **inputs, guidance_scale=guidance, num_inference_steps=steps, output_type="latent", generator=generator
+            ).images
+    return images, work
+
+
+@pytest.mark.parametrize("model", ["dit", "pixart", "flux"])
+def test_seacache_counts_the_steps_it_reuses_and_at_a_threshold_that_never_reuses_is_the_baseline(model):
+    pipe = make_test_pipe(model)
+    target = Target(model, lambda name: pipe, 8)
+    before, _ = sample(pipe)
+    never, never_work = sample(pipe, build_method("seacache:1e-9", target))
+    reused, work = sample(pipe, build_method("seacache:1000", target))
+    after, _ = sample(pipe)
+    assert torch.equal(never, before) and never_work() == 1.0
+    # The first step and the last run in full, and at most 2 steps in a row reuse (SeaCache's defaults): no block of
+    # the stack runs on a reused step.
+    depths = work.depths()
+    assert [depth / depths[0] for depth in depths] == [1, 0, 0, 1, 0, 0, 1, 1] and work() == 0.5
+    assert not torch.equal(reused, before) and torch.equal(after, before)
+
+
+def test_an_accelerator_with_two_hooks_on_one_block_comes_off_cleanly():
+    """SeaCache puts its leader hook and its tail hook on the single block of a one-block model; taken off the other
+    way round, diffusers would leave the leader's forward on the block (idle outside a cache context, so the images
+    alone would not show it)."""
+    pipe = EarlyExitDiTPipeline(transformer=make_tiny_dit(num_layers=1), vae=None, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    block = pipe.transformer.transformer_blocks[0]
+    before, _ = sample(pipe, steps=6, guidance=1.0)
+    cached, work = sample(pipe, build_method("seacache:1000", Target("one-block", lambda name: pipe, 6)), 6, 1.0)
+    after, _ = sample(pipe, steps=6, guidance=1.0)
+    assert work() < 1.0 and not torch.equal(cached, before) and torch.equal(after, before)
+    assert block.forward.__func__ is type(block).forward and not block._diffusers_hook.hooks
+
+
+def test_fastercache_at_a_window_that_never_caches_is_the_baseline(tiny_dit):
+    before, _ = sample(tiny_dit, guidance=1.0)
+    images, work = sample(tiny_dit, build_method("fastercache:2:0-1", _target(tiny_dit, 8)), guidance=1.0)
+    assert torch.equal(images, before) and work() == 1.0
+
+
+def test_fastercache_computes_the_conditional_half_of_a_guided_batch_and_counts_half_the_work(tiny_dit):
+    before, _ = sample(tiny_dit, guidance=3.0)
+    seen = []
+    record = tiny_dit.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["class_labels"].tolist()), with_kwargs=True
+    )
+    try:
+        images, work = sample(tiny_dit, build_method("fastercache:2:0-1", _target(tiny_dit, 8)), guidance=3.0)
+    finally:
+        record.remove()
+    after, _ = sample(tiny_dit, guidance=3.0)
+    # diffusers' defaults: the unconditional half is estimated on the calls after the first whose timestep lies in
+    # (-1, 641), but every 5th; then the blocks run on the conditional half alone, and count half.
+    null = tiny_dit.transformer.config.num_embeds_ada_norm
+    skipped = [i > 0 and -1 < t < 641 and i % 5 != 0 for i, t in enumerate(tiny_dit.scheduler.timesteps.tolist())]
+    assert seen == [[1, 2, 3] if skip else [null] * 3 + [1, 2, 3] for skip in skipped] and any(skipped)
+    assert work() == pytest.approx(sum(0.5 if skip else 1.0 for skip in skipped) / len(skipped))
+    assert not torch.equal(images, before) and torch.equal(after, before)
+
+
+def test_seacache_and_fbcache_give_sd3_a_row_with_the_reason():
+    pipe = make_sd3_pipe()
+    for spec in ["seacache", "fbcache"]:
+        reason = build_method(spec, Target("sd3", lambda name: pipe, 8)).unsupported
+        assert "SD3Transformer2DModel" in reason and "context_pre_only" in reason
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("seacache:0", "Bad method 'seacache:0': the threshold must be a finite number > 0, got '0'."),
+        ("seacache:0.2:0", "the most consecutive cached steps must be an integer >= 1, got '0'"),
+        ("seacache:0.2:2:2", "the residual order must be an integer >= 0 and <= 1, got '2'"),
+        ("seacache:0.2:2:1:4", "at most 3 ':'-separated arguments"),
+        ("fastercache:1", "the range (1 recomputes every call) must be an integer >= 2, got '1'"),
+        ("fastercache:2:681-100", "the timestep window <lo>-<hi> needs lo < hi, got 681-100"),
+        ("fastercache:2:-2-681", "the window's low end must be an integer >= -1, got '-2'"),
+        ("fastercache:2:681", "expected fastercache[:<range>[:<lo>-<hi>[:<cfg>]]], e.g. fastercache:2:-1-681"),
+        ("fastercache:2:-1-681:1", "the unconditional range (1 computes it every call) must be an integer >= 2"),
+        ("dbcache:0", "Bad method 'dbcache:0': the threshold must be a finite number > 0, got '0'."),
+        ("dbcache:inf", "the threshold must be a finite number > 0, got 'inf'"),
+        ("dbcache:0.1:0", "Fn (the first blocks always computed) must be an integer >= 1, got '0'"),
+        ("dbcache:0.1:1:-1", "Bn (the last blocks always computed) must be an integer >= 0, got '-1'"),
+        ("dbcache:0.1:1:0:x", "the warmup steps must be an integer >= 0, got 'x'"),
+        ("dbcache:0.1:1:0:4:9", "at most 4 ':'-separated arguments"),
+        ("dbcache-taylorseer:0", "the TaylorSeer order must be an integer >= 1, got '0'"),
+        ("dbcache-taylorseer:1:0", "the threshold must be a finite number > 0, got '0'"),
+        ("dbcache-taylorseer:1:0.1:1:0:4:9", "at most 5 ':'-separated arguments"),
+        ("dbcache-scm:turbo", "the mask must be one of slow[-static], medium[-static], fast[-static], ultra[-static]"),
+        ("dbcache-scm:fast-static:0.1", "a -static mask reuses the cache on every masked step and has no threshold"),
+        ("dbcache-scm:fast:0.1:0", "Fn (the first blocks always computed) must be an integer >= 1"),
+        ("deepcache:1", "the interval (1 computes every step) must be an integer >= 2, got '1'"),
+        ("deepcache:3:-1", "the branch must be an integer >= 0, got '-1'"),
+        ("deepcache:3:0:1", "at most 2 ':'-separated arguments"),
+        ("pab:2:100-", "expected pab[:<range>[:<lo>-<hi>]], e.g. pab:2:100-800, got the window '100-'"),
+    ],
+)
+def test_bad_arguments_of_the_peers_and_caches_are_refused_before_any_model_loads(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_methods(f"baseline,{spec}")
+
+
+def test_the_peers_and_caches_parse_at_their_defaults_and_with_every_argument():
+    specs = "seacache,seacache:0.1:3:0,fastercache,fastercache:3:-1-500:4,dbcache,dbcache:0.1:2:1:0"
+    specs += ",dbcache-taylorseer,dbcache-taylorseer:2:0.1:2:1:3,dbcache-scm,dbcache-scm:fast-static::2,deepcache:2:4"
+    assert parse_methods(specs) == specs.split(",")
+
+
+def test_pab_reads_the_schedulers_timestep_where_the_denoiser_is_handed_t_over_1000():
+    """Flux's pipeline hands its denoiser `t / 1000`; PAB's window is in the scheduler's `t`."""
+    pipe = TinyFluxPipe()
+    _, work = sample(pipe, build_method("pab:2:0-1000", Target("flux", lambda name: pipe, 6)), steps=6)
+    assert work() < 1.0

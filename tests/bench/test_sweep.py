@@ -1,11 +1,12 @@
 """`ee-diffusion sweep`: plans, shapes, fewer steps and accelerators on one axis, the front and the best plans."""
 
+import dataclasses
 import json
 
 import pytest
 
 from ee_diffusion.bench.report import BenchRow
-from ee_diffusion.bench.sweep import SweepConfig, _front, best_per_quality
+from ee_diffusion.bench.sweep import SweepConfig, _front, best_per_quality, format_sweep
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import ExitSchedule
 from tests.conftest import save_digits_shaped_dit
@@ -43,12 +44,29 @@ def test_front_and_best_rows_are_on_one_compute_axis():
     assert best[0.05].row.method == "ase:p" and best[0.20].row.steps == 5
 
 
+def test_without_fid_the_front_is_on_psnr_where_higher_is_better():
+    def psnr_row(method, steps, psnr, fraction):
+        return dataclasses.replace(row(method, steps, None, fraction), psnr=psnr, ssim=0.9)
+
+    rows = [
+        psnr_row("baseline", 10, 100.0, 1.0),  # the reference itself: the cap
+        psnr_row("ase:p", 10, 40.0, 0.7),
+        psnr_row("baseline", 5, 25.0, 1.0),
+        psnr_row("fbcache:0.1", 10, 20.0, 0.6),  # more compute than 5 steps and further from the full model
+        psnr_row("ase:q", 10, 30.0, 0.4),
+    ]
+    swept = _front([(r, None) for r in rows], max_steps=10)
+    assert [s.on_front for s in swept] == [True, True, False, False, True]
+    assert best_per_quality(swept, 10) == {}  # PSNR has no share of the baseline's quality to be within
+    assert "PSNR vs full" in format_sweep(swept, 10) and "FID" not in format_sweep(swept, 10).splitlines()[0]
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
         (dict(steps=[1, 4]), "distinct step counts of at least 2"),
         (dict(budgets=[1.0]), r"`budgets` must lie in \(0, 1\)"),
-        (dict(accelerators=["ase:linear:1"]), "must be diffusers accelerator methods"),
+        (dict(accelerators=["ase:linear:1"]), "must be other accelerators' methods"),
         (dict(finetuned="digits-dit"), "must be another model than `model`"),
         (dict(finetuned="no-such-model"), "No model 'no-such-model'"),
     ],

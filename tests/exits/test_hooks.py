@@ -303,6 +303,9 @@ def test_unsupported_class_names_the_supported_ones_and_can_be_registered():
         "SD3Transformer2DModel",
         "UNet2DModel",
         "UNet2DConditionModel",
+        "FluxTransformer2DModel",
+        "WanTransformer3DModel",
+        "ZImageTransformer2DModel",
     ):
         assert supported in str(refused.value)
     register_exit_architecture(TinyStack, ExitArchitecture(units=lambda m: list(m.layers)))
@@ -314,3 +317,55 @@ def test_unsupported_class_names_the_supported_ones_and_can_be_registered():
     assert counter.counts == [2, 0, 0]
     with pytest.raises(TypeError, match="must be a torch.nn.Module subclass"):
         register_exit_architecture(int, ExitArchitecture(units=list))
+
+
+class TinyFractionStack(TinyStack):
+    """A denoiser class whose pipeline would hand it `t / 1000`, like Flux's."""
+
+
+def test_a_registered_timestep_convention_is_read_back_to_the_schedulers_timestep():
+    from ee_diffusion import TimestepConvention
+    from ee_diffusion.exits import scheduler_timesteps
+
+    model = TinyFractionStack().eval()
+    register_exit_architecture(
+        TinyFractionStack,
+        ExitArchitecture(units=lambda m: list(m.layers), timestep_convention=TimestepConvention(divisor=1000)),
+    )
+    schedule = ExitSchedule.linear(3, 1)
+    apply_exit_schedule(model, schedule)
+    counter = AttentionCounter(model, [layer.attn1 for layer in model.layers])
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        for t in (1000, 500, 0):
+            model(x, timestep=torch.tensor([t / 1000]))
+    assert get_exit_stats(model).blocks_per_call == [schedule.blocks_at(t) for t in (1000, 500, 0)] == [1, 2, 3]
+    assert counter.counts == [3, 2, 1]
+    assert [call.timesteps for call in get_exit_stats(model).calls] == [(1000.0,), (500.0,), (0.0,)]
+    assert scheduler_timesteps(model, (x,), {"timestep": torch.tensor([0.25, 0.75])}) == [250.0, 750.0]
+    reversed_ = TimestepConvention(divisor=1000, reversed=True)
+    assert reversed_.to_scheduler(1.0) == 0.0 and reversed_.to_model(250.0) == 0.75
+    assert reversed_.describe() == "(1000 - t) / 1000" and TimestepConvention().describe() == "t"
+
+
+def test_bad_timestep_conventions_raise():
+    from ee_diffusion import TimestepConvention
+
+    for divisor, error in ((0, ValueError), (-1.0, ValueError), ("1000", TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"`divisor` must be a positive number, got {divisor!r}"):
+            TimestepConvention(divisor=divisor)
+    with pytest.raises(TypeError, match="`timestep_convention` must be a TimestepConvention or a function"):
+        ExitArchitecture(units=list, timestep_convention=1000)
+    architecture = ExitArchitecture(units=list, timestep_convention=lambda model: 1000)
+    with pytest.raises(TypeError, match="The timestep convention of TinyStack must be a TimestepConvention, got int"):
+        architecture.convention_of(TinyStack())
+
+
+def test_a_bare_models_calls_carry_no_denoiser_name_and_branch_by_call_order(tiny_dit):
+    apply_exit_schedule(tiny_dit, ExitSchedule.constant(4, 2))
+    x, t, y = dit_inputs()
+    with torch.no_grad():
+        for timestep in (t, t, t // 2):
+            tiny_dit(x, timestep=timestep, class_labels=y)
+    calls = get_exit_stats(tiny_dit).calls
+    assert [call.branch for call in calls] == [0, 1, 0] and {call.denoiser for call in calls} == {None}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ee_diffusion import calibrate_plan
+from ee_diffusion import PlanCalibrator, calibrate_plan
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import REUSE, ExitSchedule
 from tests.conftest import save_digits_shaped_dit
@@ -31,7 +31,11 @@ def calibrate(name: str, **budget):
 def test_zero_tolerance_gives_the_full_model_and_larger_tolerances_never_cost_more():
     case, pipe, exact = calibrate("dit", tolerance=0)
     assert exact.plan.config.depths == [case.num_units] * STEPS and exact.error == 0 and exact.compute_fraction == 1
-    computes = [calibrate("dit", tolerance=tolerance)[2].compute_fraction for tolerance in (0.001, 0.01, 0.05, 1.0)]
+    kwargs = case.inputs(batch=2, steps=STEPS, guidance=case.guided)
+    for key in ("num_inference_steps", "generator", "output_type"):
+        kwargs.pop(key)
+    calibrator = PlanCalibrator(pipe, kwargs, STEPS, progress=False)  # one set of runs, any number of budgets
+    computes = [calibrator.for_tolerance(tolerance).compute_fraction for tolerance in (0.001, 0.01, 0.05, 1.0)]
     assert computes == sorted(computes, reverse=True) and computes[-1] < 1
     assert pipe.exit_schedule is None  # the pipeline is left as it was found
 
@@ -172,3 +176,79 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     )
     assert rows[1].model == rows[2].model == str(tuned)
     assert rows[2].block_fraction == rows[1].block_fraction < 1  # tolerance 0: the model's own schedule
+
+
+def test_a_pipeline_calibration_cannot_drive_is_an_error_naming_it_and_what_is_supported(tmp_path, capsys):
+    """A pipeline without a denoiser the exits know, or of a class the loader does not open: a message, not a
+    traceback."""
+    import torch
+
+    from ee_diffusion.calibration import PlanCalibrator
+
+    class Stub:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"Cannot calibrate a plan for Stub: Early exit does not support Linear\. "):
+        PlanCalibrator(Stub(), {}, STEPS)
+    with pytest.raises(ValueError, match="`call_kwargs` must leave out 'num_inference_steps'"):
+        PlanCalibrator(CASES["dit"].make(), {"class_labels": [1], "num_inference_steps": 4}, STEPS)
+
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+    from .conftest import make_unet2d
+
+    ConsistencyModelPipeline(unet=make_unet2d(), scheduler=CMStochasticIterativeScheduler()).save_pretrained(
+        tmp_path / "cm"
+    )
+    argv = ["calibrate", "--model", str(tmp_path / "cm"), "--tolerance", "0.1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "holds a ConsistencyModelPipeline; supported pipeline classes:" in err
+    assert "EarlyExitPixArtAlphaPipeline" in err and "Traceback" not in err
+
+
+def test_a_plan_is_held_against_fewer_steps_and_without_a_step_count_never_loses_to_them():
+    """With a step count, the result says how the plan stands against the model at fewer steps with the same compute
+    (measured from the same noise against the same reference); without one, plans at several step counts (fewer
+    steps at full depth among them) are held to one reference and the best wins, so it is never worse than the
+    fewer-steps baseline it measured."""
+    case = CASES["dit"]
+    pipe = case.make()
+    kwargs = {"class_labels": [1], "guidance_scale": 1.0}
+    at_steps = calibrate_plan(pipe, kwargs, STEPS, target_compute=0.5, progress=False, candidates=1)
+    assert at_steps.steps == STEPS and at_steps.reference_steps == STEPS and at_steps.compute_fraction <= 0.5
+    fewer = at_steps.fewer_steps
+    assert fewer.steps == STEPS // 2 and fewer.compute_fraction == 0.5 and fewer.error > 0
+    assert at_steps.beats_fewer_steps == (at_steps.error <= fewer.error)
+
+    picked = calibrate_plan(
+        pipe, kwargs, None, target_compute=0.5, reference_steps=STEPS, progress=False, candidates=1
+    )
+    assert picked.reference_steps == STEPS and picked.compute_fraction <= 0.5 + 1e-12
+    assert picked.error <= min(at_steps.error, fewer.error) + 1e-12  # the 4-step plan and 2 plain steps were tried
+    pipe.exit_schedule = picked.plan  # the plan runs at its own step count, and only there
+    pipe(**kwargs, num_inference_steps=picked.steps)
+    with pytest.raises(ValueError, match=f"made for {picked.steps} steps"):
+        pipe(**kwargs, num_inference_steps=picked.steps + 1)
+    with pytest.raises(ValueError, match="give `reference_steps`"):
+        calibrate_plan(pipe, kwargs, None, target_compute=0.5, progress=False)
+
+
+def test_every_plan_of_the_chain_is_measured_whole():
+    """The chain's errors are the errors of the plans run whole (compounding included), not sums of single-step
+    errors: running any chain plan again gives its recorded error."""
+    case = CASES["dit"]
+    pipe = case.make()
+    kwargs = {"class_labels": [1, 2], "guidance_scale": 2.0}
+    calibrator = PlanCalibrator(pipe, kwargs, STEPS, progress=False)
+    chain = calibrator.chain
+    point = chain[len(chain) // 2]
+    pipe.exit_schedule = calibrator.plan_of(point.actions)
+    import numpy as np
+    import torch
+
+    images = pipe(**kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+    pipe.exit_schedule = None
+    full = pipe(**kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+    error = float(np.sqrt(np.mean((np.asarray(images.images, dtype=np.float64) - full.images) ** 2)))
+    assert error == pytest.approx(point.error)

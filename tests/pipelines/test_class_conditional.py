@@ -159,8 +159,8 @@ def test_loader_opens_diffusers_parent_folders_and_refuses_others(tmp_path):
     make_dit_pipe(pipeline_cls=DiTPipeline).save_pretrained(tmp_path / "dit")
     assert type(load_early_exit_pipeline(str(tmp_path / "dit"))) is EarlyExitDiTPipeline
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="holds a FluxPipeline; supported pipeline classes: .*EarlyExitDiTPipeline"):
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(ValueError, match="holds a WanPipeline; supported pipeline classes: .*EarlyExitDiTPipeline"):
         load_early_exit_pipeline(str(tmp_path / "other"))
 
 

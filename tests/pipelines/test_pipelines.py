@@ -22,9 +22,11 @@ from ee_diffusion import (
     apply_exit_schedule,
     exit_units,
     get_exit_schedule,
+    load_early_exit_pipeline,
     num_exit_blocks,
     remove_exit_schedule,
 )
+from ee_diffusion.schedules import REUSE
 from tests.conftest import assert_same_after_reload
 
 from .conftest import (
@@ -404,6 +406,7 @@ def test_non_schedule_assigned_or_loaded_raises_type_error(tmp_path):
         (ee_diffusion.EarlyExitDDPMPipeline, "DDPMPipeline"),
         (ee_diffusion.EarlyExitDDIMPipeline, "DDIMPipeline"),
         (ee_diffusion.EarlyExitStableDiffusionPipeline, "StableDiffusionPipeline"),
+        (ee_diffusion.EarlyExitFluxPipeline, "FluxPipeline"),
     ],
 )
 def test_drop_in_call_shows_the_parent_signature(drop_in, parent):
@@ -491,3 +494,168 @@ def test_dit_drop_in_stochastic_steps_follow_the_generator():
             ).images
         )
     assert torch.equal(*images)
+
+
+# ---------------------------------------------------------------------------------------------- 8. Flux
+FLUX_WORDS = ["<pad>", "<unk>", "</s>", "<s>", "a", "cat", "on", "the", "mat", "blurry"]
+
+
+def word_tokenizer(max_length: int):
+    """A word-level tokenizer over `FLUX_WORDS`, built in code (diffusers' own tests download tiny ones)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(FLUX_WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+        model_max_length=max_length,
+    )
+
+
+def make_flux_pipe(pipeline_cls=None, **kwargs):
+    """A `FluxPipeline` of tiny parts: CLIP and T5 text encoders and a one-level VAE from configs, word tokenizers, and
+    the two-double, two-single-block transformer of `tests/exits/families.py`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from tests.exits.families import make_flux
+
+    vocab = dict(vocab_size=len(FLUX_WORDS), pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            **vocab,
+            bos_token_id=3,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            projection_dim=16,
+        )
+    ).eval()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(**vocab, d_model=16, d_ff=16, d_kv=8, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
+    ).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+    pipe = (pipeline_cls or FluxPipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=word_tokenizer(8),
+        text_encoder_2=t5,
+        tokenizer_2=word_tokenizer(8),
+        transformer=make_flux(),
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_kwargs(steps: int = 3, true_cfg: bool = False) -> dict:
+    kwargs = dict(
+        prompt="a cat on the mat",
+        height=8,
+        width=8,
+        num_inference_steps=steps,
+        max_sequence_length=8,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    if true_cfg:  # two transformer calls per step, under `cache_context("cond")` and `("uncond")`
+        kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
+    return kwargs
+
+
+def flux_recorder(pipe) -> DepthRecorder:
+    return DepthRecorder(
+        pipe.transformer, [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    )
+
+
+def test_a_flux_pipeline_folder_loads_as_the_flux_drop_in_and_samples_with_a_plan(tmp_path):
+    """A stock `FluxPipeline` folder opens as `EarlyExitFluxPipeline`; a plan made from the scheduler's timesteps (the
+    transformer receives them divided by 1000) runs as planned with true CFG, each branch reusing its own work, and
+    travels in the folder."""
+    stock = make_flux_pipe()
+    reference = stock(**flux_kwargs()).images
+    guided = stock(**flux_kwargs(true_cfg=True)).images
+    steps = stock.scheduler.timesteps.tolist()
+    assert steps[0] == 1000 and len(steps) == 3
+    stock.save_pretrained(tmp_path / "stock")
+
+    pipe = load_early_exit_pipeline(str(tmp_path / "stock"))
+    assert type(pipe) is ee_diffusion.EarlyExitFluxPipeline and pipe.exit_schedule is None
+    pipe.set_progress_bar_config(disable=True)
+    assert_same_after_reload(pipe(**flux_kwargs()).images, reference)
+    num_blocks = num_exit_blocks(pipe)
+    assert num_blocks == 4
+    plan = ExitSchedule.plan(num_blocks, steps, [num_blocks, REUSE, 2], scheduler_class=type(pipe.scheduler).__name__)
+    pipe.exit_schedule = plan
+    recorder = flux_recorder(pipe)
+    planned = pipe(**flux_kwargs(true_cfg=True)).images
+    assert recorder.depths == [4, 4, 0, 0, 2, 2]
+    assert [call.timesteps[0] * 1000 for call in recorder.calls] == pytest.approx([t for t in steps for _ in "cu"])
+    stats = pipe.exit_stats
+    assert [call.branch for call in stats.calls] == ["cond", "uncond"] * 3
+    assert [call.timesteps[0] for call in stats.calls] == pytest.approx([t for t in steps for _ in "cu"], abs=1e-3)
+    assert not torch.equal(planned, guided)
+    with pytest.raises(ValueError, match="made for 3 steps of FlowMatchEulerDiscreteScheduler; the run asks for 4"):
+        pipe(**flux_kwargs(steps=4))
+
+    pipe.save_pretrained(tmp_path / "planned")
+    loaded = load_early_exit_pipeline(str(tmp_path / "planned"))
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is ee_diffusion.EarlyExitFluxPipeline and loaded.exit_schedule == plan
+    assert_same_after_reload(loaded(**flux_kwargs(true_cfg=True)).images, planned)
+
+
+def test_apply_exit_schedule_on_a_stock_flux_pipeline_then_removal_is_bit_identical():
+    pipe = make_flux_pipe()
+    never = pipe(**flux_kwargs(true_cfg=True)).images
+    apply_exit_schedule(pipe, ExitSchedule.linear(4, 1))
+    recorder = flux_recorder(pipe)
+    assert not torch.equal(pipe(**flux_kwargs(true_cfg=True)).images, never)
+    assert recorder.depths == [1, 1, 2, 2, 3, 3]  # t = 1000, 667, 333: linear from 1 block at noise to 4 when clean
+    remove_exit_schedule(pipe)
+    assert get_exit_schedule(pipe) is None
+    assert torch.equal(pipe(**flux_kwargs(true_cfg=True)).images, never)
+
+
+def test_calibrating_a_plan_through_flux_with_true_cfg():
+    """The calibrator records the plan's steps as the scheduler's timesteps whatever the transformer receives (Flux:
+    t / 1000), and counts the two calls of a true-CFG step as one step; the plan it returns runs at its steps."""
+    from ee_diffusion import calibrate_plan
+
+    pipe = make_flux_pipe()
+    kwargs = flux_kwargs(steps=3, true_cfg=True)
+    for key in ("num_inference_steps", "generator", "output_type"):
+        kwargs.pop(key)
+    result = calibrate_plan(pipe, kwargs, 3, target_compute=0.5, progress=False, candidates=1)
+    pipe(**flux_kwargs(steps=3, true_cfg=True))  # the scheduler's own timesteps of a 3-step run, not t / 1000
+    assert list(result.timesteps) == pytest.approx(pipe.scheduler.timesteps.tolist()) and result.timesteps[0] > 1
+    assert result.compute_fraction <= 0.5
+    apply_exit_schedule(pipe, result.plan)
+    recorder = flux_recorder(pipe)
+    pipe(**flux_kwargs(steps=3, true_cfg=True))
+    blocks = num_exit_blocks(pipe)
+    assert sum(recorder.depths) / (2 * 3 * blocks) == pytest.approx(result.compute_fraction)  # two calls a step
