@@ -3,7 +3,7 @@ built from those declarations.
 
 - `images`: `speed`, `bench` (the image-model bench);
 - `plans`: `calibrate`, `sweep`;
-- `training`: `train`, `finetune-ase`, `train-uem`;
+- `training`: `train`, `finetune-ase`, `train-uem`, `train-flux`;
 - `dllm`: `train-mdlm`, `dllm-bench`.
 
 Bad options end in `error: ...` and exit status 2 while the command line is parsed; what is found once a command
