@@ -43,6 +43,7 @@ rounds at once, and `images_per_s` is the number of processes times the images p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -65,6 +66,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from tqdm.auto import tqdm
 
 from ..data import load_digits_split
+from ..data.digits import DIGITS_IMAGE_SIZE, digit_of_prompt
 from ..exits import denoiser_of
 from ..metrics import (
     FeatureExtractor,
@@ -207,8 +209,19 @@ class PipelineInputs:
 
 def pipeline_inputs(pipe: Any) -> PipelineInputs:
     """What `pipe` (a pipeline or a pipeline class) takes; a `TypeError` naming its class and what is supported when
-    the bench and calibration cannot drive it."""
-    return _inputs_of_class(pipe if isinstance(pipe, type) else type(pipe))
+    the bench and calibration cannot drive it. For a pipeline whose second tokenizer takes shorter texts than its
+    call's default `max_sequence_length` (a pipeline pads every prompt to that default), every call passes the
+    tokenizer's length (`digits-flux`'s takes 8 tokens, where `FluxPipeline` would pad to 512)."""
+    inputs = _inputs_of_class(pipe if isinstance(pipe, type) else type(pipe))
+    if isinstance(pipe, type):
+        return inputs
+    default = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    length = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    if default is None or not isinstance(default.default, int) or not isinstance(length, int):
+        return inputs
+    if length >= default.default:
+        return inputs
+    return dataclasses.replace(inputs, fixed=(*inputs.fixed, ("max_sequence_length", length)))
 
 
 @functools.cache
@@ -567,7 +580,7 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
 
     inputs = pipeline_inputs(pipe_of(config.model))
     inputs.check(config.model, config.prompts, config.height, config.width, config.guidance_scale)
-    if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model))):
+    if config.num_samples < 2 and (config.reference is not None or _is_digits_shaped(pipe_of(config.model), config)):
         raise ValueError(
             f"FID/KID of {config.model} need at least 2 samples per method, got num_samples={config.num_samples}."
         )
@@ -694,7 +707,7 @@ def _time(
 def _scoring(config: BenchConfig, pipes: dict[str, Any]) -> str | None:
     """How quality is scored: `"fid"` (against `reference`, or the held-out digits for the digits models),
     `"similarity"` (PSNR and SSIM against the full-compute output) or `None` (the latents of `random:` models)."""
-    if config.reference is not None or all(_is_digits_shaped(pipe) for pipe in pipes.values()):
+    if config.reference is not None or all(_is_digits_shaped(pipe, config) for pipe in pipes.values()):
         return "fid"
     return None if config.model.startswith("random:") else "similarity"
 
@@ -708,7 +721,7 @@ def _score(
     progress: bool,
 ) -> list[BenchRow]:
     scoring = _scoring(config, pipes)
-    digits = all(_is_digits_shaped(pipe) for pipe in pipes.values())
+    digits = all(_is_digits_shaped(pipe, config) for pipe in pipes.values())
     extractor, reference = _quality_reference(config, digits, progress) if scoring == "fid" else (None, None)
     if scoring is None:
         logger.warning("%s makes latents, not images: speed rows only.", config.model)
@@ -766,7 +779,7 @@ def _score(
             quality = compute_fid_kid(images, reference, extractor=extractor, progress=progress)
             row.fid, row.kid, row.quality_reference = quality.fid, quality.kid, against
             if classifier is not None:
-                row.class_accuracy = class_accuracy(images, torch.tensor(conditions), classifier)
+                row.class_accuracy = class_accuracy(images, _class_labels(conditions), classifier)
     bar.close()
     return rows
 
@@ -788,9 +801,23 @@ def _quality_reference(
     return extractor, stored
 
 
-def _is_digits_shaped(pipe: Any) -> bool:
-    """A pixel-space model of 1 x 32 x 32 images: scored against the held-out digits by default."""
-    if getattr(pipe, "vae", None) is not None:
-        return False
-    config = denoiser_of(pipe).config
-    return (config.get("in_channels"), config.get("sample_size")) == (1, 32)
+def _is_digits_shaped(pipe: Any, config: BenchConfig | None = None) -> bool:
+    """A model of the digits, scored against the held-out digits by default (with the class accuracy of each image):
+    a pixel-space model of 1 x 32 x 32 images, or a text-to-image one asked for 1-channel 32 x 32 images of digit
+    prompts only (`digits-flux`: "a handwritten seven")."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        denoiser = denoiser_of(pipe).config
+        return (denoiser.get("in_channels"), denoiser.get("sample_size")) == (1, 32)
+    prompts = config.prompts if config is not None else None
+    return (
+        vae.config.get("out_channels") == 1
+        and (config.height, config.width) == (DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE)
+        and bool(prompts)
+        and all(digit_of_prompt(prompt) is not None for prompt in prompts)
+    )
+
+
+def _class_labels(conditions: list[Any]) -> torch.Tensor:
+    """The class each image was asked for: its class label, or the digit of its digit prompt."""
+    return torch.tensor([c if isinstance(c, int) else digit_of_prompt(c) for c in conditions])

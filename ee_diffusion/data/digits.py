@@ -17,6 +17,21 @@ import torch.nn.functional as F
 
 DIGITS_IMAGE_SIZE = 32
 NUM_CLASSES = 10
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT_TEMPLATE = "a handwritten {}"
+
+
+def digit_prompt(label: int) -> str:
+    """The prompt of a digit for the text-to-image digits models: `digit_prompt(7) == "a handwritten seven"`."""
+    if not 0 <= int(label) < len(DIGIT_WORDS):
+        raise ValueError(f"`label` must be a digit in [0, 9], got {label!r}.")
+    return PROMPT_TEMPLATE.format(DIGIT_WORDS[int(label)])
+
+
+def digit_of_prompt(prompt: str) -> int | None:
+    """The digit a prompt of `digit_prompt` asks for (`None` for any other prompt)."""
+    words = {PROMPT_TEMPLATE.format(word): label for label, word in enumerate(DIGIT_WORDS)}
+    return words.get(" ".join(str(prompt).lower().split()))
 
 
 @dataclass(frozen=True)

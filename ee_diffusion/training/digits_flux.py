@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, load_digits_split
+from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, digit_prompt, load_digits_split
 from ..outputs import refuse_shipped
 from .config import TrainConfig
 from .digits_models import save_safetensors_in_half
@@ -29,7 +29,6 @@ from .digits_text import (
     TEXT_LENGTH,
     build_text_encoders,
     build_word_tokenizer,
-    digit_prompt,
 )
 from .digits_vae import LATENT_CHANNELS, build_digits_vae, encode_digits, latent_normalisation, train_vae
 from .flow_matching import FlowMatchingConfig, LatentDigits, train_flow_transformer

@@ -18,21 +18,14 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-PROMPT_TEMPLATE = "a handwritten {}"
+from ..data.digits import DIGIT_WORDS
+
 # T5's own special tokens and ids: padding 0, end of text 1, unknown 2.
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 VOCABULARY = (PAD, EOS, UNK, "a", "handwritten", *DIGIT_WORDS)
 # Tokens of the text sequence: "a handwritten seven" is 4 with its end-of-text token; the rest is padding.
 TEXT_LENGTH = 8
 TEXT_HIDDEN_SIZE = 32
-
-
-def digit_prompt(label: int) -> str:
-    """The prompt of a digit: `digit_prompt(7) == "a handwritten seven"`."""
-    if not 0 <= int(label) < len(DIGIT_WORDS):
-        raise ValueError(f"`label` must be a digit in [0, 9], got {label!r}.")
-    return PROMPT_TEMPLATE.format(DIGIT_WORDS[int(label)])
 
 
 def build_word_tokenizer(max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:

@@ -322,3 +322,21 @@ def test_psnr_and_ssim_of_images_against_a_reference():
     assert 35 < close.psnr < PSNR_CAP_DB and 0.9 < close.ssim < 1  # 0.01 RMS: 40 dB
     with pytest.raises(ValueError, match="of the same shape"):
         image_similarity(images, images[:2])
+
+
+def test_the_text_to_image_digits_model_is_scored_against_the_held_out_digits():
+    """`digits-flux` asked for 1 x 32 x 32 images of digit prompts gets FID/KID against the held-out digits and the
+    class accuracy of each image (the digit its prompt asks for); any other prompt gets PSNR/SSIM. Every call passes
+    the 8 tokens its tokenizer takes, not the 512 `FluxPipeline` would pad to."""
+    from ee_diffusion.data.digits import digit_of_prompt, digit_prompt
+    from ee_diffusion.pipelines import load_early_exit_pipeline
+
+    assert [digit_of_prompt(digit_prompt(d)) for d in range(10)] == list(range(10))
+    assert digit_of_prompt("a handwritten cat") is None
+    assert ("max_sequence_length", 8) in pipeline_inputs(load_early_exit_pipeline("digits-flux")).fixed
+    common = dict(model="digits-flux", height=32, width=32, methods=["baseline"], num_samples=4, batch_size=4,
+                  repeats=1, steps=4, scheduler="euler")  # fmt: skip
+    (digits,) = run_bench(BenchConfig(**common, prompts=[digit_prompt(3), digit_prompt(7)]), progress=False)
+    assert digits.fid is not None and digits.class_accuracy is not None and digits.psnr is None
+    (other,) = run_bench(BenchConfig(**common, prompts=["a handwritten cat"]), progress=False)
+    assert other.fid is None and other.class_accuracy is None and other.psnr is not None

@@ -14,6 +14,7 @@ from diffusers import (
 
 from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler, is_flow_matching, schedulers_for
 from ee_diffusion.cli import main
+from ee_diffusion.data.digits import digit_prompt
 from ee_diffusion.training import TrainConfig
 from ee_diffusion.training.digits_flux import digits_flux_scheduler, prompt_tables
 from ee_diffusion.training.digits_text import (
@@ -23,7 +24,6 @@ from ee_diffusion.training.digits_text import (
     VOCABULARY,
     build_text_encoders,
     build_word_tokenizer,
-    digit_prompt,
 )
 from ee_diffusion.training.digits_vae import build_digits_vae, latent_normalisation, train_vae, vae_loss
 from ee_diffusion.training.flow_matching import (
