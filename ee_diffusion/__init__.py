@@ -46,7 +46,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "MaskedDiffusionLMPipeline",
             "load_early_exit_pipeline",
         ],
-        ".schedules": ["REUSE", "ExitSchedule"],
+        ".schedules": ["DROP", "REUSE", "ExitSchedule", "cached_tail"],
         ".calibration": ["Calibration", "PlanCalibrator", "calibrate_plan"],
         ".comfyui_exits": ["apply_comfyui_exit_schedule"],
         ".dllm": ["ProphetCommit", "ProphetScheduler", "SchEDCommit", "SchEDScheduler", "ThresholdCommit"],

@@ -1,4 +1,5 @@
-"""Calibrate a plan: the cheapest per-step depths and reuse steps within an error budget on the final samples.
+"""Calibrate a plan: the cheapest per-step actions (depths, reuse, cached tails, dropped steps) within an error budget
+on the final samples.
 
 From a few of the pipeline's own sampling runs (probes: its own noise and conditioning, no training data):
 
@@ -6,10 +7,12 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    full depth otherwise, at the *reference* step count, makes the reference final images; at the plan's step count
    (the same, unless asked otherwise), the denoiser's timesteps give the plan its steps, and that schedule's depths at
    those steps are the starting plan (the *base*): plans only ever cut below it;
-2. sensitivity: for each step and each cheaper action there (every depth below the base's, and `REUSE`), one run with
-   only that step changed gives the error it alone puts on the final images, through the solver's later steps;
-3. a chain of plans from the base to the cheapest, each link one move from the last (one step one block shallower,
-   or straight to `REUSE`), every plan measured whole: at each link the few moves the sensitivities rank best are run
+2. sensitivity: for each step and each cheaper action there (every depth below the base's; after the first step also
+   `REUSE`, the cached tails after the first block or two, and `DROP` where the scheduler can step over a timestep),
+   one run with only that step changed gives the error it alone puts on the final images, through the solver's later
+   steps;
+3. a chain of plans from the base to the cheapest, each link one move from the last (one step one block shallower, or
+   to a cheaper cached tail, or straight to `REUSE` or `DROP`), every plan measured whole: at each link the few moves the sensitivities rank best are run
    as whole plans, and the one whose *measured* error grows least per block saved is taken, so the compounding of
    consecutive choices (two reuse steps in a row, say) is measured, not predicted by adding per-step errors;
 4. the budget picks a plan from the chain: the cheapest with a measured error within `tolerance`, or, for
@@ -17,10 +20,11 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    the sensitivities say blocks help most (and measured).
 
 `calibrate_plan` then holds the plan against the plain alternative it could be: the same model at fewer steps with the
-same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Without a
-step count (`num_inference_steps=None`) it calibrates at several step counts against one reference step count, fewer
-steps at full depth among them, and returns the best plan at the budget, so it never returns a plan worse than the
-fewer-steps baseline it measured.
+same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Where the
+fewer steps are better, they are what it returns (the model as it is, at that step count, as a plan), with the plan
+they beat in `Calibration.lost`, so it never returns a plan worse than the fewer-steps run it measured. Without a step
+count (`num_inference_steps=None`) it calibrates at several step counts against one reference step count, fewer steps
+at full depth among them, and returns the best at the budget.
 
 The error of a plan is the root-mean-square difference of its final images from the reference's, from the same noise
 and conditioning, in pixel values in [0, 1] (`output_type="np"`). Compute is the share of the reference's block
@@ -47,22 +51,26 @@ from .exits import (
     denoiser_of,
     denoisers_of,
     exit_schedule_in_force,
+    get_exit_architecture,
     num_exit_blocks,
     own_exit_schedule,
     scheduler_timesteps,
 )
 from .outputs import staged_folder
-from .schedules import REUSE, ExitSchedule
+from .exits.dropped_steps import check_scheduler_steps_over
+from .schedules import DROP, REUSE, ExitSchedule, action_blocks, cached_tail
 from .validation import as_int, as_number
 
 CALIBRATION_FILE = "calibration.json"
+# The cached tails the calibrator tries: after the first block or two (DBCache's usual `Fn`).
+TAIL_BLOCKS = (1, 2)
 
 
 @dataclass(frozen=True)
 class PlanPoint:
     """One plan of the calibration chain: its per-step actions, share of full block compute, and measured error."""
 
-    actions: tuple[int, ...]
+    actions: tuple[int | str, ...]
     compute_fraction: float
     error: float
 
@@ -92,6 +100,8 @@ class Calibration:
         reference_steps: The step count of the reference images (the plan's own, unless asked otherwise).
         fewer_steps: The fewer-steps baseline at the plan's compute (`None` where none was measured), so a user sees
             whether the plan beats it; `beats_fewer_steps` says whether it does.
+        lost: Where the fewer-steps baseline beat every plan at the asked step count and is returned instead (as a
+            plan of its own step count, at full depth or the model's own schedule), the best of those plans.
     """
 
     plan: ExitSchedule
@@ -103,6 +113,7 @@ class Calibration:
     base: tuple[int, ...]
     reference_steps: int | None = None
     fewer_steps: FewerSteps | None = None
+    lost: PlanPoint | None = None
 
     @property
     def steps(self) -> int:
@@ -125,6 +136,7 @@ class Calibration:
             "compute_fraction": self.compute_fraction,
             "error": self.error,
             "fewer_steps": None if self.fewer_steps is None else dataclasses.asdict(self.fewer_steps),
+            "lost": None if self.lost is None else dataclasses.asdict(self.lost),
             "timesteps": list(self.timesteps),
             "base": list(self.base),
             "chain": [
@@ -157,6 +169,8 @@ class PlanCalibrator:
             of the reference's.
         candidates: How many of the best-ranked moves each link of the chain measures as whole plans (1: the
             sensitivities alone choose, more: the measured compounding does).
+        actions: Which cheaper actions a step may take besides shallower depths: any of `"reuse"`, `"tail"` (the
+            cached tails of `TAIL_BLOCKS`), `"drop"` (where the scheduler can step over a timestep).
     """
 
     def __init__(
@@ -168,6 +182,7 @@ class PlanCalibrator:
         progress: bool = True,
         reference_steps: int | None = None,
         candidates: int = 3,
+        actions: tuple[str, ...] = ("reuse", "tail", "drop"),
     ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
@@ -177,6 +192,9 @@ class PlanCalibrator:
             self.num_inference_steps if reference_steps is None else as_int("reference_steps", reference_steps, low=2)
         )
         self.candidates = as_int("candidates", candidates, low=1)
+        if isinstance(actions, str) or not set(actions) <= {"reuse", "tail", "drop"}:
+            raise ValueError(f"`actions` must be a tuple of 'reuse', 'tail' and 'drop', got {actions!r}.")
+        self.actions = tuple(actions)
         try:
             self.num_blocks = num_exit_blocks(pipe)
         except TypeError as error:  # no denoiser the exit hooks know
@@ -193,6 +211,13 @@ class PlanCalibrator:
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.scheduler_class = type(pipe.scheduler).__name__
+        if any(get_exit_architecture(denoiser).reuse != "residual" for denoiser in denoisers_of(pipe)):
+            self.actions = tuple(action for action in self.actions if action != "tail")  # U-Nets: whole-step reuse
+        if "drop" in self.actions:
+            try:
+                check_scheduler_steps_over(pipe.scheduler)
+            except ValueError:  # DDIM and the like: no dropped steps
+                self.actions = tuple(action for action in self.actions if action != "drop")
         self.reference_schedule = own_exit_schedule(pipe)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
         self.base: tuple[int, ...] = ()  # the reference's action at each step (known after the reference)
@@ -213,6 +238,12 @@ class PlanCalibrator:
                 f"at those steps already has error {chain[0].error:.4f} against the {self.reference_steps}-step "
                 "reference."
             )
+        with self._session() as (measure, _):  # fewer steps inside this run's timesteps, at each count
+            within += [
+                point
+                for kept in (range(1, self.num_inference_steps) if "drop" in self.actions else ())
+                if (point := self._point(self._kept_evenly(kept), measure)).error <= tolerance
+            ]
         return self._result(min(within, key=lambda p: (p.compute_fraction, p.error)))
 
     def for_target_compute(self, target_compute: float) -> Calibration:
@@ -226,14 +257,36 @@ class PlanCalibrator:
                 f"`target_compute={target_compute}` is below the cheapest plan's "
                 f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps."
             )
-        best = min(under, key=lambda p: (p.error, -p.compute_fraction))
-        filled = _fill(
-            best.actions, self.sensitivity, self.num_blocks, target_compute * self.reference_steps / len(best.actions)
-        )
-        if filled != best.actions:
-            with self._session() as (measure, _):
-                best = PlanPoint(filled, self._compute(filled), measure(filled))
-        return self._result(best)
+        target = target_compute * self.reference_steps / self.num_inference_steps  # a share of this run's blocks
+        budget = math.floor(target * self.num_inference_steps * self.num_blocks + 1e-9)
+        with self._session() as (measure, _):
+            best = min(under, key=lambda p: (p.error, -p.compute_fraction))
+            found = [self._point(_fill(best.actions, self.sensitivity, self.num_blocks, target), measure)]
+            for start in self._seeds(budget):  # fewer steps inside this run, cut down to the budget, filled up to it
+                if _blocks(start) > budget:
+                    start = _measured_chain(start, self.sensitivity, measure, self.candidates, budget)[-1]
+                found.append(self._point(_fill(start, self.sensitivity, self.num_blocks, target), measure))
+        return self._result(min(found, key=lambda p: (p.error, -p.compute_fraction)))
+
+    def _kept_evenly(self, kept: int) -> tuple[int | str, ...]:
+        """The base with all but `kept` of its steps dropped, the kept ones where a `kept`-step run of the scheduler
+        would put its steps on this run's (the first always): fewer steps, inside this run's timesteps."""
+        steps = self.num_inference_steps
+        keep = {math.floor(i * steps / kept + 1e-9) for i in range(kept)}
+        return tuple(action if i in keep else DROP for i, action in enumerate(self.base))
+
+    def _seeds(self, budget: int) -> list[tuple[int | str, ...]]:
+        """Plans that keep fewer steps, evenly (`_kept_evenly`): the most that fit `budget` blocks and the next two
+        counts, which a chain then cuts down to it -- spending on more steps what cheaper actions save. None where
+        the scheduler cannot step over a timestep."""
+        if "drop" not in self.actions:
+            return []
+        counts = range(1, self.num_inference_steps + 1)
+        fit = max((kept for kept in counts if _blocks(self._kept_evenly(kept)) <= budget), default=0)
+        return [self._kept_evenly(kept) for kept in (fit, fit + 1, fit + 2) if 1 <= kept < self.num_inference_steps]
+
+    def _point(self, actions: tuple[int | str, ...], measure: Callable[[tuple[int | str, ...]], float]) -> PlanPoint:
+        return PlanPoint(actions, self._compute(actions), measure(actions))
 
     @property
     def chain(self) -> tuple[PlanPoint, ...]:
@@ -246,9 +299,7 @@ class PlanCalibrator:
     def _calibrate(self) -> None:
         with self._session(desc="calibrating: reference") as (measure, bar):
             base, steps = self.base, self.num_inference_steps
-            options = [
-                [*range(base[i] - 1, 0, -1), *([REUSE] if i and base[i] != REUSE else [])] for i in range(steps)
-            ]
+            options = [self._cheaper(i, base[i]) for i in range(steps)]
             bar.reset(total=sum(map(len, options)))
             bar.set_description("calibrating: sensitivity")
             base_error = measure(base)
@@ -262,6 +313,27 @@ class PlanCalibrator:
             bar.set_description("calibrating: chain")
             chain = _measured_chain(base, sensitivity, measure, self.candidates)
             self._chain = tuple(PlanPoint(actions, self._compute(actions), measure(actions)) for actions in chain)
+
+    def _cheaper(self, step: int, action: int | str) -> list[int | str]:
+        """The actions cheaper than `action` that step `step` may take: shallower depths, and after the first step
+        the cached tails, `REUSE` and `DROP` (as `actions` allows)."""
+        blocks = action_blocks(action)
+        cheaper: list[int | str] = [*range(blocks - 1, 0, -1)] if action != DROP and action > 0 else []
+        if step and blocks:
+            if "tail" in self.actions:
+                cheaper += [cached_tail(k) for k in TAIL_BLOCKS if k < min(blocks, self.num_blocks)]
+            if "reuse" in self.actions:
+                cheaper.append(REUSE)
+        if step and action != DROP and "drop" in self.actions:
+            cheaper.append(DROP)
+        return cheaper
+
+    def as_it_is(self) -> Calibration:
+        """The model as it is at the plan's step count (the base: full depth, or its own schedule), measured."""
+        with self._session():
+            pass
+        base = PlanPoint(self.base, self._compute(self.base), self._measured[self.base])
+        return self._result(base)
 
     def fewer_steps(self, steps: int) -> FewerSteps:
         """The model as it is (at full depth, or under its own schedule) at `steps` steps, measured against the
@@ -350,7 +422,7 @@ class PlanCalibrator:
 
     def _compute(self, actions: tuple[int, ...]) -> float:
         """The share of the reference's block compute: reference steps at full depth."""
-        return sum(actions) / (self.reference_steps * self.num_blocks)
+        return _blocks(actions) / (self.reference_steps * self.num_blocks)
 
     def _result(self, point: PlanPoint) -> Calibration:
         return Calibration(
@@ -359,7 +431,7 @@ class PlanCalibrator:
             error=point.error,
             timesteps=self.timesteps,
             sensitivity=self.sensitivity,
-            chain=self.chain,
+            chain=self._chain or (point,),
             base=self.base,
             reference_steps=self.reference_steps,
         )
@@ -375,10 +447,12 @@ def calibrate_plan(
     progress: bool = True,
     reference_steps: int | None = None,
     candidates: int = 3,
+    actions: tuple[str, ...] = ("reuse", "tail", "drop"),
 ) -> Calibration:
     """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one), held
-    against the fewer-steps baseline at its compute; see `PlanCalibrator` for the arguments, and to pick plans for
-    several budgets from one set of measurements.
+    against the fewer-steps baseline at its compute -- which is returned instead, as a plan of its own step count,
+    where it is better (`Calibration.lost` then holds the plan it beat); see `PlanCalibrator` for the arguments, and to
+    pick plans for several budgets from one set of measurements.
 
     Args:
         num_inference_steps: The plan's step count; `None`: pick it. Plans are calibrated at step counts from the
@@ -387,7 +461,7 @@ def calibrate_plan(
         tolerance: Largest final-image error allowed (RMS, pixel values in [0, 1]; 0 gives the full model).
         target_compute: Share of the reference's block compute to spend, in (0, 1].
         reference_steps: The reference images' step count (default: `num_inference_steps`; needed without it).
-        candidates: See `PlanCalibrator`.
+        candidates, actions: See `PlanCalibrator`.
     """
     if (tolerance is None) == (target_compute is None):
         raise ValueError("Give exactly one budget: `tolerance` or `target_compute`.")
@@ -402,7 +476,14 @@ def calibrate_plan(
     found = []
     for steps in counts:
         calibrator = PlanCalibrator(
-            pipe, call_kwargs, steps, seed=seed, progress=progress, reference_steps=reference, candidates=candidates
+            pipe,
+            call_kwargs,
+            steps,
+            seed=seed,
+            progress=progress,
+            reference_steps=reference,
+            candidates=candidates,
+            actions=actions,
         )
         try:
             result = (
@@ -415,7 +496,23 @@ def calibrate_plan(
                 raise
             continue
         fewer = _equal_compute_steps(result.compute_fraction, calibrator)
-        found.append(dataclasses.replace(result, fewer_steps=calibrator.fewer_steps(fewer) if fewer else None))
+        if fewer is None:
+            found.append(result)
+            continue
+        baseline = calibrator.fewer_steps(fewer)
+        if baseline.error < result.error:  # the plain run at fewer steps is better: it is the plan
+            plain = PlanCalibrator(
+                pipe,
+                call_kwargs,
+                fewer,
+                seed=seed,
+                progress=progress,
+                reference_steps=reference,
+                candidates=candidates,
+            ).as_it_is()
+            lost = PlanPoint(tuple(result.plan.config.depths[::-1]), result.compute_fraction, result.error)
+            result = dataclasses.replace(plain, lost=lost)
+        found.append(dataclasses.replace(result, fewer_steps=baseline))
     if not found:
         raise ValueError(f"No plan at {counts} steps fits the budget.")
     if tolerance is not None:
@@ -458,59 +555,79 @@ def _one_per_step(recorded: list[float], steps: int) -> list[float]:
 
 def _measured_chain(
     base: tuple[int, ...],
-    sensitivity: tuple[dict[int, float], ...],
-    measure: Callable[[tuple[int, ...]], float],
+    sensitivity: tuple[dict[int | str, float], ...],
+    measure: Callable[[tuple[int | str, ...]], float],
     candidates: int,
-) -> list[tuple[int, ...]]:
-    """Plans from `base` to the cheapest, each one move from the last (a step one block shallower, or straight to
-    `REUSE`): of the moves whose predicted squared error per block saved (from the sensitivities) is lowest, the
-    `candidates` best are run as whole plans, and the one whose measured error grows least per block saved is taken."""
+    until_blocks: int = 0,
+) -> list[tuple[int | str, ...]]:
+    """Plans from `base` to the cheapest (or the first that runs at most `until_blocks` blocks), each one move from the
+    last (a step one block shallower, or to a cheaper cached tail, or straight to `REUSE` or `DROP`): of the moves
+    whose predicted squared error per block saved (from the sensitivities) is lowest, the `candidates` best are run as
+    whole plans, and the one whose measured error grows least per block saved is taken."""
     actions, chain = list(base), [tuple(base)]
     predicted = [sensitivity[i][base[i]] ** 2 for i in range(len(base))]  # squared error of each step's action
     error = measure(tuple(base))
 
-    def moves(i: int) -> list[int]:
-        current = actions[i]
-        cheaper = [current - 1] if current > 1 else []
-        if current != REUSE and REUSE in sensitivity[i]:
-            cheaper.append(REUSE)
-        return cheaper
+    def moves(i: int) -> list[int | str]:
+        """The next cheaper actions of step `i`: one block shallower, the tails and `REUSE`/`DROP` below it."""
+        current, options = actions[i], sensitivity[i]
+        blocks = action_blocks(current)
+        found = [current - 1] if current != DROP and current > 1 else []
+        found += [action for action in options if action != DROP and action < 0 and -action < blocks]
+        found += [REUSE, DROP] if blocks else []
+        return [action for action in found if action in options]
 
     while True:
         ranked = sorted(
-            ((sensitivity[i][action] ** 2 - predicted[i]) / (actions[i] - action), i, action)
-            for i in range(len(actions))
-            for action in moves(i)
+            (
+                ((sensitivity[i][action] ** 2 - predicted[i]) / (action_blocks(actions[i]) - action_blocks(action)), i)
+                + (action,)
+                for i in range(len(actions))
+                for action in moves(i)
+            ),
+            key=lambda move: move[:2],
         )
-        if not ranked:
+        if not ranked or _blocks(actions) <= until_blocks:
             return chain
         trials = []
         for _, i, action in ranked[:candidates]:
             plan = tuple(actions[:i] + [action] + actions[i + 1 :])
-            trials.append(((measure(plan) - error) / (actions[i] - action), i, action, plan))
-        _, i, action, plan = min(trials)
+            saved = action_blocks(actions[i]) - action_blocks(action)
+            trials.append(((measure(plan) - error) / saved, i, action, plan))
+        _, i, action, plan = min(trials, key=lambda trial: trial[:2])
         actions[i], predicted[i] = action, sensitivity[i][action] ** 2
         error = measure(plan)
         chain.append(plan)
 
 
+def _blocks(actions: tuple[int | str, ...] | list[int | str]) -> int:
+    """The blocks a plan runs."""
+    return sum(map(action_blocks, actions))
+
+
 def _fill(
-    actions: tuple[int, ...], sensitivity: tuple[dict[int, float], ...], num_blocks: int, target: float
-) -> tuple[int, ...]:
+    actions: tuple[int | str, ...], sensitivity: tuple[dict[int | str, float], ...], num_blocks: int, target: float
+) -> tuple[int | str, ...]:
     """`actions` with blocks added back while the plan stays at or under `target` of the full compute: each time the
     step change (to any dearer action that fits, up to the base's) that the sensitivities say removes the most error
-    per block, and only changes that remove some (a reuse step is not made a shallow one)."""
+    per block, and only changes that remove some."""
     actions = list(actions)
-    budget = math.floor(target * len(actions) * num_blocks + 1e-9) - sum(actions)
+    budget = math.floor(target * len(actions) * num_blocks + 1e-9) - _blocks(actions)
     while True:
         moves = [
-            ((sensitivity[i][actions[i]] ** 2 - sensitivity[i][action] ** 2) / (action - actions[i]), i, action)
+            (
+                (sensitivity[i][actions[i]] ** 2 - sensitivity[i][action] ** 2)
+                / (action_blocks(action) - action_blocks(actions[i])),
+                i,
+                action,
+            )
             for i in range(len(actions))
             for action in sensitivity[i]
-            if actions[i] < action <= actions[i] + budget and sensitivity[i][action] < sensitivity[i][actions[i]]
+            if action_blocks(actions[i]) < action_blocks(action) <= action_blocks(actions[i]) + budget
+            and sensitivity[i][action] < sensitivity[i][actions[i]]
         ]
         if not moves:
             return tuple(actions)
-        _, i, action = max(moves)
-        budget -= action - actions[i]
+        _, i, action = max(moves, key=lambda move: move[:2])
+        budget -= action_blocks(action) - action_blocks(actions[i])
         actions[i] = action

@@ -20,7 +20,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ..calibration import calibrate_plan
     from ..outputs import check_output_folder
     from ..pipelines import load_early_exit_pipeline
-    from ..schedules import REUSE
+    from ..schedules import describe_action
 
     inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
     check_output_folder(args.out, CALIBRATION, overwrite=args.overwrite)
@@ -65,7 +65,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     }
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
-    actions = ", ".join("reuse" if action == REUSE else str(action) for action in reversed(result.plan.config.depths))
+    actions = ", ".join(map(describe_action, reversed(result.plan.config.depths)))
     print(f"plan (per step, first to last): {actions}")
     reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
     method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
@@ -75,20 +75,21 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"pixels in [0, 1]); saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
         f"--steps {result.steps}: a plan runs only at its scheduler and step count)"
     )
-    fewer = result.fewer_steps
-    if fewer is not None:
-        gap = abs(result.error - fewer.error) / max(fewer.error, 1e-12)
-        line = (
-            f"the model at {fewer.steps} steps, at {fewer.compute_fraction:.1%} compute, has error {fewer.error:.4f}: "
+    fewer, lost = result.fewer_steps, result.lost
+    if lost is not None:
+        gap = (lost.error - result.error) / max(result.error, 1e-12)
+        print(
+            f"warning: no plan at {len(lost.actions)} steps beats the model at {result.steps} steps, at the same "
+            f"compute ({fewer.compute_fraction:.1%}): the best one's error {lost.error:.4f} is {gap:.0%} higher than "
+            f"{result.error:.4f}. The plan saved is the model at {result.steps} steps, as it is.",
+            file=sys.stderr,
         )
-        if result.beats_fewer_steps:
-            print(line + f"the plan's is {gap:.0%} lower")
-        else:
-            print(
-                f"warning: {line}the plan's is {gap:.0%} higher. Fewer steps beat this plan at its compute: use "
-                f"--steps {fewer.steps} without a plan, or leave out --steps to let calibrate pick the step count.",
-                file=sys.stderr,
-            )
+    elif fewer is not None:
+        gap = (fewer.error - result.error) / max(fewer.error, 1e-12)
+        print(
+            f"the model at {fewer.steps} steps, at {fewer.compute_fraction:.1%} compute, has error {fewer.error:.4f}: "
+            f"the plan's is {gap:.0%} lower"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 from .architectures import ExitArchitecture, TimestepConvention, get_exit_architecture, register_exit_architecture
+from .dropped_steps import step_over_dropped_steps
 from .heads import ExitHeads
 from .hooks import (
     ExitCall,
@@ -49,6 +50,7 @@ __all__ = [
     "reset_exit_stats",
     "scheduler_timesteps",
     "set_exit_timestep_scale",
+    "step_over_dropped_steps",
     "UncertaintyExitCall",
     "UncertaintyExitStats",
     "apply_uncertainty_exit",

@@ -38,9 +38,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils import BaseOutput
 
-from ..schedules import REUSE, ExitSchedule
+from ..schedules import DROP, ExitSchedule, describe_action, reuses_work
 from ..validation import as_int
 from .architectures import ExitArchitecture, TimestepConvention, _argument, get_exit_architecture
+from .dropped_steps import check_scheduler_steps_over, release_scheduler, step_over_dropped_steps
 
 _SCHEDULE_HOOK = "ee_exit_schedule"
 _UNIT_HOOK = "ee_exit_unit"
@@ -96,6 +97,8 @@ class _ExitState:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.stats = ExitStats(num_blocks=num_blocks)
+        # per (denoiser, branch): the input signature of the call that made the work, and the work (the whole output;
+        # or, per block index `k` a cached tail starts at, the change across the blocks from `k` on)
         self.cache: dict[tuple[int, str | int], tuple[Any, Any]] = {}
         self.last_timestep: float | None = None
         self.calls_in_step = 0  # calls made so far at `last_timestep`, less one
@@ -111,8 +114,9 @@ class _ExitState:
         self.key: tuple[int, str | int] = (0, 0)
         self.signature: Any = None
         self.reusing = False
+        self.tail_start = 0  # in a reuse call: the units before it run, the cached change of the rest is added
         self.applied = False  # a reuse call's cached residual reached its last unit
-        self.start: Any = None  # the first unit's skip output in this call (residual reuse)
+        self.starts: dict[int, Any] = {}  # skip outputs, at the units a cached tail starts at, in this call
 
     def forget(self) -> None:
         """Forget the cached work and where the sampling run was."""
@@ -172,6 +176,12 @@ class ExitScheduleHook(ModelHook):
         if self.plan_steps_only:
             self.schedule.check_timesteps(set(timesteps), self.num_train_timesteps)
         depths = self.schedule.depths_for(timesteps, self.num_train_timesteps)
+        if DROP in depths:
+            raise ValueError(
+                f"{type(module).__name__} was called at timestep {max(timesteps):g}, a step the plan drops: the "
+                "pipeline's scheduler should have stepped over it. Apply the plan to the pipeline, after setting its "
+                "scheduler (`apply_exit_schedule(pipe, plan)`), not to its denoiser alone."
+            )
         runs_all_units = self.architecture.runs_all_units
         if runs_all_units is not None and runs_all_units(args, kwargs):
             depths = [self.state.num_blocks] * len(depths)
@@ -225,25 +235,25 @@ class ExitScheduleHook(ModelHook):
     def _reuse_or_compute(
         self, module: torch.nn.Module, args: tuple, kwargs: dict, timesteps: list[float], depths: list[int]
     ) -> list[int]:
-        """Under a plan: whether this call reuses (every sample at a `REUSE` step, and work cached for its denoiser,
-        branch and input shape), and the depths it runs otherwise (a reuse step with nothing to reuse runs at full
-        depth)."""
+        """Under a plan: whether this call reuses (every sample at one `REUSE` or cached-tail step, and work cached for
+        its denoiser, branch and input shape), and the depths it runs (the tail's first blocks; a reuse step with
+        nothing to reuse runs at full depth)."""
         state = self.state
-        state.signature = _signature(_argument(module, self.architecture.sample_argument, args, kwargs))
-        if REUSE not in depths:
+        state.signature = _layout(_argument(module, self.architecture.sample_argument, args, kwargs))
+        if not any(reuses_work(depth) for depth in depths):
             state.cache.pop(state.key, None)  # this call makes the branch's work anew
             return depths
-        if any(depth != REUSE for depth in depths):
+        if len(set(depths)) != 1:
             raise ValueError(
-                f"This call's timesteps {timesteps} mix the plan's reuse steps with computed ones; a "
-                "reuse step needs the whole batch at it."
+                f"This call's timesteps {timesteps} mix the plan's actions {sorted(set(map(describe_action, depths)))}; "
+                "a step that reuses work needs the whole batch at it."
             )
         cached = state.cache.get(state.key)
         if cached is None or cached[0] != state.signature:
             state.cache.pop(state.key, None)
             return [state.num_blocks] * len(depths)
-        state.reusing = True
-        return depths
+        state.reusing, state.tail_start = True, -depths[0]
+        return [state.tail_start] * len(depths)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
         state = self.state
@@ -278,9 +288,11 @@ class ExitScheduleHook(ModelHook):
 class ExitUnitHook(ModelHook):
     """Runs unit `index` of the denoiser, or returns its skip output when the call's depth does not reach it.
 
-    Under a plan whose reuse is `"residual"`, the first unit records its skip output (the span's start) and the last
-    unit the span's change (its output minus the start, carried to it by the architecture's `bridge`); at a reuse
-    call every unit is skipped and the last one adds its branch's cached change to what it receives.
+    Under a plan whose reuse is `"residual"`, each unit a cached tail starts at (the first unit for `REUSE`, unit `k`
+    for `cached_tail(k)`) records its skip output (the span's start) and the last unit the change across each span
+    (its output minus the start, carried to it by the architecture's `bridge` where the streams are joined between);
+    at a reuse call the units before the tail run, the others are skipped, and the last one adds its branch's cached
+    change across the tail to what it receives.
     """
 
     def __init__(
@@ -291,6 +303,7 @@ class ExitUnitHook(ModelHook):
         last: bool,
         residual: bool,
         bridge: Callable[[Any], Any] | None = None,
+        tail_starts: tuple[int, ...] = (0,),
     ) -> None:
         super().__init__()
         self.index = index
@@ -299,6 +312,8 @@ class ExitUnitHook(ModelHook):
         self.last = last
         self.residual = residual  # record the span's residual (a plan with reuse steps, on a residual architecture)
         self.bridge = bridge
+        self.starts_tail = index in tail_starts
+        self.tail_starts = tail_starts
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
         state = self.state
@@ -307,18 +322,29 @@ class ExitUnitHook(ModelHook):
         if not self.residual:
             return self._run_or_skip(module, args, kwargs)
         if state.reusing:
+            if self.index < state.tail_start:
+                return self._run_or_skip(module, args, kwargs)
             skipped = self.skip(module, args, kwargs)
             if not self.last:
                 return skipped
             state.applied = True
-            return _zip_map(torch.add, skipped, state.cache[state.key][1])
-        if self.index == 0:
-            state.start = self.skip(module, args, kwargs)
+            return _zip_map(torch.add, skipped, state.cache[state.key][1][state.tail_start])
+        if self.starts_tail:
+            state.starts[self.index] = self.skip(module, args, kwargs)
         output = self._run_or_skip(module, args, kwargs)
-        if self.last and state.start is not None:
-            start = state.start if self.bridge is None else self.bridge(state.start)
-            state.cache[state.key] = (state.signature, _zip_map(torch.sub, output, start))
+        if self.last and len(state.starts) == len(self.tail_starts):
+            changes = {
+                k: _zip_map(torch.sub, output, self._bridged(start, output)) for k, start in state.starts.items()
+            }
+            state.cache[state.key] = (state.signature, changes)
         return output
+
+    def _bridged(self, start: Any, output: Any) -> Any:
+        """A span's start as the last unit's output is laid out: through the architecture's `bridge` when it is laid
+        out otherwise (the two streams of a double-stream block, before the model joins them)."""
+        if self.bridge is None or _layout(start) == _layout(output):
+            return start
+        return self.bridge(start)
 
     def _run_or_skip(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         state = self.state
@@ -333,13 +359,15 @@ class ExitUnitHook(ModelHook):
         return _select(state.depth_tensor > self.index, output, skipped)
 
 
-def _signature(sample: Any) -> Any:
-    """The shapes of a denoiser's sample argument (a tensor, or Z-Image's list of per-sample tensors): reused work is
-    only added to an input of the shape it was made for."""
-    if isinstance(sample, torch.Tensor):
-        return tuple(sample.shape)
-    if isinstance(sample, (list, tuple)):
-        return tuple(_signature(item) for item in sample)
+def _layout(output: Any) -> Any:
+    """The structure and shapes of a unit's output, or of a denoiser's sample argument (a tensor, or Z-Image's list
+    of per-sample tensors): reused work is only added to an input laid out as the one it was made for."""
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (list, tuple)):
+        return type(output), tuple(_layout(item) for item in output)
+    if isinstance(output, BaseOutput):
+        return type(output), tuple((key, _layout(value)) for key, value in output.items())
     return None
 
 
@@ -485,6 +513,14 @@ def apply_exit_schedule(
                 f"blocks; build the schedule with num_blocks={len(units)}."
             )
         planned.append((name, model, architecture, units))
+    tail_starts = schedule.tail_starts
+    if any(tail_starts) and any(architecture.reuse != "residual" for _, _, architecture, _ in planned):
+        raise ValueError(
+            "The plan has cached-tail steps, which add the change across the last blocks; the decoder units of "
+            f"{', '.join(type(model).__name__ for _, model, _, _ in planned)} change shape, so only whole-step "
+            "`REUSE` applies to them."
+        )
+    scheduler = _scheduler_to_step_over(pipe_or_model, schedule, plan_steps_only)
     for _, model, _, _ in planned:
         _remove_hooks(model)
     state = _ExitState(schedule.config.num_blocks)
@@ -506,11 +542,33 @@ def apply_exit_schedule(
                     last=i == len(units) - 1,
                     residual=residual and architecture.reuse == "residual",
                     bridge=bridge,
+                    tail_starts=tail_starts,
                 ),
                 _UNIT_HOOK,
             )
         registry.invalidate_child_registries_cache()
+    release_scheduler(getattr(pipe_or_model, "scheduler", None))
+    if scheduler is not None:
+        step_over_dropped_steps(scheduler, schedule, timestep_scale)
     _keep_pipeline_component(pipe_or_model, schedule)
+
+
+def _scheduler_to_step_over(pipe_or_model: Any, schedule: ExitSchedule, plan_steps_only: bool) -> Any:
+    """The pipeline scheduler that must step over the plan's dropped steps (`None` without any), checked before any
+    hook is put on; a plan that drops steps needs the pipeline, except to train (where the denoiser is called at any
+    timestep and the trainer leaves the dropped ones out)."""
+    if not schedule.drops:
+        return None
+    scheduler = getattr(pipe_or_model, "scheduler", None)
+    if isinstance(pipe_or_model, torch.nn.Module) or scheduler is None:
+        if not plan_steps_only:
+            return None
+        raise ValueError(
+            "The plan drops steps, which the pipeline's scheduler steps over: apply it to the pipeline "
+            f"(`apply_exit_schedule(pipe, plan)`), not to its {type(pipe_or_model).__name__} alone."
+        )
+    check_scheduler_steps_over(scheduler)
+    return scheduler
 
 
 def _bound(bridge: Callable[[torch.nn.Module, Any], Any], model: torch.nn.Module) -> Callable[[Any], Any]:
@@ -531,6 +589,7 @@ def remove_exit_schedule(pipe_or_model: Any) -> None:
     no-op when none is applied)."""
     denoisers, _ = _resolve_all(pipe_or_model)
     _keep_pipeline_component(pipe_or_model, None)
+    release_scheduler(getattr(pipe_or_model, "scheduler", None))
     for _, model in denoisers:
         _remove_hooks(model)
 

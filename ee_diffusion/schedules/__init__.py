@@ -1,3 +1,3 @@
-from .exit_schedule import REUSE, ExitSchedule
+from .exit_schedule import DROP, REUSE, ExitSchedule, action_blocks, cached_tail, describe_action, reuses_work
 
-__all__ = ["REUSE", "ExitSchedule"]
+__all__ = ["DROP", "REUSE", "ExitSchedule", "action_blocks", "cached_tail", "describe_action", "reuses_work"]

@@ -1,5 +1,6 @@
-"""`ExitSchedule`: how many denoiser blocks to run at each timestep (the ASE exit schedule), or at each step of one
-sampling run, where a step may also reuse the last computed step's blocks (a plan)."""
+"""`ExitSchedule`: how many denoiser blocks to run at each timestep (the ASE exit schedule), or what to do at each step
+of one sampling run (a plan): run the first blocks, reuse the last computed step's work for some or all of them, or
+drop the step."""
 
 from __future__ import annotations
 
@@ -17,9 +18,40 @@ from ..validation import as_int
 
 SHAPES = ("constant", "linear", "cosine", "step", "table", "plan")
 REUSE = 0  # a plan's action for a step that runs no block and reuses the last computed step's work
+DROP = "drop"  # a plan's action for a step the denoiser is not called at: the solver steps over it
 # How far (a share of `num_train_timesteps`) a timestep may lie from a plan's step and still be that step: float noise
 # in sigma x 1000 timesteps, never a neighbouring step of another step count.
 PLAN_TIMESTEP_TOLERANCE = 1e-4
+
+
+def cached_tail(blocks: int) -> int:
+    """A plan's action for a step that runs its first `blocks` blocks and adds the last computed step's change across
+    the others (DBCache's shape: the first blocks see this step's input, the tail's work is reused). Written `-blocks`
+    in a plan; `REUSE` is the tail of every block, `cached_tail(0)`."""
+    blocks = as_int("blocks", blocks, low=0)
+    return -blocks
+
+
+def action_blocks(action: int | str) -> int:
+    """The blocks a plan's action runs: a depth's own count, a cached tail's first blocks, none for `REUSE` and
+    `DROP`."""
+    if action == DROP:
+        return 0
+    return abs(action)
+
+
+def reuses_work(action: int | str) -> bool:
+    """Whether an action takes the last computed step's work: `REUSE` and the cached tails."""
+    return action != DROP and action <= 0
+
+
+def describe_action(action: int | str) -> str:
+    """An action as the command line prints it: `8`, `reuse`, `tail:2`, `drop`."""
+    if action == DROP:
+        return "drop"
+    if action == REUSE:
+        return "reuse"
+    return f"tail:{-action}" if action < 0 else str(action)
 
 
 def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[float]:
@@ -39,7 +71,8 @@ def _sorted_points(
         raise ValueError(
             f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}."
         )
-    points = sorted(zip(timesteps, [as_int(name, value) for value in values]))
+    values = [value if value == DROP and name == "actions" else as_int(name, value) for value in values]
+    points = sorted(zip(timesteps, values), key=lambda point: point[0])
     return [t for t, _ in points], [value for _, value in points]
 
 
@@ -84,9 +117,15 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
     `from_table`, `plan`) rather than calling `__init__` directly.
 
     A *plan* (`ExitSchedule.plan`) is the per-step form, made for the timesteps of one sampling run (a scheduler and a
-    step count): each step gets a depth, or `REUSE` (0): run no block and reuse the last computed step's work (the
-    block residual of transformers, as diffusers' FirstBlockCache and MagCache do; the whole prediction of U-Nets,
-    whose decoder has no residual span). It is the same class, so every consumer of a schedule (the hooks, the
+    step count): each step gets an action, one of
+    - a depth `d` in `[1, num_blocks]`: run the first `d` blocks (the exit);
+    - `REUSE` (0): run no block and reuse the last computed step's work (the block residual of transformers, as
+      diffusers' FirstBlockCache and MagCache do; the whole prediction of U-Nets, whose decoder has no residual span);
+    - `cached_tail(k)` (written `-k`, `0 < k < num_blocks`): run the first `k` blocks and add the last computed step's
+      change across the rest (DBCache's shape; transformers only);
+    - `DROP`: do not call the denoiser at this step; the solver goes from the step before straight to the step after,
+      as it would in a run without that timestep (`apply_exit_schedule` makes the pipeline's scheduler skip it), so
+      fewer steps is a plan too. It is the same class, so every consumer of a schedule (the hooks, the
     drop-in pipelines' `exit_schedule` component, `from_pretrained`, the bench's `ase:<folder>`, `finetune-ase`)
     takes a plan unchanged.
 
@@ -104,8 +143,8 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         timesteps (`list[float]`, *optional*): Increasing timesteps, in units of `num_train_timesteps` (`table`,
             `plan`).
         depths (`list[int]`, *optional*): The depth at each of `timesteps`. `table`: linearly interpolated in
-            between and rounded up, held constant beyond the ends. `plan`: a depth or `REUSE` per step; a timestep
-            between steps takes the nearest step's.
+            between and rounded up, held constant beyond the ends. `plan`: an action per step (a depth, `REUSE`, a
+            cached tail or `DROP`); a timestep between steps takes the nearest step's.
         num_train_timesteps (`int`, defaults to 1000): Scale of `timesteps` in a `table` schedule or a plan.
         allow_increasing (`bool`, defaults to `False`): Accept a `step` or `table` schedule whose depth increases
             with noise. Without it such a table raises, since it is almost always a reversed table.
@@ -141,7 +180,8 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
         min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
         table = None if table is None else [as_int("table", depth) for depth in table]
-        depths = None if depths is None else [as_int("depths", depth) for depth in depths]
+        if depths is not None:
+            depths = [depth if depth == DROP and shape == "plan" else as_int("depths", depth) for depth in depths]
         if timesteps is not None:
             timesteps = [float(t) for t in timesteps]
             if not all(math.isfinite(t) for t in timesteps):
@@ -180,12 +220,15 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                 )
             if shape == "plan":
                 for depth in depths:
-                    if depth != REUSE:
+                    if depth != DROP and depth <= 0:
+                        self._check_depth("depths", -depth, num_blocks, low=0, what="cached tails")
+                    elif depth != DROP:
                         self._check_depth("depths", depth, num_blocks)
-                if depths[-1] == REUSE:
+                if depths[-1] == DROP or reuses_work(depths[-1]):
                     raise ValueError(
-                        "A plan's first sampling step (its highest timestep) cannot reuse: nothing has "
-                        "been computed before it."
+                        "A plan's first sampling step (its highest timestep) cannot reuse, add a cached tail or be "
+                        "dropped: the run starts from noise there, and nothing has been computed before it; got "
+                        f"{describe_action(depths[-1])}."
                     )
             else:
                 for depth in depths:
@@ -271,8 +314,21 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     @property
     def reuses(self) -> bool:
-        """Whether some step reuses the last computed step's work (a plan with `REUSE` steps)."""
-        return self.config.shape == "plan" and REUSE in self.config.depths
+        """Whether some step reuses the last computed step's work (a plan with `REUSE` or cached-tail steps)."""
+        return self.config.shape == "plan" and any(reuses_work(action) for action in self.config.depths)
+
+    @property
+    def tail_starts(self) -> tuple[int, ...]:
+        """The blocks after which some step of a plan adds cached work, sorted: 0 for `REUSE`, `k` for
+        `cached_tail(k)`."""
+        if self.config.shape != "plan":
+            return ()
+        return tuple(sorted({-action for action in self.config.depths if reuses_work(action)}))
+
+    @property
+    def drops(self) -> bool:
+        """Whether some step of a plan is dropped (`DROP`)."""
+        return self.config.shape == "plan" and DROP in self.config.depths
 
     @classmethod
     def check_spec(cls, spec: str) -> None:
@@ -316,9 +372,9 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             )
 
     # ------------------------------------------------------------------ evaluation
-    def depth_at_position(self, s: float) -> int:
-        """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped); `REUSE` (0) at a
-        plan's reuse steps."""
+    def depth_at_position(self, s: float) -> int | str:
+        """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped); a plan's action
+        (`REUSE`, a cached tail, `DROP`) at its steps that are not depths."""
         s = min(max(float(s), 0.0), 1.0)
         config = self.config
         full, shape = config.num_blocks, config.shape
@@ -371,7 +427,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         depths = self.depths_for(timesteps, num_train_timesteps)
         if not depths:
             raise ValueError("`compute_fraction` needs at least one timestep.")
-        return sum(depths) / (len(depths) * self.config.num_blocks)
+        return sum(map(action_blocks, depths)) / (len(depths) * self.config.num_blocks)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' `save_pretrained` (`exit_schedule.json` in `save_directory`), refusing the shipped models'
@@ -407,9 +463,11 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         raise AssertionError("unreachable: timesteps are sorted")
 
     @staticmethod
-    def _check_depth(name: str, depth: int, num_blocks: int) -> None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_blocks:
-            raise ValueError(f"`{name}` depths must be integers in [1, num_blocks={num_blocks}], got {depth!r}.")
+    def _check_depth(name: str, depth: int, num_blocks: int, low: int = 1, what: str = "depths") -> None:
+        high = num_blocks if low == 1 else num_blocks - 1
+        if isinstance(depth, bool) or not isinstance(depth, int) or not low <= depth <= high:
+            bound = f"num_blocks={num_blocks}" if low == 1 else f"{high}] (written -k in a plan"
+            raise ValueError(f"`{name}` {what} must be integers in [{low}, {bound}], got {depth!r}.")
 
     @staticmethod
     def _check_not_increasing(name: str, depths: list[int], allow_increasing: bool) -> None:

@@ -21,7 +21,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from ..data.digits import DigitsSplit
 from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
 from ..pipelines.class_conditional import null_class_label
-from ..schedules import REUSE, ExitSchedule
+from ..schedules import DROP, REUSE, ExitSchedule
 from .config import PREDICTION_TYPES, TrainConfig
 from .loop import CHECKPOINT_NAME, TrainResult, optimise
 
@@ -92,6 +92,12 @@ def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) 
     return null_label
 
 
+def _trained_depth(action: int | str) -> int:
+    """The depth a plan's action trains: its own for a depth; `REUSE` (nothing: the step takes cached work, or is
+    dropped) otherwise."""
+    return REUSE if action == DROP or action <= REUSE else action
+
+
 def depth_groups(depths: list[int]) -> dict[int, torch.Tensor]:
     """Indices of the samples at each depth, so that each group runs only the blocks it uses."""
     by_depth = torch.tensor(depths)
@@ -138,11 +144,11 @@ def train_denoiser(
         groups = (
             {None: torch.arange(config.batch_size)}
             if exit_schedule is None
-            else depth_groups(exit_schedule.depths_for(timesteps, num_train_timesteps))
+            else depth_groups([_trained_depth(a) for a in exit_schedule.depths_for(timesteps, num_train_timesteps)])
         )
         loss = torch.zeros((), device=device)
         for depth, members in groups.items():
-            if depth == REUSE:  # a plan's reuse steps run no block: nothing of the model to train there
+            if depth == REUSE:  # a plan's reuse, cached-tail and dropped steps: nothing of the model to train there
                 continue
             members = members.to(device)
             prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample

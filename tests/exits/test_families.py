@@ -25,7 +25,7 @@ from ee_diffusion import (
     num_exit_blocks,
     remove_exit_schedule,
 )
-from ee_diffusion.schedules import REUSE
+from ee_diffusion.schedules import REUSE, cached_tail
 from tests.exits.families import BATCH, FAMILIES, Recorder, make_wan
 from tests.host_reads import HostReads
 
@@ -150,6 +150,41 @@ def test_a_reuse_step_runs_no_block_and_adds_its_own_branchs_residual(name):
         assert not torch.equal(reused.end, reused.start + (wrong.end - wrong.start))
     branches = [call.branch for call in get_exit_stats(model).calls]
     assert branches == (["cond", "uncond", "uncond", "cond", "cond", "uncond"] if orders else [0, 1] * 3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_cached_tail_step_runs_its_first_blocks_and_adds_its_own_branchs_tail_change(name):
+    """DBCache's shape: at the tail step each branch runs its first `k` units (the first stream of a double-stream
+    model, one unit otherwise), and what reaches the output layer is what entered unit `k` plus the change its own
+    branch's last computed call made from unit `k` on (the image tokens, where the model slices them out of a joined
+    sequence)."""
+    family = FAMILIES[name]
+    model = family.make()
+    units = family.units(model)
+    first_stream = len(getattr(model, family.streams[0]))
+    k = first_stream if len(family.streams) == 2 and first_stream < len(units) else 1
+    steps = (1000.0, 800.0)
+    apply_exit_schedule(model, ExitSchedule.plan(len(units), steps, [len(units), cached_tail(k)]))
+    recorder = Recorder(family, model)
+    key = "x" if family.sample_key == "x" else "hidden_states"
+    entering = []
+    units[k].register_forward_pre_hook(
+        lambda module, args, kwargs: entering.append(kwargs[key] if key in kwargs else args[0]), with_kwargs=True
+    )
+    made = {}
+    for step, t in enumerate(steps):
+        reverse = step and family.cache_context  # by name the order does not matter; by place it is the branch
+        for branch, seed in (("uncond", 2), ("cond", 1)) if reverse else (("cond", 1), ("uncond", 2)):
+            context = model.cache_context(branch) if family.cache_context else contextlib.nullcontext()
+            with context:
+                family.call(model, t, latents_seed=10 + step, condition_seed=seed)
+            made[step, branch] = (recorder.calls[-1].end, entering[-1])
+
+    assert recorder.depths == [len(units)] * 2 + [k] * 2
+    for branch in ("cond", "uncond"):
+        (computed_end, computed_in), (tail_end, tail_in) = made[0, branch], made[1, branch]
+        image = slice(computed_in.shape[1] - computed_end.shape[1], None)  # the image tokens of a joined sequence
+        assert torch.equal(tail_end, tail_in[:, image] + (computed_end - computed_in[:, image]))
 
 
 # ---------------------------------------------------------------------------------------------- plans and timesteps

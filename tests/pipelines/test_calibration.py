@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from ee_diffusion import PlanCalibrator, calibrate_plan
+from ee_diffusion import PlanCalibrator, calibrate_plan, load_early_exit_pipeline
+from ee_diffusion.bench.noise_schedulers import build_scheduler
 from ee_diffusion.cli import main
-from ee_diffusion.schedules import REUSE, ExitSchedule
+from ee_diffusion.schedules import DROP, REUSE, ExitSchedule
 from tests.conftest import save_digits_shaped_dit
 
 from .conftest import CASES, DepthRecorder
@@ -219,7 +220,7 @@ def test_a_plan_is_held_against_fewer_steps_and_without_a_step_count_never_loses
     assert at_steps.steps == STEPS and at_steps.reference_steps == STEPS and at_steps.compute_fraction <= 0.5
     fewer = at_steps.fewer_steps
     assert fewer.steps == STEPS // 2 and fewer.compute_fraction == 0.5 and fewer.error > 0
-    assert at_steps.beats_fewer_steps == (at_steps.error <= fewer.error)
+    assert at_steps.beats_fewer_steps and at_steps.lost is None
 
     picked = calibrate_plan(
         pipe, kwargs, None, target_compute=0.5, reference_steps=STEPS, progress=False, candidates=1
@@ -252,3 +253,35 @@ def test_every_plan_of_the_chain_is_measured_whole():
     full = pipe(**kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
     error = float(np.sqrt(np.mean((np.asarray(images.images, dtype=np.float64) - full.images) ** 2)))
     assert error == pytest.approx(point.error)
+
+
+@pytest.mark.parametrize("target", [0.34, 0.5, 0.67])
+def test_a_calibrated_plan_never_measures_worse_than_fewer_steps_at_its_compute(target):
+    """On the trained digits DiT, whose plans at a low budget do lose to fewer steps without dropped steps: with them
+    (and the fewer-steps plans inside the run as seeds) the plan is at least as good as the plain run at the same
+    compute; where it is not, that plain run is what comes back, as a plan of its own step count, with the plan it
+    beat."""
+    pipe = load_early_exit_pipeline("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)
+    kwargs = {"class_labels": [0, 7], "guidance_scale": 1.0}
+    result = calibrate_plan(pipe, kwargs, 6, target_compute=target, progress=False, candidates=1)
+    assert result.fewer_steps is not None and result.compute_fraction <= target + 1e-12
+    assert result.error <= result.fewer_steps.error
+    if result.lost is not None:  # the plain run, as a plan: every step at full depth
+        assert result.steps == result.fewer_steps.steps and result.lost.error > result.error
+        assert result.plan.config.depths == [pipe.transformer.config.num_layers] * result.steps
+    pipe.exit_schedule = result.plan
+    pipe(**kwargs, num_inference_steps=result.steps)  # it runs at its own step count
+
+
+def test_without_dropped_steps_a_losing_plan_is_replaced_by_fewer_steps():
+    """Depths and reuse alone lose to fewer steps on the digits DiT at half the compute of 8 DPM-Solver++ steps: the
+    result is the plain run at that compute, and says which plan it beat and by how much."""
+    pipe = load_early_exit_pipeline("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)
+    kwargs = {"class_labels": [0, 7], "guidance_scale": 1.0}
+    result = calibrate_plan(pipe, kwargs, 8, target_compute=0.5, progress=False, candidates=1, actions=("reuse",))
+    assert result.lost is not None and len(result.lost.actions) == 8 and DROP not in result.lost.actions
+    assert result.steps == 4 and result.error == result.fewer_steps.error < result.lost.error

@@ -80,7 +80,7 @@ def test_a_reuse_step_with_nothing_cached_runs_at_full_depth_and_a_new_run_forge
         model(x, timestep=torch.tensor([999, 999]), class_labels=y)
         model(x, timestep=torch.tensor([500, 500]), class_labels=y)
     assert get_exit_stats(model).blocks_per_call == [4, 4, 0, 4, 4, 0]
-    with pytest.raises(ValueError, match="mix the plan's reuse steps with computed ones"):
+    with pytest.raises(ValueError, match="mix the plan's actions"):
         model(x, timestep=torch.tensor([999, 500]), class_labels=y)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule
-from ee_diffusion.schedules import REUSE
+from ee_diffusion.schedules import DROP, REUSE, cached_tail
 
 
 def test_linear_runs_all_blocks_at_data_end_and_min_at_noise_end():
@@ -194,7 +194,10 @@ def test_a_plan_gives_each_step_its_action_and_the_nearest_step_in_between(tmp_p
         (lambda: ExitSchedule.plan(4, [999, 500], [4]), ValueError, "same length, got 2 and 1"),
         (lambda: ExitSchedule.plan(4, [999, 999], [4, 2]), ValueError, "`timesteps` must be distinct"),
         (lambda: ExitSchedule.plan(4, [999, 500], [4, 5]), ValueError, r"in \[1, num_blocks=4\], got 5"),
-        (lambda: ExitSchedule.plan(4, [999, 500], [4, -1]), ValueError, "got -1"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4, -4]), ValueError, r"cached tails must be .*\[0, 3\].* got 4"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [4, "skip"]), TypeError, "`actions` must be an integer"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [DROP, 4]), ValueError, "cannot reuse, add a cached tail or be"),
+        (lambda: ExitSchedule.plan(4, [999, 500], [cached_tail(2), 4]), ValueError, "got tail:2"),
         (lambda: ExitSchedule.plan(4, [999, 500], [4, 2.5]), TypeError, "`actions` must be an integer, got 2.5"),
         (lambda: ExitSchedule.plan(4, [999, 1500], [4, 2]), ValueError, "must lie in"),
     ],
