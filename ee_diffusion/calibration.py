@@ -11,13 +11,17 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    `REUSE`, the cached tails after the first block or two, and `DROP` where the scheduler can step over a timestep),
    one run with only that step changed gives the error it alone puts on the final images, through the solver's later
    steps;
-3. a chain of plans from the base to the cheapest, each link one move from the last (one step one block shallower, or
-   to a cheaper cached tail, or straight to `REUSE` or `DROP`), every plan measured whole: at each link the few moves the sensitivities rank best are run
-   as whole plans, and the one whose *measured* error grows least per block saved is taken, so the compounding of
-   consecutive choices (two reuse steps in a row, say) is measured, not predicted by adding per-step errors;
-4. the budget picks a plan from the chain: the cheapest with a measured error within `tolerance`, or, for
-   `target_compute`, the most accurate at or under the target, then filled back up to the target block by block where
-   the sensitivities say blocks help most (and measured).
+3. a chain of plans from the base down, each link one move from the last (one step one block shallower, or to a
+   cheaper cached tail, or straight to `REUSE` or `DROP`), every plan measured whole: at each link the few moves the
+   sensitivities rank best are run as whole plans, and the one whose *measured* error grows least per block saved is
+   taken, so the compounding of consecutive choices (two reuse steps in a row, say) is measured, not predicted by
+   adding per-step errors. The chain is made as far down as the budgets asked need;
+4. the budget picks a plan: the cheapest with a measured error within `tolerance`, or, for `target_compute`, the most
+   accurate at or under the target, then filled back up to the target block by block where the sensitivities say
+   blocks help most (and measured). Beside the chain, fewer steps inside the run are tried as plans too (the other
+   steps dropped, the kept ones where a run of that many steps would put them): for a target, the most that fit and
+   the next two counts, cut down to it by a chain of their own, so the plan can spend on more steps what cheaper
+   actions save.
 
 `calibrate_plan` then holds the plan against the plain alternative it could be: the same model at fewer steps with the
 same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Where the
@@ -56,8 +60,8 @@ from .exits import (
     own_exit_schedule,
     scheduler_timesteps,
 )
-from .outputs import staged_folder
 from .exits.dropped_steps import check_scheduler_steps_over
+from .outputs import staged_folder
 from .schedules import DROP, REUSE, ExitSchedule, action_blocks, cached_tail
 from .validation import as_int, as_number
 
@@ -224,6 +228,7 @@ class PlanCalibrator:
         self.sensitivity: tuple[dict[int, float], ...] = ()
         self._measured: dict[tuple[int, ...], float] = {}
         self._chain: tuple[PlanPoint, ...] | None = None
+        self._chain_ended = False
         self._reference: np.ndarray | None = None
         self._fewer: dict[int, FewerSteps] = {}
 
@@ -250,7 +255,8 @@ class PlanCalibrator:
         """The most accurate plan of the chain at or under `target_compute`, filled back up to it block by block."""
         if not 0 < as_number("target_compute", target_compute) <= 1:
             raise ValueError(f"`target_compute` must lie in (0, 1], got {target_compute!r}.")
-        chain = self.chain
+        budget = math.floor(target_compute * self.reference_steps * self.num_blocks + 1e-9)
+        chain = self._chain_down_to(budget)
         under = [p for p in chain if p.compute_fraction <= target_compute + 1e-12]
         if not under:
             raise ValueError(
@@ -258,7 +264,6 @@ class PlanCalibrator:
                 f"{chain[-1].compute_fraction:.3f} for {self.num_inference_steps} steps."
             )
         target = target_compute * self.reference_steps / self.num_inference_steps  # a share of this run's blocks
-        budget = math.floor(target * self.num_inference_steps * self.num_blocks + 1e-9)
         with self._session() as (measure, _):
             best = min(under, key=lambda p: (p.error, -p.compute_fraction))
             found = [self._point(_fill(best.actions, self.sensitivity, self.num_blocks, target), measure)]
@@ -291,12 +296,24 @@ class PlanCalibrator:
     @property
     def chain(self) -> tuple[PlanPoint, ...]:
         """Every plan measured, from the base to the cheapest (made on first use)."""
-        if self._chain is None:
-            self._calibrate()
-        return self._chain
+        return self._chain_down_to(-1)
 
     # ------------------------------------------------------------------ measurement
-    def _calibrate(self) -> None:
+    def _chain_down_to(self, blocks: int) -> tuple[PlanPoint, ...]:
+        """The chain, made (on first use: after the reference and the sensitivities) at least as far down as a plan
+        of `blocks` blocks, or to its end."""
+        if self._chain is None:
+            self._sensitivities()
+        last = self._chain[-1].actions
+        if not self._chain_ended and _blocks(last) > blocks:
+            with self._session(desc="calibrating: chain") as (measure, bar):
+                bar.reset(total=(_blocks(last) - max(blocks, 0)) * self.candidates)  # runs, at most
+                links = _measured_chain(last, self.sensitivity, measure, self.candidates, blocks)
+                self._chain += tuple(self._point(actions, measure) for actions in links[1:])
+            self._chain_ended = _blocks(self._chain[-1].actions) > blocks  # no cheaper move was left
+        return self._chain
+
+    def _sensitivities(self) -> None:
         with self._session(desc="calibrating: reference") as (measure, bar):
             base, steps = self.base, self.num_inference_steps
             options = [self._cheaper(i, base[i]) for i in range(steps)]
@@ -309,10 +326,7 @@ class PlanCalibrator:
             for i, step in enumerate(sensitivity):
                 step[base[i]] = base_error
             self.sensitivity = sensitivity
-            bar.reset(total=sum(base))
-            bar.set_description("calibrating: chain")
-            chain = _measured_chain(base, sensitivity, measure, self.candidates)
-            self._chain = tuple(PlanPoint(actions, self._compute(actions), measure(actions)) for actions in chain)
+            self._chain, self._chain_ended = (self._point(base, measure),), False
 
     def _cheaper(self, step: int, action: int | str) -> list[int | str]:
         """The actions cheaper than `action` that step `step` may take: shallower depths, and after the first step

@@ -245,8 +245,8 @@ class ExitScheduleHook(ModelHook):
             return depths
         if len(set(depths)) != 1:
             raise ValueError(
-                f"This call's timesteps {timesteps} mix the plan's actions {sorted(set(map(describe_action, depths)))}; "
-                "a step that reuses work needs the whole batch at it."
+                f"This call's timesteps {timesteps} mix the plan's actions "
+                f"{sorted(set(map(describe_action, depths)))}; a step that reuses work needs the whole batch at it."
             )
         cached = state.cache.get(state.key)
         if cached is None or cached[0] != state.signature:
