@@ -7,11 +7,12 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    full depth otherwise, at the *reference* step count, makes the reference final images; at the plan's step count
    (the same, unless asked otherwise), the denoiser's timesteps give the plan its steps, and that schedule's depths at
    those steps are the starting plan (the *base*): plans only ever cut below it;
-2. sensitivity: for each step and each cheaper action there (every depth below the base's; after the first step also
+2. sensitivity: for each step and each cheaper action there (one block below the base's depth, then a ladder of its
+   quarters down to one block; after the first step also
    `REUSE`, the cached tails after the first block or two, and `DROP` where the scheduler can step over a timestep),
    one run with only that step changed gives the error it alone puts on the final images, through the solver's later
    steps;
-3. a chain of plans from the base down, each link one move from the last (one step one block shallower, or to a
+3. a chain of plans from the base down, each link one move from the last (one step to its next shallower depth, or to a
    cheaper cached tail, or straight to `REUSE` or `DROP`), every plan measured whole: at each link the few moves the
    sensitivities rank best are run as whole plans, and the one whose *measured* error grows least per block saved is
    taken, so the compounding of consecutive choices (two reuse steps in a row, say) is measured, not predicted by
@@ -329,10 +330,14 @@ class PlanCalibrator:
             self._chain, self._chain_ended = (self._point(base, measure),), False
 
     def _cheaper(self, step: int, action: int | str) -> list[int | str]:
-        """The actions cheaper than `action` that step `step` may take: shallower depths, and after the first step
-        the cached tails, `REUSE` and `DROP` (as `actions` allows)."""
+        """The actions cheaper than `action` that step `step` may take: shallower depths (one block less, then a
+        ladder of quarters of the depth down to one block: the runs grow with the model's depth no faster than
+        that), and after the first step the cached tails, `REUSE` and `DROP` (as `actions` allows)."""
         blocks = action_blocks(action)
-        cheaper: list[int | str] = [*range(blocks - 1, 0, -1)] if action != DROP and action > 0 else []
+        cheaper: list[int | str] = []
+        if action != DROP and action > 1:
+            ladder = {blocks - 1, 1, *(math.ceil(blocks * quarter / 4) for quarter in (1, 2, 3))}
+            cheaper = sorted((depth for depth in ladder if depth < blocks), reverse=True)
         if step and blocks:
             if "tail" in self.actions:
                 cheaper += [cached_tail(k) for k in TAIL_BLOCKS if k < min(blocks, self.num_blocks)]
@@ -575,7 +580,8 @@ def _measured_chain(
     until_blocks: int = 0,
 ) -> list[tuple[int | str, ...]]:
     """Plans from `base` to the cheapest (or the first that runs at most `until_blocks` blocks), each one move from the
-    last (a step one block shallower, or to a cheaper cached tail, or straight to `REUSE` or `DROP`): of the moves
+    last (a step to its next shallower depth measured, or to a cheaper cached tail, or straight to `REUSE` or
+    `DROP`): of the moves
     whose predicted squared error per block saved (from the sensitivities) is lowest, the `candidates` best are run as
     whole plans, and the one whose measured error grows least per block saved is taken."""
     actions, chain = list(base), [tuple(base)]
@@ -583,13 +589,13 @@ def _measured_chain(
     error = measure(tuple(base))
 
     def moves(i: int) -> list[int | str]:
-        """The next cheaper actions of step `i`: one block shallower, the tails and `REUSE`/`DROP` below it."""
+        """The next cheaper actions of step `i`: its next shallower depth, the tails and `REUSE`/`DROP` below it."""
         current, options = actions[i], sensitivity[i]
         blocks = action_blocks(current)
-        found = [current - 1] if current != DROP and current > 1 else []
+        found = [max((a for a in options if a != DROP and 0 < a < current), default=None)] if current != DROP else []
         found += [action for action in options if action != DROP and action < 0 and -action < blocks]
         found += [REUSE, DROP] if blocks else []
-        return [action for action in found if action in options]
+        return [action for action in found if action is not None and action in options]
 
     while True:
         ranked = sorted(

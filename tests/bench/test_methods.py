@@ -478,3 +478,31 @@ def test_pab_reads_the_schedulers_timestep_where_the_denoiser_is_handed_t_over_1
     pipe = TinyFluxPipe()
     _, work = sample(pipe, build_method("pab:2:0-1000", Target("flux", lambda name: pipe, 6)), steps=6)
     assert work() < 1.0
+
+
+def test_a_plans_dropped_steps_count_as_steps_that_ran_no_block(monkeypatch, tmp_path):
+    """Block compute is a share of the full run at the cell's steps: a plan that drops two of six steps and runs the
+    others at full depth spends two thirds, with four denoiser calls per image batch."""
+    from ee_diffusion import ExitSchedule, num_exit_blocks
+    from ee_diffusion.bench.noise_schedulers import build_scheduler
+    from ee_diffusion.schedules import DROP
+
+    pipe = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny"), torch.device("cpu"))
+    scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    blocks = num_exit_blocks(pipe)
+    plan = ExitSchedule.plan(blocks, scheduler.timesteps, [blocks, DROP, blocks, DROP, blocks, blocks])
+    plan.save_pretrained(tmp_path / "plan")
+    calls = _count_denoiser_calls(monkeypatch)
+    config = BenchConfig(
+        model="random:dit-tiny",
+        methods=["baseline", f"ase:{tmp_path / 'plan'}"],
+        num_samples=2,
+        batch_size=2,
+        steps=[6],
+        scheduler=["dpm-solver++"],
+        repeats=1,
+    )
+    rows = run_bench(config, progress=False)
+    assert [row.block_fraction for row in rows] == [1.0, pytest.approx(4 / 6)]
+    assert len(calls) == (1 + 1) * (6 + 4)
