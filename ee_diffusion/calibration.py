@@ -61,7 +61,7 @@ from .exits import (
     own_exit_schedule,
     scheduler_timesteps,
 )
-from .exits.dropped_steps import check_scheduler_steps_over
+from .exits.scheduler_steps import check_scheduler_steps_over
 from .outputs import staged_folder
 from .schedules import DROP, REUSE, ExitSchedule, action_blocks, cached_tail
 from .validation import as_int, as_number

@@ -15,12 +15,14 @@ closeness to the full model, not image quality: a method that samples along anot
 as good and still score low, so fewer-steps rows are to be judged against a `reference`. `random:` models (latents,
 no images) get speed rows only.
 
-Speed is timed apart from quality generation, after it (which is its warm-up): `repeats` rounds in which every method
-generates one batch, the order rotating from round to round (`ee_diffusion.metrics.time_interleaved`). `images_per_s`
-comes from the median round, `timing_spread` is the rounds' interquartile range over their median, and `speedup` is
-the median over rounds of the `baseline` row's seconds over the method's (same scheduler and steps), each ratio taken
-within one round, so a slow spell of the machine cancels out of it. Each timed call puts the method on the pipeline
-and takes it off again around the generation.
+Speed is timed apart from quality generation, after it and after one untimed warm-up round in which every method
+generates the timed batch once (so that compiling at that batch size, the kernel libraries' first-call set-up and
+the allocator's growth never land in a timed round): `repeats` rounds in which every method generates that batch, the order rotating from
+round to round (`ee_diffusion.metrics.time_interleaved`; on CUDA the device is synchronised before each clock read).
+`images_per_s` comes from the median round, `timing_spread` is the rounds' interquartile range over their median, and
+`speedup` is the median over rounds of the `baseline` row's seconds over the method's (same scheduler and steps), each
+ratio taken within one round, so a slow spell of the machine cancels out of it. Each timed call puts the method on the
+pipeline and takes it off again around the generation.
 
 Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
 `layerskip`, `taylorseer`, `magcache`, `pab`). A method written `<spec>@N` samples at N steps inside its cell (the
@@ -50,6 +52,7 @@ import inspect
 import logging
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import product
@@ -67,7 +70,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_digits_split
 from ..data.digits import DIGITS_IMAGE_SIZE, digit_of_prompt
-from ..exits import denoiser_of
+from ..exits import denoiser_of, exit_units
 from ..metrics import (
     FeatureExtractor,
     ReferenceStatistics,
@@ -82,14 +85,18 @@ from ..metrics import (
     time_interleaved,
 )
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
-from .methods import Method, Target, build_method
+from .methods import Method, Target, _BlockWork, _rows, build_method
 from .noise_schedulers import SCHEDULERS, build_scheduler
 from .report import BenchRow, save_images
 
 logger = logging.getLogger(__name__)
 
-# What `--compile` compiles: the modules that hold the arithmetic, below every hook of the methods.
+# What `--compile` compiles one by one (`compile_blocks`): outside the blocks, and inside them for the calls that run a
+# block eagerly beneath a method's hooks.
 COMPILED_MODULES = (Attention, FeedForward, ResnetBlock2D)
+
+# Untimed rounds before the timed ones, every method generating the timed batch once in each.
+TIMING_WARMUP = 1
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -329,7 +336,8 @@ class BenchConfig:
         num_samples: Images per method and cell (class labels cycle through 0..9, prompts through `prompts`), for
             quality.
         batch_size: Images per generated batch; a timed round generates one batch per method.
-        repeats: Timed rounds per cell (after quality generation, interleaved with rotating order).
+        repeats: Timed rounds per cell (after quality generation and one untimed warm-up round, interleaved with
+            rotating order).
         steps: Scheduler steps, one value or a list (a grid axis).
         scheduler: One of `SCHEDULERS`, or a list of them (a grid axis).
         grid: `"zip"` (cells pair the lists position by position) or `"product"` (every combination).
@@ -338,7 +346,7 @@ class BenchConfig:
         seed: Seed of batch `i` is `seed + i`, for every method.
         device: Torch device.
         dtype: `float32`, `float16` or `bfloat16`.
-        compile: `torch.compile` the denoiser's attention, feed-forward and resnet modules (`compile_regions`).
+        compile: `torch.compile` the denoiser block by block (`compile_blocks`).
         xformers: Use xformers' memory-efficient attention (needs the `xformers` extra).
         save_images: Folder to write every generated image to (see `ee_diffusion.bench.report.save_images`).
         reference: Real images to score FID/KID against, a folder of image files or an `.npz` of reference
@@ -503,22 +511,93 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
     if config.xformers:
         pipe.enable_xformers_memory_efficient_attention()
     if config.compile:
-        compile_regions(pipe)
+        compile_blocks(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def compile_regions(pipe: Any) -> None:
-    """`torch.compile` the forward of each attention, feed-forward and resnet module of the denoiser (regional
-    compilation), beneath the hooks the methods put on blocks and attention modules: their per-step decisions (which
-    block to skip, what to reuse) stay in Python and never invalidate a compiled graph, as they would in a compiled
-    whole denoiser."""
-    schedule = getattr(pipe, "exit_schedule", None)
-    pipe.exit_schedule = None  # a loaded schedule's hooks come off while the forwards beneath them are swapped
-    for module in denoiser_of(pipe).modules():
-        if isinstance(module, COMPILED_MODULES):
-            module.forward = torch.compile(module.forward)
-    pipe.exit_schedule = schedule
+def compile_blocks(pipe: Any, backend: str = "inductor") -> None:
+    """`torch.compile` the denoiser block by block, before any hook is put on it: each block (its exit units,
+    `exit_units`: the transformer blocks, or a U-Net's decoder resnets and attentions; for a denoiser early exit does
+    not know, the children of its `nn.ModuleList`s) as one unit, and each attention, feed-forward and resnet module
+    outside the blocks (a U-Net's encoder and mid block) on its own. The blocks of a model repeat, so one graph serves
+    them all.
+
+    The compiled function replaces each block's `forward`, so the hooks the methods later put on a block (exit
+    schedules, DeeDiff, FirstBlockCache, ...) wrap it from outside: a block they skip or answer from a cache is simply
+    not called, and their decisions (an exit at another depth, a reuse step) never reach a graph. Hooks *inside* a
+    block would be traced into its graph, and putting them on and taking them off would recompile it; so each call of
+    a block runs its graph with the submodules' forwards taken off for the call (the graph was traced without them),
+    after looking at them:
+
+    - the bench's work counters (`_BlockWork`'s, on the attention and feed-forward modules inside the blocks) are
+      counted by the block call, outside the graph, as their hooks would have counted them: a block that runs, runs
+      every module in it, on the block's batch;
+    - any other hook or patched forward inside the block (TaylorSeer, PyramidAttentionBroadcast and FasterCache hook
+      attention modules) makes that call run the block's eager forward, beneath which its attention, feed-forward
+      and resnet modules run compiled on their own (compiled now too, for these calls).
+
+    So exits, reuse and hooks put on and taken off recompile nothing; a block called at another batch size does, once
+    (to a graph with a dynamic batch size): the smaller last batch of a run, DeeDiff's `per_sample` exits.
+
+    Args:
+        pipe: A pipeline of the bench (`load_pipe`); a schedule or exit heads it carries are taken off while the
+            forwards are replaced and put back after.
+        backend: `torch.compile`'s backend. The bench compiles with torch's default, `"inductor"`; `"aot_eager"`
+            traces, guards and recompiles alike without generating kernels (quicker, for tests).
+    """
+    components = {name: getattr(pipe, name, None) for name in ("exit_schedule", "exit_heads")}
+    for name, component in components.items():
+        if component is not None:
+            setattr(pipe, name, None)  # their hooks come off while the forwards beneath them are replaced
+    denoiser = denoiser_of(pipe)
+    blocks = _blocks(denoiser)
+    for module in denoiser.modules():
+        if isinstance(module, COMPILED_MODULES) and all(module is not block for block in blocks):
+            module.forward = torch.compile(module.forward, backend=backend)
+    for block in blocks:
+        block.forward = _compiled_block(block, backend)
+    for name, component in components.items():
+        if component is not None:
+            setattr(pipe, name, component)
+
+
+def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks `compile_blocks` compiles as units."""
+    try:
+        return exit_units(denoiser)
+    except TypeError:  # a denoiser early exit does not know
+        return [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def _compiled_block(block: torch.nn.Module, backend: str) -> Callable[..., Any]:
+    """The `forward` of a compiled block (see `compile_blocks`)."""
+    eager = block.forward
+    graph = torch.compile(eager, backend=backend)
+    inner = [(module, module.forward) for module in block.modules() if module is not block]
+
+    @functools.wraps(eager)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        counters = []
+        for module, own in inner:
+            if module.forward == own:
+                continue
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None or set(registry.hooks) != {_BlockWork.NAME}:
+                return eager(*args, **kwargs)
+            counters.append(registry.get_hook(_BlockWork.NAME))
+        if counters:
+            rows = _rows(args, kwargs)
+            for counter in counters:  # what its `_RunCounter.new_forward` would add, its module run in the graph
+                counter.tally.done += counter.weights * counter.tally.share(rows)
+        taken = [(module, vars(module).pop("forward")) for module, _ in inner if "forward" in vars(module)]
+        try:
+            return graph(*args, **kwargs)
+        finally:
+            for module, patched in taken:
+                module.forward = patched
+
+    return forward
 
 
 def _generate(
@@ -616,7 +695,7 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
         active = [run for run in cell.runs if run.method.unsupported is None]
         generating = [run for run in cell.all_runs if run.method.unsupported is None]
         with state.split_between_processes(list(range(len(batches)))) as mine:
-            bar.total += len(mine) * len(generating) + config.repeats * len(active)
+            bar.total += len(mine) * len(generating) + (TIMING_WARMUP + config.repeats) * len(active)
             bar.refresh()
             for index in mine:
                 for offset in range(len(generating)):
@@ -686,8 +765,9 @@ def _time(
     device: torch.device,
     bar: tqdm,
 ) -> None:
-    """`config.repeats` timed rounds of one batch per method, interleaved with rotating order; this process's
-    `Timing` and round-by-round speedups against the baseline go to each run."""
+    """`TIMING_WARMUP` untimed rounds, then `config.repeats` timed rounds, of one batch per method, interleaved with
+    rotating order (the device synchronised before each clock read on CUDA); this process's `Timing` and
+    round-by-round speedups against the baseline go to each run."""
 
     def timed_call(run: _Run) -> None:
         with run.method.session(pipes[run.method.model]):
@@ -695,7 +775,7 @@ def _time(
         bar.update()
 
     calls = {run.method.name: partial(timed_call, run) for run in active}
-    timings = time_interleaved(calls, repeats=config.repeats, warmup=0, device=device)
+    timings = time_interleaved(calls, repeats=config.repeats, warmup=TIMING_WARMUP, device=device)
     baseline = timings.get("baseline")
     for run in active:
         timing = timings[run.method.name]

@@ -122,8 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(
             f"ee-diffusion bench: {config.model}, {len(methods)} methods x {config.num_samples} samples in each of "
             f"{cells} (scheduler-steps), {arg.describe_inputs(args, inputs)}, batches of {config.batch_size}; "
-            f"speed: {config.repeats} interleaved rounds of one batch per method; {args.device} {args.dtype}, "
-            f"{state.num_processes} process(es), "
+            f"speed: {config.repeats} interleaved rounds of one batch per method after a warm-up round; "
+            f"{args.device} {args.dtype}, {state.num_processes} process(es), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"
         )
     rows = run_bench(config)
@@ -183,9 +183,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
         "--repeats",
         type=arg.integer(1),
         default=5,
-        help="timed rounds per cell after quality "
-        "generation, methods interleaved with rotating order; the table gives the median and the "
-        "spread",
+        help="timed rounds per cell after quality generation and one untimed warm-up round, methods interleaved "
+        "with rotating order; the table gives the median and the spread",
     )
     bench.add_argument(
         "--steps",
@@ -216,7 +215,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the denoiser's attention, feed-forward and resnet modules (regional)",
+        help="torch.compile the denoiser block by block (one graph for its repeated transformer blocks or U-Net "
+        "decoder units, beneath the methods' hooks, so exits and caches never recompile it)",
     )
     bench.add_argument(
         "--xformers",

@@ -1,5 +1,4 @@
 from .architectures import ExitArchitecture, TimestepConvention, get_exit_architecture, register_exit_architecture
-from .dropped_steps import step_over_dropped_steps
 from .heads import ExitHeads
 from .hooks import (
     ExitCall,
@@ -18,6 +17,7 @@ from .hooks import (
     scheduler_timesteps,
     set_exit_timestep_scale,
 )
+from .scheduler_steps import track_scheduler, tracked_steps
 from .uncertainty import (
     UncertaintyExitCall,
     UncertaintyExitStats,
@@ -50,7 +50,8 @@ __all__ = [
     "reset_exit_stats",
     "scheduler_timesteps",
     "set_exit_timestep_scale",
-    "step_over_dropped_steps",
+    "track_scheduler",
+    "tracked_steps",
     "UncertaintyExitCall",
     "UncertaintyExitStats",
     "apply_uncertainty_exit",

@@ -22,13 +22,18 @@ Wan 2.2's first low-noise step, or whose input changed shape, runs at full depth
 call's timestep is higher than the last one (a new sampling run) and by `reset_exit_stats`. `remove_exit_schedule`
 restores the original forwards, and with them bit-identical outputs.
 
-Host reads: the timestep is read on the host once per denoiser call (none when it already lives on the CPU), after
-per-token timesteps are reduced per sample on the device.
+Host reads: applied to a pipeline, none inside a denoiser call. The hooks follow the pipeline's scheduler on the host
+(`scheduler_steps.track_scheduler`: its timesteps are copied once per pipeline call, when it makes them, and each
+solver step moves the run on), so a call's timestep is known without reading the tensor the model is handed; that
+tensor is read after the run (`get_exit_stats`, or the next run's start), all calls at once, to check it. Applied to
+a bare denoiser (or on a scheduler set after the schedule, on a stock pipeline), the timestep is read on the host once
+per call (none when it already lives on the CPU), after per-token timesteps are reduced per sample on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +44,16 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils import BaseOutput
 
 from ..schedules import DROP, ExitSchedule, describe_action, reuses_work
+from ..schedules.exit_schedule import PLAN_TIMESTEP_TOLERANCE
 from ..validation import as_int
 from .architectures import ExitArchitecture, TimestepConvention, _argument, get_exit_architecture
-from .dropped_steps import check_scheduler_steps_over, release_scheduler, step_over_dropped_steps
+from .scheduler_steps import (
+    SchedulerSteps,
+    check_scheduler_steps_over,
+    release_scheduler,
+    track_scheduler,
+    tracked_steps,
+)
 
 _SCHEDULE_HOOK = "ee_exit_schedule"
 _UNIT_HOOK = "ee_exit_unit"
@@ -160,6 +172,7 @@ class ExitScheduleHook(ModelHook):
         convention: TimestepConvention | None = None,
         denoiser: int = 0,
         denoiser_name: str | None = None,
+        scheduler_of: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.schedule = schedule
@@ -169,6 +182,7 @@ class ExitScheduleHook(ModelHook):
         self.plan_steps_only = plan_steps_only
         self.convention = convention or TimestepConvention()
         self.denoiser, self.denoiser_name = denoiser, denoiser_name
+        self.scheduler_of = scheduler_of  # the pipeline's scheduler now, when the hooks were put on through a pipeline
         self.branch_name = _BranchName()
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
@@ -196,11 +210,24 @@ class ExitScheduleHook(ModelHook):
         return args, kwargs
 
     def scheduler_timesteps(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> list[float]:
-        """The call's timesteps, one per sample, as the pipeline scheduler's `t` (one host read); under a plan, a
-        half-precision one is taken as the plan's step it was rounded from (`_snap_to_plan`)."""
+        """The call's timesteps, one per sample, as the pipeline scheduler's `t`: the step its tracked scheduler is
+        at (no host read; what the model was handed is checked after the run), or else read from the timestep
+        argument (one host read), where under a plan a half-precision one is taken as the plan's step it was rounded
+        from (`_snap_to_plan`)."""
         timestep = _argument(module, self.architecture.timestep_argument, args, kwargs)
         if timestep is None:
             raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
+        steps = self._steps()
+        t = None if steps is None else steps.current()
+        if t is not None:
+            timestep = torch.as_tensor(timestep)
+            eps = torch.finfo(timestep.dtype).eps if timestep.dtype.is_floating_point else 0.0
+            bound = max(
+                PLAN_TIMESTEP_TOLERANCE * self.num_train_timesteps,
+                2 * eps * self.convention.divisor * max(abs(self.convention.to_model(t)), 1.0),
+            )
+            steps.record(timestep, t, bound, self.convention.to_scheduler)
+            return [t] * (timestep.shape[0] if timestep.ndim else 1)
         values, dtype = _read_timesteps(timestep)
         timesteps = [self.convention.to_scheduler(value) for value in values]
         if self.schedule.config.shape == "plan" and dtype.is_floating_point:
@@ -208,6 +235,11 @@ class ExitScheduleHook(ModelHook):
             if eps > torch.finfo(torch.float32).eps:
                 timesteps = self._snap_to_plan(timesteps, values, eps)
         return timesteps
+
+    def _steps(self) -> SchedulerSteps | None:
+        """The host record of the pipeline scheduler's run, while that scheduler is the tracked one."""
+        scheduler = None if self.scheduler_of is None else self.scheduler_of()
+        return tracked_steps(scheduler)
 
     def _snap_to_plan(self, timesteps: list[float], values: list[float], eps: float) -> list[float]:
         """A timestep that reached the model in half precision (Flux's and HunyuanVideo's pipelines cast it to the
@@ -520,7 +552,11 @@ def apply_exit_schedule(
             f"{', '.join(type(model).__name__ for _, model, _, _ in planned)} change shape, so only whole-step "
             "`REUSE` applies to them."
         )
-    scheduler = _scheduler_to_step_over(pipe_or_model, schedule, plan_steps_only)
+    scheduler = _scheduler_to_track(pipe_or_model, schedule, plan_steps_only)
+    scheduler_of = None
+    if scheduler is not None:
+        pipe = weakref.ref(pipe_or_model)
+        scheduler_of = lambda: getattr(pipe(), "scheduler", None)  # noqa: E731
     for _, model, _, _ in planned:
         _remove_hooks(model)
     state = _ExitState(schedule.config.num_blocks)
@@ -529,7 +565,9 @@ def apply_exit_schedule(
         convention = architecture.convention_of(model)
         registry = HookRegistry.check_if_exists_or_initialize(model)
         registry.register_hook(
-            ExitScheduleHook(schedule, architecture, state, timestep_scale, plan_steps_only, convention, index, name),
+            ExitScheduleHook(
+                schedule, architecture, state, timestep_scale, plan_steps_only, convention, index, name, scheduler_of
+            ),
             _SCHEDULE_HOOK,
         )
         bridge = None if architecture.bridge is None else _bound(architecture.bridge, model)
@@ -547,27 +585,25 @@ def apply_exit_schedule(
                 _UNIT_HOOK,
             )
         registry.invalidate_child_registries_cache()
-    release_scheduler(getattr(pipe_or_model, "scheduler", None))
     if scheduler is not None:
-        step_over_dropped_steps(scheduler, schedule, timestep_scale)
+        track_scheduler(scheduler, schedule, timestep_scale)
     _keep_pipeline_component(pipe_or_model, schedule)
 
 
-def _scheduler_to_step_over(pipe_or_model: Any, schedule: ExitSchedule, plan_steps_only: bool) -> Any:
-    """The pipeline scheduler that must step over the plan's dropped steps (`None` without any), checked before any
-    hook is put on; a plan that drops steps needs the pipeline, except to train (where the denoiser is called at any
-    timestep and the trainer leaves the dropped ones out)."""
-    if not schedule.drops:
+def _scheduler_to_track(pipe_or_model: Any, schedule: ExitSchedule, plan_steps_only: bool) -> Any:
+    """The pipeline's scheduler, whose runs the hooks follow on the host (`None` for a bare model), checked before any
+    hook is put on: a plan that drops steps needs one that can step over them, and needs the pipeline, except to train
+    (where the denoiser is called at any timestep and the trainer leaves the dropped ones out)."""
+    scheduler = None if isinstance(pipe_or_model, torch.nn.Module) else getattr(pipe_or_model, "scheduler", None)
+    if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+        if schedule.drops and plan_steps_only:
+            raise ValueError(
+                "The plan drops steps, which the pipeline's scheduler steps over: apply it to the pipeline "
+                f"(`apply_exit_schedule(pipe, plan)`), not to its {type(pipe_or_model).__name__} alone."
+            )
         return None
-    scheduler = getattr(pipe_or_model, "scheduler", None)
-    if isinstance(pipe_or_model, torch.nn.Module) or scheduler is None:
-        if not plan_steps_only:
-            return None
-        raise ValueError(
-            "The plan drops steps, which the pipeline's scheduler steps over: apply it to the pipeline "
-            f"(`apply_exit_schedule(pipe, plan)`), not to its {type(pipe_or_model).__name__} alone."
-        )
-    check_scheduler_steps_over(scheduler)
+    if schedule.drops:
+        check_scheduler_steps_over(scheduler)
     return scheduler
 
 
@@ -659,14 +695,24 @@ def set_exit_timestep_scale(pipe_or_model: Any, num_train_timesteps: int) -> Non
 def get_exit_stats(pipe_or_model: Any) -> ExitStats:
     """A copy of what the exit hooks executed: per denoiser call (of every denoiser of a pipeline, in call order),
     the timesteps, depths, units run and branch."""
+    _check_tracked_calls(pipe_or_model)
     stats = _require_hook(pipe_or_model).state.stats
     return ExitStats(num_blocks=stats.num_blocks, calls=list(stats.calls))
+
+
+def _check_tracked_calls(pipe_or_model: Any) -> None:
+    """Check that the calls whose timestep was taken from the tracked scheduler were handed that timestep."""
+    for hook in _schedule_hooks(pipe_or_model):
+        steps = hook._steps()
+        if steps is not None:
+            steps.check()
 
 
 def reset_exit_stats(pipe_or_model: Any) -> None:
     """Forget the recorded calls, and the work a plan's reuse steps would take (the drop-in pipelines do this at the
     start of every `__call__`)."""
     _require_hook(pipe_or_model)
+    _check_tracked_calls(pipe_or_model)
     for state in {id(hook.state): hook.state for hook in _schedule_hooks(pipe_or_model)}.values():
         state.stats.calls.clear()
         state.forget()

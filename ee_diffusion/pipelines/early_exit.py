@@ -45,7 +45,7 @@ from ..exits import (
     reset_uncertainty_exit_stats,
     set_exit_timestep_scale,
     set_uncertainty_exit_paired,
-    step_over_dropped_steps,
+    tracked_steps,
 )
 from ..outputs import refuse_shipped
 from ..schedules import ExitSchedule
@@ -202,8 +202,8 @@ class EarlyExitPipelineMixin:
             if steps is not None:  # a plan runs only in the run it was made for
                 self.exit_schedule.check_run(type(self.scheduler).__name__, steps)
             set_exit_timestep_scale(self, self.scheduler.config.num_train_timesteps)
-            if self.exit_schedule.drops:  # on the scheduler in place now, which may have been set after the plan
-                step_over_dropped_steps(self.scheduler, self.exit_schedule, self.scheduler.config.num_train_timesteps)
+            if tracked_steps(self.scheduler) is None:  # a scheduler set after the schedule: the hooks follow it
+                apply_exit_schedule(self, self.exit_schedule)
             reset_exit_stats(self)
         if getattr(self, "exit_heads", None) is not None:
             # diffusers' pipelines stack a guided batch as (conditional, unconditional) halves: pairs exit together

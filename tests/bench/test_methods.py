@@ -167,11 +167,11 @@ def test_grid_speedup_is_against_the_baseline_of_the_same_cell(monkeypatch):
     assert [row.block_fraction for row in rows] == [1.0, 0.25, 1.0, 0.25]
     assert all(row.images_per_s > 0 and row.timing_spread >= 0 for row in rows)
     assert rows[0].speedup == rows[2].speedup == 1.0  # the median of round-by-round ratios to itself
-    # What the timings come from: in each cell every method makes 2 quality batches and 3 timed rounds of one batch of
-    # 2 images, each call one denoiser pass per step (no guidance): the cells really ran their own steps.
-    assert calls.count(("DDIMScheduler", 2)) == 2 * (2 + 3) * 2
-    assert calls.count(("DPMSolverMultistepScheduler", 2)) == 2 * (2 + 3) * 8
-    assert len(calls) == 2 * (2 + 3) * (2 + 8)
+    # What the timings come from: in each cell every method makes 2 quality batches, a warm-up round and 3 timed rounds
+    # of one batch of 2 images, each call one denoiser pass per step (no guidance): the cells ran their own steps.
+    assert calls.count(("DDIMScheduler", 2)) == 2 * (2 + 1 + 3) * 2
+    assert calls.count(("DPMSolverMultistepScheduler", 2)) == 2 * (2 + 1 + 3) * 8
+    assert len(calls) == 2 * (2 + 1 + 3) * (2 + 8)
     product = BenchConfig(model="random:dit-tiny", scheduler=["ddim", "ddpm"], steps=[2, 3], grid="product")
     assert product.cells() == [("ddim", 2), ("ddim", 3), ("ddpm", 2), ("ddpm", 3)]
     with pytest.raises(ValueError, match="lists of the same length"):
@@ -192,7 +192,8 @@ def test_a_method_at_its_own_step_count_samples_those_steps_inside_the_cell(monk
     assert [(row.method, row.steps) for row in rows] == [("baseline", 6), ("baseline@3", 6), ("layerskip:0,1,2@4", 6)]
     # block compute against the full model at the cell's 6 steps: 3 of 6 steps; 4 of 6 steps at a quarter of the blocks
     assert [row.block_fraction for row in rows] == [1.0, 0.5, pytest.approx(0.25 * 4 / 6)]
-    assert len(calls) == (1 + 2) * (6 + 3 + 4)  # one quality batch and two timed rounds per method, a call per step
+    # one quality batch, a warm-up round and two timed rounds per method, a call per step
+    assert len(calls) == (1 + 1 + 2) * (6 + 3 + 4)
     assert rows[1].speedup > 0 and rows[0].speedup == 1.0  # timed in the same rounds as the cell's baseline
 
 
@@ -211,7 +212,7 @@ def test_bad_step_suffix(tiny_dit, spec, match):
 def test_compile_keeps_images_and_block_counts_and_the_hooks_never_recompile(tiny_dit):
     torch._dynamo.reset()
     compiled = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny", compile=True), torch.device("cpu"))
-    _images(compiled, build_method("baseline", _target(compiled)))  # compiles the attention and feed-forward forwards
+    _images(compiled, build_method("baseline", _target(compiled)))  # compiles the blocks
     fractions = []
     # Skipping blocks, caching attention, adding and removing hooks: all of it stays outside the compiled graphs.
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -505,4 +506,4 @@ def test_a_plans_dropped_steps_count_as_steps_that_ran_no_block(monkeypatch, tmp
     )
     rows = run_bench(config, progress=False)
     assert [row.block_fraction for row in rows] == [1.0, pytest.approx(4 / 6)]
-    assert len(calls) == (1 + 1) * (6 + 4)
+    assert len(calls) == (1 + 1 + 1) * (6 + 4)  # a quality batch, a warm-up round and a timed round
