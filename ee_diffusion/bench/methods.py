@@ -95,6 +95,7 @@ from diffusers.hooks import (
     apply_sea_cache,
     apply_taylorseer_cache,
 )
+from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_processor import Attention
@@ -492,16 +493,17 @@ def _magcache(parsed: tuple[float, int], spec: str, target: Target) -> Method:
 def _magnitude_ratios(pipe: Any, target: Target) -> list[float]:
     """MagCache's calibration: per step, the mean over tokens of |residual_t| / |residual_t-1|, where the residual
     is the last block's output minus the first block's input; measured on one 2-image call."""
-    blocks = next(c for c in denoiser_of(pipe).children() if isinstance(c, torch.nn.ModuleList))
+    try:
+        blocks = exit_units(pipe)  # a double- then single-stream model's blocks, in order
+    except TypeError:
+        blocks = next(c for c in denoiser_of(pipe).children() if isinstance(c, torch.nn.ModuleList))
     inputs: list[torch.Tensor] = []
     residuals: list[torch.Tensor] = []
     head = blocks[0].register_forward_pre_hook(
         lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
     )
     tail = blocks[-1].register_forward_hook(
-        lambda module, args, output: residuals.append(
-            (output[0] if isinstance(output, tuple) else output).float() - inputs[-1].float()
-        )
+        lambda module, args, output: residuals.append(_image_stream(module, output).float() - inputs[-1].float())
     )
     try:
         pipe(
@@ -515,6 +517,18 @@ def _magnitude_ratios(pipe: Any, target: Target) -> list[float]:
         tail.remove()
     norms = [residual.norm(dim=-1) for residual in residuals]
     return [1.0] + [(now / (before + 1e-8)).mean().item() for before, now in zip(norms, norms[1:])]
+
+
+def _image_stream(block: torch.nn.Module, output: Any) -> torch.Tensor:
+    """The hidden states a transformer block returns: the image stream of a block that returns both streams (where
+    diffusers' block registry says it is; the first output otherwise)."""
+    if not isinstance(output, tuple):
+        return output
+    try:
+        index = TransformerBlockRegistry.get(type(block)).return_hidden_states_index
+    except ValueError:
+        index = None
+    return output[index if index is not None else 0]
 
 
 def _pab(parsed: tuple[int, int, int], spec: str, target: Target) -> Method:

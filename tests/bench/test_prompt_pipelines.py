@@ -222,8 +222,9 @@ def save_flux(folder) -> None:
 def test_bench_runs_a_flux_pipeline_with_its_distilled_guidance(tmp_path, capsys):
     save_flux(tmp_path / "flux")
     out = tmp_path / "rows.json"
-    assert _bench(tmp_path / "flux", out, "--methods", "baseline,ase:linear:0.5,fbcache:0.2") == 0
+    assert _bench(tmp_path / "flux", out, "--methods", "baseline,ase:linear:0.5,fbcache:0.2,magcache") == 0
     rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["magcache"]["block_fraction"] is not None  # its ratios measured on the image stream of both stacks
     assert rows["baseline"]["psnr"] == PSNR_CAP_DB and rows["baseline"]["ssim"] == pytest.approx(1.0)
     assert rows["ase:linear:0.5"]["block_fraction"] < 1 and rows["ase:linear:0.5"]["psnr"] < PSNR_CAP_DB
     printed = capsys.readouterr().out
@@ -334,8 +335,17 @@ def test_the_text_to_image_digits_model_is_scored_against_the_held_out_digits():
     assert [digit_of_prompt(digit_prompt(d)) for d in range(10)] == list(range(10))
     assert digit_of_prompt("a handwritten cat") is None
     assert ("max_sequence_length", 8) in pipeline_inputs(load_early_exit_pipeline("digits-flux")).fixed
-    common = dict(model="digits-flux", height=32, width=32, methods=["baseline"], num_samples=4, batch_size=4,
-                  repeats=1, steps=4, scheduler="euler")  # fmt: skip
+    common = dict(
+        model="digits-flux",
+        height=32,
+        width=32,
+        methods=["baseline"],
+        num_samples=4,
+        batch_size=4,
+        repeats=1,
+        steps=4,
+        scheduler="euler",
+    )
     (digits,) = run_bench(BenchConfig(**common, prompts=[digit_prompt(3), digit_prompt(7)]), progress=False)
     assert digits.fid is not None and digits.class_accuracy is not None and digits.psnr is None
     (other,) = run_bench(BenchConfig(**common, prompts=["a handwritten cat"]), progress=False)
