@@ -3,6 +3,7 @@
 #   make test   installs the package with its test extras and runs the test suite
 #   make app    serves the Gradio demo (app.py) on http://127.0.0.1:7860, offline, on the shipped models
 #   make lint   checks the formatting and the lint rules of pyproject.toml (ruff)
+#   make gpu-check   on a CUDA machine: the GPU measurements of docs/gpu.md into one JSON file (scripts/gpu-check.sh)
 # CI also runs `make lint` and `make test-lower-bounds`: the same suite in .venv-lower-bounds, every dependency pinned
 # to the lowest version pyproject.toml allows (.ci/lower-bounds.txt).
 VENV ?= .venv
@@ -11,7 +12,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 LOWER_BIN := $(LOWER_VENV)/bin
 
-.PHONY: demo app test test-slow test-lower-bounds lint clean
+.PHONY: demo app test test-slow test-lower-bounds lint gpu-check clean
 
 $(BIN)/ee-diffusion: pyproject.toml
 	@echo "Installing ee-diffusion and what it needs (torch, diffusers, transformers, gradio, ...) into $(VENV):"
@@ -53,6 +54,11 @@ test-lower-bounds: $(LOWER_BIN)/ee-diffusion
 lint: $(BIN)/ee-diffusion
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# GPU_CHECK_OUT: the JSON file it writes (an existing one is refused).
+GPU_CHECK_OUT ?= out/gpu-check.json
+gpu-check: $(BIN)/ee-diffusion
+	PYTHON=$(BIN)/python bash scripts/gpu-check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(LOWER_VENV)

@@ -16,13 +16,13 @@ as good and still score low, so fewer-steps rows are to be judged against a `ref
 no images) get speed rows only.
 
 Speed is timed apart from quality generation, after it and after one untimed warm-up round in which every method
-generates the timed batch once (so that compiling at that batch size, the kernel libraries' first-call set-up and
-the allocator's growth never land in a timed round): `repeats` rounds in which every method generates that batch, the order rotating from
-round to round (`ee_diffusion.metrics.time_interleaved`; on CUDA the device is synchronised before each clock read).
-`images_per_s` comes from the median round, `timing_spread` is the rounds' interquartile range over their median, and
-`speedup` is the median over rounds of the `baseline` row's seconds over the method's (same scheduler and steps), each
-ratio taken within one round, so a slow spell of the machine cancels out of it. Each timed call puts the method on the
-pipeline and takes it off again around the generation.
+generates the timed batch once (so that compiling at that batch size, the kernel libraries' first-call set-up and the
+allocator's growth never land in a timed round): `repeats` rounds in which every method generates that batch, the
+order rotating from round to round (`ee_diffusion.metrics.time_interleaved`; on CUDA the device is synchronised before
+each clock read). `images_per_s` comes from the median round, `timing_spread` is the rounds' interquartile range over
+their median, and `speedup` is the median over rounds of the `baseline` row's seconds over the method's (same
+scheduler and steps), each ratio taken within one round, so a slow spell of the machine cancels out of it. Each timed
+call puts the method on the pipeline and takes it off again around the generation.
 
 Methods: see `ee_diffusion.bench.methods` (`baseline`, `ase:<spec>`, `finetuned:<model>`, and diffusers' `fbcache`,
 `layerskip`, `taylorseer`, `magcache`, `pab`). A method written `<spec>@N` samples at N steps inside its cell (the
@@ -85,7 +85,7 @@ from ..metrics import (
     time_interleaved,
 )
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
-from .methods import Method, Target, _BlockWork, _rows, build_method
+from .methods import BlockWork, Method, Target, batch_rows, build_method
 from .noise_schedulers import SCHEDULERS, build_scheduler
 from .report import BenchRow, save_images
 
@@ -516,12 +516,12 @@ def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
     return pipe
 
 
-def compile_blocks(pipe: Any, backend: str = "inductor") -> None:
+def compile_blocks(pipe: Any, backend: str | Callable[..., Any] = "inductor") -> None:
     """`torch.compile` the denoiser block by block, before any hook is put on it: each block (its exit units,
     `exit_units`: the transformer blocks, or a U-Net's decoder resnets and attentions; for a denoiser early exit does
     not know, the children of its `nn.ModuleList`s) as one unit, and each attention, feed-forward and resnet module
-    outside the blocks (a U-Net's encoder and mid block) on its own. The blocks of a model repeat, so one graph serves
-    them all.
+    outside the blocks (a U-Net's encoder and mid block) on its own. Blocks of one shape share a graph (a transformer's
+    blocks, all of them).
 
     The compiled function replaces each block's `forward`, so the hooks the methods later put on a block (exit
     schedules, DeeDiff, FirstBlockCache, ...) wrap it from outside: a block they skip or answer from a cache is simply
@@ -530,21 +530,24 @@ def compile_blocks(pipe: Any, backend: str = "inductor") -> None:
     a block runs its graph with the submodules' forwards taken off for the call (the graph was traced without them),
     after looking at them:
 
-    - the bench's work counters (`_BlockWork`'s, on the attention and feed-forward modules inside the blocks) are
+    - the bench's work counters (`BlockWork`'s, on the attention and feed-forward modules inside the blocks) are
       counted by the block call, outside the graph, as their hooks would have counted them: a block that runs, runs
       every module in it, on the block's batch;
-    - any other hook or patched forward inside the block (TaylorSeer, PyramidAttentionBroadcast and FasterCache hook
-      attention modules) makes that call run the block's eager forward, beneath which its attention, feed-forward
-      and resnet modules run compiled on their own (compiled now too, for these calls).
+    - any other hook inside the block (diffusers' TaylorSeer, PyramidAttentionBroadcast and FasterCache hook the
+      attention modules; a torch forward hook), or a forward patched otherwise, makes that call run the block's eager
+      forward, beneath which its attention, feed-forward and resnet modules run compiled on their own (their graphs
+      are made at the first such call, one per kind of call: self- and cross-attention, say).
 
-    So exits, reuse and hooks put on and taken off recompile nothing; a block called at another batch size does, once
-    (to a graph with a dynamic batch size): the smaller last batch of a run, DeeDiff's `per_sample` exits.
+    So once each graph has been made (a method's first calls, untimed in the bench), exits, reuse and hooks put on and
+    taken off recompile nothing; a block called at another batch size compiles once more (to a graph with a dynamic
+    batch size): the smaller last batch of a run, DeeDiff's `per_sample` exits.
 
     Args:
-        pipe: A pipeline of the bench (`load_pipe`); a schedule or exit heads it carries are taken off while the
-            forwards are replaced and put back after.
-        backend: `torch.compile`'s backend. The bench compiles with torch's default, `"inductor"`; `"aot_eager"`
-            traces, guards and recompiles alike without generating kernels (quicker, for tests).
+        pipe: A pipeline of the bench (`load_pipe`), or a denoiser; a schedule or exit heads a pipeline carries are
+            taken off while the forwards are replaced, and put back after.
+        backend: `torch.compile`'s backend (a name or a function). The bench compiles with torch's default,
+            `"inductor"`; `"aot_eager"` traces, guards and recompiles alike without generating kernels (quicker, for
+            tests).
     """
     components = {name: getattr(pipe, name, None) for name in ("exit_schedule", "exit_heads")}
     for name, component in components.items():
@@ -570,7 +573,7 @@ def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         return [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
-def _compiled_block(block: torch.nn.Module, backend: str) -> Callable[..., Any]:
+def _compiled_block(block: torch.nn.Module, backend: str | Callable[..., Any]) -> Callable[..., Any]:
     """The `forward` of a compiled block (see `compile_blocks`)."""
     eager = block.forward
     graph = torch.compile(eager, backend=backend)
@@ -580,16 +583,18 @@ def _compiled_block(block: torch.nn.Module, backend: str) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         counters = []
         for module, own in inner:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return eager(*args, **kwargs)
             if module.forward == own:
                 continue
             registry = getattr(module, "_diffusers_hook", None)
-            if registry is None or set(registry.hooks) != {_BlockWork.NAME}:
+            if registry is None or set(registry.hooks) != {BlockWork.NAME}:
                 return eager(*args, **kwargs)
-            counters.append(registry.get_hook(_BlockWork.NAME))
+            counters.append(registry.get_hook(BlockWork.NAME))
         if counters:
-            rows = _rows(args, kwargs)
-            for counter in counters:  # what its `_RunCounter.new_forward` would add, its module run in the graph
-                counter.tally.done += counter.weights * counter.tally.share(rows)
+            rows = batch_rows(args, kwargs)
+            for counter in counters:  # its module runs in the graph
+                counter.count(rows)
         taken = [(module, vars(module).pop("forward")) for module, _ in inner if "forward" in vars(module)]
         try:
             return graph(*args, **kwargs)

@@ -247,7 +247,7 @@ def _deediff(parsed: tuple[float | None, str | None, str | None], spec: str, tar
     return Method(spec, target.model, session)
 
 
-def _rows(args: tuple, kwargs: dict) -> int | None:
+def batch_rows(args: tuple, kwargs: dict) -> int | None:
     """The batch size of a module call: the first dimension of its first tensor argument."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -259,13 +259,17 @@ class _RunCounter(ModelHook):
     """Adds its module's weight to a tally each time the module's own forward really runs, in the share of the
     denoiser call's batch that it ran on (FasterCache runs the blocks on the conditional half only)."""
 
-    def __init__(self, tally: _BlockWork, weights: float) -> None:
+    def __init__(self, tally: BlockWork, weights: float) -> None:
         super().__init__()
         self.tally, self.weights = tally, weights
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs) -> Any:
-        self.tally.done += self.weights * self.tally.share(_rows(args, kwargs))
+        self.count(batch_rows(args, kwargs))
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def count(self, rows: int | None) -> None:
+        """Tally one run of the module on `rows` rows of the call's batch (`None`: all of it)."""
+        self.tally.done += self.weights * self.tally.share(rows)
 
 
 # The modules whose work the accelerators' rows count: attention (diffusers' `Attention` and the newer attention
@@ -273,7 +277,7 @@ class _RunCounter(ModelHook):
 _COUNTED = (Attention, AttentionModuleMixin, FeedForward)
 
 
-class _BlockWork:
+class BlockWork:
     """Share of the attention and feed-forward work of the denoiser's block lists that ran per call, weighted by the
     `nn.Linear` weights of each attention and `FeedForward` module (the blocks' conditioning layers are left out:
     DiT also calls the first block's outside it). `units`: count these modules instead, one unit each (a U-Net's
@@ -281,8 +285,8 @@ class _BlockWork:
 
     Put on before an accelerator, its counters are the innermost hooks of those modules: an accelerator hook that
     answers from a cache, or skips the block around them, keeps them from counting. They run in Python around the
-    module's forward, so they count the same when the bench has compiled those forwards (`--compile`). A module run on
-    part of the call's batch counts that part.
+    module's forward; under `--compile` a compiled block counts its modules' runs for them, outside its graph
+    (`ee_diffusion.bench.harness.compile_blocks`). A module run on part of the call's batch counts that part.
     """
 
     NAME = "ee_block_work"
@@ -309,7 +313,7 @@ class _BlockWork:
         ]
 
     def _started(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.rows = _rows(args, kwargs)
+        self.rows = batch_rows(args, kwargs)
 
     def share(self, rows: int | None) -> float:
         return 1.0 if not rows or not self.rows else min(1.0, rows / self.rows)
@@ -328,7 +332,7 @@ class _BlockWork:
             HookRegistry.check_if_exists_or_initialize(layer).remove_hook(self.NAME, recurse=False)
 
 
-def _work_of(work: _BlockWork, denoiser: torch.nn.Module) -> Work:
+def _work_of(work: BlockWork, denoiser: torch.nn.Module) -> Work:
     """The `Work` a session yields from its counters: each call's share, and in blocks' worth of the model's depth."""
     try:
         blocks = num_exit_blocks(denoiser)
@@ -386,7 +390,7 @@ def _accelerator(
     def session(pipe: Any) -> Iterator[Work]:
         denoiser = denoiser_of(pipe)
         with exit_schedule_in_force(pipe, None):  # the accelerator alone, on the model at full depth
-            work = _BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
+            work = BlockWork(denoiser)  # first: its counters sit beneath the accelerator's hooks
             handles = []
             try:
                 handles = apply(denoiser, pipe) or []
@@ -726,7 +730,7 @@ class _FasterCacheCalls(_StepProbe):
 
     def _prepare(self, probe: _StepProbe) -> tuple[tuple, dict] | None:
         args, kwargs = self._call
-        labels, rows = kwargs.get("class_labels"), _rows(args, kwargs) or 0
+        labels, rows = kwargs.get("class_labels"), batch_rows(args, kwargs) or 0
         half = rows // 2 if rows % 2 == 0 else 0
         self.swapped = bool(
             half
@@ -912,7 +916,7 @@ def _dbcache(arguments: DBCacheArguments, spec: str, target: Target) -> Method:
     def session(pipe: Any) -> Iterator[Work]:
         denoiser = denoiser_of(pipe)
         with exit_schedule_in_force(pipe, None):
-            work = _BlockWork(denoiser)  # first: cache-dit calls the blocks (or not) above these counters
+            work = BlockWork(denoiser)  # first: cache-dit calls the blocks (or not) above these counters
             state = _ModuleState(denoiser)
             try:
                 with _quiet("cache_dit"):
@@ -968,7 +972,7 @@ def _deepcache(parsed: tuple[int, int], spec: str, target: Target) -> Method:
         unet = pipe.unet
         with exit_schedule_in_force(pipe, None):
             units = exit_units(unet)
-            work = _BlockWork(unet, units=units)  # first: DeepCache's wrappers go around these counters
+            work = BlockWork(unet, units=units)  # first: DeepCache's wrappers go around these counters
             state = _ModuleState(unet)
             timestep = unet.register_forward_pre_hook(_one_timestep, with_kwargs=True)
             helper = DeepCacheSDHelper(pipe=pipe)

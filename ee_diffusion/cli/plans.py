@@ -80,8 +80,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         gap = (lost.error - result.error) / max(result.error, 1e-12)
         print(
             f"warning: no plan at {len(lost.actions)} steps beats the model at {result.steps} steps, at the same "
-            f"compute ({fewer.compute_fraction:.1%}): the best one's error {lost.error:.4f} is {gap:.0%} higher than "
-            f"{result.error:.4f}. The plan saved is the model at {result.steps} steps, as it is.",
+            f"compute ({fewer.compute_fraction:.1%}): the best one's error {lost.error:.5f} is {gap:.1%} higher than "
+            f"{result.error:.5f}. The plan saved is the model at {result.steps} steps, as it is.",
             file=sys.stderr,
         )
     elif fewer is not None:
