@@ -25,7 +25,9 @@ restores the original forwards, and with them bit-identical outputs.
 Host reads: applied to a pipeline, none inside a denoiser call. The hooks follow the pipeline's scheduler on the host
 (`scheduler_steps.track_scheduler`: its timesteps are copied once per pipeline call, when it makes them, and each
 solver step moves the run on), so a call's timestep is known without reading the tensor the model is handed; that
-tensor is read after the run (`get_exit_stats`, or the next run's start), all calls at once, to check it. Applied to
+tensor is read after the run (`get_exit_stats`, or the next run's start), all calls at once, to check it. (Schedulers
+without a `begin_index`, DDIM, DDPM and PNDM, cost one read at the first call of a run, to find the step it starts
+at: their image-to-image pipelines slice the timesteps themselves.) Applied to
 a bare denoiser (or on a scheduler set after the schedule, on a stock pipeline), the timestep is read on the host once
 per call (none when it already lives on the CPU), after per-token timesteps are reduced per sample on the device.
 """
@@ -218,7 +220,7 @@ class ExitScheduleHook(ModelHook):
         if timestep is None:
             raise ValueError(f"{type(module).__name__} was called with `timestep=None`; an exit schedule needs it.")
         steps = self._steps()
-        t = None if steps is None else steps.current()
+        t = None if steps is None else steps.current(lambda: max(self._read_scheduler_timesteps(timestep)[0]))
         if t is not None:
             timestep = torch.as_tensor(timestep)
             eps = torch.finfo(timestep.dtype).eps if timestep.dtype.is_floating_point else 0.0
@@ -228,13 +230,17 @@ class ExitScheduleHook(ModelHook):
             )
             steps.record(timestep, t, bound, self.convention.to_scheduler)
             return [t] * (timestep.shape[0] if timestep.ndim else 1)
-        values, dtype = _read_timesteps(timestep)
-        timesteps = [self.convention.to_scheduler(value) for value in values]
+        timesteps, values, dtype = self._read_scheduler_timesteps(timestep)
         if self.schedule.config.shape == "plan" and dtype.is_floating_point:
             eps = torch.finfo(dtype).eps
             if eps > torch.finfo(torch.float32).eps:
                 timesteps = self._snap_to_plan(timesteps, values, eps)
         return timesteps
+
+    def _read_scheduler_timesteps(self, timestep: Any) -> tuple[list[float], list[float], torch.dtype]:
+        """The timestep argument read on the host: as the scheduler's `t`, as the model received it, and its dtype."""
+        values, dtype = _read_timesteps(timestep)
+        return [self.convention.to_scheduler(value) for value in values], values, dtype
 
     def _steps(self) -> SchedulerSteps | None:
         """The host record of the pipeline scheduler's run, while that scheduler is the tracked one."""

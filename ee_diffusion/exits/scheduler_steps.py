@@ -13,7 +13,8 @@ untouched; `release_scheduler` takes the wrappers off):
 
 So the exit hooks know the timestep of every denoiser call from the host (`SchedulerSteps.current`) and never read
 the timestep tensor the pipeline hands the model, which on a GPU would make the host wait for the queue once per
-call. Pipelines that start a run part-way (image-to-image: `set_begin_index`) are followed from their begin index.
+call. Pipelines that start a run part-way (image-to-image) are followed from the scheduler's `begin_index`, or, for a
+scheduler without one, from the step of the run's first call (read once).
 What the model was really handed is checked after the run (`SchedulerSteps.check`): a pipeline that calls its
 denoiser at timesteps other than its scheduler's, one by one, is an error, not a silently wrong plan.
 
@@ -43,16 +44,27 @@ class SchedulerSteps:
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.timesteps: list[float] | None = None
-        self.index = 0
+        self.start: int | None = None  # the step the run starts at, once known
+        self.index = 0  # solver steps taken since
         # per denoiser call: the timestep argument the model was handed, the scheduler timestep it was taken as, how
         # far from it the model's value may lie (its dtype's rounding), and `to_scheduler`, which converts it back
         self.unchecked: list[tuple[torch.Tensor, float, float, Callable[[torch.Tensor], torch.Tensor]]] = []
 
-    def current(self) -> float | None:
-        """The timestep of the step being sampled (`None` outside a run made by the tracked `set_timesteps`)."""
+    def current(self, read: Callable[[], float]) -> float | None:
+        """The timestep of the step being sampled (`None` outside a run made by the tracked `set_timesteps`).
+
+        Where the run starts: the scheduler's `begin_index` (0 unless an image-to-image pipeline set it), or, for a
+        scheduler without one (DDIM, DDPM, PNDM: such pipelines slice the timesteps themselves), the step nearest the
+        timestep of the run's first call, which `read()` gives (the one host read of such a run)."""
         if self.timesteps is None:
             return None
-        index = self.index + (getattr(self.scheduler, "begin_index", None) or 0)
+        if self.start is None:
+            if hasattr(self.scheduler, "begin_index"):
+                self.start = self.scheduler.begin_index or 0
+            else:
+                first = read()
+                self.start = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - first))
+        index = self.start + self.index
         return self.timesteps[index] if index < len(self.timesteps) else None
 
     def record(
@@ -119,7 +131,7 @@ def track_scheduler(scheduler: Any, schedule: ExitSchedule, num_train_timesteps:
         if schedule.drops:
             _leave_out_dropped(scheduler, schedule, num_train_timesteps)
         steps.timesteps = scheduler.timesteps.detach().float().cpu().tolist()
-        steps.index = 0
+        steps.start, steps.index = None, 0
         return result
 
     def tracked_step(*args: Any, **kwargs: Any) -> Any:

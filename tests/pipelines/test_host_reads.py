@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_stats
+from ee_diffusion.exits import tracked_steps
 from ee_diffusion.bench.harness import BenchConfig, load_pipe
 from ee_diffusion.bench.methods import Target, build_method
+from ee_diffusion.bench.noise_schedulers import build_scheduler
 from ee_diffusion.schedules import DROP, REUSE, cached_tail
 from tests.host_reads import HostReads
 
@@ -40,13 +42,17 @@ def test_schedules_and_plans_read_nothing_on_the_host_inside_a_denoiser_call(nam
         pipe.exit_schedule = schedule
         with HostReads(denoiser) as reads:
             pipe(**case.inputs(steps=4, guidance=case.guided))
-        assert reads.per_call == [0] * len(pipe.exit_stats.calls), (schedule.describe(), reads.kinds)
+        # a scheduler without a `begin_index` (DDIM, DDPM) is located once per run, at its first call
+        first = 0 if hasattr(pipe.scheduler, "begin_index") else 1
+        calls = len(pipe.exit_stats.calls)
+        assert reads.per_call == [first] + [0] * (calls - 1), (schedule.describe(), reads.kinds)
         assert [call.timesteps[0] for call in pipe.exit_stats.calls] == pytest.approx(timesteps)
 
 
 def test_the_bench_rows_of_schedules_and_plans_read_nothing_inside_a_call(tmp_path):
     pipe = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny"), torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)  # the bench's default
     pipe.scheduler.set_timesteps(6)
     n = pipe.transformer.config.num_layers
     plan = ExitSchedule.plan(n, pipe.scheduler.timesteps, [n, REUSE, DROP, n - 1, cached_tail(1), n])
@@ -75,3 +81,35 @@ def test_a_pipeline_that_hands_its_denoiser_other_timesteps_than_its_schedulers_
     pipe(class_labels=[1], num_inference_steps=3, generator=generator(0), output_type="pt")
     with pytest.raises(ValueError, match=r"handed timestep \d+ while its pipeline's scheduler was at its step of"):
         get_exit_stats(pipe)
+
+
+def test_an_image_to_image_run_that_slices_the_timesteps_is_followed_from_its_first_step():
+    """Image-to-image pipelines start part-way: with `set_begin_index` (DPM-Solver++), or by slicing the timesteps
+    themselves (DDIM, which has no begin index). Either way each call gets the depth of its own timestep."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    for scheduler in (DPMSolverMultistepScheduler(num_train_timesteps=1000), DDIMScheduler(num_train_timesteps=1000)):
+        pipe = make_dit_pipe()
+        pipe.scheduler = scheduler
+        schedule = ExitSchedule.step(pipe.transformer.config.num_layers, [4, 3, 2, 1])
+        apply_exit_schedule(pipe.transformer, schedule)  # reads each call's timestep: the reference
+        reference = _img2img(pipe)
+        apply_exit_schedule(pipe, schedule)  # follows the scheduler on the host
+        assert _img2img(pipe) == reference and len(set(depth for depth, _ in reference)) > 1
+        get_exit_stats(pipe)  # the check after the run passes
+
+
+def _img2img(pipe, steps=8, start=3):
+    """The loop of an image-to-image pipeline, from step `start` of `steps`: each call's (depth, timestep)."""
+    scheduler, transformer = pipe.scheduler, pipe.transformer
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps[start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in timesteps:
+            output = transformer(latents, timestep=t.reshape(1), class_labels=torch.tensor([1])).sample
+            latents = scheduler.step(output[:, :4], t, latents).prev_sample
+    target = pipe if tracked_steps(scheduler) is not None else transformer
+    return [(call.depths[0], round(call.timesteps[0])) for call in get_exit_stats(target).calls[-len(timesteps) :]]
