@@ -137,6 +137,10 @@ CASES = [
         "--target-compute: expected a finite number in (0, 1]",
     ),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "-1"], "--tolerance: expected a finite number in [0, inf)"),
+    (
+        ["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--actions", "reuse,skip"],
+        "--actions: unknown 'skip'; accepted: reuse, tail, drop",
+    ),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--target-compute", "0.5"], "not allowed with argument"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--steps", "1"], "--steps: expected an integer >= 2"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--model", "nowhere"], "No model 'nowhere'"),

@@ -47,6 +47,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         reference_steps=reference_steps,
         candidates=args.candidates,
+        actions=tuple(args.actions),
     )
     settings = {
         key: getattr(args, key)
@@ -62,6 +63,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             "tolerance",
             "target_compute",
             "candidates",
+            "actions",
         )
     }
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
@@ -145,6 +147,15 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         default=3,
         help="moves each link of the chain runs as whole plans, the best measured taken (1: the sensitivities alone "
         "choose, as the plans shipped with the digits models were made)",
+    )
+    calibrate.add_argument(
+        "--actions",
+        type=arg.names(("reuse", "tail", "drop")),
+        default=["reuse", "drop"],
+        help="the cheaper actions a step may take besides shallower depths, comma-separated: reuse (no block, the "
+        "last computed step's work), tail (the first 1 or 2 blocks, the rest's work reused), drop (the step left "
+        "out: the solver steps over it) (default: reuse,drop; tails lower the probes' pixel error more than the "
+        "samples' quality)",
     )
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
     arg.add_overwrite(calibrate, "OUT")

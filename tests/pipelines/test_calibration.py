@@ -135,6 +135,8 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     report = json.loads((out / "calibration.json").read_text())
     plan = ExitSchedule.from_pretrained(out)
     assert report["compute_fraction"] == plan.compute_fraction(report["timesteps"]) <= 0.5
+    assert report["actions"] == ["reuse", "drop"]  # the default: no cached tails
+    assert all(isinstance(action, str) or action >= 0 for step in report["sensitivity"] for action in map(_action, step))
     assert f"--methods ase:{out}" in capsys.readouterr().out
     rows = run_bench(
         BenchConfig(
@@ -285,3 +287,18 @@ def test_without_dropped_steps_a_losing_plan_is_replaced_by_fewer_steps():
     result = calibrate_plan(pipe, kwargs, 8, target_compute=0.5, progress=False, candidates=1, actions=("reuse",))
     assert result.lost is not None and len(result.lost.actions) == 8 and DROP not in result.lost.actions
     assert result.steps == 4 and result.error == result.fewer_steps.error < result.lost.error
+
+
+def _action(written: str) -> int | str:
+    return written if written == DROP else int(written)
+
+
+def test_cached_tails_are_tried_when_asked_for():
+    case = CASES["dit"]
+    pipe = case.make()
+    kwargs = {"class_labels": [1], "guidance_scale": 1.0}
+    with_tails = PlanCalibrator(pipe, kwargs, STEPS, progress=False, candidates=1, actions=("reuse", "tail"))
+    with_tails.chain  # the sensitivities, then the chain
+    assert all(-1 in step and -2 in step for step in with_tails.sensitivity[1:])  # tails after one and two blocks
+    with pytest.raises(ValueError, match="`actions` must be a tuple of 'reuse', 'tail', 'drop'"):
+        PlanCalibrator(pipe, kwargs, STEPS, actions=("skip",))
