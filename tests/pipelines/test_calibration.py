@@ -136,7 +136,9 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     plan = ExitSchedule.from_pretrained(out)
     assert report["compute_fraction"] == plan.compute_fraction(report["timesteps"]) <= 0.5
     assert report["actions"] == ["reuse", "drop"]  # the default: no cached tails
-    assert all(isinstance(action, str) or action >= 0 for step in report["sensitivity"] for action in map(_action, step))
+    assert all(
+        isinstance(action, str) or action >= 0 for step in report["sensitivity"] for action in map(_action, step)
+    )
     assert f"--methods ase:{out}" in capsys.readouterr().out
     rows = run_bench(
         BenchConfig(
