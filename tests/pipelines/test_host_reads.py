@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_stats
-from ee_diffusion.exits import tracked_steps
 from ee_diffusion.bench.harness import BenchConfig, load_pipe
 from ee_diffusion.bench.methods import Target, build_method
 from ee_diffusion.bench.noise_schedulers import build_scheduler
+from ee_diffusion.exits import tracked_steps
 from ee_diffusion.schedules import DROP, REUSE, cached_tail
 from tests.host_reads import HostReads
 
