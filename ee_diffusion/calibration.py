@@ -606,12 +606,15 @@ def _measured_chain(
     while True:
         ranked = sorted(
             (
-                ((sensitivity[i][action] ** 2 - predicted[i]) / (action_blocks(actions[i]) - action_blocks(action)), i)
-                + (action,)
+                (
+                    (sensitivity[i][action] ** 2 - predicted[i]) / (action_blocks(actions[i]) - action_blocks(action)),
+                    i,
+                    action,
+                )
                 for i in range(len(actions))
                 for action in moves(i)
             ),
-            key=lambda move: move[:2],
+            key=lambda move: move[:2],  # never compares the actions themselves: a depth and "drop" do not order
         )
         if not ranked or _blocks(actions) <= until_blocks:
             return chain

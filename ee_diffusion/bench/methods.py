@@ -102,6 +102,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.cache_utils import CacheMixin
 
 from ..exits import denoiser_of, exit_schedule_in_force, exit_units, num_exit_blocks, own_exit_schedule
+from ..exits.scheduler_steps import check_scheduler_steps_over
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import DROP, ExitSchedule
 from .method_specs import METHOD_KINDS, DBCacheArguments, kind_of
@@ -186,8 +187,11 @@ def _baseline(parsed: None, spec: str, target: Target) -> Method:
 
 
 def _fitted(schedule: ExitSchedule, pipe: Any, target: Target) -> ExitSchedule:
-    """`schedule`, checked to run in the cell: a plan only at its own scheduler and step count."""
+    """`schedule`, checked to run in the cell: a plan only at its own scheduler and step count, and one that drops
+    steps only under a scheduler that can step over them."""
     schedule.check_run(type(pipe.scheduler).__name__, target.steps)
+    if schedule.drops:
+        check_scheduler_steps_over(pipe.scheduler)
     return schedule
 
 

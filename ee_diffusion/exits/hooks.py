@@ -52,6 +52,7 @@ from .architectures import ExitArchitecture, TimestepConvention, _argument, get_
 from .scheduler_steps import (
     SchedulerSteps,
     check_scheduler_steps_over,
+    noisiest,
     release_scheduler,
     track_scheduler,
     tracked_steps,
@@ -224,10 +225,8 @@ class ExitScheduleHook(ModelHook):
         if t is not None:
             timestep = torch.as_tensor(timestep)
             eps = torch.finfo(timestep.dtype).eps if timestep.dtype.is_floating_point else 0.0
-            bound = max(
-                PLAN_TIMESTEP_TOLERANCE * self.num_train_timesteps,
-                2 * eps * self.convention.divisor * max(abs(self.convention.to_model(t)), 1.0),
-            )
+            rounding = 2 * self._rounding(self.convention.to_model(t), eps)
+            bound = max(PLAN_TIMESTEP_TOLERANCE * self.num_train_timesteps, rounding)
             steps.record(timestep, t, bound, self.convention.to_scheduler)
             return [t] * (timestep.shape[0] if timestep.ndim else 1)
         timesteps, values, dtype = self._read_scheduler_timesteps(timestep)
@@ -255,9 +254,13 @@ class ExitScheduleHook(ModelHook):
         snapped = []
         for t, value in zip(timesteps, values):
             nearest = min(steps, key=lambda step: abs(step - t))
-            bound = eps * self.convention.divisor * max(abs(value), 1.0)
-            snapped.append(nearest if abs(nearest - t) <= bound else t)
+            snapped.append(nearest if abs(nearest - t) <= self._rounding(value, eps) else t)
         return snapped
+
+    def _rounding(self, value: float, eps: float) -> float:
+        """How far from the scheduler's `t` a model's timestep `value`, rounded to a dtype of machine epsilon `eps`,
+        may lie, in the scheduler's units."""
+        return eps * self.convention.divisor * max(abs(value), 1.0)
 
     def _branch(self, timestep: float) -> str | int:
         """The branch of the call in flight; a timestep above the last one starts a new run (the cache is dropped)."""
@@ -490,13 +493,10 @@ def num_exit_blocks(pipe_or_model: Any) -> int:
 
 
 def _read_timesteps(timestep: Any) -> tuple[list[float], torch.dtype]:
-    """A denoiser's timestep argument as one value per sample (one host read), and the dtype it came in."""
-    tensor = torch.as_tensor(timestep).detach()
-    if (
-        tensor.ndim >= 2
-    ):  # per-token timesteps (Wan 2.2 TI2V, LTX conditioning): a sample's step is its noisiest token's
-        tensor = tensor.flatten(1).amax(dim=1)
-    return tensor.reshape(-1).float().tolist(), tensor.dtype
+    """A denoiser's timestep argument as one value per sample (one host read; per-token timesteps, Wan 2.2 TI2V's and
+    LTX's conditioning, give each sample its noisiest token's), and the dtype it came in."""
+    tensor = noisiest(timestep).detach()
+    return tensor.float().tolist(), tensor.dtype
 
 
 def scheduler_timesteps(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[float]:

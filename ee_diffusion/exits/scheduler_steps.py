@@ -80,7 +80,7 @@ class SchedulerSteps:
         unchecked, self.unchecked = self.unchecked, []
         if not unchecked:
             return
-        handed = [to_scheduler(_noisiest(timestep).float()).reshape(-1) for timestep, _, _, to_scheduler in unchecked]
+        handed = [to_scheduler(noisiest(timestep).float()).reshape(-1) for timestep, _, _, to_scheduler in unchecked]
         values = torch.cat([value.cpu() for value in handed]).tolist()
         taken = [(t, bound) for value, (_, t, bound, _) in zip(handed, unchecked) for _ in range(value.numel())]
         for value, (t, bound) in zip(values, taken):
@@ -94,8 +94,9 @@ class SchedulerSteps:
                 )
 
 
-def _noisiest(timestep: torch.Tensor) -> torch.Tensor:
-    """One value per sample: a sample's noisiest token where the model is handed per-token timesteps."""
+def noisiest(timestep: Any) -> torch.Tensor:
+    """A denoiser's timestep argument as one value per sample, flat: a sample's noisiest token where the model is
+    handed per-token timesteps."""
     timestep = torch.as_tensor(timestep)
     return timestep.flatten(1).amax(dim=1) if timestep.ndim >= 2 else timestep.reshape(-1)
 
@@ -128,9 +129,9 @@ def track_scheduler(scheduler: Any, schedule: ExitSchedule, num_train_timesteps:
     def tracked_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         steps.check()  # the last run's calls, where nothing read the stats after it
         result = set_timesteps(*args, **kwargs)
-        if schedule.drops:
-            _leave_out_dropped(scheduler, schedule, num_train_timesteps)
         steps.timesteps = scheduler.timesteps.detach().float().cpu().tolist()
+        if schedule.drops:
+            steps.timesteps = _leave_out_dropped(scheduler, steps.timesteps, schedule, num_train_timesteps)
         steps.start, steps.index = None, 0
         return result
 
@@ -158,14 +159,16 @@ def release_scheduler(scheduler: Any) -> None:
         delattr(scheduler, name)
 
 
-def _leave_out_dropped(scheduler: Any, plan: ExitSchedule, num_train_timesteps: int) -> None:
+def _leave_out_dropped(
+    scheduler: Any, values: list[float], plan: ExitSchedule, num_train_timesteps: int
+) -> list[float]:
+    """Take `plan`'s dropped steps out of the run `scheduler` made, whose timesteps are `values`; the kept ones."""
     timesteps = scheduler.timesteps
-    values = timesteps.detach().float().cpu().tolist()
     if len(values) != len(plan.config.timesteps):
-        return  # another run: the exit hooks refuse timesteps that are not the plan's
+        return values  # another run: the exit hooks refuse timesteps that are not the plan's
     keep = [i for i, action in enumerate(plan.depths_for(values, num_train_timesteps)) if action != DROP]
     if len(keep) == len(values):
-        return
+        return values
     scheduler.timesteps = timesteps[torch.tensor(keep, device=timesteps.device)]
     sigmas = getattr(scheduler, "sigmas", None)
     if isinstance(sigmas, torch.Tensor) and len(sigmas) == len(values) + 1:  # a sigma per step and the final one
@@ -178,3 +181,4 @@ def _leave_out_dropped(scheduler: Any, plan: ExitSchedule, num_train_timesteps: 
             "the plan's dropped steps."
         )
     scheduler.num_inference_steps = len(keep)
+    return [values[i] for i in keep]

@@ -220,10 +220,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                 )
             if shape == "plan":
                 for depth in depths:
-                    if depth != DROP and depth <= 0:
-                        self._check_depth("depths", -depth, num_blocks, low=0, what="cached tails")
+                    if depth != DROP and depth > -num_blocks:  # a depth, or a cached tail of 0 .. num_blocks - 1
+                        if depth > 0:
+                            self._check_depth("depths", depth, num_blocks)
                     elif depth != DROP:
-                        self._check_depth("depths", depth, num_blocks)
+                        raise ValueError(
+                            f"`depths`: cached tails must be integers k in [0, {num_blocks - 1}] (written -k in a "
+                            f"plan; num_blocks={num_blocks}), got {-depth}."
+                        )
                 if depths[-1] == DROP or reuses_work(depths[-1]):
                     raise ValueError(
                         "A plan's first sampling step (its highest timestep) cannot reuse, add a cached tail or be "
@@ -463,11 +467,9 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         raise AssertionError("unreachable: timesteps are sorted")
 
     @staticmethod
-    def _check_depth(name: str, depth: int, num_blocks: int, low: int = 1, what: str = "depths") -> None:
-        high = num_blocks if low == 1 else num_blocks - 1
-        if isinstance(depth, bool) or not isinstance(depth, int) or not low <= depth <= high:
-            bound = f"num_blocks={num_blocks}" if low == 1 else f"{high}] (written -k in a plan"
-            raise ValueError(f"`{name}` {what} must be integers in [{low}, {bound}], got {depth!r}.")
+    def _check_depth(name: str, depth: int, num_blocks: int) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_blocks:
+            raise ValueError(f"`{name}` depths must be integers in [1, num_blocks={num_blocks}], got {depth!r}.")
 
     @staticmethod
     def _check_not_increasing(name: str, depths: list[int], allow_increasing: bool) -> None:

@@ -509,3 +509,19 @@ def test_a_plans_dropped_steps_count_as_steps_that_ran_no_block(monkeypatch, tmp
     rows = run_bench(config, progress=False)
     assert [row.block_fraction for row in rows] == [1.0, pytest.approx(4 / 6)]
     assert len(calls) == (1 + 1 + 1) * (6 + 4)  # a quality batch, a warm-up round and a timed round
+
+
+def test_a_plan_that_drops_steps_is_refused_before_any_image_under_a_scheduler_that_cannot_step_over_them(tmp_path):
+    from ee_diffusion import ExitSchedule, num_exit_blocks
+    from ee_diffusion.bench.noise_schedulers import build_scheduler
+    from ee_diffusion.schedules import DROP
+
+    pipe = load_pipe("random:dit-tiny", BenchConfig(model="random:dit-tiny"), torch.device("cpu"))
+    pipe.scheduler = build_scheduler("ddim", pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(4)
+    blocks = num_exit_blocks(pipe)
+    ExitSchedule.plan(
+        blocks, pipe.scheduler.timesteps, [blocks, DROP, blocks, blocks], scheduler_class="DDIMScheduler"
+    ).save_pretrained(tmp_path / "plan")
+    with pytest.raises(ValueError, match="DDIMScheduler steps from each timestep to one a fixed stride below"):
+        build_method(f"ase:{tmp_path / 'plan'}", _target(pipe, steps=4))
