@@ -131,6 +131,24 @@ CASES = [
         "--ema-decay: expected a finite number in [0, 1), got 1",
     ),
     (["finetune-ase", "--model", "nowhere", "--schedule", "linear:6", "--out", "/tmp/x"], "No model 'nowhere'"),
+    (
+        [
+            "finetune-ase",
+            "--model",
+            "digits-flux",
+            "--schedule",
+            "linear:6",
+            "--out",
+            "/tmp/x",
+            "--loss-weight",
+            "min-snr",
+        ],
+        "digits-flux is a flow-matching model, whose loss is unweighted",
+    ),
+    (
+        ["finetune-ase", "--model", "digits-dit", "--schedule", "linear:6", "--out", "/tmp/x", "--eval-samples", "5"],
+        "digits-dit is not a Flux model: --eval-samples and --eval-steps measure a Flux model's samples",
+    ),
     (["calibrate", "--out", "/tmp/x"], "one of the arguments --tolerance --target-compute is required"),
     (
         ["calibrate", "--out", "/tmp/x", "--target-compute", "0"],

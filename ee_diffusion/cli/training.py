@@ -43,17 +43,17 @@ def _command(args: argparse.Namespace) -> str:
 def _train_config(args: argparse.Namespace, **overrides):
     from ..training import TrainConfig
 
-    return TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        loss_weight=getattr(args, "loss_weight", "constant"),
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        **overrides,
-    )
+    settings = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "ema_decay": args.ema_decay,
+        "loss_weight": getattr(args, "loss_weight", None) or "constant",
+        "checkpoint_every": args.checkpoint_every,
+        "seed": args.seed,
+    }
+    return TrainConfig(**{**settings, **overrides})
 
 
 def _card(title: str, args: argparse.Namespace, result, extra: str = "", results: str = "docs/results.md") -> str:
@@ -172,7 +172,10 @@ def _train_flux(args: argparse.Namespace) -> int:
         vae_result, result = train_digits_flux(pipe, config, out_dir=folder, resume=args.resume, device=args.device)
         save_digits_flux_pipeline(pipe, folder)
         saved = FluxPipeline.from_pretrained(folder)  # what is measured is what was saved (fp16 weights)
-        accuracies = _flux_accuracies(saved, args, schedulers_for(saved.scheduler.config))
+        schedulers = schedulers_for(saved.scheduler.config)
+        accuracies = _flux_accuracies(
+            saved, schedulers, args.eval_samples, args.eval_steps, args.eval_text_lengths, args.eval_cfg
+        )
         card = digits_flux_card(
             saved,
             _command(args),
@@ -190,14 +193,16 @@ def _train_flux(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flux_accuracies(pipe, args: argparse.Namespace, schedulers: list[str]) -> list[tuple[str, int, float, float]]:
-    """(scheduler, max_sequence_length, true_cfg_scale, class accuracy) of `--eval-samples` samples at `--eval-steps`,
-    for each scheduler that fits the model: unguided at each `--eval-text-lengths` length, and guided at each
-    `--eval-cfg` scale at the first length."""
+def _flux_accuracies(
+    pipe, schedulers: list[str], num_samples: int, steps: int, text_lengths: list[int], scales: list[float]
+) -> list[tuple[str, int, float, float]]:
+    """(scheduler, max_sequence_length, true_cfg_scale, class accuracy) of `num_samples` samples at `steps` steps, for
+    each scheduler of `schedulers`: unguided at each of `text_lengths`, and guided at each of `scales` at the first
+    length."""
     from ..bench.noise_schedulers import build_scheduler
     from ..training.digits_flux import digits_flux_accuracy
 
-    if not args.eval_samples:
+    if not num_samples:
         return []
     own = pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
@@ -205,14 +210,13 @@ def _flux_accuracies(pipe, args: argparse.Namespace, schedulers: list[str]) -> l
     try:
         for name in schedulers:
             pipe.scheduler = build_scheduler(name, own.config)
-            first = args.eval_text_lengths[0]
-            runs = [(length, 1.0) for length in args.eval_text_lengths] + [(first, scale) for scale in args.eval_cfg]
+            runs = [(length, 1.0) for length in text_lengths] + [(text_lengths[0], scale) for scale in scales]
             for length, scale in runs:
                 accuracy = digits_flux_accuracy(
-                    pipe, args.eval_samples, args.eval_steps, true_cfg_scale=scale, max_sequence_length=length
+                    pipe, num_samples, steps, true_cfg_scale=scale, max_sequence_length=length
                 )
                 print(
-                    f"  {name}, {args.eval_steps} steps, max_sequence_length {length}, true_cfg_scale {scale:g}: "
+                    f"  {name}, {steps} steps, max_sequence_length {length}, true_cfg_scale {scale:g}: "
                     f"class accuracy {accuracy:.1%}"
                 )
                 rows.append((name, length, scale, accuracy))
@@ -222,23 +226,57 @@ def _flux_accuracies(pipe, args: argparse.Namespace, schedulers: list[str]) -> l
     return rows
 
 
+def _is_flux(model: str) -> bool:
+    """Whether `model` (a shipped name, folder or hub id) is a Flux pipeline, by its `model_index.json` alone."""
+    from diffusers import DiffusionPipeline
+
+    from ..pipelines.loading import resolve_pretrained
+
+    return DiffusionPipeline.load_config(resolve_pretrained(model))["_class_name"].endswith("FluxPipeline")
+
+
 def _finetune_ase(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_folder
+
+    flux = _is_flux(args.model)
+    if flux and args.loss_weight == "min-snr":
+        raise ValueError(
+            f"--loss-weight min-snr weighs DDPM noise levels; {args.model} is a flow-matching model, whose loss is "
+            "unweighted (constant)."
+        )
+    if not flux and (args.eval_samples, args.eval_steps) != (None, None):
+        raise ValueError(
+            f"{args.model} is not a Flux model: --eval-samples and --eval-steps measure a Flux model's samples."
+        )
+    check_output_folder(args.out, FINETUNED, overwrite=args.overwrite, resume=args.resume)
+    torch = arg.torch_with_threads(args.threads)
+    (_finetune_flux if flux else _finetune_denoiser)(args, torch)
+    return 0
+
+
+_DISTILLED = ", each exit learning the base model's full-depth output (`--target teacher`)"
+
+
+def _finetune_denoiser(args: argparse.Namespace, torch) -> None:
     from diffusers import DDPMScheduler
 
     from ..data import load_digits_split
     from ..exits import denoiser_of, num_exit_blocks
-    from ..outputs import check_output_folder, staged_folder
+    from ..outputs import staged_folder
     from ..pipelines import load_early_exit_pipeline
     from ..schedules import ExitSchedule
     from ..training import save_digits_pipeline, train_denoiser
 
-    check_output_folder(args.out, FINETUNED, overwrite=args.overwrite, resume=args.resume)
-    torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
     denoiser = denoiser_of(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's betas and prediction type
     schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(denoiser))
-    config = _train_config(args, freeze_timestep_embedding=True, class_dropout=args.class_dropout)
+    config = _train_config(
+        args,
+        freeze_timestep_embedding=True,
+        class_dropout=args.class_dropout,
+        loss_weight=args.loss_weight or "min-snr",
+    )
     print(f"ee-diffusion finetune-ase: {args.model} under {schedule.describe()} ({config.steps} steps)")
     with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
         result = train_denoiser(
@@ -253,7 +291,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
         )
         extra = (
             f"ASE fine-tuned from `{args.model}` under the exit schedule `{schedule.describe()}` (saved in "
-            "`exit_schedule/`), timestep embedding frozen.\n\n"
+            f"`exit_schedule/`), timestep embedding frozen{_DISTILLED if args.target == 'teacher' else ''}.\n\n"
         )
         save_digits_pipeline(
             denoiser,
@@ -263,7 +301,53 @@ def _finetune_ase(args: argparse.Namespace) -> int:
             card=_card(Path(args.out).name, args, result, extra),
         )
     print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
-    return 0
+
+
+def _finetune_flux(args: argparse.Namespace, torch) -> None:
+    from ..bench.noise_schedulers import schedulers_for
+    from ..exits import num_exit_blocks
+    from ..outputs import staged_folder
+    from ..pipelines import load_early_exit_pipeline
+    from ..schedules import ExitSchedule
+    from ..training.cards import digits_flux_finetuned_card
+    from ..training.digits_flux import DEFAULT_STEPS, finetune_digits_flux, save_digits_flux_pipeline
+    from ..training.digits_text import TEXT_LENGTH
+
+    pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
+    if pipe.exit_schedule is not None:
+        raise ValueError(f"{args.model} already runs under an exit schedule; fine-tune the model it was made from.")
+    schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(pipe.transformer))
+    config = _train_config(
+        args,
+        freeze_timestep_embedding=True,
+        class_dropout=args.class_dropout,
+        loss_weight="constant",
+        target=args.target,
+    )
+    print(f"ee-diffusion finetune-ase: {args.model} under {schedule.describe()} ({config.steps} steps, flow matching)")
+    with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
+        result = finetune_digits_flux(pipe, schedule, config, out_dir=folder, resume=args.resume, device=args.device)
+        pipe.exit_schedule = schedule
+        save_digits_flux_pipeline(pipe, folder)
+        saved = load_early_exit_pipeline(str(folder))  # what is measured is what was saved (fp16 weights)
+        steps = DEFAULT_STEPS if args.eval_steps is None else args.eval_steps
+        samples = 500 if args.eval_samples is None else args.eval_samples
+        schedulers = schedulers_for(saved.scheduler.config)
+        accuracies = _flux_accuracies(saved, schedulers, samples, steps, [TEXT_LENGTH], [])
+        card = digits_flux_finetuned_card(
+            Path(args.out).name,
+            args.model,
+            _command(args),
+            schedule,
+            config,
+            result,
+            args.device,
+            accuracies,
+            samples,
+            steps,
+        )
+        (folder / "README.md").write_text(card)
+    print(f"saved {args.out} ({result.steps_run} steps in {result.seconds / 60:.1f} min)")
 
 
 def _train_uem(args: argparse.Namespace) -> int:
@@ -436,15 +520,38 @@ def _flux_arguments(train: argparse.ArgumentParser) -> None:
 
 
 def _finetune_arguments(finetune: argparse.ArgumentParser) -> None:
-    finetune.add_argument("--model", required=True, help="pipeline folder to start from")
+    finetune.add_argument("--model", required=True, help="pipeline folder to start from (a digits DiT, U-Net or Flux)")
     finetune.add_argument("--schedule", required=True, help="linear:M, cosine:M, step:d1,... or a schedule folder")
     finetune.add_argument(
         "--class-dropout",
         type=arg.number(0, 1, high_open=True),
         default=0.1,
-        help="share of labels replaced by the null class (guidance training), [0, 1)",
+        help="share of labels (Flux: prompts) replaced by the null class (the empty prompt) for guidance, [0, 1)",
     )
-    _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight="min-snr")
+    finetune.add_argument(
+        "--target",
+        choices=["data", "teacher"],
+        default="data",
+        help="what each exit learns: the objective's target from the data (ASE), or the base model's own full-depth "
+        "output (self-distillation, whose targets carry none of the data's noise)",
+    )
+    finetune.add_argument(
+        "--eval-samples",
+        type=arg.integer(0),
+        default=None,
+        help="Flux only: samples per scheduler whose class accuracy under the schedule the card reports "
+        "(default: 500)",
+    )
+    finetune.add_argument(
+        "--eval-steps", type=arg.integer(1), default=None, help="Flux only: steps of that measurement (default: 28)"
+    )
+    finetune.add_argument(
+        "--loss-weight",
+        default=None,
+        choices=["constant", "min-snr"],
+        help="lambda(t) (default: min-snr for DDPM models; a flow-matching model takes constant only)",
+    )
+    _add_training_arguments(finetune, steps=1000, batch=128, lr=1e-4, warmup=50, loss_weight=None)
 
 
 def _uem_arguments(uem: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         ".config": ["MDLMTrainConfig", "TrainConfig"],
-        ".denoiser": ["depth_groups", "freeze_timestep_embedding", "loss_weights", "train_denoiser"],
+        ".denoiser": ["loss_weights", "train_denoiser"],
+        ".under_schedule": ["depth_groups", "freeze_timestep_embedding", "trained_groups"],
         ".loop": ["TrainResult", "optimise"],
         ".exit_heads": ["exit_head_losses", "train_exit_heads"],
         ".digits_models": ["build_digits_denoiser", "digits_noise_scheduler", "save_digits_pipeline"],

@@ -74,10 +74,6 @@ def digits_flux_card(
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     transformer, vae, clip = pipe.transformer.config, pipe.vae.config, pipe.text_encoder.config
     side = 32 // pipe.vae_scale_factor
-    table = "".join(
-        f"| {name} | {steps} | {length} | {'off' if scale == 1 else f'{scale:g}'} | {accuracy:.1%} |\n"
-        for name, length, scale, accuracy in accuracies
-    )
     flow = config.flow
     paragraphs = [
         "A text-to-image `FluxPipeline` of the digits: `DiffusionPipeline.from_pretrained(folder)` loads it offline "
@@ -111,17 +107,70 @@ def digits_flux_card(
     text = "\n\n".join(textwrap.fill(paragraph, 119) for paragraph in paragraphs) + "\n\n"
     text += "".join(textwrap.fill(part, 119, initial_indent="- ", subsequent_indent="  ") + "\n" for part in parts)
     text += f"\nTrained with:\n\n```\n{command}\n```\n\n{textwrap.fill(stages, 119)}\n"
-    if accuracies:
-        measured = (
-            "Class accuracy (the digits classifier of `ee_diffusion.metrics` recognises the digit the prompt names), "
-            f"{num_samples} samples per row (prompts for 0..9 in turn, one generator seeded 0), measured by the "
-            "command above at the end of training, on the saved weights:"
-        )
-        text += (
-            f"\n{textwrap.fill(measured, 119)}\n\n| scheduler | steps | max_sequence_length | true_cfg_scale | "
-            f"accuracy |\n|---|---|---|---|---|\n{table}"
-        )
+    text += _accuracy_table(accuracies, num_samples, steps, "the command above at the end of training")
     return f"# digits-flux\n\n{text}"
+
+
+def digits_flux_finetuned_card(
+    title: str,
+    base: str,
+    command: str,
+    schedule,
+    config,
+    result,
+    device: str | torch.device,
+    accuracies: list[tuple[str, int, float, float]],
+    num_samples: int = 500,
+    steps: int = 28,
+) -> str:
+    """The card of a `digits-flux` ASE fine-tuned under `schedule` (from `base`): what changed, the command and its
+    time, and the class accuracy of its samples under the schedule."""
+    import textwrap
+
+    what = (
+        f"`{base}` (a text-to-image `FluxPipeline` of the digits) with its transformer ASE fine-tuned under the exit "
+        f"schedule `{schedule.describe()}` (saved in `exit_schedule/`; "
+        "`EarlyExitFluxPipeline.from_pretrained(folder)` samples under it): each training sample's velocity comes "
+        "from its noise level's depth, the timestep embedding is frozen, the VAE and text encoders are the base "
+        "model's."
+    )
+    stage = (
+        f"Steps: {config.steps} (batch {config.batch_size}, learning rate {config.learning_rate:g}, rectified flow as "
+        f"the base model was trained, prompt dropout {config.class_dropout:g}, {_TARGETS[config.target]}); time: "
+        f"{_stage_time(result)} on "
+        f"{hardware(device)}."
+    )
+    text = f"# {title}\n\n{textwrap.fill(what, 119)}\n\nTrained with:\n\n```\n{command}\n```\n\n"
+    text += textwrap.fill(stage, 119) + "\n"
+    text += _accuracy_table(
+        accuracies, num_samples, steps, "the command above, on the saved weights, under the schedule"
+    )
+    return text + "\nMetrics: see docs/results.md of the project (commands there).\n"
+
+
+_TARGETS = {
+    "data": "each exit learning the velocity `noise - x0`",
+    "teacher": "each exit learning the base model's full-depth velocity",
+}
+
+
+def _accuracy_table(accuracies: list[tuple[str, int, float, float]], num_samples: int, steps: int, by: str) -> str:
+    """The class-accuracy table of a digits-flux card (`accuracies`: scheduler, max_sequence_length, true_cfg_scale,
+    accuracy), measured `by` what it says; empty without rows."""
+    import textwrap
+
+    if not accuracies:
+        return ""
+    measured = (
+        "Class accuracy (the digits classifier of `ee_diffusion.metrics` recognises the digit the prompt names), "
+        f"{num_samples} samples per row (prompts for 0..9 in turn, one generator seeded 0), measured by {by}:"
+    )
+    rows = "".join(
+        f"| {name} | {steps} | {length} | {'off' if scale == 1 else f'{scale:g}'} | {accuracy:.1%} |\n"
+        for name, length, scale, accuracy in accuracies
+    )
+    header = "| scheduler | steps | max_sequence_length | true_cfg_scale | accuracy |\n|---|---|---|---|---|\n"
+    return f"\n{textwrap.fill(measured, 119)}\n\n{header}{rows}"
 
 
 def _stage_time(result) -> str:

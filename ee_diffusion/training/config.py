@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 LOSS_WEIGHTS = ("constant", "min-snr")
+TARGETS = ("data", "teacher")
 # What a denoiser trained here may predict (a diffusers scheduler's `prediction_type`): the noise or the velocity.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -26,6 +27,9 @@ class TrainConfig:
             noisy timesteps, where exit schedules cut deepest, at full weight and down-weights the clean ones).
         min_snr_gamma: `gamma` of the min-SNR weight.
         freeze_timestep_embedding: Keep the timestep embedding fixed (ASE fine-tuning).
+        target: What the model learns to output: the objective's own target, from the data and the noise (`"data"`),
+            or the output of a frozen full-depth copy of the model as it was before the run (`"teacher"`: fine-tuning
+            under an exit schedule by self-distillation, whose targets have none of the data's noise).
         checkpoint_every: Save `checkpoint.pt` (model, EMA, optimiser, generator) every this many steps.
         seed: Seed of initial noise, timesteps, batches and label dropout.
     """
@@ -40,6 +44,7 @@ class TrainConfig:
     loss_weight: Literal["constant", "min-snr"] = "constant"
     min_snr_gamma: float = 5.0
     freeze_timestep_embedding: bool = False
+    target: Literal["data", "teacher"] = "data"
     checkpoint_every: int = 500
     seed: int = 0
 
@@ -49,6 +54,8 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"`loss_weight` must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"`target` must be one of {TARGETS}, got {self.target!r}.")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"`class_dropout` must be in [0, 1), got {self.class_dropout}.")
         if not 0.0 < self.ema_decay < 1.0:

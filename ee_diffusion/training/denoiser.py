@@ -4,10 +4,9 @@ One loop serves both recipes. Plain training: DDPM noise at uniform timesteps, M
 `prediction_type` says the model predicts (the noise or the velocity), labels dropped to the null class for
 classifier-free guidance, AdamW with warm-up and cosine decay, EMA weights, checkpoints.
 
-ASE fine-tuning (Moon et al., Algorithm 1) adds three things: the exit schedule is applied to the student, so each
-sample's prediction comes from its timestep's depth; the timestep embedding is frozen; the loss is weighted by
-`lambda(t)`. Unlike the released code, which runs every block and then picks the exit output, a batch is grouped by
-depth and each group runs only its own blocks, so a training step costs what the schedule says it should.
+ASE fine-tuning (Moon et al., Algorithm 1): the exit schedule is applied to the student, so each sample's prediction
+comes from its timestep's depth, and the timestep embedding is frozen (`under_schedule`); the loss is weighted by
+`lambda(t)`.
 """
 
 from __future__ import annotations
@@ -19,14 +18,11 @@ from diffusers import DDPMScheduler
 from diffusers.models.embeddings import LabelEmbedding
 
 from ..data.digits import DigitsSplit
-from ..exits import apply_exit_schedule, remove_exit_schedule, reset_exit_stats
 from ..pipelines.class_conditional import null_class_label
-from ..schedules import DROP, REUSE, ExitSchedule
+from ..schedules import ExitSchedule
 from .config import PREDICTION_TYPES, TrainConfig
 from .loop import CHECKPOINT_NAME, TrainResult, optimise
-
-# Parameter names of the timestep embeddings of diffusers' DiT (per block) and UNet2DModel.
-_TIMESTEP_EMBEDDING_NAMES = ("timestep_embedder", "time_embedding")
+from .under_schedule import frozen_teacher, trained_groups, trained_under
 
 
 def loss_weights(
@@ -48,19 +44,6 @@ def training_target(
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(images, noise, timesteps)
     return noise
-
-
-def freeze_timestep_embedding(model: torch.nn.Module) -> list[str]:
-    """Stop gradients into the timestep embedding of a DiT or UNet2DModel; returns the frozen parameter names."""
-    frozen = [name for name, p in model.named_parameters() if any(k in name for k in _TIMESTEP_EMBEDDING_NAMES)]
-    if not frozen:
-        raise ValueError(
-            f"Found no timestep-embedding parameters ({_TIMESTEP_EMBEDDING_NAMES}) in {type(model).__name__}."
-        )
-    for name, parameter in model.named_parameters():
-        if name in frozen:
-            parameter.requires_grad_(False)
-    return frozen
 
 
 def noised_batch(
@@ -92,18 +75,6 @@ def prepare_for_batches(model: torch.nn.Module, noise_scheduler: DDPMScheduler) 
     return null_label
 
 
-def _trained_depth(action: int | str) -> int:
-    """The depth a plan's action trains: its own for a depth; `REUSE` (nothing: the step takes cached work, or is
-    dropped) otherwise."""
-    return REUSE if action == DROP or action <= REUSE else action
-
-
-def depth_groups(depths: list[int]) -> dict[int, torch.Tensor]:
-    """Indices of the samples at each depth, so that each group runs only the blocks it uses."""
-    by_depth = torch.tensor(depths)
-    return {int(depth): torch.nonzero(by_depth == depth).flatten() for depth in torch.unique(by_depth)}
-
-
 def train_denoiser(
     model: torch.nn.Module,
     data: DigitsSplit,
@@ -133,32 +104,28 @@ def train_denoiser(
     noise_scheduler = noise_scheduler or DDPMScheduler(num_train_timesteps=1000)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     null_label = prepare_for_batches(model, noise_scheduler)
-    if config.freeze_timestep_embedding:
-        freeze_timestep_embedding(model)
-    model.to(device)
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         noisy, timesteps, labels, target = noised_batch(data, config, generator, noise_scheduler, null_label)
         weights = loss_weights(timesteps, noise_scheduler, config.loss_weight, config.min_snr_gamma).to(device)
         noisy, labels, target, on_device_timesteps = (x.to(device) for x in (noisy, labels, target, timesteps))
-        groups = (
-            {None: torch.arange(config.batch_size)}
-            if exit_schedule is None
-            else depth_groups([_trained_depth(a) for a in exit_schedule.depths_for(timesteps, num_train_timesteps)])
-        )
         loss = torch.zeros((), device=device)
-        for depth, members in groups.items():
-            if depth == REUSE:  # a plan's reuse, cached-tail and dropped steps: nothing of the model to train there
-                continue
+        for members in trained_groups(exit_schedule, timesteps, num_train_timesteps):
             members = members.to(device)
-            prediction = model(noisy[members], on_device_timesteps[members], class_labels=labels[members]).sample
-            per_sample = (prediction[:, : target.shape[1]] - target[members]).pow(2).mean(dim=(1, 2, 3))
+            inputs = (noisy[members], on_device_timesteps[members])
+            prediction = model(*inputs, class_labels=labels[members]).sample[:, : target.shape[1]]
+            if teacher is None:
+                wanted = target[members]
+            else:
+                with torch.no_grad():
+                    wanted = teacher(*inputs, class_labels=labels[members]).sample[:, : target.shape[1]]
+            per_sample = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))
             loss = loss + (weights[members] * per_sample).sum() / config.batch_size
         return loss
 
-    if exit_schedule is not None:
-        apply_exit_schedule(model, exit_schedule, num_train_timesteps, plan_steps_only=False)
-    try:
+    model.to(device)
+    teacher = frozen_teacher(model, config.target)
+    with trained_under(model, exit_schedule, num_train_timesteps, config.freeze_timestep_embedding) as after_step:
         return optimise(
             {"model": model},
             batch_loss,
@@ -167,10 +134,5 @@ def train_denoiser(
             resume=resume,
             desc="ASE fine-tuning" if exit_schedule is not None else "training",
             progress=progress,
-            after_step=None if exit_schedule is None else lambda: reset_exit_stats(model),
+            after_step=after_step,
         )
-    finally:
-        if exit_schedule is not None:
-            remove_exit_schedule(model)
-        for parameter in model.parameters():  # the timestep embedding, frozen for ASE fine-tuning
-            parameter.requires_grad_(True)

@@ -12,6 +12,7 @@ of 8 to 512 tokens); `max_sequence_length=8` is the fast one (the default 512 ru
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, digit_prompt, load_digits_split
 from ..outputs import refuse_shipped
+from ..schedules import ExitSchedule
 from .config import TrainConfig
 from .digits_models import save_safetensors_in_half
 from .digits_text import (
@@ -119,6 +121,25 @@ def prompt_tables(pipe: FluxPipeline, prompts: Sequence[str]) -> tuple[torch.Ten
     return embeds.float(), pooled.float(), ids == pipe.tokenizer_2.pad_token_id
 
 
+def latent_digits(pipe: FluxPipeline, labels: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> LatentDigits:
+    """The flow stage's data: the VAE posteriors of the digits (`means`, `stds`, normalised with the VAE's own
+    `shift_factor` and `scaling_factor`), their prompts `"a handwritten <digit>"` (`labels`) and the empty prompt's
+    row, read by `pipe`'s frozen text encoders."""
+    prompts = [digit_prompt(label) for label in range(NUM_CLASSES)] + [NULL_PROMPT]
+    embeds, pooled, padding = prompt_tables(pipe, prompts)
+    return LatentDigits(
+        means=means,
+        stds=stds,
+        prompts=labels,
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        padding=padding,
+        null_prompt=prompts.index(NULL_PROMPT),
+        shift_factor=pipe.vae.config.shift_factor,
+        scaling_factor=pipe.vae.config.scaling_factor,
+    )
+
+
 def train_digits_flux(
     pipe: FluxPipeline,
     config: DigitsFluxConfig,
@@ -157,20 +178,7 @@ def train_digits_flux(
     shift, scale = latent_normalisation(means, stds)
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     logger.info("VAE latents: shift_factor %.4f, scaling_factor %.4f", shift, scale)
-
-    prompts = [digit_prompt(label) for label in range(NUM_CLASSES)] + [NULL_PROMPT]
-    embeds, pooled, padding = prompt_tables(pipe, prompts)
-    latents = LatentDigits(
-        means=means,
-        stds=stds,
-        prompts=data.labels,
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=pooled,
-        padding=padding,
-        null_prompt=prompts.index(NULL_PROMPT),
-        shift_factor=shift,
-        scaling_factor=scale,
-    )
+    latents = latent_digits(pipe, data.labels, means, stds)
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
     result = train_flow_transformer(
         pipe.transformer,
@@ -187,12 +195,53 @@ def train_digits_flux(
     return vae_result, result
 
 
+def finetune_digits_flux(
+    pipe: FluxPipeline,
+    exit_schedule: ExitSchedule,
+    config: TrainConfig,
+    flow: FlowMatchingConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """ASE fine-tuning of a trained `digits-flux`: its transformer trains on the digits' latents (its VAE's, with the
+    VAE's saved normalisation) under `exit_schedule`, with the flow-matching objective it was trained with; the VAE and
+    the text encoders stay as they are. `config.freeze_timestep_embedding` freezes the timestep embedding, as ASE does.
+    The checkpoint goes to `out_dir/checkpoint.pt` (`None`: none); `resume` continues from it."""
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        refuse_shipped(out)
+    if pipe.vae.config.shift_factor is None or pipe.vae.config.scaling_factor is None:
+        raise ValueError("The VAE has no latent `shift_factor`/`scaling_factor`: fine-tune a trained digits-flux.")
+    data = load_digits_split("train")
+    means, stds = encode_digits(pipe.vae, data.images)
+    checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    result = train_flow_transformer(
+        pipe.transformer,
+        latent_digits(pipe, data.labels, means, stds),
+        config,
+        pipe.scheduler,
+        flow=flow,
+        checkpoint=checkpoint,
+        resume=resume,
+        progress=progress,
+        device=device,
+        exit_schedule=exit_schedule,
+    )
+    pipe.to("cpu")
+    return result
+
+
 def save_digits_flux_pipeline(pipe: FluxPipeline, out_dir: str | Path, card: str | None = None) -> None:
     """Save `pipe` as a `FluxPipeline` folder (transformer and VAE weights in fp16, the tiny text encoders in fp32)
     with a README card."""
     out = Path(out_dir)
     refuse_shipped(out)
     pipe.save_pretrained(out, safe_serialization=True)
+    index = json.loads((out / "model_index.json").read_text())
+    if index.pop("_name_or_path", None) is not None:  # the folder a loaded pipeline came from is not the model's
+        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for component in ("transformer", "vae"):
         save_safetensors_in_half(out / component, "*.safetensors")
     if card is not None:

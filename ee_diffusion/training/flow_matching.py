@@ -29,8 +29,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from ..schedules import ExitSchedule
 from .config import TrainConfig
 from .loop import TrainResult, optimise
+from .under_schedule import frozen_teacher, trained_groups, trained_under
 
 SIGMA_SAMPLINGS = ("logit-normal", "uniform")
 
@@ -213,6 +215,7 @@ def train_flow_transformer(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    exit_schedule: ExitSchedule | None = None,
 ) -> TrainResult:
     """Train `transformer` in place with the rectified-flow objective on `data`; on return it holds its EMA weights.
 
@@ -220,13 +223,16 @@ def train_flow_transformer(
         transformer: A `FluxTransformer2DModel` without a guidance embedding, whose `in_channels` are 4x the latents'.
         data: The VAE posteriors, prompts and text tables.
         config: Hyper-parameters; `class_dropout` is the share of prompts replaced by the empty prompt; the loss is
-            unweighted (`loss_weight="constant"`).
+            unweighted (`loss_weight="constant"`); `target="teacher"` learns the velocity of a frozen copy of
+            `transformer` at full depth instead of `noise - x0`.
         scheduler: The pipeline's scheduler, whose shift the noise levels follow.
         flow: How noise levels are drawn (default: logit-normal(0, 1), shifted).
         checkpoint: The checkpoint file (`None`: none).
         resume: Continue from `checkpoint`.
         progress: Show a progress bar.
         device: Where the transformer trains; batches are drawn on the CPU whatever the device.
+        exit_schedule: Train under this schedule (ASE, `under_schedule`): each sample's output comes from the depth
+            of its timestep `sigma * num_train_timesteps`; `config.freeze_timestep_embedding` freezes the embedding.
     """
     flow = flow or FlowMatchingConfig()
     if transformer.config.guidance_embeds:
@@ -247,25 +253,41 @@ def train_flow_transformer(
     grid = tuple(data.means.shape[2:])
     prompt_embeds, pooled = data.prompt_embeds.to(device), data.pooled_prompt_embeds.to(device)
 
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    teacher = frozen_teacher(transformer, config.target)
+
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
-        batch = (x.to(device) for x in flow_batch(data, config, flow, scheduler, generator))
-        noisy, sigmas, prompts, target, text_bias = batch
-        prediction = flux_velocity(
-            transformer, noisy, sigmas, prompt_embeds[prompts], pooled[prompts], grid, text_bias=text_bias
-        )
-        return (prediction - target).pow(2).mean()
+        batch = flow_batch(data, config, flow, scheduler, generator)
+        noisy, sigmas, prompts, target, text_bias = (x.to(device) for x in batch)
+        loss = torch.zeros((), device=device)
+        for members in trained_groups(exit_schedule, batch[1] * num_train_timesteps, num_train_timesteps):
+            members = members.to(device)
+            rows = prompts[members]
+            inputs = (noisy[members], sigmas[members], prompt_embeds[rows], pooled[rows], grid, text_bias[members])
+            prediction = flux_velocity(transformer, *inputs)
+            if teacher is None:
+                wanted = target[members]
+            else:
+                with torch.no_grad():
+                    wanted = flux_velocity(teacher, *inputs)
+            loss = loss + (prediction - wanted).pow(2).mean() * (len(members) / config.batch_size)
+        return loss
 
     settings = {**asdict(flow), "scheduler": dict(scheduler.config), "latents": list(data.means.shape)}
     settings["scheduler"] = {k: v for k, v in settings["scheduler"].items() if not k.startswith("_")}
+    if exit_schedule is not None:
+        settings["exit_schedule"] = exit_schedule.describe()
     if not math.isfinite(data.scaling_factor):
         raise ValueError(f"The latents' `scaling_factor` must be finite, got {data.scaling_factor}.")
-    return optimise(
-        {"model": transformer},
-        batch_loss,
-        config,
-        checkpoint=Path(checkpoint) if checkpoint is not None else None,
-        resume=resume,
-        settings=settings,
-        desc="flow matching",
-        progress=progress,
-    )
+    with trained_under(transformer, exit_schedule, num_train_timesteps, config.freeze_timestep_embedding) as after:
+        return optimise(
+            {"model": transformer},
+            batch_loss,
+            config,
+            checkpoint=Path(checkpoint) if checkpoint is not None else None,
+            resume=resume,
+            settings=settings,
+            desc="flow matching" if exit_schedule is None else "ASE fine-tuning",
+            progress=progress,
+            after_step=after,
+        )

@@ -148,6 +148,31 @@ def test_ase_training_runs_each_block_only_for_the_samples_that_use_it(schedule)
     assert executed == sum(sum(schedule.depths_for(t)) for t in calls) < 3 * QUICK["batch_size"] * NUM_BLOCKS
 
 
+def test_ase_from_the_teacher_learns_the_full_depth_output_of_the_model_it_started_from():
+    model, data = tiny_dit(), tiny_data()
+    assert train_denoiser(
+        model, data, TrainConfig(**{**QUICK, "steps": 1, "target": "teacher"}), progress=False
+    ).losses == [0.0]
+    teacher = tiny_dit()
+    schedule = ExitSchedule.linear(NUM_BLOCKS, 1)
+    config = TrainConfig(**{**QUICK, "steps": 30, "target": "teacher"})
+    losses = train_denoiser(model, data, config, exit_schedule=schedule, progress=False).losses
+    assert losses[0] > 0 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+    def gap(student: torch.nn.Module) -> float:  # distance to the teacher's full-depth output, under the schedule
+        timesteps = torch.arange(0, 1000, 1000 // len(data))[: len(data)]
+        noisy = torch.randn(data.images.shape, generator=torch.Generator().manual_seed(5))
+        apply_exit_schedule(student, schedule)
+        try:
+            with torch.no_grad():
+                out = student(noisy, timesteps, class_labels=data.labels).sample
+                return (out - teacher(noisy, timesteps, class_labels=data.labels).sample).pow(2).mean().item()
+        finally:
+            remove_exit_schedule(student)
+
+    assert gap(model) < 0.5 * gap(tiny_dit())
+
+
 def test_depth_groups():
     groups = depth_groups([3, 1, 3, 2])
     assert {depth: members.tolist() for depth, members in groups.items()} == {1: [1], 2: [3], 3: [0, 2]}
@@ -208,6 +233,7 @@ def test_loss_weights():
         (dict(loss_weight="snr"), "`loss_weight` must be one of"),
         (dict(class_dropout=1.0), r"`class_dropout` must be in \[0, 1\)"),
         (dict(ema_decay=1.0), r"`ema_decay` must be in \(0, 1\)"),
+        (dict(target="labels"), r"`target` must be one of \(.data., .teacher.\), got .labels."),
     ],
 )
 def test_bad_config(overrides, match):

@@ -12,9 +12,12 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 
+from ee_diffusion import ExitSchedule
 from ee_diffusion.bench.noise_schedulers import SCHEDULERS, build_scheduler, is_flow_matching, schedulers_for
 from ee_diffusion.cli import main
 from ee_diffusion.data.digits import digit_prompt
+from ee_diffusion.exits import get_exit_schedule
+from ee_diffusion.schedules import DROP, REUSE
 from ee_diffusion.training import TrainConfig
 from ee_diffusion.training.digits_flux import digits_flux_scheduler, prompt_tables
 from ee_diffusion.training.digits_text import (
@@ -195,6 +198,70 @@ def test_flow_matching_training_reduces_the_loss_on_a_tiny_config():
     config = TrainConfig(steps=40, batch_size=32, learning_rate=3e-3, warmup_steps=5, ema_decay=0.9)
     result = train_flow_transformer(model, data, config, digits_flux_scheduler(), progress=False)
     assert result.steps_run == 40 and fixed_loss(model, data) < 0.6 * before
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ExitSchedule.step(2, [2, 2, 1, 1]),
+        ExitSchedule.plan(2, [999, 666, 333, 0], [1, REUSE, 2, DROP]),  # reuse and drop: nothing to train
+    ],
+    ids=["schedule", "plan"],
+)
+def test_ase_flow_matching_runs_each_block_only_for_the_samples_of_its_depths_and_keeps_the_timestep_embedding(
+    schedule,
+):
+    data, model = tiny_latents(), tiny_flux()
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "timestep_embedder" in n}
+    assert frozen
+    calls = []  # per transformer call: its timesteps as the schedule reads them (sigma * 1000)
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append((kw["timestep"] * 1000).tolist()), with_kwargs=True)
+    runs = {0: [], 1: []}  # per exit unit (the double-, then the single-stream block): the batch of each run
+    for unit, block in enumerate([model.transformer_blocks[0], model.single_transformer_blocks[0]]):
+        # the block's normalisation: a skipped block's own call still reaches its hooks, not its inner modules
+        count = lambda m, a, kw, u=unit: runs[u].append(len(a[0] if a else kw["hidden_states"]))  # noqa: E731
+        (block.norm1 if unit == 0 else block.norm).register_forward_pre_hook(count, with_kwargs=True)
+    config = TrainConfig(steps=3, batch_size=16, warmup_steps=1, freeze_timestep_embedding=True)
+    train_flow_transformer(model, data, config, digits_flux_scheduler(), exit_schedule=schedule, progress=False)
+
+    assert get_exit_schedule(model) is None and all(p.requires_grad for p in model.parameters())
+    expected = {0: [], 1: []}
+    for timesteps in calls:
+        (depth,) = set(schedule.depths_for(timesteps))  # one depth per group
+        assert depth in (1, 2)  # reused and dropped steps' samples never run
+        for unit in range(depth):
+            expected[unit].append(len(timesteps))
+    assert runs == expected and len(calls) > 3
+    assert sum(map(len, calls)) < 3 * 16 or schedule.config.shape != "plan"
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+
+
+def test_ase_flow_matching_without_a_schedule_is_the_plain_loss():
+    """The grouped loss of one group (no schedule) is the plain mean squared error, bit for bit."""
+    data, scheduler = tiny_latents(), digits_flux_scheduler()
+    config = TrainConfig(steps=2, batch_size=8, warmup_steps=1)
+    trained = tiny_flux()
+    result = train_flow_transformer(trained, data, config, scheduler, progress=False)
+    model, generator = tiny_flux(), torch.Generator().manual_seed(config.seed)
+    noisy, sigmas, prompts, target, bias = flow_batch(data, config, FlowMatchingConfig(), scheduler, generator)
+    prediction = flux_velocity(
+        model, noisy, sigmas, data.prompt_embeds[prompts], data.pooled_prompt_embeds[prompts], (4, 4), bias
+    )
+    assert result.losses[0] == (prediction - target).pow(2).mean().item()
+
+
+def test_ase_flow_matching_from_the_teacher_learns_the_full_depth_velocity_of_the_model_it_started_from():
+    data, model = tiny_latents(), tiny_flux()
+    config = TrainConfig(steps=1, batch_size=16, warmup_steps=1, target="teacher")
+    assert train_flow_transformer(model, data, config, digits_flux_scheduler(), progress=False).losses == [0.0]
+    schedule = ExitSchedule.step(2, [2, 1])  # the noisy half exits after the double-stream block
+    config = TrainConfig(steps=30, batch_size=16, warmup_steps=1, learning_rate=3e-3, target="teacher")
+    losses = train_flow_transformer(
+        model, data, config, digits_flux_scheduler(), exit_schedule=schedule, progress=False
+    ).losses
+    assert losses[0] > 0 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
 
 
 def test_flow_matching_refuses_what_it_cannot_train():
