@@ -112,6 +112,8 @@ class Calibration:
             whether the plan beats it; `beats_fewer_steps` says whether it does.
         lost: Where the fewer-steps baseline beat every plan at the asked step count and is returned instead (as a
             plan of its own step count, at full depth or the model's own schedule), the best of those plans.
+        left_out: The actions asked for that the pipeline cannot take, each with why (`("drop", "DDIMScheduler
+            cannot step over a dropped step")`): the search went on without them.
     """
 
     plan: ExitSchedule
@@ -124,6 +126,7 @@ class Calibration:
     reference_steps: int | None = None
     fewer_steps: FewerSteps | None = None
     lost: PlanPoint | None = None
+    left_out: tuple[tuple[str, str], ...] = ()
 
     @property
     def steps(self) -> int:
@@ -222,13 +225,17 @@ class PlanCalibrator:
         self.denoiser = denoiser_of(pipe)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.scheduler_class = type(pipe.scheduler).__name__
-        if any(get_exit_architecture(denoiser).reuse != "residual" for denoiser in denoisers_of(pipe)):
-            self.actions = tuple(action for action in self.actions if action != "tail")  # U-Nets: whole-step reuse
+        self.left_out: dict[str, str] = {}  # the actions asked for that this pipeline cannot take, and why
+        if "tail" in self.actions and any(
+            get_exit_architecture(denoiser).reuse != "residual" for denoiser in denoisers_of(pipe)
+        ):
+            self.left_out["tail"] = f"{type(self.denoiser).__name__} reuses whole steps only, no cached tails"
         if "drop" in self.actions:
             try:
                 check_scheduler_steps_over(pipe.scheduler)
             except ValueError:  # DDIM and the like: no dropped steps
-                self.actions = tuple(action for action in self.actions if action != "drop")
+                self.left_out["drop"] = f"{self.scheduler_class} cannot step over a dropped step"
+        self.actions = tuple(action for action in self.actions if action not in self.left_out)
         self.reference_schedule = own_exit_schedule(pipe)
         self.timesteps: tuple[float, ...] = ()  # the denoiser's timestep at each step (known after the reference)
         self.base: tuple[int, ...] = ()  # the reference's action at each step (known after the reference)
@@ -459,6 +466,7 @@ class PlanCalibrator:
             chain=self._chain or (point,),
             base=self.base,
             reference_steps=self.reference_steps,
+            left_out=tuple(self.left_out.items()),
         )
 
 
@@ -536,7 +544,7 @@ def calibrate_plan(
                 candidates=candidates,
             ).as_it_is()
             lost = PlanPoint(tuple(result.plan.config.depths[::-1]), result.compute_fraction, result.error)
-            result = dataclasses.replace(plain, lost=lost)
+            result = dataclasses.replace(plain, lost=lost, left_out=result.left_out)
         found.append(dataclasses.replace(result, fewer_steps=baseline))
     if not found:
         raise ValueError(f"No plan at {counts} steps fits the budget.")

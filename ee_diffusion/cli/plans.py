@@ -77,6 +77,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"pixels in [0, 1]); saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
         f"--steps {result.steps}: a plan runs only at its scheduler and step count)"
     )
+    for action, why in result.left_out:
+        print(f"note: --actions {action} left out: {why}", file=sys.stderr)
     fewer, lost = result.fewer_steps, result.lost
     if lost is not None:
         gap = (lost.error - result.error) / max(result.error, 1e-12)

@@ -304,3 +304,14 @@ def test_cached_tails_are_tried_when_asked_for():
     assert all(-1 in step and -2 in step for step in with_tails.sensitivity[1:])  # tails after one and two blocks
     with pytest.raises(ValueError, match="`actions` must be a tuple of 'reuse', 'tail', 'drop'"):
         PlanCalibrator(pipe, kwargs, STEPS, actions=("skip",))
+
+
+def test_actions_the_pipeline_cannot_take_are_left_out_and_named_with_why():
+    case, pipe, result = calibrate("ddim", target_compute=0.5, actions=("reuse", "tail", "drop"))
+    assert dict(result.left_out) == {
+        "tail": "UNet2DModel reuses whole steps only, no cached tails",
+        "drop": "DDIMScheduler cannot step over a dropped step",
+    }
+    assert all(action == REUSE or action > 0 for action in result.plan.config.depths)
+    _, _, flow = calibrate("sd3", target_compute=0.5, actions=("reuse", "tail", "drop"))
+    assert flow.left_out == ()
