@@ -244,8 +244,20 @@ def save_digits_flux_pipeline(pipe: FluxPipeline, out_dir: str | Path, card: str
         (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for component in ("transformer", "vae"):
         save_safetensors_in_half(out / component, "*.safetensors")
+    prefix_clip_weights(out / "text_encoder")
     if card is not None:
         (out / "README.md").write_text(card)
+
+
+def prefix_clip_weights(folder: Path) -> None:
+    """Name the weights of a saved `CLIPTextModel` under `text_model.`, as transformers 5.0 reads them (later versions
+    save them without the prefix and read both; 5.0 would start the encoder from random weights)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        named = {name if name.startswith("text_model.") else f"text_model.{name}": v for name, v in tensors.items()}
+        save_file(named, path, metadata={"format": "pt"})
 
 
 @torch.no_grad()

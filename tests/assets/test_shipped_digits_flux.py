@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+from ee_diffusion import load_early_exit_pipeline
 from ee_diffusion.bench.noise_schedulers import build_scheduler, schedulers_for
 from ee_diffusion.shipped import shipped_model_path
 from ee_diffusion.training.digits_flux import DEFAULT_STEPS, digits_flux_accuracy
@@ -35,6 +36,19 @@ def test_digits_flux_is_a_small_stock_flux_pipeline_with_its_card():
         assert (
             f"| {name} | {DEFAULT_STEPS} | 8 | off |" in card and f"| {name} | {DEFAULT_STEPS} | 512 | off |" in card
         )
+
+
+@pytest.mark.parametrize("name", ["digits-flux", "digits-flux-ase"])
+def test_the_text_encoders_load_the_weights_their_files_hold(name):
+    """On every transformers the package allows (5.0 reads a CLIP text model's weights only under `text_model.`)."""
+    from safetensors.torch import load_file
+
+    folder = shipped_model_path(name)
+    pipe = load_early_exit_pipeline(name)
+    for part in ("text_encoder", "text_encoder_2"):
+        loaded = getattr(pipe, part).state_dict()
+        for key, value in load_file(folder / part / "model.safetensors").items():
+            assert torch.equal(loaded.get(key, loaded.get(key.removeprefix("text_model."))), value), (name, part, key)
 
 
 def test_digits_flux_samples_32x32_digits_from_a_prompt_offline():
