@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, digit_prompt, load_digits_split
+from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, DigitsSplit, digit_prompt, load_digits_split
 from ..outputs import refuse_shipped
 from ..schedules import ExitSchedule
 from .config import TrainConfig
@@ -178,20 +178,19 @@ def train_digits_flux(
     shift, scale = latent_normalisation(means, stds)
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     logger.info("VAE latents: shift_factor %.4f, scaling_factor %.4f", shift, scale)
-    latents = latent_digits(pipe, data.labels, means, stds)
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
-    result = train_flow_transformer(
-        pipe.transformer,
-        latents,
+    result = _train_transformer(
+        pipe,
+        data,
+        means,
+        stds,
         config.transformer,
-        pipe.scheduler,
-        flow=config.flow,
-        checkpoint=checkpoint,
+        config.flow,
+        checkpoint,
         resume=resume and checkpoint is not None and checkpoint.exists(),
         progress=progress,
         device=device,
     )
-    pipe.to("cpu")
     return vae_result, result
 
 
@@ -217,6 +216,36 @@ def finetune_digits_flux(
     data = load_digits_split("train")
     means, stds = encode_digits(pipe.vae, data.images)
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    return _train_transformer(
+        pipe,
+        data,
+        means,
+        stds,
+        config,
+        flow,
+        checkpoint,
+        resume=resume,
+        progress=progress,
+        device=device,
+        exit_schedule=exit_schedule,
+    )
+
+
+def _train_transformer(
+    pipe: FluxPipeline,
+    data: DigitsSplit,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    config: TrainConfig,
+    flow: FlowMatchingConfig | None,
+    checkpoint: Path | None,
+    resume: bool,
+    progress: bool,
+    device: str | torch.device,
+    exit_schedule: ExitSchedule | None = None,
+) -> TrainResult:
+    """Train `pipe`'s transformer on the VAE posteriors (`means`, `stds`) of `data`'s digits with their prompts
+    (under `exit_schedule`, if any), then move the pipeline back to the CPU."""
     result = train_flow_transformer(
         pipe.transformer,
         latent_digits(pipe, data.labels, means, stds),
