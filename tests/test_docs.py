@@ -23,6 +23,9 @@ The rules, for README.md, docs/*.md, comfyui/README.md and the model cards (ee_d
 5. README.md, docs/*.md, comfyui/README.md and the model cards say nothing about the circumstances in which the work
    was done (which machine was borrowed, sessions, issue numbers, "could not be done here"): `CIRCUMSTANCES`.
    CHANGELOG.md is history and is not checked.
+6. Python. A `python` block parses, and every name it reads is a builtin, or bound (imported, assigned, defined) in
+   that block or an earlier `python` block of the same page, or one the page says is the reader's own
+   (`<!-- docs-test: reader's names: NAME ... -->` on the line before the block). Nothing is run.
 
 "A fresh clone" is what git would commit: the files git tracks, and new files git does not ignore (on a clean clone,
 in CI, the two are the same); ignored files (`out/`, `.venv/`) never count.
@@ -30,6 +33,8 @@ in CI, the two are the same); ignored files (`out/`, `.venv/`) never count.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
 import functools
 import importlib
@@ -56,6 +61,7 @@ METHOD_OPTIONS = ("--methods", "--accelerators")
 METHOD_KINDS = ("baseline", "ase", "finetuned", "deediff", "fbcache", "layerskip", "taylorseer", "magcache", "pab")
 SCHEDULE_SHAPES = ("linear:", "cosine:", "constant:", "step:")
 READERS_FILES = re.compile(r"<!--\s*docs-test:\s*reader's files:(.*?)-->")
+READERS_NAMES = re.compile(r"<!--\s*docs-test:\s*reader's names:(.*?)-->")
 
 # Words about how and where the work was done, which belong in no guide (each caught a real sentence once).
 CIRCUMSTANCES = [
@@ -94,6 +100,7 @@ class Block:
     lines: list[str]
     first_line: int
     readers_files: list[str] = field(default_factory=list)
+    readers_names: list[str] = field(default_factory=list)
 
 
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
@@ -108,12 +115,13 @@ def code_blocks(text: str) -> list[Block]:
             continue
         indent, fence, language = opening.group(1), opening.group(2), opening.group(3)
         before = next((line for line in reversed(lines[:i]) if line.strip()), "")
-        marker = READERS_FILES.search(before)
+        marker, names = READERS_FILES.search(before), READERS_NAMES.search(before)
         body, j = [], i + 1
         while j < len(lines) and not lines[j].strip().startswith(fence):
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
-        blocks.append(Block(language, body, i + 2, marker.group(1).split() if marker else []))
+        readers_names = names.group(1).split() if names else []
+        blocks.append(Block(language, body, i + 2, marker.group(1).split() if marker else [], readers_names))
         i = j + 1
     return blocks
 
@@ -441,6 +449,59 @@ def test_links_and_images_resolve(page):
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             problems.append(f"{target}: {inside} has no heading #{anchor}")
     assert not problems, f"{relative(page)}:\n" + "\n".join(problems)
+
+
+def bound_names(tree: ast.AST) -> set[str]:
+    """The names a piece of code binds anywhere in it: imports, assignments, definitions and their arguments."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def python_problems(text: str) -> list[str]:
+    """Rule 6 on a page's text: each problem with its line."""
+    known, problems = set(dir(builtins)), []
+    for block in code_blocks(text):
+        if block.language != "python":
+            continue
+        try:
+            tree = ast.parse("\n".join(block.lines))
+        except SyntaxError as error:
+            problems.append(f"line {block.first_line + (error.lineno or 1) - 1}: {error.msg}")
+            continue
+        known |= bound_names(tree) | set(block.readers_names)
+        problems += [
+            f"line {block.first_line + node.lineno - 1}: {node.id!r} is read but never bound before"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in known
+        ]
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES + CARDS, ids=relative)
+def test_python_examples_parse_and_read_only_names_they_bind(page):
+    problems = python_problems(page.read_text())
+    assert not problems, f"{relative(page)}: " + "; ".join(problems)
+
+
+def test_the_python_rule_catches_a_name_bound_only_later_a_syntax_error_and_takes_the_readers_names():
+    later = "```python\nimages = pipe(steps=found.steps)\n```\n\n```python\nfound = pipe = 1\n```\n"
+    assert python_problems(later) == [
+        "line 2: 'pipe' is read but never bound before",
+        "line 2: 'found' is read but never bound before",
+    ]
+    assert python_problems("text\n\n```python\nx = (\n```\n") == ["line 4: '(' was never closed"]
+    readers = "<!-- docs-test: reader's names: pipe found -->\n" + later
+    assert python_problems(readers) == []
+    assert python_problems("```python\nfrom a import b\nc = b\n```\n```python\nprint(c)\n```\n") == []
 
 
 def test_readme_is_a_guide_of_at_most_300_lines_and_25_kb():
