@@ -25,7 +25,8 @@ The rules, for README.md, docs/*.md, comfyui/README.md and the model cards (ee_d
    CHANGELOG.md is history and is not checked.
 6. Python. A `python` block parses, and every name it reads is a builtin, or bound (imported, assigned, defined) in
    that block or an earlier `python` block of the same page, or one the page says is the reader's own
-   (`<!-- docs-test: reader's names: NAME ... -->` on the line before the block). Nothing is run.
+   (`<!-- docs-test: reader's names: NAME ... -->` on the line before the block); what it imports from `ee_diffusion`
+   exists. Nothing else is run.
 
 "A fresh clone" is what git would commit: the files git tracks, and new files git does not ignore (on a clean clone,
 in CI, the two are the same); ignored files (`out/`, `.venv/`) never count.
@@ -38,6 +39,7 @@ import builtins
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import os
 import re
@@ -466,6 +468,14 @@ def bound_names(tree: ast.AST) -> set[str]:
     return names
 
 
+def importable(module: str, name: str) -> bool:
+    """Whether `from module import name` works (an attribute, or a submodule of a package)."""
+    try:
+        return hasattr(importlib.import_module(module), name) or bool(importlib.util.find_spec(f"{module}.{name}"))
+    except ImportError:
+        return False
+
+
 def python_problems(text: str) -> list[str]:
     """Rule 6 on a page's text: each problem with its line."""
     known, problems = set(dir(builtins)), []
@@ -478,6 +488,13 @@ def python_problems(text: str) -> list[str]:
             problems.append(f"line {block.first_line + (error.lineno or 1) - 1}: {error.msg}")
             continue
         known |= bound_names(tree) | set(block.readers_names)
+        problems += [
+            f"line {block.first_line + node.lineno - 1}: {node.module} has no {alias.name!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ee_diffusion"
+            for alias in node.names
+            if not importable(node.module, alias.name)
+        ]
         problems += [
             f"line {block.first_line + node.lineno - 1}: {node.id!r} is read but never bound before"
             for node in ast.walk(tree)
@@ -502,6 +519,11 @@ def test_the_python_rule_catches_a_name_bound_only_later_a_syntax_error_and_take
     readers = "<!-- docs-test: reader's names: pipe found -->\n" + later
     assert python_problems(readers) == []
     assert python_problems("```python\nfrom a import b\nc = b\n```\n```python\nprint(c)\n```\n") == []
+    renamed = "```python\nfrom ee_diffusion import ExitSchedule, ExitPlan\nfrom ee_diffusion.nowhere import x\n```\n"
+    assert python_problems(renamed) == [
+        "line 2: ee_diffusion has no 'ExitPlan'",
+        "line 3: ee_diffusion.nowhere has no 'x'",
+    ]
 
 
 def test_readme_is_a_guide_of_at_most_300_lines_and_25_kb():
