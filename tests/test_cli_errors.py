@@ -117,6 +117,7 @@ CASES = [
         "Bad exit schedule 'linear:0'",
     ),
     (["speed", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    (["speed", "--sample-size", "33"], "--sample-size: expected an even number (the DiT's patches are 2 x 2), got 33"),
     (["speed", "--num-layers", "0"], "--num-layers: expected an integer >= 1, got 0"),
     (["speed", "--schedule", "linear:99", "--repeats", "1"], "Bad exit schedule 'linear:99'"),
     (
@@ -128,7 +129,11 @@ CASES = [
     (["train", "--arch", "dit", "--out", "README.md"], "--out: 'README.md' is a file, not a folder"),
     (
         ["finetune-ase", "--model", "digits-dit", "--schedule", "linear:6", "--out", "/tmp/x", "--ema-decay", "1"],
-        "--ema-decay: expected a finite number in [0, 1), got 1",
+        "--ema-decay: expected a finite number in (0, 1), got 1",
+    ),
+    (
+        ["train", "--arch", "dit", "--out", "/tmp/x", "--ema-decay", "0"],
+        "--ema-decay: expected a finite number in (0, 1), got 0",
     ),
     (["finetune-ase", "--model", "nowhere", "--schedule", "linear:6", "--out", "/tmp/x"], "No model 'nowhere'"),
     (
@@ -170,6 +175,10 @@ CASES = [
     (["sweep", "--out", "/tmp/x", "--accelerators", "fbcache:x", "--steps", "2"], "Bad method 'fbcache:x'"),
     (["sweep", "--out", "/tmp/x", "--finetuned", "nowhere"], "No model 'nowhere'"),
     (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--finetuned", "digits-unet"], "another model than"),
+    (
+        ["bench", "--fid-backend", "clean-fid", "--num-samples", "2"],
+        "A FID backend (--fid-backend) or Inception path (--inception-path) chooses how a reference (--reference)",
+    ),
     (["train-mdlm", "--out", "/tmp/x", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train-mdlm", "--out", "/tmp/x", "--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
     (["dllm-bench", "--tasks", "addition,division"], "--tasks: unknown 'division'; accepted: addition, sorting"),
@@ -188,6 +197,15 @@ CASES = [
     (["dllm-bench", "--plot", "/proc/front.png"], "--plot: cannot write '/proc/front.png'"),
     (["train-mdlm", "--out", "/tmp/x", "--tasks", "addition,division"], "--tasks: unknown 'division'"),
     (["train-mdlm", "--out", "/tmp/x", "--init-from", "nowhere"], "'nowhere' is neither a shipped language model"),
+    (["train-mdlm", "--out", "/tmp/x", "--init-from", "docs"], "--init-from: 'docs' holds no language model"),
+    # an empty path or model name is refused, not read as the current folder
+    (["train", "--arch", "dit", "--out", ""], "--out: expected a path, got an empty string"),
+    (["bench", "--save-images", ""], "--save-images: expected a path, got an empty string"),
+    (["bench", "--json", " "], "--json: expected a path, got an empty string"),
+    (["bench", "--reference", ""], "--reference: expected a path, got an empty string"),
+    (["bench", "--model", ""], "--model: expected a model name, folder or hub id, got an empty string"),
+    (["sweep", "--out", "/tmp/x", "--finetuned", ""], "--finetuned: expected a model name, folder or hub id"),
+    (["dllm-bench", "--model", ""], "--model: expected a model name, folder or hub id, got an empty string"),
     (["dllm-bench", "--num-problems", "0"], "--num-problems: expected an integer >= 1, got 0"),
     (
         ["dllm-bench", "--model", "tiny-mlm"],
@@ -202,6 +220,53 @@ def test_bad_input_ends_with_an_error_and_status_2(argv, message, capsys):
     assert code == 2
     assert "error: " in err and message in err and "Traceback" not in err
     assert "error: " in err.strip().splitlines()[-1], "nothing is printed after the error (no stray progress line)"
+
+
+# Found in the model's files (model_index.json, scheduler_config.json) or the arguments alone: refused before any model
+# loads (no loading bar, no header).
+BEFORE_LOADING = [
+    (
+        ["finetune-ase", "--model", "digits-dit", "--schedule", "garbage", "--out", "OUT"],
+        "Bad exit schedule 'garbage'",
+    ),
+    (
+        ["finetune-ase", "--model", "digits-dit-ase", "--schedule", "linear:6", "--out", "OUT"],
+        "digits-dit-ase already runs under an exit schedule; fine-tune the model it was made from.",
+    ),
+    (["train-uem", "--exit-blocks", "2,2", "--out", "OUT"], "--exit-blocks must be increasing block counts, got 2,2"),
+    (["train-uem", "--model", "digits-unet", "--out", "OUT"], "digits-unet has no transformer; exit heads are for"),
+    (
+        [
+            "calibrate",
+            "--model",
+            "digits-flux",
+            "--scheduler",
+            "ddim",
+            "--prompt",
+            "a handwritten one",
+            "--height",
+            "32",
+        ]
+        + ["--width", "32", "--tolerance", "0.1", "--out", "OUT"],
+        "The scheduler 'ddim' samples DDPM-trained models, but this model is flow-matching",
+    ),
+    (
+        ["bench", "--reference", "REF", "--inception-path", "EMPTY", "--num-samples", "2"],
+        "clean-fid's Inception network is missing",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, message", BEFORE_LOADING, ids=[" ".join(argv[:3]) for argv, _ in BEFORE_LOADING])
+def test_what_the_files_tell_is_refused_before_anything_loads(argv, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ref.npz").write_bytes(b"")
+    paths = {"OUT": tmp_path / "out", "REF": tmp_path / "ref.npz", "EMPTY": tmp_path / "empty"}
+    code = main([str(paths.get(part, part)) for part in argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert "Loading" not in err and not out, (out, err)
+    assert not (tmp_path / "out").exists()
 
 
 def _broken_copy(tmp_path, model, file, content):
@@ -241,11 +306,18 @@ LOAD_CASES = [
         "--methods: It looks like the config file at",
     ),
     (
-        "digits-dit-ase",
-        "exit_schedule/exit_schedule.json",
+        "digits-dit",
+        "transformer/config.json",
         b"nope",
         ["finetune-ase", "--schedule", "linear:6", "--out", "OUT"],
-        "exit_schedule/exit_schedule.json' is not a valid JSON file",
+        "transformer/config.json' is not a valid JSON file",
+    ),
+    (
+        "digits-dit",
+        "scheduler/scheduler_config.json",
+        b"nope",
+        ["calibrate", "--tolerance", "0.1", "--out", "OUT"],
+        "scheduler_config.json' is not a valid JSON file",
     ),
     (
         "digits-dit",

@@ -171,7 +171,7 @@ ASSET_CASES = [
     [
         "finetune-ase",
         "--model",
-        "digits-dit-ase",
+        "digits-dit",
         "--schedule",
         "linear:6",
         "--out",

@@ -84,6 +84,7 @@ from ..metrics import (
     round_speedups,
     time_interleaved,
 )
+from ..metrics.features import find_inception_weights
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import BlockWork, Method, Target, batch_rows, build_method
 from .noise_schedulers import SCHEDULERS, build_scheduler
@@ -428,6 +429,14 @@ class BenchConfig:
             )
         if self.reference is not None and Path(self.reference).is_dir():
             image_files(self.reference)  # every image readable, before anything is generated
+        if self.reference is None and (self.fid_backend is not None or self.inception_path is not None):
+            raise ValueError(
+                "A FID backend (--fid-backend) or Inception path (--inception-path) chooses how a reference "
+                "(--reference) is scored, and none was given; the digits models are scored against the held-out "
+                "digits in the digits network's features."
+            )
+        if self.fid_backend == "clean-fid" or self.inception_path is not None:
+            find_inception_weights(self.inception_path)  # the network is there, before anything is generated
         if self.grid not in ("zip", "product"):
             raise ValueError(f"`grid` must be 'zip' or 'product', got {self.grid!r}.")
         if self.grid == "zip" and len({len(self.scheduler), len(self.steps)} - {1}) > 1:

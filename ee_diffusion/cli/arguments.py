@@ -152,10 +152,17 @@ def _writable_place(path: Path, shown: str) -> None:
         raise argparse.ArgumentTypeError(f"cannot write {shown!r}: {str(existing)!r} is not a writable folder")
 
 
+def _path(text: str) -> Path:
+    """`text` as a path; an empty or blank one is refused (`Path("")` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
 def output_file(text: str) -> str:
     """A file the command will write at the end (its missing parent folders are created then): not a folder, and
     creatable or writable now."""
-    path = Path(text)
+    path = _path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
@@ -166,7 +173,7 @@ def output_file(text: str) -> str:
 
 def output_folder(text: str) -> str:
     """A folder the command will write into: an existing writable folder, or one that can be created."""
-    path = Path(text)
+    path = _path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     _writable_place(path, text)
@@ -246,13 +253,33 @@ def check_model_inputs(args: argparse.Namespace) -> Any:
     `ee_diffusion.bench.harness.PipelineInputs`, or `None` when that is known only once the pipeline is loaded (then
     the command checks it there)."""
     from ..bench.harness import pipeline_inputs_of_model
+    from ..bench.noise_schedulers import build_scheduler
 
     inputs = pipeline_inputs_of_model(args.model)
     if inputs is not None:
         inputs.check(args.model, args.prompts, args.height, args.width, args.guidance_scale)
         if args.guidance_scale is None:  # recorded as the value it is (JSON, calibration.json)
             args.guidance_scale = GUIDANCE_SCALE if inputs.conditioning == "class_labels" else inputs.default_guidance
+    scheduler_config = _scheduler_config(args.model)
+    names = getattr(args, "scheduler", None) or []
+    for name in [names] if isinstance(names, str) else names:
+        if scheduler_config is not None:
+            build_scheduler(name, scheduler_config)  # one that does not fit the model is refused before it loads
     return inputs
+
+
+def _scheduler_config(model: str) -> dict | None:
+    """The scheduler config in a local or shipped pipeline folder, or `None` (a hub id, a random model)."""
+    from diffusers import DDPMScheduler
+
+    from ..pipelines.loading import resolve_pretrained
+
+    if model.startswith("random:"):
+        return None
+    folder = Path(resolve_pretrained(model))
+    if not (folder / "scheduler" / DDPMScheduler.config_name).is_file():
+        return None
+    return DDPMScheduler.load_config(str(folder), subfolder="scheduler")  # an error names a broken file
 
 
 def describe_inputs(args: argparse.Namespace, inputs: Any) -> str:
@@ -326,8 +353,16 @@ def optional_method_list(text: str) -> list[str]:
     return method_list(text) if text.strip() else []
 
 
+def model_name(text: str) -> str:
+    """A model: a shipped model's name, a pipeline folder or a hub id; checked for existence where it is loaded, but
+    never blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a model name, folder or hub id, got an empty string")
+    return text
+
+
 def existing_path(text: str) -> str:
     """A file or folder that exists."""
-    if not Path(text).exists():
+    if not _path(text).exists():
         raise argparse.ArgumentTypeError(f"no such file or folder: {text!r}")
     return text

@@ -127,14 +127,21 @@ def _methods(text: str) -> list[str]:
 
 
 def _language_model(text: str) -> str:
-    """A shipped language model's name or a folder that exists (checked before anything loads)."""
+    """A shipped language model's name or a folder holding one (`config.json`, `tokenizer.json`), checked before
+    anything loads."""
     from ..shipped import shipped_models
 
-    if text in shipped_models("tokenizer.json") or os.path.isdir(text):
+    if text in shipped_models("tokenizer.json"):
         return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is neither a shipped language model ({', '.join(shipped_models('tokenizer.json'))}) nor a folder"
-    )
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a shipped language model ({', '.join(shipped_models('tokenizer.json'))}) nor a "
+            "folder"
+        )
+    missing = [name for name in ("config.json", "tokenizer.json") if not os.path.isfile(os.path.join(text, name))]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no language model: no {' or '.join(missing)} in it")
+    return text
 
 
 def _train_mdlm_arguments(train: argparse.ArgumentParser) -> None:
@@ -196,7 +203,7 @@ def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
     from ..dllm.methods import CACHE_MODES, METHODS
     from ..dllm.tasks import TASKS
 
-    bench.add_argument("--model", default=TINY_MDLM, help="shipped model name, folder or hub id")
+    bench.add_argument("--model", type=arg.model_name, default=TINY_MDLM, help="shipped model name, folder or hub id")
     bench.add_argument(
         "--tasks",
         type=arg.names(TASKS),

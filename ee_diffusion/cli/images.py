@@ -48,6 +48,14 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_side(text: str) -> int:
+    """The latent side of `speed`'s DiT: an even integer of at least 2 (its patches are 2 x 2)."""
+    side = arg.integer(2)(text)
+    if side % 2:
+        raise argparse.ArgumentTypeError(f"expected an even number (the DiT's patches are 2 x 2), got {side}")
+    return side
+
+
 def _speed_arguments(speed: argparse.ArgumentParser) -> None:
     speed.add_argument(
         "--schedule",
@@ -59,7 +67,9 @@ def _speed_arguments(speed: argparse.ArgumentParser) -> None:
     speed.add_argument("--num-layers", type=arg.integer(1), default=12, help="DiT blocks")
     speed.add_argument("--heads", type=arg.integer(1), default=6, help="attention heads")
     speed.add_argument("--head-dim", type=arg.integer(1), default=64, help="channels per head")
-    speed.add_argument("--sample-size", type=arg.integer(2), default=32, help="latent side (tokens = (side / 2) ** 2)")
+    speed.add_argument(
+        "--sample-size", type=_latent_side, default=32, help="latent side, even (tokens = (side / 2) ** 2)"
+    )
     speed.add_argument("--batch-size", type=arg.integer(1), default=2, help="latents per denoising loop")
     speed.add_argument("--steps", type=arg.integer(1), default=25, help="DPM-Solver++ steps")
     speed.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds")
@@ -156,6 +166,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     schedulers = list(SCHEDULERS)
     bench.add_argument(
         "--model",
+        type=arg.model_name,
         default="digits-dit",
         help="shipped model name, folder, hub id, or random:dit-xl-2 "
         "/ random:dit-tiny (randomly initialised DiT, no VAE, speed only)",

@@ -101,7 +101,9 @@ def _add_probe_arguments(command: argparse.ArgumentParser) -> None:
     """The options `calibrate` and `sweep` share: the model and scheduler, and the probes' guidance, count and seed."""
     from ..bench.noise_schedulers import SCHEDULERS
 
-    command.add_argument("--model", default="digits-dit", help="shipped model name, pipeline folder or hub id")
+    command.add_argument(
+        "--model", type=arg.model_name, default="digits-dit", help="shipped model name, pipeline folder or hub id"
+    )
     command.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm-solver++", help="the plans' scheduler")
     arg.add_guidance(command)
     arg.add_inputs(command, "the probes (and, in sweep, the bench's images)")
@@ -232,6 +234,7 @@ def _sweep_arguments(sweep: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument(
         "--finetuned",
+        type=arg.model_name,
         default="auto",
         metavar="MODEL",
         help="an ASE fine-tuned model of the same shape, benched under its schedule and under plans "

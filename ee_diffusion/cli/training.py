@@ -226,19 +226,24 @@ def _flux_accuracies(
     return rows
 
 
-def _is_flux(model: str) -> bool:
-    """Whether `model` (a shipped name, folder or hub id) is a Flux pipeline, by its `model_index.json` alone."""
+def _model_index(model: str) -> dict:
+    """The `model_index.json` of `model` (a shipped name, folder or hub id), read before anything loads."""
     from diffusers import DiffusionPipeline
 
     from ..pipelines.loading import resolve_pretrained
 
-    return DiffusionPipeline.load_config(resolve_pretrained(model))["_class_name"].endswith("FluxPipeline")
+    return DiffusionPipeline.load_config(resolve_pretrained(model))
 
 
 def _finetune_ase(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder
+    from ..schedules import ExitSchedule
 
-    flux = _is_flux(args.model)
+    ExitSchedule.check_spec(args.schedule)
+    index = _model_index(args.model)
+    if (index.get("exit_schedule") or [None])[0] is not None:
+        raise ValueError(f"{args.model} already runs under an exit schedule; fine-tune the model it was made from.")
+    flux = index["_class_name"].endswith("FluxPipeline")
     if flux and args.loss_weight == "min-snr":
         raise ValueError(
             f"--loss-weight min-snr weighs DDPM noise levels; {args.model} is a flow-matching model, whose loss is "
@@ -276,6 +281,7 @@ def _finetune_denoiser(args: argparse.Namespace, torch) -> None:
         freeze_timestep_embedding=True,
         class_dropout=args.class_dropout,
         loss_weight=args.loss_weight or "min-snr",
+        target=args.target,
     )
     print(f"ee-diffusion finetune-ase: {args.model} under {schedule.describe()} ({config.steps} steps)")
     with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
@@ -314,8 +320,6 @@ def _finetune_flux(args: argparse.Namespace, torch) -> None:
     from ..training.digits_text import TEXT_LENGTH
 
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
-    if pipe.exit_schedule is not None:
-        raise ValueError(f"{args.model} already runs under an exit schedule; fine-tune the model it was made from.")
     schedule = ExitSchedule.from_spec(args.schedule, num_exit_blocks(pipe.transformer))
     config = _train_config(
         args,
@@ -360,6 +364,10 @@ def _train_uem(args: argparse.Namespace) -> int:
     from ..training import save_digits_pipeline, train_exit_heads
     from ..training.digits_models import save_safetensors_in_half
 
+    if args.exit_blocks is not None and args.exit_blocks != sorted(set(args.exit_blocks)):
+        raise ValueError(f"--exit-blocks must be increasing block counts, got {','.join(map(str, args.exit_blocks))}.")
+    if "transformer" not in _model_index(args.model):
+        raise ValueError(f"{args.model} has no transformer; exit heads are for transformer denoisers (DiT).")
     check_output_folder(args.out, EXIT_HEADS, overwrite=args.overwrite, resume=args.resume)
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
@@ -433,7 +441,9 @@ def _add_training_arguments(
     command.add_argument("--batch-size", type=arg.integer(1), default=batch, help="images per step")
     command.add_argument("--lr", type=arg.number(0, low_open=True), default=lr, help="peak AdamW learning rate")
     command.add_argument("--warmup-steps", type=arg.integer(0), default=warmup, help="linear learning-rate warm-up")
-    command.add_argument("--ema-decay", type=arg.number(0, 1, high_open=True), default=0.999, help="EMA decay, [0, 1)")
+    command.add_argument(
+        "--ema-decay", type=arg.number(0, 1, low_open=True, high_open=True), default=0.999, help="EMA decay, (0, 1)"
+    )
     if loss_weight is not None:
         command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
     command.add_argument("--checkpoint-every", type=arg.integer(1), default=250, help="steps between checkpoints")
@@ -520,7 +530,12 @@ def _flux_arguments(train: argparse.ArgumentParser) -> None:
 
 
 def _finetune_arguments(finetune: argparse.ArgumentParser) -> None:
-    finetune.add_argument("--model", required=True, help="pipeline folder to start from (a digits DiT, U-Net or Flux)")
+    finetune.add_argument(
+        "--model",
+        type=arg.model_name,
+        required=True,
+        help="pipeline folder to start from (a digits DiT, U-Net or Flux)",
+    )
     finetune.add_argument("--schedule", required=True, help="linear:M, cosine:M, step:d1,... or a schedule folder")
     finetune.add_argument(
         "--class-dropout",
@@ -555,7 +570,9 @@ def _finetune_arguments(finetune: argparse.ArgumentParser) -> None:
 
 
 def _uem_arguments(uem: argparse.ArgumentParser) -> None:
-    uem.add_argument("--model", default="digits-dit", help="shipped model name or pipeline folder (a DiT)")
+    uem.add_argument(
+        "--model", type=arg.model_name, default="digits-dit", help="shipped model name or pipeline folder (a DiT)"
+    )
     uem.add_argument("--joint", action="store_true", help="train the model with the heads (default: frozen model)")
     uem.add_argument("--uncertainty-weight", type=arg.number(0), default=1.0, help="lambda, the weight of L_u")
     uem.add_argument("--layerwise-weight", type=arg.number(0), default=1.0, help="beta, the weight of L_UAL")

@@ -34,15 +34,21 @@ def test_train_then_finetune_ase_writes_pipeline_folders(tmp_path):
                 "4",
                 "--threads",
                 "1",
+                "--target",
+                "teacher",
             ]
         )
         == 0
     )
+    assert torch.load(tuned / "checkpoint.pt", weights_only=False)["config"]["target"] == "teacher"
     pipe = load_early_exit_pipeline(str(tuned))
     assert isinstance(pipe, EarlyExitDiTPipeline) and pipe.vae is None
     assert pipe.exit_schedule == ExitSchedule.step(12, [12, 10, 8, 6])
     assert json.loads((tuned / "exit_schedule" / "exit_schedule.json").read_text())["table"] == [12, 10, 8, 6]
-    assert "ASE fine-tuned from" in (tuned / "README.md").read_text()
+    assert (
+        "ASE fine-tuned from" in (tuned / "README.md").read_text()
+        and "--target teacher" in (tuned / "README.md").read_text()
+    )
 
 
 def test_train_records_the_prediction_type_and_finetune_ase_keeps_it(tmp_path):
