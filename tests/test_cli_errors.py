@@ -176,6 +176,10 @@ CASES = [
     (["sweep", "--out", "/tmp/x", "--finetuned", "nowhere"], "No model 'nowhere'"),
     (["sweep", "--out", "/tmp/x", "--model", "digits-unet", "--finetuned", "digits-unet"], "another model than"),
     (
+        ["sweep", "--out", "/tmp/x", "--finetuned", "digits-unet-ase"],
+        "'digits-unet-ase' is a UNet2DPipeline, 'digits-dit' a DiTPipeline",
+    ),
+    (
         ["bench", "--fid-backend", "clean-fid", "--num-samples", "2"],
         "A FID backend (--fid-backend) or Inception path (--inception-path) chooses how a reference (--reference)",
     ),

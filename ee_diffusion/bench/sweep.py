@@ -40,6 +40,20 @@ from .report import BenchRow, pareto_front, rows_as_dicts, similarity_note
 QUALITY_LEVELS = (0.05, 0.10, 0.20)
 
 
+def _pipeline_kind(model: str) -> str | None:
+    """The pipeline class `model_index.json` names, without the drop-ins' `EarlyExit` prefix (`None`: not known before
+    loading)."""
+    from diffusers import DiffusionPipeline
+
+    from ..pipelines.loading import resolve_pretrained
+
+    try:
+        name = DiffusionPipeline.load_config(resolve_pretrained(model)).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return name.removeprefix("EarlyExit") if name else None
+
+
 @dataclass
 class SweepConfig:
     """What `run_sweep` measures (the bench settings are `BenchConfig`'s; `guidance_scale=None`: the pipeline's
@@ -80,6 +94,12 @@ class SweepConfig:
 
             if resolve_pretrained(self.finetuned) == resolve_pretrained(self.model):
                 raise ValueError(f"`finetuned` must be another model than `model`, got {self.finetuned!r} for both.")
+            kinds = {name: _pipeline_kind(name) for name in (self.model, self.finetuned)}
+            if None not in kinds.values() and len(set(kinds.values())) > 1:
+                raise ValueError(
+                    f"`finetuned` must be a model of the same kind as `model`: {self.finetuned!r} is a "
+                    f"{kinds[self.finetuned]}, {self.model!r} a {kinds[self.model]}."
+                )
         from .method_specs import METHOD_KINDS, check_method
 
         ours = ("baseline", "ase", "finetuned", "deediff")
