@@ -38,6 +38,7 @@ CASES = [
     (["bench", "--reference", "/no/such/reference"], "--reference: no such file or folder"),
     (["bench", "--reference", "README.md"], "No reference at README.md"),
     (["bench", "--model", "digits-ditt"], "No model 'digits-ditt': it is not a shipped model"),
+    (["bench", "--model", "random:foo"], "Unknown random model 'random:foo'; accepted: ['random:dit-xl-2'"),
     (["bench", "--methods", "baseline,ase:linear:-0.5", "--num-samples", "2"], "Bad exit schedule 'linear:-0.5'"),
     # every accelerator argument against what the method means, at parse time (no model loads)
     (["bench", "--methods", ""], "--methods: Give at least one method."),

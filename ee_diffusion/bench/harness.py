@@ -310,6 +310,7 @@ def pipeline_inputs_of_model(model: str) -> PipelineInputs | None:
     from ..pipelines.loading import resolve_pretrained
 
     if model.startswith("random:"):
+        check_random_model(model)
         return pipeline_inputs(EarlyExitDiTPipeline)
     resolved = resolve_pretrained(model)
     if Path(resolved).is_dir():
@@ -503,12 +504,17 @@ def process_state(device: str) -> PartialState:
     return PartialState(cpu=torch.device(device).type == "cpu")
 
 
+def check_random_model(model: str) -> None:
+    """Refuse a `random:` model name that is not one of `RANDOM_MODELS`."""
+    if model.startswith("random:") and model.removeprefix("random:") not in RANDOM_MODELS:
+        raise ValueError(f"Unknown random model {model!r}; accepted: {['random:' + n for n in RANDOM_MODELS]}.")
+
+
 def load_pipe(model: str, config: BenchConfig, device: torch.device) -> Any:
     """The pipeline of a bench model, on `device` in the config's dtype, compiled / with xformers as asked."""
     if model.startswith("random:"):
         name = model.removeprefix("random:")
-        if name not in RANDOM_MODELS:
-            raise ValueError(f"Unknown random model {model!r}; accepted: {['random:' + n for n in RANDOM_MODELS]}.")
+        check_random_model(model)
         torch.manual_seed(0)
         transformer = DiTTransformer2DModel(**RANDOM_MODELS[name], in_channels=4, out_channels=8).eval()
         # torch's own cast: diffusers' `to(dtype)` warns of float32 modules even when a model has none
