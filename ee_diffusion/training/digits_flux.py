@@ -12,7 +12,6 @@ of 8 to 512 tokens); `max_sequence_length=8` is the fast one (the default 512 ru
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..data.digits import DIGITS_IMAGE_SIZE, NUM_CLASSES, DigitsSplit, digit_pro
 from ..outputs import refuse_shipped
 from ..schedules import ExitSchedule
 from .config import TrainConfig
-from .digits_models import save_safetensors_in_half
+from .digits_models import drop_loaded_paths, save_safetensors_in_half
 from .digits_text import (
     TEXT_HIDDEN_SIZE,
     TEXT_LENGTH,
@@ -268,9 +267,7 @@ def save_digits_flux_pipeline(pipe: FluxPipeline, out_dir: str | Path, card: str
     out = Path(out_dir)
     refuse_shipped(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    index = json.loads((out / "model_index.json").read_text())
-    if index.pop("_name_or_path", None) is not None:  # the folder a loaded pipeline came from is not the model's
-        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    drop_loaded_paths(out)
     for component in ("transformer", "vae"):
         save_safetensors_in_half(out / component, "*.safetensors")
     prefix_clip_weights(out / "text_encoder")

@@ -9,6 +9,7 @@ with 50-step DPM-Solver++ by default (any diffusers scheduler can be swapped in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -96,10 +97,20 @@ def save_digits_pipeline(
     else:
         pipe = EarlyExitUNet2DPipeline(unet=denoiser, scheduler=scheduler, exit_schedule=exit_schedule)
     pipe.save_pretrained(out_dir, variant=None, safe_serialization=True)
+    drop_loaded_paths(Path(out_dir))
     save_safetensors_in_half(Path(out_dir), "*/*.safetensors")
     if card is not None:
         (Path(out_dir) / "README.md").write_text(card)
     return pipe
+
+
+def drop_loaded_paths(folder: Path) -> None:
+    """Take `_name_or_path` (the folder a loaded pipeline or component came from, not the model's) out of a saved
+    pipeline folder's `model_index.json` and components' `config.json`."""
+    for path in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_safetensors_in_half(folder: Path, pattern: str) -> None:

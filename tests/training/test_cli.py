@@ -45,6 +45,7 @@ def test_train_then_finetune_ase_writes_pipeline_folders(tmp_path):
     assert isinstance(pipe, EarlyExitDiTPipeline) and pipe.vae is None
     assert pipe.exit_schedule == ExitSchedule.step(12, [12, 10, 8, 6])
     assert json.loads((tuned / "exit_schedule" / "exit_schedule.json").read_text())["table"] == [12, 10, 8, 6]
+    assert "_name_or_path" not in json.loads((tuned / "transformer" / "config.json").read_text())  # where base was
     assert (
         "ASE fine-tuned from" in (tuned / "README.md").read_text()
         and "--target teacher" in (tuned / "README.md").read_text()
