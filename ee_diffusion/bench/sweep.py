@@ -43,12 +43,10 @@ QUALITY_LEVELS = (0.05, 0.10, 0.20)
 def _pipeline_kind(model: str) -> str | None:
     """The pipeline class `model_index.json` names, without the drop-ins' `EarlyExit` prefix (`None`: not known before
     loading)."""
-    from diffusers import DiffusionPipeline
-
-    from ..pipelines.loading import resolve_pretrained
+    from ..pipelines.loading import model_index
 
     try:
-        name = DiffusionPipeline.load_config(resolve_pretrained(model)).get("_class_name")
+        name = model_index(model).get("_class_name")
     except (OSError, ValueError):
         return None
     return name.removeprefix("EarlyExit") if name else None

@@ -262,8 +262,8 @@ def check_model_inputs(args: argparse.Namespace) -> Any:
             args.guidance_scale = GUIDANCE_SCALE if inputs.conditioning == "class_labels" else inputs.default_guidance
     scheduler_config = _scheduler_config(args.model)
     names = getattr(args, "scheduler", None) or []
-    for name in [names] if isinstance(names, str) else names:
-        if scheduler_config is not None:
+    if scheduler_config is not None:
+        for name in [names] if isinstance(names, str) else names:
             build_scheduler(name, scheduler_config)  # one that does not fit the model is refused before it loads
     return inputs
 

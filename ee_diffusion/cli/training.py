@@ -226,21 +226,13 @@ def _flux_accuracies(
     return rows
 
 
-def _model_index(model: str) -> dict:
-    """The `model_index.json` of `model` (a shipped name, folder or hub id), read before anything loads."""
-    from diffusers import DiffusionPipeline
-
-    from ..pipelines.loading import resolve_pretrained
-
-    return DiffusionPipeline.load_config(resolve_pretrained(model))
-
-
 def _finetune_ase(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder
+    from ..pipelines.loading import model_index
     from ..schedules import ExitSchedule
 
     ExitSchedule.check_spec(args.schedule)
-    index = _model_index(args.model)
+    index = model_index(args.model)
     if (index.get("exit_schedule") or [None])[0] is not None:
         raise ValueError(f"{args.model} already runs under an exit schedule; fine-tune the model it was made from.")
     flux = index["_class_name"].endswith("FluxPipeline")
@@ -361,12 +353,13 @@ def _train_uem(args: argparse.Namespace) -> int:
     from ..exits import ExitHeads, denoiser_of, exit_units
     from ..outputs import check_output_folder, staged_folder
     from ..pipelines import load_early_exit_pipeline
+    from ..pipelines.loading import model_index
     from ..training import save_digits_pipeline, train_exit_heads
     from ..training.digits_models import save_safetensors_in_half
 
     if args.exit_blocks is not None and args.exit_blocks != sorted(set(args.exit_blocks)):
         raise ValueError(f"--exit-blocks must be increasing block counts, got {','.join(map(str, args.exit_blocks))}.")
-    if "transformer" not in _model_index(args.model):
+    if "transformer" not in model_index(args.model):
         raise ValueError(f"{args.model} has no transformer; exit heads are for transformer denoisers (DiT).")
     check_output_folder(args.out, EXIT_HEADS, overwrite=args.overwrite, resume=args.resume)
     torch = arg.torch_with_threads(args.threads)

@@ -41,6 +41,14 @@ def resolve_pretrained(name: str | Path, marker: str = "model_index.json") -> st
     )
 
 
+def model_index(pretrained: str | Path) -> dict[str, Any]:
+    """The `model_index.json` of a shipped model name, pipeline folder or hub id, read without loading anything."""
+    pretrained = resolve_pretrained(pretrained)
+    if Path(pretrained).is_dir() and not (Path(pretrained) / "model_index.json").is_file():
+        raise ValueError(f"{pretrained} has no model_index.json: it is not a diffusers pipeline folder.")
+    return DiffusionPipeline.load_config(pretrained)
+
+
 def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipeline:
     """Load a shipped model name, pipeline folder or hub id with the early-exit class its `model_index.json` names.
 
@@ -50,9 +58,7 @@ def load_early_exit_pipeline(pretrained: str, **kwargs: Any) -> DiffusionPipelin
     takes a schedule as it is: `apply_exit_schedule(DiffusionPipeline.from_pretrained(folder), schedule)`.
     """
     pretrained = resolve_pretrained(pretrained)
-    if Path(pretrained).is_dir() and not (Path(pretrained) / "model_index.json").is_file():
-        raise ValueError(f"{pretrained} has no model_index.json: it is not a diffusers pipeline folder.")
-    class_name = DiffusionPipeline.load_config(pretrained)["_class_name"]
+    class_name = model_index(pretrained)["_class_name"]
     cls = _DROP_INS.get(class_name) or _BY_PARENT.get(class_name)
     if cls is None:
         supported = sorted({*_DROP_INS, *_BY_PARENT})
