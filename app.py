@@ -471,18 +471,38 @@ def _read_bench(path: str | None) -> tuple:
         report = json.loads(Path(path).read_text())
         names = {field.name for field in fields(BenchRow)}
         rows = [BenchRow(**{key: value for key, value in row.items() if key in names}) for row in report["rows"]]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        notes = report.get("notes") or {}
+        for row in rows:
+            _check_bench_row(row)
+            row.note = notes.get(row.method)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ValueError):
         raise ValueError(
             f"{Path(path).name} is not a bench JSON (`ee-diffusion bench --json` writes one: an object "
             "with the rows of the table under 'rows')."
         ) from None
-    for row in rows:
-        row.note = report.get("notes", {}).get(row.method)
     columns = [key for key in ROW_KEYS if key != "depth_per_step"]
     table = [[getattr(row, key) for key in columns] for row in rows]
     image = Path(tempfile.mkdtemp()) / "bench.png"
     plot(str(image), rows)
     return pandas.DataFrame(table, columns=columns), str(image)
+
+
+def _check_bench_row(row: Any) -> None:
+    """Raise a `ValueError` unless a row read from a bench JSON holds what the bench writes: a text method, numbers
+    (or nothing) where it writes numbers, and numbers per step for `depth_per_step`."""
+
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    numeric = ("steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s", "timing_spread", "speedup")
+    numeric += ("block_fraction", "peak_memory_mb", "psnr", "ssim")
+    depths = row.depth_per_step
+    if (
+        not isinstance(row.method, str)
+        or not all(number(getattr(row, key)) for key in numeric)
+        or not (depths is None or (isinstance(depths, list) and all(number(d) and d is not None for d in depths)))
+    ):
+        raise ValueError(f"not a bench row: {row}")
 
 
 def build_demo() -> gr.Blocks:
@@ -584,8 +604,12 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **launch_kwargs: A
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    serve(args.host, args.port)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        serve(args.host, args.port)
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        parser.error(f"cannot serve on {args.host}:{args.port}: {error}")
 
 
 if __name__ == "__main__":

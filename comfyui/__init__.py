@@ -28,6 +28,12 @@ TOOLTIPS = {
     "schedule_folder": "Optional: a folder holding an exit_schedule.json saved by ee-diffusion (e.g. a calibrated "
     "schedule); it must be made for this model's block count.",
 }
+# The number inputs, for either schema: name -> (default, min, step); each at most 1.0.
+NUMBERS = {
+    "min_depth_fraction": (0.5, 0.01, 0.01),
+    "start_percent": (0.0, 0.0, 0.001),
+    "end_percent": (1.0, 0.0, 0.001),
+}
 
 try:
     from comfy_api.v0_0_2 import ComfyExtension, io
@@ -49,19 +55,9 @@ if io is not None:
                 inputs=[
                     io.Model.Input("model"),
                     io.Combo.Input("shape", options=list(NODE_SHAPES), default="linear", tooltip=TOOLTIPS["shape"]),
-                    io.Float.Input(
-                        "min_depth_fraction",
-                        default=0.5,
-                        min=0.01,
-                        max=1.0,
-                        step=0.01,
-                        tooltip=TOOLTIPS["min_depth_fraction"],
-                    ),
-                    io.Float.Input(
-                        "start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=TOOLTIPS["start_percent"]
-                    ),
-                    io.Float.Input(
-                        "end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=TOOLTIPS["end_percent"]
+                    *(
+                        io.Float.Input(name, default=default, min=low, max=1.0, step=step, tooltip=TOOLTIPS[name])
+                        for name, (default, low, step) in NUMBERS.items()
                     ),
                     io.String.Input("schedule_folder", default="", optional=True, tooltip=TOOLTIPS["schedule_folder"]),
                 ],
@@ -98,16 +94,15 @@ else:
 
         @classmethod
         def INPUT_TYPES(cls) -> dict:
-            def number(default: float, low: float) -> tuple:
-                return ("FLOAT", {"default": default, "min": low, "max": 1.0, "step": 0.001})
-
+            numbers = {
+                name: ("FLOAT", {"default": default, "min": low, "max": 1.0, "step": step, "tooltip": TOOLTIPS[name]})
+                for name, (default, low, step) in NUMBERS.items()
+            }
             return {
                 "required": {
                     "model": ("MODEL",),
                     "shape": (list(NODE_SHAPES), {"default": "linear", "tooltip": TOOLTIPS["shape"]}),
-                    "min_depth_fraction": number(0.5, 0.01),
-                    "start_percent": number(0.0, 0.0),
-                    "end_percent": number(1.0, 0.0),
+                    **numbers,
                 },
                 "optional": {"schedule_folder": ("STRING", {"default": "", "tooltip": TOOLTIPS["schedule_folder"]})},
             }

@@ -62,11 +62,13 @@ from .exits import (
     scheduler_timesteps,
 )
 from .exits.scheduler_steps import check_scheduler_steps_over
-from .outputs import staged_folder
+from .outputs import OutputKind, check_output_folder, staged_folder
 from .schedules import DROP, REUSE, ExitSchedule, action_blocks, cached_tail
-from .validation import as_int, as_number
+from .validation import as_flag, as_int, as_number
 
 CALIBRATION_FILE = "calibration.json"
+# What a calibration's folder holds (`Calibration.save_pretrained`, `ee-diffusion calibrate --out`).
+CALIBRATION_OUTPUT = OutputKind("ee-diffusion calibrate", ("exit_schedule.json", CALIBRATION_FILE))
 # The cached tails the calibrator tries: after the first block or two (DBCache's usual `Fn`).
 TAIL_BLOCKS = (1, 2)
 # The cheaper actions a step may take by default, besides shallower depths. Cached tails are left out: they lower the
@@ -141,7 +143,9 @@ class Calibration:
     def save_pretrained(self, folder: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
         """Write the plan (`exit_schedule.json`) and the record of the calibration (`calibration.json`: `settings`,
         such as the command, model and guidance, then every plan measured) to `folder`, written whole and then put
-        in place (`ee_diffusion.outputs.staged_folder`)."""
+        in place (`ee_diffusion.outputs.staged_folder`). A folder that holds other files than an earlier calibration's
+        is refused (a `ValueError`), as it would be replaced."""
+        check_output_folder(folder, CALIBRATION_OUTPUT, overwrite=True)
         report = {
             **(settings or {}),
             "steps": self.steps,
@@ -200,7 +204,8 @@ class PlanCalibrator:
     ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
-        self.pipe, self.call_kwargs, self.seed, self.progress = pipe, call_kwargs, seed, progress
+        self.pipe, self.call_kwargs = pipe, call_kwargs
+        self.seed, self.progress = as_int("seed", seed), as_flag("progress", progress)
         self.num_inference_steps = as_int("num_inference_steps", num_inference_steps, low=2)
         self.reference_steps = (
             self.num_inference_steps if reference_steps is None else as_int("reference_steps", reference_steps, low=2)
@@ -504,6 +509,8 @@ def calibrate_plan(
         raise ValueError(f"`target_compute` must lie in (0, 1], got {target_compute!r}.")
     if num_inference_steps is None and reference_steps is None:
         raise ValueError("Without `num_inference_steps`, give `reference_steps`: the step count plans are held to.")
+    if num_inference_steps is not None:
+        as_int("num_inference_steps", num_inference_steps, low=2)
     reference = as_int("reference_steps", reference_steps if reference_steps is not None else num_inference_steps, 2)
     counts = [num_inference_steps] if num_inference_steps is not None else _step_counts(reference, target_compute)
     found = []

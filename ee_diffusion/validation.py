@@ -35,3 +35,13 @@ def as_number(name: str, value: Any, low: float | None = None) -> float:
     if not math.isfinite(value) or (low is not None and value < low):
         raise ValueError(f"`{name}` must be a finite number{'' if low is None else f' >= {low:g}'}, got {value!r}.")
     return float(value)
+
+
+def as_flag(name: str, value: Any) -> bool:
+    """`value` as a Python bool (a bool, or a numpy / torch bool scalar); anything else is a `TypeError`, so that a
+    string such as "no" is never read as true."""
+    if isinstance(value, bool):
+        return value
+    if getattr(value, "dtype", None) is not None and str(value.dtype) in ("bool", "torch.bool") and value.ndim == 0:
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {value!r}.")

@@ -388,3 +388,41 @@ def test_a_bad_gradio_server_port_is_a_usage_error(monkeypatch, capsys, no_serve
         env={**os.environ, "GRADIO_SERVER_PORT": value},
     )
     assert script.returncode == 2 and message in script.stderr and "Traceback" not in script.stderr
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"notes": ["a list"]},
+        {"rows": [{"method": "baseline", "images_per_s": "fast"}]},
+        {"rows": [{"method": "baseline", "depth_per_step": "abc"}]},
+    ],
+)
+def test_the_bench_tab_refuses_a_json_whose_rows_or_notes_are_not_the_benchs(tmp_path, change):
+    from ee_diffusion.bench.report import BenchRow, write_json
+
+    row = BenchRow("baseline", "digits-dit", "dpm-solver++", 10, 100, 8.0, 0.1, 0.95, 4.0, 0.02, 1.0, 1.0, None)
+    write_json(str(tmp_path / "bench.json"), {}, [row])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    if "rows" in change:
+        report["rows"] = [{**report["rows"][0], **change["rows"][0]}]
+    else:
+        report.update(change)
+    (tmp_path / "bench.json").write_text(json.dumps(report))
+    with pytest.raises(gr.Error, match="bench.json is not a bench JSON"):
+        app.read_bench(str(tmp_path / "bench.json"))
+    report.pop("notes")
+    report["rows"] = [json.loads(json.dumps(row.__dict__))]
+    (tmp_path / "bench.json").write_text(json.dumps(report))  # without notes: a bench JSON still
+    assert len(app.read_bench(str(tmp_path / "bench.json"))[0]) == 1
+
+
+def test_a_port_that_cannot_be_served_is_a_usage_error(monkeypatch, capsys):
+    def taken(host, port):
+        raise OSError(f"Cannot find empty port in range: {port}-{port}.")
+
+    monkeypatch.setattr(app, "serve", taken)
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--port", "7999"])
+    assert exit_.value.code == 2
+    assert "error: cannot serve on 127.0.0.1:7999: Cannot find empty port" in capsys.readouterr().err

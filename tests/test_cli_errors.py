@@ -214,7 +214,24 @@ CASES = [
     (["dllm-bench", "--num-problems", "0"], "--num-problems: expected an integer >= 1, got 0"),
     (
         ["dllm-bench", "--model", "tiny-mlm"],
-        "No model 'tiny-mlm': it is not a shipped model (tiny-mdlm, tiny-mdlm-puzzles)",
+        "--model: 'tiny-mlm' is neither a shipped language model (tiny-mdlm, tiny-mdlm-puzzles) nor a folder nor a "
+        "hub id (org/name)",
+    ),
+    (["dllm-bench", "--model", "/no/such/model"], "--model: '/no/such/model' is neither a shipped language model"),
+    (
+        ["dllm-bench", "--model", str(SHIPPED / "digits-dit")],
+        "holds no language model: no config.json or tokenizer.json",
+    ),
+    (["dllm-bench", "--plot", "front.txt"], "--plot: 'front.txt': a plot is written as one of"),
+    (["dllm-bench", "--plot", "front"], "--plot: 'front': a plot is written as one of"),
+    (["bench", "--plot", "front.txt"], "--plot: 'front.txt': a plot is written as one of"),
+    (
+        ["dllm-bench", "--json", "same.png", "--plot", "same.png"],
+        "Each output needs a file of its own; got --json same.png, --plot same.png",
+    ),
+    (
+        ["train-mdlm", "--out", "/tmp/x", "--steps", "1", "--stop-at", "5"],
+        "Step 5 (--stop-at) is past the run's last step (--steps 1)",
     ),
 ]
 

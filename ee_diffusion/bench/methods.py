@@ -101,10 +101,10 @@ from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.cache_utils import CacheMixin
 
-from ..exits import denoiser_of, exit_schedule_in_force, exit_units, num_exit_blocks, own_exit_schedule
+from ..exits import denoiser_of, exit_schedule_in_force, exit_units, num_exit_blocks
 from ..exits.scheduler_steps import check_scheduler_steps_over
 from ..pipelines.class_conditional import null_class_label
-from ..schedules import DROP, ExitSchedule
+from ..schedules import ExitSchedule
 from .method_specs import METHOD_KINDS, DBCacheArguments, kind_of
 
 
@@ -136,16 +136,10 @@ def _scheduled(schedule: ExitSchedule | None) -> Session:
 
 
 def _exit_work(pipe: Any) -> Work:
-    """The work of the calls made under the pipeline's exit schedule or exit heads, from its `exit_stats`: a share of
-    the calls a full run makes, so a plan's dropped steps, which make no call, count as steps that ran no block."""
-
-    def fraction() -> float:
-        schedule = own_exit_schedule(pipe)
-        actions = schedule.config.depths if schedule is not None and schedule.drops else ()
-        return pipe.exit_stats.block_fraction * (1 - actions.count(DROP) / len(actions) if actions else 1.0)
-
+    """The work of the calls made under the pipeline's exit schedule or exit heads, from its `exit_stats` (a plan's
+    dropped steps, which make no call, count there as steps that ran no block)."""
     return Work(
-        fraction,
+        lambda: pipe.exit_stats.block_fraction,
         lambda: [sum(call.depths) / len(call.depths) for call in pipe.exit_stats.calls],
     )
 

@@ -171,6 +171,20 @@ def output_file(text: str) -> str:
     return text
 
 
+def plot_file(text: str) -> str:
+    """An `output_file` for a matplotlib figure: its extension names a format matplotlib writes (`.png`, `.svg`,
+    `.pdf`, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(text).suffix.lstrip(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a plot is written as one of {', '.join(sorted(formats))}; give a file name ending in one "
+            "(e.g. .png)"
+        )
+    return output_file(text)
+
+
 def output_folder(text: str) -> str:
     """A folder the command will write into: an existing writable folder, or one that can be created."""
     path = _path(text)
@@ -331,9 +345,13 @@ def check_output_files(args: argparse.Namespace, *names: str) -> None:
     """Check each output file option of `names` that was given (`check_output_file`), before anything is loaded."""
     from ..outputs import check_output_file
 
-    for name in names:
-        if getattr(args, name, None):
-            check_output_file(getattr(args, name), overwrite=args.overwrite)
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None)}
+    for path in given.values():
+        check_output_file(path, overwrite=args.overwrite)
+    resolved = [Path(path).resolve() for path in given.values()]
+    if len(set(resolved)) < len(resolved):
+        options = ", ".join(f"--{name.replace('_', '-')} {path}" for name, path in given.items())
+        raise ValueError(f"Each output needs a file of its own; got {options}.")
 
 
 def method_list(text: str) -> list[str]:

@@ -31,6 +31,8 @@ MDLM = OutputKind(
 def _train_mdlm(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder, staged_folder
 
+    if args.stop_at is not None and args.stop_at > args.steps:
+        raise ValueError(f"Step {args.stop_at} (--stop-at) is past the run's last step (--steps {args.steps}).")
     check_output_folder(args.out, MDLM, overwrite=args.overwrite, resume=args.resume)
     arg.torch_with_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -56,15 +58,16 @@ def _train_mdlm_into(args: argparse.Namespace, folder: str) -> tuple[list[float]
         stop_at=args.stop_at,
     )
     losses = train_mdlm(config, device=args.device, workers=args.workers)
-    return losses, min(config.stop_at or config.steps, config.steps)
+    return losses, config.stop_at or config.steps
 
 
 def _dllm_bench(args: argparse.Namespace) -> int:
+    arg.check_output_files(args, "json", "plot")  # before anything heavy is imported
+
     from ..dllm.bench import best_rows, format_fronts, format_rows, plot_fronts, run_dllm_bench, write_json
     from ..dllm.methods import sweep_methods
     from ..pipelines import MaskedDiffusionLMPipeline
 
-    arg.check_output_files(args, "json", "plot")
     tasks = args.tasks or _trained_tasks(args.model)
     torch = arg.torch_with_threads(args.threads)
     pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
@@ -126,17 +129,20 @@ def _methods(text: str) -> list[str]:
     return [_method(spec) for spec in text.split(",")]
 
 
-def _language_model(text: str) -> str:
-    """A shipped language model's name or a folder holding one (`config.json`, `tokenizer.json`), checked before
-    anything loads."""
+def _language_model(text: str, hub: bool = False) -> str:
+    """A shipped language model's name or a folder holding one (`config.json`, `tokenizer.json`), or with `hub` a
+    hub id (`org/name`, read when it loads), checked before anything loads."""
     from ..shipped import shipped_models
 
     if text in shipped_models("tokenizer.json"):
         return text
     if not os.path.isdir(text):
+        looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.exists(text)
+        if hub and looks_like_hub_id:
+            return text
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a shipped language model ({', '.join(shipped_models('tokenizer.json'))}) nor a "
-            "folder"
+            f"folder{' nor a hub id (org/name)' if hub else ''}"
         )
     missing = [name for name in ("config.json", "tokenizer.json") if not os.path.isfile(os.path.join(text, name))]
     if missing:
@@ -203,7 +209,12 @@ def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
     from ..dllm.methods import CACHE_MODES, METHODS
     from ..dllm.tasks import TASKS
 
-    bench.add_argument("--model", type=arg.model_name, default=TINY_MDLM, help="shipped model name, folder or hub id")
+    bench.add_argument(
+        "--model",
+        type=lambda text: _language_model(arg.model_name(text), hub=True),
+        default=TINY_MDLM,
+        help="shipped model name, folder or hub id",
+    )
     bench.add_argument(
         "--tasks",
         type=arg.names(TASKS),
@@ -235,7 +246,9 @@ def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--seed", type=int, default=1234, help="seed of the problems")
     bench.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     bench.add_argument("--json", type=arg.output_file, help="also write the rows to this JSON file")
-    bench.add_argument("--plot", type=arg.output_file, help="also plot accuracy against NFE per task to this image")
+    bench.add_argument(
+        "--plot", type=arg.plot_file, help="also plot accuracy against NFE per task to this image (.png, .svg, ...)"
+    )
     arg.add_overwrite(bench, "the --json and --plot files")
 
 

@@ -238,7 +238,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", type=arg.output_file, help="write the config and rows to this JSON file")
     bench.add_argument("--csv", type=arg.output_file, help="write the rows to this CSV file")
     bench.add_argument(
-        "--plot", type=arg.output_file, help="write quality against images/s, Pareto front marked, to this PNG file"
+        "--plot", type=arg.plot_file, help="write quality against images/s, Pareto front marked, to this PNG file"
     )
     arg.add_reference(bench)
     bench.add_argument(

@@ -10,20 +10,19 @@ from . import arguments as arg
 from .command import Command
 
 DEFAULT_REFERENCE_STEPS = 10  # the bench's default step count
-CALIBRATION = OutputKind("ee-diffusion calibrate", ("exit_schedule.json", "calibration.json"))
 SWEEP = OutputKind("ee-diffusion sweep", ("sweep.json", "sweep.png", "plans/*", "best/*"))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from ..bench.harness import probe_kwargs
     from ..bench.noise_schedulers import build_scheduler
-    from ..calibration import calibrate_plan
+    from ..calibration import CALIBRATION_OUTPUT, calibrate_plan
     from ..outputs import check_output_folder
     from ..pipelines import load_early_exit_pipeline
     from ..schedules import describe_action
 
     inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
-    check_output_folder(args.out, CALIBRATION, overwrite=args.overwrite)
+    check_output_folder(args.out, CALIBRATION_OUTPUT, overwrite=args.overwrite)
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32).to(args.device)
     pipe.set_progress_bar_config(disable=True)

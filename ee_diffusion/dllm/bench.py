@@ -33,7 +33,7 @@ class BenchRow:
     cache: str | None
     task: str
     accuracy: float
-    retention: float
+    retention: float | None  # None where full decoding solved nothing: no share of it to keep
     nfe: float
     nfe_median: float
     nfe_reduction: float
@@ -96,7 +96,7 @@ def run_dllm_bench(
         for label, method in parsed.items():
             texts, nfe = results[label]
             score = accuracy(problems, texts)
-            retention = score / base_accuracy if base_accuracy else 0.0
+            retention = score / base_accuracy if base_accuracy else None
             speedup = None if timings is None else statistics.median(round_speedups(timings["full"], timings[label]))
             rows.append(
                 BenchRow(
@@ -112,7 +112,7 @@ def run_dllm_bench(
                     nfe_reduction=base_nfe / float(nfe.float().mean()),
                     tokens_per_s=None if timings is None else num_problems * gen_length / timings[label].median,
                     speedup=speedup,
-                    qps=None if speedup is None else speedup * retention**GAMMA,
+                    qps=None if speedup is None or retention is None else speedup * retention**GAMMA,
                 )
             )
     return rows
@@ -131,7 +131,8 @@ def format_rows(rows: list[BenchRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.task} | {r.method} | {r.accuracy:.3f} | {r.retention:.3f} | {r.nfe:.2f} / {r.nfe_median:g} | "
+            f"| {r.task} | {r.method} | {r.accuracy:.3f} | {_number(r.retention, '.3f')} | "
+            f"{r.nfe:.2f} / {r.nfe_median:g} | "
             f"{r.nfe_reduction:.2f}x | {_number(r.tokens_per_s, '.0f')} | {_number(r.speedup, '.2f')}"
             f"{'' if r.speedup is None else 'x'} | {_number(r.qps, '.2f')} |"
         )
@@ -155,7 +156,7 @@ def best_rows(rows: list[BenchRow], target: float = RETENTION_TARGET) -> list[Be
     best: dict[tuple, BenchRow] = {}
     for row in rows:
         key = (row.task, row.name, row.cache)
-        if row.retention >= target and (key not in best or row.nfe < best[key].nfe):
+        if row.retention is not None and row.retention >= target and (key not in best or row.nfe < best[key].nfe):
             best[key] = row
     return list(best.values())
 

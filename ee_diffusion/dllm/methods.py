@@ -43,9 +43,16 @@ class Method:
     @property
     def label(self) -> str:
         """The method's canonical spelling (`sched-exp:6+prefix/2`); the default value is left out."""
-        value = "" if self.value is None or self.value == DEFAULT_VALUES.get(self.name) else f":{self.value:g}"
+        value = "" if self.value is None or self.value == DEFAULT_VALUES.get(self.name) else f":{_number(self.value)}"
         refresh = "" if self.refresh is None else f"/{self.refresh}"
         return f"{self.name}{value}{'' if self.cache is None else '+' + self.cache + refresh}"
+
+
+def _number(value: float) -> str:
+    """`value` short (`12.5`, `0.9`) where that reads back as the same float, else in full; never with a `+`, which
+    separates the cache in a method spec (`1e06`, not `1e+06`)."""
+    text = next(text for text in (f"{value:g}", f"{value:.12g}", f"{value:.17g}") if float(text) == value)
+    return text.replace("e+", "e")
 
 
 def parse_method(spec: str) -> Method:

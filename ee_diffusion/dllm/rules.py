@@ -20,10 +20,11 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..validation import as_int
+from ..validation import as_int, as_number
 
 SCHED_SHAPES = ("linear", "cosine", "exp")
 PROPHET_THRESHOLDS = (7.5, 5.0, 2.5)  # the released code's (pixeli99/Prophet); the paper states 8.0 / 5.0 / 3.5
@@ -123,12 +124,16 @@ class ProphetCommit:
     marker: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", _numbers("thresholds", self.thresholds, low=0))
+        object.__setattr__(self, "boundaries", _numbers("boundaries", self.boundaries, low=0))
+        if any(boundary >= 1 for boundary in self.boundaries):
+            raise ValueError(f"`boundaries` are progress values in (0, 1), got {self.boundaries}.")
         if len(self.thresholds) != len(self.boundaries) + 1:
             raise ValueError(
                 f"Need one more threshold than boundaries, got thresholds={self.thresholds}, "
                 f"boundaries={self.boundaries}."
             )
-        if list(self.boundaries) != sorted(self.boundaries):
+        if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])):
             raise ValueError(f"`boundaries` must be increasing, got {self.boundaries}.")
         as_int("answer_start", self.answer_start, low=0)
         if self.window is not None:
@@ -174,6 +179,8 @@ class SchEDCommit:
     def __post_init__(self) -> None:
         if self.shape not in SCHED_SHAPES:
             raise ValueError(f"Unknown SchED shape {self.shape!r}; expected one of {SCHED_SHAPES}.")
+        for name in ("tau_high", "tau_low", "k"):
+            object.__setattr__(self, name, as_number(name, getattr(self, name)))
         if self.tau_low > self.tau_high or self.k <= 0:
             raise ValueError(f"Need tau_low <= tau_high and k > 0, got {self.tau_low}, {self.tau_high}, k={self.k}.")
 
@@ -195,6 +202,7 @@ class ThresholdCommit:
     threshold: float = 0.9
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", as_number("threshold", self.threshold))
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold}.")
 
@@ -204,6 +212,13 @@ class ThresholdCommit:
 
 
 EarlyCommit = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _numbers(name: str, values: Any, low: float) -> tuple[float, ...]:
+    """A sequence argument of finite numbers >= `low`, as a tuple of floats (else an error naming it)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"`{name}` must be a sequence of numbers, got {values!r}.")
+    return tuple(as_number(f"{name}[{i}]", value, low=low) for i, value in enumerate(values))
 
 
 def accepts_tokens(rule: EarlyCommit) -> bool:

@@ -98,11 +98,21 @@ def resolve_confidence_dtype(confidence_dtype: torch.dtype | str | None) -> torc
     return dtype
 
 
-def token_id_tensor(name: str, ids: Sequence[int], device: torch.device) -> torch.LongTensor | None:
-    """`ids` (a sequence of token ids, each >= 0) as a tensor on `device`; None when empty."""
+def token_id(name: str, value: Any, vocab: int | None) -> int:
+    """`value` as a token id: an integer >= 0, below the model's vocabulary size `vocab` when it is known."""
+    token = as_int(name, value, low=0)
+    if vocab is not None and token >= vocab:
+        raise ValueError(f"`{name}` must be a token id from 0 to {vocab - 1} (the model's vocabulary), got {value!r}.")
+    return token
+
+
+def token_id_tensor(
+    name: str, ids: Sequence[int], device: torch.device, vocab: int | None = None
+) -> torch.LongTensor | None:
+    """`ids` (a sequence of token ids, `token_id` each) as a tensor on `device`; None when empty."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise TypeError(f"`{name}` must be a sequence of token ids (a list or tuple of ints), got {ids!r}.")
-    ids = [as_int(f"{name}[{i}]", token, low=0) for i, token in enumerate(ids)]
+    ids = [token_id(f"{name}[{i}]", token, vocab) for i, token in enumerate(ids)]
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
@@ -309,9 +319,19 @@ def generate(
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     cache = None if kv_cache is None else make_cache(adapter, batch)
+    if parallel is not None and remasking == "random":
+        raise ValueError(
+            "`parallel` (Fast-dLLM's threshold rule) commits the tokens whose probability is above its threshold; "
+            "under remasking='random' the confidences are random numbers, not probabilities: use "
+            "remasking='low_confidence' with it."
+        )
     dtype = resolve_confidence_dtype(confidence_dtype)
-    never_predicted = token_id_tensor("logits_inf_ids", logits_inf_ids, device)
-    committed_last = token_id_tensor("confidence_inf_ids", confidence_inf_ids, device)
+    vocab = _vocabulary_size(getattr(adapter, "model", None))
+    mask_token_id = token_id("mask_token_id", mask_token_id, vocab)
+    if eos_token_id is not None:
+        eos_token_id = token_id("eos_token_id", eos_token_id, vocab)
+    never_predicted = token_id_tensor("logits_inf_ids", logits_inf_ids, device, vocab)
+    committed_last = token_id_tensor("confidence_inf_ids", confidence_inf_ids, device, vocab)
     rule_takes_tokens = early_commit is not None and accepts_tokens(early_commit)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -102,8 +102,14 @@ class ExitHeads(ModelMixin, ConfigMixin):
         super().__init__()
         as_int("num_blocks", num_blocks, low=2)
         as_int("hidden_size", hidden_size, low=1)
+        as_int("timestep_channels", timestep_channels, low=2)  # a sinusoidal embedding: a sine and a cosine at least
         self.set_exit_rule(threshold, policy, check_every, decision)
-        exit_blocks = list(range(1, num_blocks)) if exit_blocks is None else [int(b) for b in exit_blocks]
+        if exit_blocks is None:
+            exit_blocks = list(range(1, num_blocks))
+        elif isinstance(exit_blocks, (str, bytes)) or not isinstance(exit_blocks, Iterable):
+            raise TypeError(f"`exit_blocks` must be a sequence of block counts, got {exit_blocks!r}.")
+        else:
+            exit_blocks = [as_int("exit_blocks", block) for block in exit_blocks]
         if (
             not exit_blocks
             or exit_blocks != sorted(set(exit_blocks))

@@ -35,9 +35,9 @@ per call (none when it already lives on the CPU), after per-token timesteps are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from diffusers.utils import BaseOutput
 
 from ..schedules import DROP, ExitSchedule, describe_action, reuses_work
 from ..schedules.exit_schedule import PLAN_TIMESTEP_TOLERANCE
-from ..validation import as_int
+from ..validation import as_flag, as_int
 from .architectures import ExitArchitecture, TimestepConvention, _argument, get_exit_architecture
 from .scheduler_steps import (
     SchedulerSteps,
@@ -60,11 +60,12 @@ from .scheduler_steps import (
 
 _SCHEDULE_HOOK = "ee_exit_schedule"
 _UNIT_HOOK = "ee_exit_unit"
+UNCERTAINTY_HOOK = "ee_uncertainty_exit"  # the denoiser hook of `uncertainty.py`'s exits, which never share a model
 # The pipeline attributes that hold a denoiser, in the order `denoiser_of` looks for one.
 DENOISER_NAMES = ("transformer", "unet", "transformer_2")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ExitCall:
     """What one denoiser call ran: its timesteps and the depth of each, how many units actually executed, and which
     branch and denoiser made it.
@@ -84,12 +85,19 @@ class ExitCall:
     denoiser: str | None = None
 
 
-@dataclass
+@dataclasses.dataclass
 class ExitStats:
-    """The record of every denoiser call since the schedule was applied or the stats were reset."""
+    """The record of every denoiser call since the schedule was applied or the stats were reset.
+
+    `steps_run` and `steps_dropped` count the solver steps of the runs made meanwhile that the pipeline's scheduler
+    took and that a plan's `DROP` made it step over (both 0 on a bare denoiser, whose runs nothing follows): a dropped
+    step makes no call, and counts as calls that ran no block.
+    """
 
     num_blocks: int
-    calls: list[ExitCall] = field(default_factory=list)
+    calls: list[ExitCall] = dataclasses.field(default_factory=list)
+    steps_run: int = 0
+    steps_dropped: int = 0
 
     @property
     def blocks_per_call(self) -> list[int]:
@@ -98,10 +106,14 @@ class ExitStats:
 
     @property
     def block_fraction(self) -> float:
-        """Executed units over the units a full-depth run would have executed (1.0 when nothing ran yet)."""
+        """Executed units over the units the same runs at full depth, without dropped steps, would have executed (1.0
+        when nothing ran yet): a dropped step's calls are as many as a step's that ran."""
         if not self.calls:
             return 1.0
-        return sum(self.blocks_per_call) / (len(self.calls) * self.num_blocks)
+        full_calls = len(self.calls)
+        if self.steps_dropped and self.steps_run:
+            full_calls *= (self.steps_run + self.steps_dropped) / self.steps_run
+        return sum(self.blocks_per_call) / (full_calls * self.num_blocks)
 
 
 class _ExitState:
@@ -117,13 +129,14 @@ class _ExitState:
         self.cache: dict[tuple[int, str | int], tuple[Any, Any]] = {}
         self.last_timestep: float | None = None
         self.calls_in_step = 0  # calls made so far at `last_timestep`, less one
+        self.tracked: weakref.ref | None = None  # the pipeline scheduler whose runs the hooks follow
         self.end_call()
 
     def end_call(self) -> None:
         """Forget the call in flight (its depths, its residual start, ...)."""
         self.depths: list[int] | None = None
         self.max_depth = self.min_depth = self.num_blocks
-        self.depth_tensor: torch.Tensor | None = None
+        self.device_depths: dict[torch.device, torch.Tensor] = {}  # `depths`, sent to each device once per call
         self.timesteps: tuple[float, ...] = ()
         self.units_executed = 0
         self.key: tuple[int, str | int] = (0, 0)
@@ -132,6 +145,12 @@ class _ExitState:
         self.tail_start = 0  # in a reuse call: the units before it run, the cached change of the rest is added
         self.applied = False  # a reuse call's cached residual reached its last unit
         self.starts: dict[int, Any] = {}  # skip outputs, at the units a cached tail starts at, in this call
+
+    def depths_on(self, device: torch.device) -> torch.Tensor:
+        """The call's depth per sample as a tensor on `device` (sent once per call, without waiting for the device)."""
+        if device not in self.device_depths:
+            self.device_depths[device] = on_device(self.depths, device)
+        return self.device_depths[device]
 
     def forget(self) -> None:
         """Forget the cached work and where the sampling run was."""
@@ -208,7 +227,6 @@ class ExitScheduleHook(ModelHook):
         if self.schedule.reuses:
             depths = self._reuse_or_compute(module, args, kwargs, timesteps, depths)
         state.depths, state.max_depth, state.min_depth = depths, max(depths), min(depths)
-        state.depth_tensor = torch.tensor(depths) if state.min_depth != state.max_depth else None
         state.timesteps = tuple(timesteps)
         return args, kwargs
 
@@ -397,7 +415,13 @@ class ExitUnitHook(ModelHook):
             return skipped
         state.units_executed += 1
         output = self.fn_ref.original_forward(*args, **kwargs)
-        return _select(state.depth_tensor > self.index, output, skipped)
+        return _zip_map(
+            lambda ran, kept: torch.where(
+                (state.depths_on(ran.device) > self.index).view(-1, *([1] * (ran.ndim - 1))), ran, kept
+            ),
+            output,
+            skipped,
+        )
 
 
 def _layout(output: Any) -> Any:
@@ -425,9 +449,13 @@ def _zip_map(fn: Any, a: Any, b: Any) -> Any:
     return a
 
 
-def _select(keep: torch.Tensor, run: Any, skipped: Any) -> Any:
-    """Per sample of the batch: `run` where `keep`, else `skipped`."""
-    return _zip_map(lambda r, s: torch.where(keep.to(r.device).view(-1, *([1] * (r.ndim - 1))), r, s), run, skipped)
+def on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Integers decided on the host (depths, sample indices) as a tensor on `device`, sent without waiting for the
+    device's queue (through pinned memory on CUDA)."""
+    tensor = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _named_denoisers(pipe_or_model: Any) -> list[tuple[str | None, torch.nn.Module]]:
@@ -537,11 +565,18 @@ def apply_exit_schedule(
     """
     if not isinstance(schedule, ExitSchedule):
         raise TypeError(f"`schedule` must be an ExitSchedule, got {type(schedule).__name__}.")
+    plan_steps_only = as_flag("plan_steps_only", plan_steps_only)
     denoisers, timestep_scale = _resolve_all(pipe_or_model)
     if num_train_timesteps is not None:
         timestep_scale = as_int("num_train_timesteps", num_train_timesteps, low=1)
     planned = []
     for name, model in denoisers:
+        registry = getattr(model, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(UNCERTAINTY_HOOK) is not None:
+            raise ValueError(
+                f"This {type(model).__name__} carries uncertainty exits; remove them (`remove_uncertainty_exit`) "
+                "before applying an exit schedule: one decides each call's depth ahead of time, the other at run time."
+            )
         architecture = get_exit_architecture(model)
         units = architecture.units(model)
         if schedule.config.num_blocks != len(units):
@@ -592,7 +627,8 @@ def apply_exit_schedule(
             )
         registry.invalidate_child_registries_cache()
     if scheduler is not None:
-        track_scheduler(scheduler, schedule, timestep_scale)
+        track_scheduler(scheduler, schedule, timestep_scale, state.stats)
+        state.tracked = weakref.ref(scheduler)
     _keep_pipeline_component(pipe_or_model, schedule)
 
 
@@ -618,8 +654,13 @@ def _bound(bridge: Callable[[torch.nn.Module, Any], Any], model: torch.nn.Module
 
 
 def _remove_hooks(model: torch.nn.Module) -> None:
-    if _schedule_hook(model) is None:
+    """Take the exit hooks off `model`, and the tracking off the pipeline scheduler they followed (the scheduler would
+    go on stepping over a plan's dropped steps)."""
+    hook = _schedule_hook(model)
+    if hook is None:
         return
+    if hook.state.tracked is not None:
+        release_scheduler(hook.state.tracked())
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.remove_hook(_SCHEDULE_HOOK, recurse=False)
     registry.remove_hook(_UNIT_HOOK, recurse=True)
@@ -631,7 +672,6 @@ def remove_exit_schedule(pipe_or_model: Any) -> None:
     no-op when none is applied)."""
     denoisers, _ = _resolve_all(pipe_or_model)
     _keep_pipeline_component(pipe_or_model, None)
-    release_scheduler(getattr(pipe_or_model, "scheduler", None))
     for _, model in denoisers:
         _remove_hooks(model)
 
@@ -703,7 +743,7 @@ def get_exit_stats(pipe_or_model: Any) -> ExitStats:
     the timesteps, depths, units run and branch."""
     _check_tracked_calls(pipe_or_model)
     stats = _require_hook(pipe_or_model).state.stats
-    return ExitStats(num_blocks=stats.num_blocks, calls=list(stats.calls))
+    return dataclasses.replace(stats, calls=list(stats.calls))
 
 
 def _check_tracked_calls(pipe_or_model: Any) -> None:
@@ -721,6 +761,7 @@ def reset_exit_stats(pipe_or_model: Any) -> None:
     _check_tracked_calls(pipe_or_model)
     for state in {id(hook.state): hook.state for hook in _schedule_hooks(pipe_or_model)}.values():
         state.stats.calls.clear()
+        state.stats.steps_run = state.stats.steps_dropped = 0
         state.forget()
 
 

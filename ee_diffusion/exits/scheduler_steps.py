@@ -117,9 +117,12 @@ def check_scheduler_steps_over(scheduler: Any) -> None:
         )
 
 
-def track_scheduler(scheduler: Any, schedule: ExitSchedule, num_train_timesteps: int) -> SchedulerSteps:
+def track_scheduler(
+    scheduler: Any, schedule: ExitSchedule, num_train_timesteps: int, stats: Any = None
+) -> SchedulerSteps:
     """Follow `scheduler`'s runs on the host and leave out `schedule`'s dropped steps from every run of its step count
-    (`num_train_timesteps`: the scale of the scheduler's timesteps). Replaces an earlier tracking of it."""
+    (`num_train_timesteps`: the scale of the scheduler's timesteps). Replaces an earlier tracking of it. Each run's
+    steps, taken and dropped, are added to `stats` (an `ExitStats`: `steps_run`, `steps_dropped`) when given."""
     if schedule.drops:
         check_scheduler_steps_over(scheduler)
     release_scheduler(scheduler)
@@ -129,9 +132,12 @@ def track_scheduler(scheduler: Any, schedule: ExitSchedule, num_train_timesteps:
     def tracked_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         steps.check()  # the last run's calls, where nothing read the stats after it
         result = set_timesteps(*args, **kwargs)
-        steps.timesteps = scheduler.timesteps.detach().float().cpu().tolist()
+        made = steps.timesteps = scheduler.timesteps.detach().float().cpu().tolist()
         if schedule.drops:
-            steps.timesteps = _leave_out_dropped(scheduler, steps.timesteps, schedule, num_train_timesteps)
+            steps.timesteps = _leave_out_dropped(scheduler, made, schedule, num_train_timesteps)
+        if stats is not None:
+            stats.steps_run += len(steps.timesteps)
+            stats.steps_dropped += len(made) - len(steps.timesteps)
         steps.start, steps.index = None, 0
         return result
 

@@ -43,11 +43,12 @@ import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..validation import as_flag
 from .architectures import _argument, get_exit_architecture
 from .heads import ExitHeads
-from .hooks import _resolve
+from .hooks import UNCERTAINTY_HOOK as _DENOISER_HOOK
+from .hooks import _resolve, on_device
 
-_DENOISER_HOOK = "ee_uncertainty_exit"
 _UNIT_HOOK = "ee_uncertainty_exit_unit"
 SUPPORTED = (DiTTransformer2DModel, PixArtTransformer2DModel)
 
@@ -106,20 +107,12 @@ class HostCopy:
         return self.host.tolist()
 
 
-def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host-decided indices on `device`, sent without waiting for the device's queue."""
-    indices = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        return indices.pin_memory().to(device, non_blocking=True)
-    return indices.to(device)
-
-
 @dataclass
 class _Record:
-    """A call as recorded while it runs: its timesteps still on the device, the depths as a host list or tensor."""
+    """A call as recorded while it runs: its timesteps still on the device, the depths on the host."""
 
     timesteps: torch.Tensor
-    depths: list[int] | torch.Tensor
+    depths: list[int]
     head_blocks: float
 
 
@@ -137,9 +130,10 @@ class _State:
         self.batch = 0
         self.embedding: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
-        self.active: torch.Tensor | None = None  # samples still running (None: all of them)
+        self.active: torch.Tensor | None = None  # samples still running, on the device (None: all of them)
+        self.active_rows: list[int] = []  # the same on the host
         self.exited: torch.Tensor | None = None  # the adapted hidden states of the samples that exited
-        self.depths: torch.Tensor | list[int] | None = None
+        self.depths: list[int] = []  # per sample: the blocks it ran
         self.head_blocks = 0.0
         self.done = False
         # "previous_step": the previous call's uncertainties on their way to the host, and this call's plan
@@ -198,9 +192,9 @@ class UncertaintyExitHook(ModelHook):
             raise ValueError(f"A paired (classifier-free guidance) batch must have an even size, got {batch}.")
         state.in_call, state.batch, state.done = True, batch, False
         state.timesteps, state.embedding = timesteps, state.heads.embed(timesteps)
-        state.active, state.exited, state.head_blocks = None, None, 0.0
+        state.active, state.active_rows, state.exited, state.head_blocks = None, list(range(batch)), None, 0.0
         if state.decision == "per_block":
-            state.depths = torch.full((batch,), state.num_blocks, dtype=torch.long)
+            state.depths = [state.num_blocks] * batch
             return args, kwargs
         state.exit_block = state.plan(batch)
         state.depths = list(state.exit_block)
@@ -212,8 +206,7 @@ class UncertaintyExitHook(ModelHook):
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = self.state
         state.in_call = False
-        depths = state.depths if isinstance(state.depths, list) else state.depths.clone()
-        state.records.append(_Record(state.timesteps.detach(), depths, state.head_blocks))
+        state.records.append(_Record(state.timesteps.detach(), list(state.depths), state.head_blocks))
         if state.decision == "previous_step":
             state.previous, state.previous_batch = HostCopy(state.uncertainties), state.batch
         state.embedding = state.exited = state.active = state.uncertainties = None
@@ -251,7 +244,7 @@ class UncertaintyUnitHook(ModelHook):
         exit here (known on the host before the call)."""
         state = self.state
         running = state.running[self.index]
-        rows = None if len(running) == state.batch else _on_device(running, hidden.device)
+        rows = None if len(running) == state.batch else on_device(running, hidden.device)
         embedding = state.embedding if rows is None else state.embedding[rows]
         uncertainty = state.heads.uncertainty(point, hidden, embedding)
         state.head_blocks += len(running) * state.uem_cost
@@ -259,52 +252,55 @@ class UncertaintyUnitHook(ModelHook):
             state.uncertainties[point] = uncertainty
         else:
             state.uncertainties[point, rows] = uncertainty
-        staying = state.running[self.index + 1] if not self.last else []
         leaving = [i for i, sample in enumerate(running) if state.exit_block[sample] == self.index + 1]
-        if not leaving:
-            return hidden
-        if state.exited is None:
-            state.exited = hidden.new_empty((state.batch, *hidden.shape[1:]))
-        local = _on_device(leaving, hidden.device)
-        state.exited[_on_device([running[i] for i in leaving], hidden.device)] = state.heads.adapt(
-            point, hidden[local], embedding[local]
-        )
-        state.head_blocks += len(leaving) * state.adapter_cost
-        if not staying:
-            state.done = True
-            return state.exited
-        kept = [i for i, sample in enumerate(running) if state.exit_block[sample] > self.index + 1]
-        state.active = _on_device(staying, hidden.device)
-        return hidden[_on_device(kept, hidden.device)]
+        return self._let_go(point, hidden, embedding, running, leaving)
 
     def _exit(self, point: int, hidden: torch.Tensor) -> torch.Tensor:
         """`per_block`: the samples of `hidden` that stay; those whose uncertainty allows it leave, with their adapted
-        state (a host read of the uncertainties)."""
+        state (one host read: which samples leave)."""
         state = self.state
-        active = torch.arange(state.batch, device=hidden.device) if state.active is None else state.active
-        embedding = state.embedding[active]
+        running, rows = state.active_rows, state.active
+        embedding = state.embedding if rows is None else state.embedding[rows]
         uncertainty = state.heads.uncertainty(point, hidden, embedding)
-        state.head_blocks += len(active) * state.uem_cost
+        state.head_blocks += len(running) * state.uem_cost
         leave = uncertainty <= state.threshold
         if state.policy == "per_batch":
-            leave = leave.all().expand(len(active))
+            leave = leave.all().expand(len(running))
         elif state.paired:  # a pair leaves when both halves may: partner of sample i is i +- batch / 2
-            everyone = torch.zeros(state.batch, dtype=torch.bool, device=hidden.device)
-            everyone[active] = leave
-            leave = (everyone & everyone.roll(state.batch // 2))[active]
-        leaving = int(leave.sum())  # the host read of this exit point
+            everyone = leave
+            if rows is not None:
+                everyone = torch.zeros(state.batch, dtype=torch.bool, device=hidden.device).index_put_((rows,), leave)
+            both = everyone & everyone.roll(state.batch // 2)
+            leave = both if rows is None else both[rows]
+        leaving = [i for i, out in enumerate(leave.tolist()) if out]  # the host read of this exit point
+        for i in leaving:
+            state.depths[running[i]] = self.index + 1
+        return self._let_go(point, hidden, embedding, running, leaving)
+
+    def _let_go(
+        self, point: int, hidden: torch.Tensor, embedding: torch.Tensor, running: list[int], leaving: list[int]
+    ) -> torch.Tensor:
+        """Let the samples at positions `leaving` of `hidden` (whose rows are the samples `running`) exit here with
+        their adapted states; the rows of those that stay, which the next blocks run. Indices are decided on the host
+        and sent to the device without waiting for it."""
         if not leaving:
             return hidden
+        state = self.state
         if state.exited is None:
             state.exited = hidden.new_empty((state.batch, *hidden.shape[1:]))
-        state.exited[active[leave]] = state.heads.adapt(point, hidden[leave], embedding[leave])
-        state.head_blocks += leaving * state.adapter_cost
-        state.depths[active[leave].cpu()] = self.index + 1
-        if leaving == len(active):
+        local = on_device(leaving, hidden.device)
+        state.exited[on_device([running[i] for i in leaving], hidden.device)] = state.heads.adapt(
+            point, hidden[local], embedding[local]
+        )
+        state.head_blocks += len(leaving) * state.adapter_cost
+        if len(leaving) == len(running):
             state.done = True
             return state.exited
-        state.active = active[~leave]
-        return hidden[~leave]
+        gone = set(leaving)
+        kept = [i for i in range(len(running)) if i not in gone]
+        state.active_rows = [running[i] for i in kept]
+        state.active = on_device(state.active_rows, hidden.device)
+        return hidden[on_device(kept, hidden.device)]
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -366,7 +362,7 @@ def apply_uncertainty_exit(pipe_or_model: Any, heads: ExitHeads, paired: bool = 
         )
     remove_uncertainty_exit(model)
     state = _State(heads, len(units), heads.cost_in_blocks(units[0]))
-    state.paired = bool(paired)
+    state.paired = as_flag("paired", paired)
     registry.register_hook(
         UncertaintyExitHook(state, architecture.timestep_argument, architecture.sample_argument), _DENOISER_HOOK
     )
@@ -377,7 +373,7 @@ def apply_uncertainty_exit(pipe_or_model: Any, heads: ExitHeads, paired: bool = 
 
 def set_uncertainty_exit_paired(pipe_or_model: Any, paired: bool) -> None:
     """Whether the next calls' batches are classifier-free-guidance pairs (see `apply_uncertainty_exit`)."""
-    _require(pipe_or_model).state.paired = bool(paired)
+    _require(pipe_or_model).state.paired = as_flag("paired", paired)
 
 
 def remove_uncertainty_exit(pipe_or_model: Any) -> None:
@@ -404,7 +400,7 @@ def get_uncertainty_exit_stats(pipe_or_model: Any) -> UncertaintyExitStats:
     calls = [
         UncertaintyExitCall(
             tuple(record.timesteps.float().cpu().tolist()),
-            tuple(record.depths if isinstance(record.depths, list) else record.depths.tolist()),
+            tuple(record.depths),
             record.head_blocks,
         )
         for record in state.records

@@ -43,7 +43,6 @@ from ..exits import (
     remove_uncertainty_exit,
     reset_exit_stats,
     reset_uncertainty_exit_stats,
-    set_exit_timestep_scale,
     set_uncertainty_exit_paired,
     tracked_steps,
 )
@@ -194,14 +193,14 @@ class EarlyExitPipelineMixin:
         return None if self.exit_schedule is None else get_exit_stats(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_own_exit_hooks()
         self._register_exit_schedule(self.exit_schedule, getattr(self, "exit_heads", None))
         call = inspect.signature(super().__call__).bind(*args, **kwargs)
         call.apply_defaults()
         if self.exit_schedule is not None:
-            steps = call.arguments.get("num_inference_steps")
+            steps = _run_steps(call.arguments)
             if steps is not None:  # a plan runs only in the run it was made for
                 self.exit_schedule.check_run(type(self.scheduler).__name__, steps)
-            set_exit_timestep_scale(self, self.scheduler.config.num_train_timesteps)
             if tracked_steps(self.scheduler) is None:  # a scheduler set after the schedule: the hooks follow it
                 apply_exit_schedule(self, self.exit_schedule)
             reset_exit_stats(self)
@@ -210,6 +209,32 @@ class EarlyExitPipelineMixin:
             set_uncertainty_exit_paired(self, float(call.arguments.get("guidance_scale") or 1) > 1)
             reset_uncertainty_exit_stats(self)
         return super().__call__(*args, **kwargs)
+
+    def _check_own_exit_hooks(self) -> None:
+        """Raise a `ValueError` if the denoiser carries exit hooks that were put on it directly
+        (`apply_exit_schedule(pipe.transformer, ...)`) rather than through this pipeline's `exit_schedule` or
+        `exit_heads`: this pipeline would take them off at its call and run its own."""
+        if denoiser_of(self) is None:
+            return
+        applied = {"exit_schedule": get_exit_schedule(self), "exit_heads": get_uncertainty_exit_heads(self)}
+        for name, hooked in applied.items():
+            if hooked is not None and hooked is not getattr(self, name, None):
+                raise ValueError(
+                    f"The {type(denoiser_of(self)).__name__} of this {type(self).__name__} carries "
+                    f"{type(hooked).__name__} hooks put on it directly, which are not the pipeline's `{name}`; set "
+                    f"`pipe.{name} = ...` instead (a schedule on the pipeline also follows its scheduler), or take "
+                    "them off (`remove_exit_schedule` / `remove_uncertainty_exit` on the denoiser)."
+                )
+
+
+def _run_steps(arguments: dict[str, Any]) -> int | None:
+    """The step count of a pipeline call: that of its custom `sigmas` or `timesteps` when given (diffusers' pipelines
+    then ignore `num_inference_steps`), else `num_inference_steps`."""
+    for name in ("sigmas", "timesteps"):
+        custom = arguments.get(name)
+        if custom is not None:
+            return len(custom)
+    return arguments.get("num_inference_steps")
 
 
 class EarlyExitDiTPipeline(EarlyExitPipelineMixin, ClassConditionalSamplingMixin, DiTPipeline):

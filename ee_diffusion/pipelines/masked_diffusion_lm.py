@@ -216,18 +216,30 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         early_commit = resolve_early_commit(early_commit)
         if parallel is not None and not callable(getattr(parallel, "num_tokens", None)):
             raise TypeError(f"`parallel` must be None or a ThresholdCommit, got {parallel!r}.")
-        mask_token_id = self._default("mask_token_id", mask_token_id or self.adapter.mask_token_id)
+        if mask_token_id is None:  # (0 is a token id like any other)
+            mask_token_id = self._default("mask_token_id", self.adapter.mask_token_id)
         if eos_token_id is None:
-            eos_token_id = self.config.get("eos_token_id") or getattr(self.tokenizer, "eos_token_id", None)
+            eos_token_id = self.config.get("eos_token_id")
+        if eos_token_id is None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         if prompts is not None:
             self.tokenizer.padding_side = "left"
             encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            tokens = set(input_ids[attention_mask.bool()].tolist())
             unknown = self.tokenizer.unk_token_id
-            if unknown is not None and bool((input_ids[attention_mask.bool()] == unknown).any()):
+            if unknown is not None and unknown in tokens:
                 raise ValueError(
                     f"The prompt {prompt!r} has characters the tokenizer does not know (they would "
                     f"become {self.tokenizer.unk_token}); the model was trained on its vocabulary only."
+                )
+            reserved = {mask_token_id: "mask", self.tokenizer.pad_token_id: "padding"}
+            written = sorted(reserved[token] for token in tokens & set(reserved) if token is not None)
+            if written:
+                raise ValueError(
+                    f"The prompt {prompt!r} spells the {' and '.join(written)} token "
+                    f"({', '.join(repr(self.tokenizer.convert_ids_to_tokens(t)) for t in tokens & set(reserved))}), "
+                    "which marks positions to fill or to ignore, not text; leave it out of the prompt."
                 )
             if input_ids.shape[1] == 0:
                 raise ValueError(f"`prompt` must have at least one token, got {prompt!r} (the tokenizer makes none).")

@@ -5,6 +5,7 @@ drop the step."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..outputs import refuse_shipped
-from ..validation import as_int
+from ..validation import as_flag, as_int, as_number
 
 SHAPES = ("constant", "linear", "cosine", "step", "table", "plan")
 REUSE = 0  # a plan's action for a step that runs no block and reuses the last computed step's work
@@ -54,12 +55,30 @@ def describe_action(action: int | str) -> str:
     return f"tail:{-action}" if action < 0 else str(action)
 
 
-def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor) -> list[float]:
+def _as_float_list(timesteps: float | Iterable[float] | torch.Tensor, name: str = "timesteps") -> list[float]:
+    """Timesteps (a number, a sequence or a tensor of any shape, read flat) as finite Python floats; else a
+    `TypeError` or `ValueError` naming `name`."""
     if isinstance(timesteps, torch.Tensor):
-        return [float(v) for v in timesteps.detach().reshape(-1).cpu().tolist()]
-    if isinstance(timesteps, (int, float)):
-        return [float(timesteps)]
-    return [float(v) for v in timesteps]
+        values = timesteps.detach().reshape(-1).cpu().tolist()
+    elif isinstance(timesteps, numbers.Real) and not isinstance(timesteps, bool):
+        values = [timesteps]
+    elif isinstance(timesteps, Iterable) and not isinstance(timesteps, (str, bytes)):
+        values = list(timesteps)
+    else:
+        raise TypeError(f"`{name}` must be a number, a sequence of numbers or a tensor, got {timesteps!r}.")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"`{name}` must hold numbers, got {values!r}.")
+    floats = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in floats):
+        raise ValueError(f"`{name}` must be finite numbers, got {floats}.")
+    return floats
+
+
+def _as_int_list(name: str, values: Any) -> list[Any]:
+    """A sequence argument (`table`, `depths`, `actions`) as a list; a `TypeError` naming it when it is not one."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"`{name}` must be a sequence of integers, got {values!r}.")
+    return list(values)
 
 
 def _sorted_points(
@@ -67,6 +86,7 @@ def _sorted_points(
 ) -> tuple[list[float], list[int]]:
     """`(timesteps, values)` as parallel lists sorted by timestep, each value an integer."""
     timesteps = _as_float_list(timesteps)
+    values = _as_int_list(name, values)
     if len(timesteps) != len(values):
         raise ValueError(
             f"`timesteps` and `{name}` must have the same length, got {len(timesteps)} and {len(values)}."
@@ -170,6 +190,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
     ):
         num_blocks = as_int("num_blocks", num_blocks, low=1)
         num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
+        allow_increasing = as_flag("allow_increasing", allow_increasing)
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
         if scheduler_class is not None and (shape != "plan" or not isinstance(scheduler_class, str)):
@@ -179,13 +200,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             )
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
         min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
-        table = None if table is None else [as_int("table", depth) for depth in table]
+        table = None if table is None else [as_int("table", depth) for depth in _as_int_list("table", table)]
         if depths is not None:
-            depths = [depth if depth == DROP and shape == "plan" else as_int("depths", depth) for depth in depths]
+            depths = [
+                depth if depth == DROP and shape == "plan" else as_int("depths", depth)
+                for depth in _as_int_list("depths", depths)
+            ]
         if timesteps is not None:
-            timesteps = [float(t) for t in timesteps]
-            if not all(math.isfinite(t) for t in timesteps):
-                raise ValueError(f"`timesteps` must be finite numbers, got {timesteps}.")
+            timesteps = _as_float_list(timesteps)
         self.register_to_config(
             num_blocks=num_blocks,
             min_blocks=min_blocks,
@@ -261,7 +283,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
         This is the released ASE code's form: `ExitSchedule.step(28, [28, 28, 24, 24, 20, 20, 16, 16, 12, 12])`.
         """
-        return cls(num_blocks=num_blocks, shape="step", table=list(table), allow_increasing=allow_increasing)
+        return cls(num_blocks=num_blocks, shape="step", table=table, allow_increasing=allow_increasing)
 
     @classmethod
     def from_table(
@@ -379,7 +401,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
     def depth_at_position(self, s: float) -> int | str:
         """The depth at normalised timestep position `s` in `[0, 1]` (values outside are clamped); a plan's action
         (`REUSE`, a cached tail, `DROP`) at its steps that are not depths."""
-        s = min(max(float(s), 0.0), 1.0)
+        s = min(max(as_number("s", s), 0.0), 1.0)
         config = self.config
         full, shape = config.num_blocks, config.shape
         if shape == "constant":
@@ -401,14 +423,15 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
 
     def blocks_at(self, t: float | torch.Tensor, num_train_timesteps: int = 1000) -> int:
         """Number of blocks to run at timestep `t` of a `num_train_timesteps` training schedule."""
-        values = _as_float_list(t)
+        values = _as_float_list(t, "t")
         if len(values) != 1:
             raise ValueError(f"`blocks_at` takes one timestep, got {len(values)}; use `depths_for` for a batch.")
-        return self.depth_at_position(values[0] / num_train_timesteps)
+        return self.depth_at_position(values[0] / _timestep_scale(num_train_timesteps))
 
     def depths_for(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> list[int]:
         """The depth at each timestep of `timesteps` (a list or a tensor of any shape, read flat)."""
-        return [self.depth_at_position(t / num_train_timesteps) for t in _as_float_list(timesteps)]
+        scale = _timestep_scale(num_train_timesteps)
+        return [self.depth_at_position(t / scale) for t in _as_float_list(timesteps)]
 
     def check_timesteps(self, timesteps: Iterable[float] | torch.Tensor, num_train_timesteps: int = 1000) -> None:
         """Raise a `ValueError` if this is a plan and one of `timesteps` is not one of its steps (a run of another
@@ -417,8 +440,9 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         if config.shape != "plan":
             return
         tolerance = PLAN_TIMESTEP_TOLERANCE * config.num_train_timesteps
+        scale = _timestep_scale(num_train_timesteps)
         for t in _as_float_list(timesteps):
-            t = t / num_train_timesteps * config.num_train_timesteps
+            t = t / scale * config.num_train_timesteps
             if min(abs(step - t) for step in config.timesteps) > tolerance:
                 raise ValueError(
                     f"Timestep {t:g} is not a step of this plan, made for the {len(config.timesteps)} timesteps "
@@ -481,6 +505,10 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                     f"`{name}` depth increases with noise ({a} -> {b} at entry {i + 1} of {depths}); tables run from "
                     "the data end to the noise end. Pass `allow_increasing=True` if this is on purpose."
                 )
+
+
+def _timestep_scale(num_train_timesteps: Any) -> int:
+    return as_int("num_train_timesteps", num_train_timesteps, low=1)
 
 
 def _comparable(config) -> dict:

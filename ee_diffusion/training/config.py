@@ -64,7 +64,8 @@ class TrainConfig:
 
 @dataclass
 class MDLMTrainConfig:
-    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe.
+    """Everything `train_mdlm` needs; the defaults are the shipped `tiny-mdlm` recipe (whose weights are the step-20000
+    checkpoint of its 24000-step schedule: `stop_at=20000`).
 
     `tasks` are drawn in turn within each batch (a task named twice gets twice the share); `init_from` (a model folder
     or shipped model name) starts from that model's weights instead of a fresh initialisation (the architecture
@@ -73,7 +74,7 @@ class MDLMTrainConfig:
     """
 
     output_dir: str
-    steps: int = 14000
+    steps: int = 24000
     batch_size: int = 128
     learning_rate: float = 1e-3
     warmup_steps: int = 500
@@ -87,6 +88,13 @@ class MDLMTrainConfig:
     tasks: tuple[str, ...] = ("addition", "sorting")
     init_from: str | None = None
     seed: int = 0
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 2000
     resume: bool = False
     stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(
+                f"`stop_at` must be a step of the run, from 1 to steps={self.steps}, got {self.stop_at}; it ends the "
+                "run early while keeping the learning-rate schedule of `steps`."
+            )

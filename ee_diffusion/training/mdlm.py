@@ -184,7 +184,7 @@ def train_mdlm(
         start = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, start)
 
-    stop = config.steps if config.stop_at is None else min(config.stop_at, config.steps)
+    stop = config.steps if config.stop_at is None else config.stop_at
     if stop <= start:
         raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
     batches = torch.utils.data.DataLoader(

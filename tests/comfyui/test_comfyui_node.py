@@ -127,3 +127,18 @@ def test_the_example_workflow_wires_the_node_between_loader_and_sampler():
     assert nodes[origin[ours["inputs"][0]["link"]]]["type"] == "CheckpointLoaderSimple"
     (sampler_link,) = ours["outputs"][0]["links"]
     assert any(n["type"] == "KSampler" and n["inputs"][0]["link"] == sampler_link for n in nodes.values())
+
+
+def test_both_schemas_give_the_number_inputs_the_same_bounds_steps_and_tooltips(monkeypatch):
+    monkeypatch.setitem(sys.modules, "comfy_api", None)
+    classic = _load_node_module("ee_diffusion_node_classic_numbers")
+    spec = classic.NODE_CLASS_MAPPINGS[classic.NODE_ID].INPUT_TYPES()["required"]
+    for name, module in _fake_comfy_api().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    v3 = _load_node_module("ee_diffusion_node_v3_numbers")
+    (node_class,) = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
+    schema = {i.args[0]: i.kwargs for i in node_class.define_schema().kwargs["inputs"]}
+    for name in ("min_depth_fraction", "start_percent", "end_percent"):
+        kind, settings = spec[name]
+        assert kind == "FLOAT" and settings == schema[name], name
+        assert settings["tooltip"] == classic.TOOLTIPS[name] and settings["max"] == 1.0

@@ -57,6 +57,22 @@ def test_bad_method_specs_are_refused(spec):
         parse_method(spec)
 
 
+@pytest.mark.parametrize(
+    "spec, label",
+    [
+        ("prophet:1e6", "prophet:1e06"),  # no `+`: it would read as a cache
+        ("sched-exp:1234567", "sched-exp:1234567"),
+        ("threshold:0.9999999", "threshold:0.9999999"),  # not rounded to 1
+        ("threshold:0.7+prefix/2", "threshold:0.7+prefix/2"),
+        ("prophet:12.5", "prophet:12.5"),
+        ("prophet:7.5", "prophet"),
+    ],
+)
+def test_a_methods_label_reads_back_as_the_same_method(spec, label):
+    method = parse_method(spec)
+    assert method.label == label and parse_method(method.label) == method
+
+
 def _row(name, value, nfe, accuracy, task="t"):
     return BenchRow(name, name, value, None, task, accuracy, accuracy, nfe, nfe, 1.0, None, None, None)
 
@@ -134,3 +150,14 @@ def test_bench_runs_the_models_own_tasks_or_asks_for_them(tmp_path, tiny_bert, t
         for line in capsys.readouterr().out.splitlines()
         if line.startswith("| ") and "---" not in line
     } == {"| task", "| addition", "| sorting"}
+
+
+def test_where_full_decoding_solves_nothing_retention_is_undefined_not_zero(monkeypatch):
+    from ee_diffusion.dllm import bench
+
+    monkeypatch.setattr(bench, "accuracy", lambda problems, texts: 0.0)
+    pipe = MaskedDiffusionLMPipeline.from_pretrained("tiny-mdlm")
+    rows = run_dllm_bench(pipe, ["addition"], ["threshold"], num_problems=4, batch_size=4, repeats=0)
+    assert [r.retention for r in rows] == [None, None] and [r.qps for r in rows] == [None, None]
+    assert all(line.split(" | ")[3] == "-" for line in bench.format_rows(rows).splitlines()[2:])
+    assert best_rows(rows) == []

@@ -210,6 +210,18 @@ FAST_DLLM = ThresholdCommit(0.9)
         (dict(parallel=0.9), TypeError, r"`parallel` must be None or a ThresholdCommit, got 0.9"),
         (dict(parallel=FAST_DLLM, remasking=None), ValueError, r"`remasking` must be one of .* got None"),
         (dict(confidence_dtype="int8"), ValueError, r"`confidence_dtype` must be None .* got 'int8'"),
+        (dict(parallel=FAST_DLLM, remasking="random"), ValueError, r"under remasking='random' the confidences are"),
+        # token ids: integers inside the vocabulary (0 is one like any other)
+        (dict(mask_token_id=-1), ValueError, r"`mask_token_id` must be an integer >= 0, got -1"),
+        (dict(mask_token_id=10**6), ValueError, r"`mask_token_id` must be a token id from 0 to 47 .* got 1000000"),
+        (dict(mask_token_id="a"), TypeError, r"`mask_token_id` must be an integer, got 'a'"),
+        (dict(eos_token_id="x"), TypeError, r"`eos_token_id` must be an integer, got 'x'"),
+        (dict(eos_token_id=1.5), TypeError, r"`eos_token_id` must be an integer, got 1.5"),
+        (dict(logits_inf_ids=[10**6]), ValueError, r"`logits_inf_ids\[0\]` must be a token id from 0 to 47"),
+        (dict(confidence_inf_ids=[-2]), ValueError, r"`confidence_inf_ids\[0\]` must be an integer >= 0"),
+        # the tokens that mark positions, spelled in the prompt
+        (dict(prompt="[MASK]1+1="), ValueError, r"spells the mask token \('\[MASK\]'\)"),
+        (dict(prompt="1+1=[PAD]"), ValueError, r"spells the padding token"),
         # the KV cache
         (
             dict(cache_refresh_every=3),

@@ -107,6 +107,26 @@ def test_prophet_bad_window_arguments_raise(kwargs, error, match):
         ProphetCommit(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "rule, error, match",
+    [
+        (lambda: SchEDCommit(tau_high=float("nan")), ValueError, r"`tau_high` must be a finite number, got nan"),
+        (lambda: SchEDCommit(tau_low=float("nan")), ValueError, r"`tau_low` must be a finite number"),
+        (lambda: SchEDCommit(shape="exp", k=float("inf")), ValueError, r"`k` must be a finite number, got inf"),
+        (lambda: SchEDCommit(tau_high="7"), TypeError, r"`tau_high` must be a number, got '7'"),
+        (lambda: ProphetCommit(thresholds="abc"), TypeError, r"`thresholds` must be a sequence of numbers"),
+        (lambda: ProphetCommit(thresholds=("7", "5", "2")), TypeError, r"`thresholds\[0\]` must be a number"),
+        (lambda: ProphetCommit(thresholds=(float("nan"), 5, 2)), ValueError, r"`thresholds\[0\]` must be a finite"),
+        (lambda: ProphetCommit(boundaries=(2, 3)), ValueError, r"`boundaries` are progress values in \(0, 1\)"),
+        (lambda: ProphetCommit(boundaries=(0.5, 0.5)), ValueError, r"`boundaries` must be increasing"),
+        (lambda: ThresholdCommit(float("nan")), ValueError, r"`threshold` must be a finite number, got nan"),
+    ],
+)
+def test_rules_refuse_values_that_would_never_fire(rule, error, match):
+    with pytest.raises(error, match=match):
+        rule()
+
+
 def test_prophet_marker_is_kept_as_a_tuple():
     rule = ProphetCommit(marker=[41, 42])
     assert rule.marker == MARKER and rule == ProphetCommit(marker=MARKER)

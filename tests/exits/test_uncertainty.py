@@ -6,7 +6,7 @@ call from the previous call's uncertainties (`previous_step`), tested at the end
 import pytest
 import torch
 
-from ee_diffusion import ExitSchedule, apply_exit_schedule
+from ee_diffusion import ExitSchedule, apply_exit_schedule, remove_exit_schedule
 from ee_diffusion.exits import (
     ExitHeads,
     apply_uncertainty_exit,
@@ -194,11 +194,23 @@ def test_bad_heads_and_rules_are_refused():
         ExitHeads(num_blocks=4, hidden_size=16).set_exit_rule(decision="per_token")
     with pytest.raises(ValueError, match="`exit_blocks` must be increasing block counts in 1..3"):
         ExitHeads(num_blocks=4, hidden_size=16, exit_blocks=[2, 4])
+    with pytest.raises(TypeError, match=r"`exit_blocks` must be an integer, got 1.7"):  # never truncated
+        ExitHeads(num_blocks=4, hidden_size=16, exit_blocks=[1.7, 2.9])
+    with pytest.raises(TypeError, match="`exit_blocks` must be a sequence of block counts"):
+        ExitHeads(num_blocks=4, hidden_size=16, exit_blocks="12")
+    with pytest.raises(ValueError, match="`timestep_channels` must be an integer >= 2, got 0"):
+        ExitHeads(num_blocks=4, hidden_size=16, timestep_channels=0)
     with pytest.raises(TypeError, match="`heads` must be ExitHeads"):
         apply_uncertainty_exit(model, "heads")
+    with pytest.raises(TypeError, match="`paired` must be True or False, got 'yes'"):
+        apply_uncertainty_exit(model, ExitHeads(num_blocks=4, hidden_size=16), paired="yes")
     apply_exit_schedule(model, ExitSchedule.linear(NUM_BLOCKS, 2))
     with pytest.raises(ValueError, match="already carries hooks"):
         apply_uncertainty_exit(model, ExitHeads(num_blocks=4, hidden_size=16))
+    remove_exit_schedule(model)
+    apply_uncertainty_exit(model, ExitHeads(num_blocks=4, hidden_size=16))
+    with pytest.raises(ValueError, match="carries uncertainty exits; remove them"):
+        apply_exit_schedule(model, ExitSchedule.linear(NUM_BLOCKS, 2))
 
 
 def test_unet_is_refused():
@@ -273,6 +285,13 @@ def test_previous_step_makes_no_host_read_inside_a_call_and_per_block_one_per_ch
     with HostReads(model) as reads:
         run(model, *x)
     assert reads.per_call == [len(heads.exit_blocks)]  # one read of the uncertainties per checked point
+    # where samples leave, too: which of them leave is the one read of a point
+    heads.set_exit_rule(threshold=float(u.median()), policy="per_sample", decision="per_block")
+    with HostReads(model) as reads:
+        run(model, *x)
+    depths = get_uncertainty_exit_stats(model).calls[-1].depths
+    assert min(depths) < max(depths)  # some left early, others went on
+    assert reads.per_call == [sum(block <= max(depths) for block in heads.exit_blocks)], reads.kinds
 
 
 def test_previous_step_at_threshold_zero_is_bit_identical_and_a_new_run_starts_at_full_depth():

@@ -9,6 +9,7 @@ import pytest
 
 from ee_diffusion import PlanCalibrator, calibrate_plan, load_early_exit_pipeline
 from ee_diffusion.bench.noise_schedulers import build_scheduler
+from ee_diffusion.calibration import Calibration
 from ee_diffusion.cli import main
 from ee_diffusion.schedules import DROP, REUSE, ExitSchedule
 from tests.conftest import save_digits_shaped_dit
@@ -81,6 +82,9 @@ def test_u_nets_and_flow_matching_calibrate_too(name):
         (dict(target_compute=0), ValueError, r"`target_compute` must lie in \(0, 1\]"),
         (dict(target_compute=1.5), ValueError, r"`target_compute` must lie in \(0, 1\]"),
         (dict(target_compute="half"), TypeError, "`target_compute` must be a number"),
+        (dict(target_compute=0.5, num_inference_steps=1), ValueError, "`num_inference_steps` must be an integer >= 2"),
+        (dict(target_compute=0.5, seed=1.5), TypeError, "`seed` must be an integer, got 1.5"),
+        (dict(target_compute=0.5, seed="0"), TypeError, "`seed` must be an integer"),
     ],
 )
 def test_bad_budgets_are_refused_before_any_run(budget, error, match):
@@ -88,9 +92,23 @@ def test_bad_budgets_are_refused_before_any_run(budget, error, match):
     pipe = case.make()
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    steps = budget.pop("num_inference_steps", STEPS)
     with pytest.raises(error, match=match):
-        calibrate_plan(pipe, {"class_labels": [1]}, STEPS, progress=False, **budget)
+        calibrate_plan(pipe, {"class_labels": [1]}, steps, progress=False, **budget)
     assert not calls
+
+
+def test_a_calibration_is_saved_only_over_an_earlier_one(tmp_path):
+    plan = ExitSchedule.plan(12, [500, 999], [6, 12])
+    found = Calibration(plan, 0.75, 0.01, (999.0, 500.0), ({}, {}), (), (12, 12))
+    found.save_pretrained(tmp_path / "plan")
+    found.save_pretrained(tmp_path / "plan")  # over its own earlier output
+    assert ExitSchedule.from_pretrained(tmp_path / "plan") == plan
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds notes.txt, which ee-diffusion calibrate does not write"):
+        found.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_a_pipeline_with_its_own_schedule_is_the_reference_and_plans_only_cut_below_it():

@@ -77,9 +77,44 @@ def test_dropping_steps_composes_with_depths_and_reuse_and_removal_restores_the_
     _sample(pipe)
     assert recorder.depths == [4, 0, 2, 1, 3, 4]
     assert get_exit_stats(pipe).blocks_per_call == [4, 0, 2, 1, 3, 4]
+    # the share of the full 8-step run: the two dropped steps count as calls that ran no block
+    assert get_exit_stats(pipe).block_fraction == pytest.approx(14 / (8 * 4))
+    assert get_exit_stats(pipe).block_fraction == pytest.approx(
+        ExitSchedule.plan(4, timesteps, actions).compute_fraction(timesteps)
+    )
     remove_exit_schedule(pipe)
     assert "set_timesteps" not in vars(pipe.scheduler)
     assert torch.equal(_sample(pipe), full)
+
+
+@pytest.mark.parametrize("through", ["remove", "replace"])
+def test_taking_a_plan_off_the_denoiser_alone_also_releases_the_pipelines_scheduler(through):
+    pipe = make_dit_pipe(pipeline_cls=DiTPipeline)
+    pipe.scheduler = SCHEDULERS["euler"]()
+    full = _sample(pipe)
+    timesteps = _timesteps(SCHEDULERS["euler"]())
+    apply_exit_schedule(pipe, ExitSchedule.plan(4, timesteps, [4, DROP, 4, DROP, 4, 4, 4, 4]))
+    assert len(_timesteps(pipe.scheduler)) == STEPS - 2
+    if through == "remove":
+        remove_exit_schedule(pipe.transformer)
+        assert torch.equal(_sample(pipe), full)
+    else:
+        apply_exit_schedule(pipe.transformer, ExitSchedule.constant(4, 4))
+        _sample(pipe)
+        assert len(get_exit_stats(pipe.transformer).calls) == STEPS
+    assert "set_timesteps" not in vars(pipe.scheduler)
+
+
+def test_the_drop_in_counts_dropped_steps_in_its_block_fraction():
+    pipe = make_dit_pipe()
+    pipe.scheduler = SCHEDULERS["euler"]()
+    timesteps = _timesteps(SCHEDULERS["euler"]())
+    actions = [4, 4, DROP, DROP, 4, 4, DROP, 4]
+    pipe.exit_schedule = ExitSchedule.plan(4, timesteps, actions)
+    for _ in range(2):  # each call starts the record afresh
+        _sample(pipe)
+        assert pipe.exit_stats.block_fraction == pytest.approx(5 / 8)
+        assert (pipe.exit_stats.steps_run, pipe.exit_stats.steps_dropped) == (5, 3)
 
 
 def test_a_plan_that_drops_steps_is_refused_where_no_scheduler_can_step_over_them():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_stats
+from ee_diffusion import ExitSchedule, apply_exit_schedule, get_exit_schedule, get_exit_stats
 from ee_diffusion.schedules import REUSE
 from tests.conftest import make_tiny_dit
 
@@ -142,3 +142,42 @@ def test_a_plan_without_a_scheduler_class_is_still_held_to_its_steps():
     ExitSchedule.linear(4, 2).check_run("AnyScheduler", 37)  # a schedule of timesteps runs at any step count
     with pytest.raises(ValueError, match="`scheduler_class` is a plan's scheduler class name"):
         ExitSchedule(num_blocks=4, shape="linear", min_blocks=2, scheduler_class="DDIMScheduler")
+
+
+def test_a_run_given_by_custom_sigmas_is_held_to_the_plan_by_their_count():
+    """Diffusers' pipelines take a run's steps from `sigmas` when given (ignoring `num_inference_steps`)."""
+    case = CASES["sd3"]
+    pipe = case.make()
+    recorder = case.recorder(pipe)
+
+    def run(sigmas):
+        inputs = {**case.inputs(guidance=True), "sigmas": sigmas}
+        del inputs["num_inference_steps"]  # the pipeline's default, 28
+        return images_of(pipe(**inputs))
+
+    full = run([1.0, 0.75, 0.5, 0.25])
+    timesteps = [call.timesteps[0] for call in recorder.calls]
+    assert len(timesteps) == 4
+    pipe.exit_schedule = ExitSchedule.plan(
+        case.num_units, timesteps, [case.num_units] * 4, scheduler_class=type(pipe.scheduler).__name__
+    )
+    assert torch.equal(run([1.0, 0.75, 0.5, 0.25]), full)
+    with pytest.raises(ValueError, match="made for 4 steps .* the run asks for 5 steps"):
+        run([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_the_drop_in_refuses_exit_hooks_put_on_its_denoiser_directly_and_keeps_a_scale_given_to_it():
+    case = CASES["dit"]
+    pipe = case.make()
+    apply_exit_schedule(pipe.transformer, ExitSchedule.constant(case.num_units, 2))
+    with pytest.raises(ValueError, match=r"hooks put on it directly, which are not the pipeline's `exit_schedule`"):
+        _run(pipe, case, steps=3)
+    assert get_exit_schedule(pipe.transformer) is not None  # refused, not silently taken off
+
+    pipe = case.make()
+    schedule = ExitSchedule.linear(case.num_units, 1)
+    apply_exit_schedule(pipe, schedule, num_train_timesteps=2000)  # on a drop-in: its `exit_schedule` too
+    assert pipe.exit_schedule is schedule
+    _run(pipe, case, steps=3)
+    for call in pipe.exit_stats.calls:
+        assert call.depths[0] == schedule.blocks_at(call.timesteps[0], 2000)

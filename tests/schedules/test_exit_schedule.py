@@ -115,6 +115,12 @@ def test_equality_distinguishes_schedules():
         (lambda: ExitSchedule.constant(12, 13), "got 13"),
         (lambda: ExitSchedule.constant(12, 0), "got 0"),
         (lambda: ExitSchedule.from_table(12, [0, 500], [13, 6]), "got 13"),
+        (lambda: ExitSchedule.linear(12, 4).blocks_at(500, 0), "`num_train_timesteps` must be an integer >= 1"),
+        (lambda: ExitSchedule.linear(12, 4).blocks_at(500, -1000), "`num_train_timesteps` must be an integer >= 1"),
+        (lambda: ExitSchedule.linear(12, 4).compute_fraction([500.0], -1), "`num_train_timesteps` must be an"),
+        (lambda: ExitSchedule.linear(12, 4).blocks_at(float("nan")), r"`t` must be finite numbers, got \[nan\]"),
+        (lambda: ExitSchedule.linear(12, 4).depths_for([500, float("inf")]), "`timesteps` must be finite"),
+        (lambda: ExitSchedule.plan(12, [500, 999], [6, 12]).check_timesteps([float("nan")]), "must be finite"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(factory, message):
@@ -130,6 +136,11 @@ def test_bad_arguments_raise_clear_errors(factory, message):
         (lambda: ExitSchedule.constant(12, True), "`min_blocks` must be an integer, got True"),
         (lambda: ExitSchedule.step(12, [12.9, 6.5]), "`table` must be an integer, got 12.9"),  # never truncated
         (lambda: ExitSchedule.from_table(12, [0, 500], [12, 6.5]), "`depths` must be an integer"),
+        (lambda: ExitSchedule.step(12, 12), "`table` must be a sequence of integers, got 12"),
+        (lambda: ExitSchedule.from_table(12, None, [12]), "`timesteps` must be a number, a sequence"),
+        (lambda: ExitSchedule.from_table(12, ["a", 5], [12, 6]), r"`timesteps` must hold numbers, got \['a', 5\]"),
+        (lambda: ExitSchedule.step(12, [4, 8], allow_increasing="no"), "`allow_increasing` must be True or False"),
+        (lambda: ExitSchedule.linear(12, 4).blocks_at(500, 1000.5), "`num_train_timesteps` must be an integer"),
     ],
 )
 def test_depths_of_the_wrong_type_raise_type_errors(factory, message):
