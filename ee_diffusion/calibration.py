@@ -455,6 +455,7 @@ class PlanCalibrator:
             actions,
             num_train_timesteps=self.num_train_timesteps,
             scheduler_class=self.scheduler_class,
+            denoiser_class=type(self.denoiser).__name__,
         )
 
     def _compute(self, actions: tuple[int, ...]) -> float:

@@ -3,10 +3,11 @@ anything but an earlier output of the same kind, and never half-written where a 
 
 - `refuse_shipped(path)`: every function that saves calls it first; a path inside the installed package's `assets/`
   is a `ValueError`.
-- `check_output_folder(path, kind, overwrite, resume)` and `check_output_file(path, overwrite)`: what a command checks
-  before it loads or computes anything. A non-empty folder is accepted only when every file in it is one that `kind`
-  writes (an earlier output of the same command), and then only with `overwrite` (replace it) or `resume` (continue
-  it); an existing file only with `overwrite`.
+- `check_output_folder(path, kind, overwrite, resume)` and `check_output_file(path, overwrite, earlier_output)`: what
+  a command checks before it loads or computes anything. A non-empty folder is accepted only when every file in it is
+  one that `kind` writes (an earlier output of the same command), and then only with `overwrite` (replace it) or
+  `resume` (continue it); an existing file only with `overwrite`, and only when it is such an output too (a JSON or
+  CSV table of rows, a matplotlib figure).
 - `staged_folder(path)` and `staged_file(path)`: the output is written to a hidden sibling (`.NAME.partial`) and
   renamed into place when complete, so an interrupted run leaves the earlier output as it was. A resumable run keeps
   its sibling when interrupted (its checkpoint is there) and continues from it with `resume=True`.
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,14 +92,48 @@ def check_output_folder(
         raise ValueError(f"{str(path)!r} holds an earlier output of {kind.command}; pass {how}.")
 
 
-def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise a `ValueError` if `path` is a shipped file, a folder, or a file that exists (without `overwrite`)."""
+def check_output_file(
+    path: str | os.PathLike, overwrite: bool = False, earlier_output: Callable[[Path], bool] | None = None
+) -> None:
+    """Raise a `ValueError` if `path` is a shipped file, a folder, or a file that exists: without `overwrite`, or, with
+    it, one that `earlier_output` (the command's own test of a file it wrote: `rows_json`, `rows_csv`,
+    `matplotlib_figure`) does not take for an earlier output."""
     file = Path(path)
     refuse_shipped(file)
     if file.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; give a file name.")
     if file.exists() and not overwrite:
         raise ValueError(f"{str(path)!r} exists; pass --overwrite to replace it.")
+    if file.exists() and earlier_output is not None and not earlier_output(file):
+        raise ValueError(
+            f"{str(path)!r} is not an earlier output of this command, and is never overwritten; give another file."
+        )
+
+
+def _head(file: Path, size: int = 4096) -> bytes:
+    with open(file, "rb") as opened:
+        return opened.read(size)
+
+
+def rows_json(file: Path) -> bool:
+    """Whether `file` is a JSON report of rows as ee-diffusion writes them: `{"rows": [...]}` or `[...]`, each row an
+    object with a `method`."""
+    try:
+        report = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    rows = report.get("rows") if isinstance(report, dict) else report
+    return isinstance(rows, list) and all(isinstance(row, dict) and "method" in row for row in rows)
+
+
+def rows_csv(file: Path) -> bool:
+    """Whether `file` is a CSV table of rows as ee-diffusion writes them (its header starts with `method,`)."""
+    return _head(file).startswith(b"method,")
+
+
+def matplotlib_figure(file: Path) -> bool:
+    """Whether `file` is a figure matplotlib saved (PNG, SVG and PDF name it in their first bytes)."""
+    return b"matplotlib" in _head(file).lower()
 
 
 @contextlib.contextmanager

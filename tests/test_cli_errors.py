@@ -222,6 +222,13 @@ CASES = [
         ["dllm-bench", "--model", str(SHIPPED / "digits-dit")],
         "holds no language model: no config.json or tokenizer.json",
     ),
+    (["train-uem", "--out", "/tmp/x", "--threshold", "0"], "--threshold: expected a finite number in (0, 1], got 0"),
+    (
+        ["train", "--arch", "dit", "--out", "/tmp/x", "--seed", "1" + "0" * 22],
+        "--seed: expected an integer in [0, 4294967295]",
+    ),
+    (["bench", "--seed", "-1"], "--seed: expected an integer in [0, 4294967295], got -1"),
+    (["train-uem", "--out", "/tmp/x", "--threshold", "5"], "--threshold: expected a finite number in (0, 1], got 5"),
     (["dllm-bench", "--plot", "front.txt"], "--plot: 'front.txt': a plot is written as one of"),
     (["dllm-bench", "--plot", "front"], "--plot: 'front': a plot is written as one of"),
     (["bench", "--plot", "front.txt"], "--plot: 'front.txt': a plot is written as one of"),
@@ -256,7 +263,15 @@ BEFORE_LOADING = [
         "digits-dit-ase already runs under an exit schedule; fine-tune the model it was made from.",
     ),
     (["train-uem", "--exit-blocks", "2,2", "--out", "OUT"], "--exit-blocks must be increasing block counts, got 2,2"),
-    (["train-uem", "--model", "digits-unet", "--out", "OUT"], "digits-unet has no transformer; exit heads are for"),
+    (["train-uem", "--model", "digits-unet", "--out", "OUT"], "digits-unet has a UNet2DModel; exit heads are for"),
+    (
+        ["train-uem", "--model", "digits-flux", "--out", "OUT"],
+        "digits-flux has a FluxTransformer2DModel; exit heads are for DiTTransformer2DModel, PixArtTransformer2DModel",
+    ),
+    (
+        ["train-uem", "--model", "digits-dit-ase", "--out", "OUT"],
+        "digits-dit-ase already runs under an exit schedule; train exit heads for the model it was made from.",
+    ),
     (
         [
             "calibrate",

@@ -13,6 +13,8 @@ from ee_diffusion.outputs import (
     check_output_file,
     check_output_folder,
     refuse_shipped,
+    rows_csv,
+    rows_json,
     staged_file,
     staged_folder,
 )
@@ -106,6 +108,22 @@ def test_an_existing_file_needs_overwrite(tmp_path):
     check_output_file(tmp_path / "rows.json", overwrite=True)
     with pytest.raises(ValueError, match="is a folder"):
         check_output_file(tmp_path, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "written_by, earlier, other",
+    [
+        (rows_json, '{"config": {}, "rows": [{"method": "baseline"}]}', '{"name": "my settings"}'),
+        (rows_json, '[{"method": "full", "task": "addition"}]', "[1, 2]"),
+        (rows_csv, "method,model,scheduler\nbaseline,m,s\n", "a,b\n1,2\n"),
+    ],
+)
+def test_overwrite_replaces_only_a_file_of_the_kind_the_command_writes(tmp_path, written_by, earlier, other):
+    (tmp_path / "earlier").write_text(earlier)
+    check_output_file(tmp_path / "earlier", overwrite=True, earlier_output=written_by)
+    (tmp_path / "other").write_text(other)
+    with pytest.raises(ValueError, match="is not an earlier output of this command, and is never overwritten"):
+        check_output_file(tmp_path / "other", overwrite=True, earlier_output=written_by)
 
 
 def test_an_interrupted_write_leaves_the_earlier_output_as_it_was(tmp_path):
@@ -268,10 +286,19 @@ def test_bench_files_need_overwrite_and_are_replaced_with_it(tmp_path, capsys):
         "2",
     ]
     (tmp_path / "rows.json").write_text("mine")
-    code, err = _exit([*tiny, "--json", str(tmp_path / "rows.json")], capsys)
-    assert code == 2 and "exists; pass --overwrite to replace it" in err
-    assert (tmp_path / "rows.json").read_text() == "mine"
-    assert main([*tiny, "--json", str(tmp_path / "rows.json"), "--overwrite"]) == 0
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    for option, name in (("--json", "rows.json"), ("--csv", "notes.csv")):
+        code, err = _exit([*tiny, option, str(tmp_path / name)], capsys)
+        assert code == 2 and "exists; pass --overwrite to replace it" in err
+        code, err = _exit([*tiny, option, str(tmp_path / name), "--overwrite"], capsys)  # not a bench's: never
+        assert code == 2 and "is not an earlier output of this command, and is never overwritten" in err
+    assert (tmp_path / "rows.json").read_text() == "mine" and (tmp_path / "notes.csv").read_text() == "a,b\n1,2\n"
+    (tmp_path / "rows.json").unlink()
+    assert main([*tiny, "--json", str(tmp_path / "rows.json")]) == 0
+    assert main([*tiny, "--json", str(tmp_path / "rows.json"), "--overwrite"]) == 0  # its own earlier output
     assert json.loads((tmp_path / "rows.json").read_text())["rows"][0]["method"] == "baseline"
-    assert main([*tiny, "--csv", str(tmp_path / "new" / "folder" / "rows.csv")]) == 0  # its folders are created
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder", "new", "rows.csv", "rows.json"]
+    csv = tmp_path / "new" / "folder" / "rows.csv"
+    assert main([*tiny, "--csv", str(csv), "--plot", str(tmp_path / "front.png")]) == 0  # its folders are created
+    assert main([*tiny, "--csv", str(csv), "--plot", str(tmp_path / "front.png"), "--overwrite"]) == 0
+    expected = ["folder", "front.png", "new", "notes.csv", "rows.csv", "rows.json"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == expected

@@ -474,7 +474,7 @@ class _Run:
     `Timing` per process) and its speedups round by round."""
 
     method: Method
-    fractions: list[float] = field(default_factory=list)
+    fractions: list[tuple[float, int]] = field(default_factory=list)  # per batch: its block fraction and size
     images: dict[int, torch.Tensor] = field(default_factory=dict)
     timings: list[Timing] = field(default_factory=list)
     speedups: list[float] = field(default_factory=list)
@@ -724,7 +724,7 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
                         run, pipes[run.method.model], batches[index], config.seed + index, config, cell.steps, device
                     )
                     run.images[index] = images
-                    run.fractions.append(fraction)
+                    run.fractions.append((fraction, len(images)))
                     bar.update()
         _time(active, pipes, batches[0], config, cell.steps, device, bar)
     bar.close()
@@ -865,7 +865,7 @@ def _score(
             row.images_per_s = sum(timed_images / timing.median for timing in run.timings)
             row.timing_spread = max(timing.spread for timing in run.timings)
             row.speedup = statistics.median(run.speedups) if baseline is not None else None
-            row.block_fraction = statistics.fmean(run.fractions)
+            row.block_fraction = statistics.fmean(*zip(*run.fractions))  # per image: a short last batch weighs less
             row.peak_memory_mb = run.peak_memory_mb
             if run.depth_profiles:  # one per batch, each a depth per sampling step: their mean, step by step
                 row.depth_per_step = [statistics.fmean(depths) for depths in zip(*run.depth_profiles)]

@@ -73,6 +73,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -270,16 +271,29 @@ class _RunCounter(ModelHook):
         self.tally.done += self.weights * self.tally.share(rows)
 
 
-# The modules whose work the accelerators' rows count: attention (diffusers' `Attention` and the newer attention
-# classes of Flux and others) and feed-forward.
+# The modules whose work the accelerators' rows count inside a block: attention (diffusers' `Attention` and the newer
+# attention classes of Flux and others), feed-forward, and the block's own linear layers (the MLP of Flux's
+# single-stream blocks).
 _COUNTED = (Attention, AttentionModuleMixin, FeedForward)
 
 
+def _block_parts(block: torch.nn.Module) -> list[tuple[torch.nn.Module, float]]:
+    """The parts of one block whose runs are counted, each with its share of the block: its attention and
+    feed-forward modules and the linear layers that are the block's own children, in proportion to their `nn.Linear`
+    weights (the conditioning layers inside its norms are left out: DiT also calls the first block's outside it)."""
+    parts = [module for module in block.modules() if isinstance(module, _COUNTED)]
+    parts += [child for child in block.children() if isinstance(child, torch.nn.Linear)]
+    sizes = [sum(m.weight.numel() for m in part.modules() if isinstance(m, torch.nn.Linear)) for part in parts]
+    total = sum(sizes)
+    return [(part, Fraction(size, total)) for part, size in zip(parts, sizes) if size]  # exact: a block adds up to 1
+
+
 class BlockWork:
-    """Share of the attention and feed-forward work of the denoiser's block lists that ran per call, weighted by the
-    `nn.Linear` weights of each attention and `FeedForward` module (the blocks' conditioning layers are left out:
-    DiT also calls the first block's outside it). `units`: count these modules instead, one unit each (a U-Net's
-    exit units, the axis of our U-Net rows).
+    """Share of the work of the denoiser's block lists that ran per call, in blocks: each block of its block lists
+    counts one, shared among its parts (`_block_parts`) -- the axis of the exit units, where a block is a block, so
+    that the accelerators' rows and ours stand on one scale. (Weighting the parts across blocks by their weights
+    would not do: a double-stream block holds a weight per stream, each stream working on its own tokens only.)
+    `units`: count these modules instead, one unit each (a U-Net's exit units, the axis of our U-Net rows).
 
     Put on before an accelerator, its counters are the innermost hooks of those modules: an accelerator hook that
     answers from a cache, or skips the block around them, keeps them from counting. They run in Python around the
@@ -291,11 +305,9 @@ class BlockWork:
 
     def __init__(self, denoiser: torch.nn.Module, units: list[torch.nn.Module] | None = None) -> None:
         if units is None:
-            blocks = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
-            layers = [layer for block in blocks for layer in block.modules() if isinstance(layer, _COUNTED)]
-            weights = [
-                sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear)) for layer in layers
-            ]
+            lists = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
+            parts = [part for blocks in lists for block in blocks for part in _block_parts(block)]
+            layers, weights = [part for part, _ in parts], [share for _, share in parts]
         else:
             layers, weights = list(units), [1] * len(units)
         self.layers = layers
@@ -313,11 +325,11 @@ class BlockWork:
     def _started(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.rows = batch_rows(args, kwargs)
 
-    def share(self, rows: int | None) -> float:
-        return 1.0 if not rows or not self.rows else min(1.0, rows / self.rows)
+    def share(self, rows: int | None) -> Fraction:
+        return Fraction(1) if not rows or not self.rows else min(Fraction(1), Fraction(rows, self.rows))
 
     def _called(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.per_call.append(self.done / self.total if self.total else 1.0)
+        self.per_call.append(float(self.done / self.total) if self.total else 1.0)
         self.done = 0
 
     def fraction(self) -> float:
@@ -407,8 +419,15 @@ def _accelerator(
     try:  # a trial application on the real denoiser tells whether the accelerator supports it
         handles = apply(denoiser, pipe) or []
         applied = _count_hooks(denoiser, kind)
-    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+    except (ValueError, TypeError) as error:  # diffusers' own refusal, which says why
         reason = f"diffusers' {label} does not apply to {type(denoiser).__name__}: {error or type(error).__name__}"
+        return Method(spec, target.model, unsupported=reason)
+    except (IndexError, KeyError, AttributeError) as error:  # it broke on a layout it does not know
+        name = type(denoiser).__name__
+        reason = (
+            f"diffusers' {label} does not apply to {name}: it hooks a transformer's stack of blocks, which {name} "
+            f"does not have in a form it knows ({type(error).__name__}: {error})"
+        )
         return Method(spec, target.model, unsupported=reason)
     finally:
         _remove_hooks(denoiser, kind, handles)

@@ -39,7 +39,7 @@ class BenchRow:
 
     `images_per_s` comes from the median of the timed rounds, `timing_spread` is their interquartile range over
     their median, and `speedup` is the median over rounds of the baseline's seconds over this method's (see
-    `ee_diffusion.metrics.paired_speedup`). `depth_per_step` is, under an exit schedule or exit heads, the mean number
+    `ee_diffusion.metrics.round_speedups`). `depth_per_step` is, under an exit schedule or exit heads, the mean number
     of blocks run at each sampling step (mean over samples and batches; a classifier-free-guidance call counts both
     halves); under a diffusers accelerator, the blocks' worth of work each step ran (its measured block fraction
     times the model's exit blocks); `None` for methods that run every block. `psnr` (dB, capped at

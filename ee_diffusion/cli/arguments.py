@@ -86,6 +86,10 @@ def numbers(low: float, high: float, low_open: bool = False, high_open: bool = F
     return lambda text: [single(part) for part in text.split(",")]
 
 
+# A seed: what every generator of the project's runs takes (numpy's too), so that no run fails at its first draw.
+seed = integer(0, 2**32 - 1)
+
+
 def integers(low: int) -> Callable[[str], list[int]]:
     """A comma-separated list of integers, each at least `low`."""
     single = integer(low)
@@ -343,11 +347,12 @@ def add_overwrite(command: argparse.ArgumentParser, what: str) -> None:
 
 def check_output_files(args: argparse.Namespace, *names: str) -> None:
     """Check each output file option of `names` that was given (`check_output_file`), before anything is loaded."""
-    from ..outputs import check_output_file
+    from ..outputs import check_output_file, matplotlib_figure, rows_csv, rows_json
 
+    written = {"json": rows_json, "csv": rows_csv, "plot": matplotlib_figure}  # how each looks
     given = {name: getattr(args, name) for name in names if getattr(args, name, None)}
-    for path in given.values():
-        check_output_file(path, overwrite=args.overwrite)
+    for name, path in given.items():
+        check_output_file(path, overwrite=args.overwrite, earlier_output=written[name])
     resolved = [Path(path).resolve() for path in given.values()]
     if len(set(resolved)) < len(resolved):
         options = ", ".join(f"--{name.replace('_', '-')} {path}" for name, path in given.items())

@@ -181,7 +181,7 @@ def _train_mdlm_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--lr", type=arg.number(0, low_open=True), default=Recipe.learning_rate, help="peak AdamW learning rate"
     )
-    train.add_argument("--seed", type=int, default=Recipe.seed, help="seed of initialisation, data and masks")
+    train.add_argument("--seed", type=arg.seed, default=Recipe.seed, help="seed of initialisation, data and masks")
     train.add_argument(
         "--checkpoint-every", type=arg.integer(1), default=Recipe.checkpoint_every, help="steps between checkpoints"
     )
@@ -243,7 +243,7 @@ def _dllm_bench_arguments(bench: argparse.ArgumentParser) -> None:
         help="timed passes (interleaved); 0: decode once, untimed (accuracy and NFE only)",
     )
     bench.add_argument("--warmup", type=arg.integer(0), default=1, help="untimed passes first")
-    bench.add_argument("--seed", type=int, default=1234, help="seed of the problems")
+    bench.add_argument("--seed", type=arg.seed, default=1234, help="seed of the problems")
     bench.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads")
     bench.add_argument("--json", type=arg.output_file, help="also write the rows to this JSON file")
     bench.add_argument(

@@ -74,7 +74,7 @@ def _speed_arguments(speed: argparse.ArgumentParser) -> None:
     speed.add_argument("--steps", type=arg.integer(1), default=25, help="DPM-Solver++ steps")
     speed.add_argument("--repeats", type=arg.integer(1), default=5, help="timed rounds")
     speed.add_argument("--warmup", type=arg.integer(0), default=1, help="untimed rounds first")
-    speed.add_argument("--seed", type=int, default=0, help="seed of the weights and latents")
+    speed.add_argument("--seed", type=arg.seed, default=0, help="seed of the weights and latents")
     speed.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     speed.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
     speed.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
@@ -220,7 +220,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     )
     arg.add_guidance(bench)
     arg.add_inputs(bench, "the images")
-    bench.add_argument("--seed", type=int, default=0, help="batch i is seeded with seed + i")
+    bench.add_argument("--seed", type=arg.seed, default=0, help="batch i is seeded with seed + i")
     bench.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
     bench.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..outputs import OutputKind
 from . import arguments as arg
@@ -113,7 +114,7 @@ def _add_probe_arguments(command: argparse.ArgumentParser) -> None:
         help="probe images per calibration (labels cycle through the classes, prompts through --prompt)",
     )
     command.add_argument(
-        "--seed", type=int, default=0, help="seed of the probes' noise (and of bench batch i: seed + i)"
+        "--seed", type=arg.seed, default=0, help="seed of the probes' noise (and of bench batch i: seed + i)"
     )
     command.add_argument("--device", type=arg.device, default="cpu", help="torch device")
     command.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
@@ -157,8 +158,8 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         default=["reuse", "drop"],
         help="the cheaper actions a step may take besides shallower depths, comma-separated: reuse (no block, the "
         "last computed step's work), tail (the first 1 or 2 blocks, the rest's work reused), drop (the step left "
-        "out: the solver steps over it) (default: reuse,drop; tails lower the probes' pixel error more than the "
-        "samples' quality)",
+        "out: the solver steps over it); tails are left out unless asked for: they lower the probes' pixel error "
+        "more than the samples' quality",
     )
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
     arg.add_overwrite(calibrate, "OUT")
@@ -205,7 +206,11 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     swept = run_sweep(config)
     print(format_sweep(swept, max(config.steps)))
-    print(f"wrote {args.out}/sweep.json, sweep.png, plans/ and best/")
+    out = Path(args.out)
+    names = [f"{name}/" if (out / name).is_dir() else name for name in ("sweep.json", "sweep.png", "plans", "best")]
+    print(f"wrote {out}/: " + ", ".join(name for name in names if (out / name.rstrip("/")).exists()))
+    if not (out / "best").exists():
+        print("no best/: at no quality level is the cheapest row one of the plans")
     return 0
 
 

@@ -226,6 +226,13 @@ def _flux_accuracies(
     return rows
 
 
+def _refuse_scheduled(model: str, index: dict, what: str) -> None:
+    """Raise a `ValueError` if the model folder whose `model_index.json` is `index` runs under an exit schedule: `what`
+    is done on the model it was made from."""
+    if (index.get("exit_schedule") or [None])[0] is not None:
+        raise ValueError(f"{model} already runs under an exit schedule; {what} the model it was made from.")
+
+
 def _finetune_ase(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder
     from ..pipelines.loading import model_index
@@ -233,8 +240,7 @@ def _finetune_ase(args: argparse.Namespace) -> int:
 
     ExitSchedule.check_spec(args.schedule)
     index = model_index(args.model)
-    if (index.get("exit_schedule") or [None])[0] is not None:
-        raise ValueError(f"{args.model} already runs under an exit schedule; fine-tune the model it was made from.")
+    _refuse_scheduled(args.model, index, "fine-tune")
     flux = index["_class_name"].endswith("FluxPipeline")
     if flux and args.loss_weight == "min-snr":
         raise ValueError(
@@ -351,6 +357,7 @@ def _train_uem(args: argparse.Namespace) -> int:
 
     from ..data import load_digits_split
     from ..exits import ExitHeads, denoiser_of, exit_units
+    from ..exits.uncertainty import SUPPORTED
     from ..outputs import check_output_folder, staged_folder
     from ..pipelines import load_early_exit_pipeline
     from ..pipelines.loading import model_index
@@ -359,16 +366,19 @@ def _train_uem(args: argparse.Namespace) -> int:
 
     if args.exit_blocks is not None and args.exit_blocks != sorted(set(args.exit_blocks)):
         raise ValueError(f"--exit-blocks must be increasing block counts, got {','.join(map(str, args.exit_blocks))}.")
-    if "transformer" not in model_index(args.model):
-        raise ValueError(f"{args.model} has no transformer; exit heads are for transformer denoisers (DiT).")
+    index = model_index(args.model)
+    denoiser_class = (index.get("transformer") or index.get("unet") or [None, None])[1]
+    if denoiser_class not in {cls.__name__ for cls in SUPPORTED}:
+        raise ValueError(
+            f"{args.model} has a {denoiser_class}; exit heads are for "
+            f"{', '.join(cls.__name__ for cls in SUPPORTED)} denoisers."
+        )
+    _refuse_scheduled(args.model, index, "train exit heads for")
     check_output_folder(args.out, EXIT_HEADS, overwrite=args.overwrite, resume=args.resume)
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32)
     denoiser = denoiser_of(pipe)
-    if getattr(denoiser, "transformer_blocks", None) is None:
-        raise ValueError(
-            f"{args.model} has a {type(denoiser).__name__}; exit heads are for transformer denoisers (DiT)."
-        )
+    torch.manual_seed(args.seed)  # the heads' initialisation, as the seed says
     heads = ExitHeads(
         num_blocks=len(exit_units(denoiser)),
         hidden_size=denoiser.transformer_blocks[0].dim,
@@ -440,7 +450,7 @@ def _add_training_arguments(
     if loss_weight is not None:
         command.add_argument("--loss-weight", default=loss_weight, choices=["constant", "min-snr"], help="lambda(t)")
     command.add_argument("--checkpoint-every", type=arg.integer(1), default=250, help="steps between checkpoints")
-    command.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    command.add_argument("--seed", type=arg.seed, default=0, help="seed of initialisation, data order and noise")
     command.add_argument("--threads", type=arg.integer(0), default=0, help="torch CPU threads (0: torch's default)")
     command.add_argument(
         "--device",
@@ -578,9 +588,9 @@ def _uem_arguments(uem: argparse.ArgumentParser) -> None:
     )
     uem.add_argument(
         "--threshold",
-        type=arg.number(0),
+        type=arg.number(0, 1, low_open=True),
         default=0.1,
-        help="the exit rule saved with the heads: exit at uncertainty <= this",
+        help="the exit rule saved with the heads: exit at uncertainty <= this, in (0, 1] (0 would never exit)",
     )
     uem.add_argument(
         "--policy",

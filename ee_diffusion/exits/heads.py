@@ -72,7 +72,8 @@ class ExitHeads(ModelMixin, ConfigMixin):
         hidden_size: Width of the blocks' hidden states (tokens x `hidden_size`).
         exit_blocks: Block counts after which a head sits, increasing, each in 1..num_blocks-1 (default: every one).
         timestep_channels: Sinusoidal channels of the heads' timestep embedding.
-        threshold: The exit rule: the uncertainty at or below which a sample exits (>= 0; 0 never exits).
+        threshold: The exit rule: the uncertainty at or below which a sample exits, in [0, 1] (an uncertainty is a
+            sigmoid: 0 never exits, 1 exits at the first checked point).
         policy: The exit rule: `"per_batch"` (the batch exits together, when every sample may) or `"per_sample"`
             (samples that exit stop costing compute; classifier-free-guidance pairs exit together).
         check_every: The exit rule: check every k-th exit point only.
@@ -132,7 +133,10 @@ class ExitHeads(ModelMixin, ConfigMixin):
     ) -> None:
         """Change the exit rule (saved with the heads); `None` keeps a setting as it is."""
         if threshold is not None:
-            self.register_to_config(threshold=as_number("threshold", threshold, low=0))
+            threshold = as_number("threshold", threshold, low=0)
+            if threshold > 1:
+                raise ValueError(f"`threshold` must lie in [0, 1] (an uncertainty is a sigmoid), got {threshold!r}.")
+            self.register_to_config(threshold=threshold)
         if policy is not None:
             if policy not in POLICIES:
                 raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")

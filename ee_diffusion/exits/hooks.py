@@ -577,6 +577,7 @@ def apply_exit_schedule(
                 f"This {type(model).__name__} carries uncertainty exits; remove them (`remove_uncertainty_exit`) "
                 "before applying an exit schedule: one decides each call's depth ahead of time, the other at run time."
             )
+        schedule.check_denoiser(model)
         architecture = get_exit_architecture(model)
         units = architecture.units(model)
         if schedule.config.num_blocks != len(units):

@@ -39,7 +39,7 @@ def kernel_distance(
     num_subsets: int = 100,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """KID between two (N, d) feature sets: mean and standard deviation over `num_subsets` random subsets.
+    """KID between two (N, d) feature sets: mean and (sample) standard deviation over `num_subsets` random subsets.
 
     Args:
         subset_size: Samples per subset, capped at the smaller set's size.

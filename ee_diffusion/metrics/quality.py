@@ -14,6 +14,7 @@ A clean-fid statistics file (keys `mu` and `sigma`) therefore loads as well.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -248,4 +249,6 @@ def _torchmetrics_fid_kid(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
         kid_mean, kid_std = kid_metric.compute()
-    return fid, kid_mean.item(), kid_std.item()
+    # torchmetrics' standard deviation is the population one; `kernel_distance`'s (and so every backend's) the sample's
+    sample_std = kid_std.item() * math.sqrt(subsets / (subsets - 1)) if subsets > 1 else 0.0
+    return fid, kid_mean.item(), sample_std

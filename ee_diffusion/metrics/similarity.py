@@ -50,8 +50,11 @@ def image_similarity(images: torch.Tensor, reference: torch.Tensor, chunk_size: 
     kernel = min(11, side if side % 2 else side - 1)  # torchmetrics' 11-pixel window, or the largest that fits
     if kernel < 3:
         raise ValueError(f"SSIM needs images of at least 3 x 3 pixels, got {tuple(images.shape[-2:])}.")
+    # torchmetrics sizes its Gaussian window from `sigma` alone (2 * int(3.5 sigma + 0.5) + 1 taps: 11 at its 1.5),
+    # so a smaller window takes a narrower Gaussian
+    sigma = 1.5 if kernel == 11 else (kernel - 1) / 2 / 3.5
     psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=kernel)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=kernel, sigma=sigma)
     for start in range(0, len(images), chunk_size):
         ours = images[start : start + chunk_size].detach().cpu().double().clamp(0, 1)
         theirs = reference[start : start + chunk_size].detach().cpu().double().clamp(0, 1)

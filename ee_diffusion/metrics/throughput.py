@@ -50,7 +50,7 @@ def time_interleaved(
     device: torch.device | str | None = None,
 ) -> dict[str, Timing]:
     """Time several methods side by side: every round runs each method once, so drifts hit all alike, and the
-    order rotates from round to round, so no method always runs first (or right after a given other one).
+    order rotates from round to round, so no method always runs first (or always last).
 
     Args:
         runs: Method name to a callable doing one full run.

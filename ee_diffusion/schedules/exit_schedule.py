@@ -170,6 +170,8 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             with noise. Without it such a table raises, since it is almost always a reversed table.
         scheduler_class (`str`, *optional*): A plan's scheduler, by class name (`DPMSolverMultistepScheduler`): the
             drop-in pipelines refuse to run the plan under another, or at another step count (`check_run`).
+        denoiser_class (`str`, *optional*): A plan's denoiser, by class name (`DiTTransformer2DModel`): the plan is
+            refused on a denoiser of another class (`check_denoiser`), whose blocks it was not measured on.
     """
 
     config_name = "exit_schedule.json"
@@ -187,17 +189,18 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         allow_increasing: bool = False,
         scheduler_class: str | None = None,
+        denoiser_class: str | None = None,
     ):
         num_blocks = as_int("num_blocks", num_blocks, low=1)
         num_train_timesteps = as_int("num_train_timesteps", num_train_timesteps, low=1)
         allow_increasing = as_flag("allow_increasing", allow_increasing)
         if shape not in SHAPES:
             raise ValueError(f"`shape` must be one of {SHAPES}, got {shape!r}.")
-        if scheduler_class is not None and (shape != "plan" or not isinstance(scheduler_class, str)):
-            raise ValueError(
-                f"`scheduler_class` is a plan's scheduler class name, got {scheduler_class!r} for a "
-                f"{shape!r} schedule."
-            )
+        for name, value in (("scheduler_class", scheduler_class), ("denoiser_class", denoiser_class)):
+            if value is not None and (shape != "plan" or not isinstance(value, str)):
+                raise ValueError(
+                    f"`{name}` is a plan's {name.split('_')[0]} class name, got {value!r} for a {shape!r} schedule."
+                )
         # numpy / torch integers are accepted; the config (and its JSON) holds plain ints
         min_blocks = None if min_blocks is None else as_int("min_blocks", min_blocks)
         table = None if table is None else [as_int("table", depth) for depth in _as_int_list("table", table)]
@@ -317,12 +320,14 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
         actions: Sequence[int],
         num_train_timesteps: int = 1000,
         scheduler_class: str | None = None,
+        denoiser_class: str | None = None,
     ) -> ExitSchedule:
         """A per-step plan for one sampling run: `actions[i]` at the step of `timesteps[i]` (e.g.
         `scheduler.timesteps`), each a depth in `[1, num_blocks]` or `REUSE` (0). The first step cannot reuse.
         `scheduler_class` names the run's scheduler (`type(scheduler).__name__`); the run's step count is the number
         of timesteps. A plan runs only in such a run: a drop-in pipeline refuses another step count or scheduler, and
-        the hooks refuse a timestep that is not one of the plan's.
+        the hooks refuse a timestep that is not one of the plan's. `denoiser_class` names the denoiser it was made
+        for (`type(pipe.transformer).__name__`): it is refused on another.
 
         Example: `ExitSchedule.plan(12, scheduler.timesteps, [12, REUSE, 8, 8, REUSE, 12, 12, 12])`.
         """
@@ -336,6 +341,7 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
             depths=actions,
             num_train_timesteps=num_train_timesteps,
             scheduler_class=scheduler_class,
+            denoiser_class=denoiser_class,
         )
 
     @property
@@ -395,6 +401,16 @@ class ExitSchedule(SchedulerMixin, ConfigMixin):
                 f"This plan was made for {made_for} steps of {made_with or 'its scheduler'}; the run asks for "
                 f"{num_inference_steps} steps of {scheduler}. A plan holds one action per step of one run: calibrate "
                 f"one for this run (`ee-diffusion calibrate --steps {num_inference_steps}`) or run it at its own."
+            )
+
+    def check_denoiser(self, denoiser: torch.nn.Module) -> None:
+        """Raise a `ValueError` if this is a plan made for a denoiser of another class (one that records its
+        `denoiser_class`) than `denoiser`."""
+        made_for = self.config.get("denoiser_class")
+        if made_for is not None and made_for not in {cls.__name__ for cls in type(denoiser).__mro__}:
+            raise ValueError(
+                f"This plan was made for a {made_for}; this denoiser is a {type(denoiser).__name__}, whose blocks it "
+                "was not measured on. Calibrate a plan for this model (`ee-diffusion calibrate`)."
             )
 
     # ------------------------------------------------------------------ evaluation

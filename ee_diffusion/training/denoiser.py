@@ -21,7 +21,7 @@ from ..data.digits import DigitsSplit
 from ..pipelines.class_conditional import null_class_label
 from ..schedules import ExitSchedule
 from .config import PREDICTION_TYPES, TrainConfig
-from .loop import CHECKPOINT_NAME, TrainResult, optimise
+from .loop import CHECKPOINT_NAME, TrainResult, optimise, public_config, weights_digest
 from .under_schedule import frozen_teacher, trained_groups, trained_under
 
 
@@ -125,6 +125,15 @@ def train_denoiser(
 
     model.to(device)
     teacher = frozen_teacher(model, config.target)
+    # what else the run depends on, compared when it resumes: the model it starts from (its class, config and
+    # weights), what it predicts, and the schedule it is fine-tuned under
+    settings = {
+        "model": type(model).__name__,
+        "model_config": public_config(model.config),
+        "start_weights": weights_digest(model),
+        "noise_scheduler": public_config(noise_scheduler.config),
+        "exit_schedule": None if exit_schedule is None else public_config(exit_schedule.config),
+    }
     with trained_under(model, exit_schedule, num_train_timesteps, config.freeze_timestep_embedding) as after_step:
         return optimise(
             {"model": model},
@@ -132,6 +141,7 @@ def train_denoiser(
             config,
             checkpoint=Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None,
             resume=resume,
+            settings=settings,
             desc="ASE fine-tuning" if exit_schedule is not None else "training",
             progress=progress,
             after_step=after_step,

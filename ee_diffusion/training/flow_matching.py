@@ -31,7 +31,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..schedules import ExitSchedule
 from .config import TrainConfig
-from .loop import TrainResult, optimise
+from .loop import TrainResult, optimise, public_config
 from .under_schedule import frozen_teacher, trained_groups, trained_under
 
 SIGMA_SAMPLINGS = ("logit-normal", "uniform")
@@ -273,8 +273,7 @@ def train_flow_transformer(
             loss = loss + (prediction - wanted).pow(2).mean() * (len(members) / config.batch_size)
         return loss
 
-    settings = {**asdict(flow), "scheduler": dict(scheduler.config), "latents": list(data.means.shape)}
-    settings["scheduler"] = {k: v for k, v in settings["scheduler"].items() if not k.startswith("_")}
+    settings = {**asdict(flow), "scheduler": public_config(scheduler.config), "latents": list(data.means.shape)}
     if exit_schedule is not None:
         settings["exit_schedule"] = exit_schedule.describe()
     if not math.isfinite(data.scaling_factor):

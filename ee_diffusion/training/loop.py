@@ -4,7 +4,9 @@ bar, and seeded, resumable checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..outputs import refuse_shipped
+from ..outputs import staged_file
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -35,18 +37,42 @@ class TrainResult:
 
 
 def save_checkpoint(path: Path, config: dict, step: int, saved: dict[str, Any], generator: torch.Generator) -> None:
-    """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`."""
-    refuse_shipped(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "config": config,
-            "step": step,
-            "generator": generator.get_state(),
-            **{name: item.state_dict() for name, item in saved.items()},
-        },
-        path,
-    )
+    """`saved` (objects with a `state_dict`), the step reached, the config and the generator, to `path`: written whole
+    and then put in place, so an interruption while writing leaves the last checkpoint as it was."""
+    with staged_file(path) as staged:
+        torch.save(
+            {
+                "config": config,
+                "step": step,
+                "generator": generator.get_state(),
+                **{name: item.state_dict() for name, item in saved.items()},
+            },
+            staged,
+        )
+
+
+def public_config(config: Any) -> dict:
+    """A diffusers config as a plain dict, without its private keys (`_class_name`, `_diffusers_version`, ...)."""
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of `module`'s weights (SHA-256 of its state's bytes, in order): which model a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_run(path: Path, saved: dict, config: dict) -> None:
+    """Raise a `ValueError` naming each setting in which the run that wrote the checkpoint `path` (its `saved` config)
+    differs from `config`, the run asked to continue it."""
+    if saved == config:
+        return
+    differ = sorted(key for key in {*saved, *config} if saved.get(key) != config.get(key))
+    shown = "; ".join(f"{key}: {saved.get(key)!r} there, {config.get(key)!r} now" for key in differ)
+    raise ValueError(f"{path} was written by another run ({shown}); resume it with its own settings.")
 
 
 def load_checkpoint(
@@ -55,11 +81,17 @@ def load_checkpoint(
     """Restore what `save_checkpoint` wrote into `saved` and `generator`; returns the step to continue from."""
     if path is None or not path.exists():
         raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {None if path is None else path.parent}.")
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["config"] != config:
-        raise ValueError(f"{path} was written with another config: {state['config']}.")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"Cannot resume from {path}: it is not a readable checkpoint ({error}).") from None
+    check_same_run(path, state["config"], config)
     for name, item in saved.items():
-        item.load_state_dict(state[name])
+        try:
+            item.load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError) as error:
+            first = str(error).splitlines()[0]
+            raise ValueError(f"Cannot resume from {path}: its {name} does not fit this run's ({first}).") from None
     generator.set_state(state["generator"].cpu())
     return state["step"]
 

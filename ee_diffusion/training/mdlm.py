@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,28 @@ from transformers import BertConfig, BertForMaskedLM, GenerationConfig, PreTrain
 from ..dllm.adapters import MaskedLMAdapter
 from ..dllm.tasks import TASKS, Problem, make_problem
 from ..dllm.tokenizer import build_char_tokenizer
-from ..outputs import refuse_shipped
+from ..outputs import refuse_shipped, staged_file
 from .config import MDLMTrainConfig
+from .loop import check_same_run
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
+# What a resumed run keeps from the run it continues (checked): the model's shape, the optimiser's settings, the seed.
+# The steps (and with them the learning-rate schedule), the tasks and the checkpoint interval may change.
+RESUMED_AS_IS = (
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "eps",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "gen_length",
+    "max_prompt_length",
+    "seed",
+)
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, config: MDLMTrainConfig) -> BertForMaskedLM:
@@ -169,24 +186,30 @@ def train_mdlm(
     for task in config.tasks:
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
+    checkpoint = os.path.join(config.output_dir, "checkpoint")
+    state, start = None, 0
+    if config.resume:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Cannot resume: no {STATE_FILE} in {checkpoint}.")
+        state = torch.load(path, map_location=device, weights_only=False)
+        kept = {key: value for key, value in asdict(config).items() if key in RESUMED_AS_IS}
+        check_same_run(Path(path), {key: state["config"].get(key) for key in kept}, kept)
+        start = state["step"]
+    stop = config.steps if config.stop_at is None else config.stop_at
+    if stop <= start:
+        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
     model = build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer)
     model = model.train().to(device)
     adapter = MaskedLMAdapter(model, mask_token_id=tokenizer.mask_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    checkpoint = os.path.join(config.output_dir, "checkpoint")
-    start = 0
-    if config.resume:
-        state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, start)
 
-    stop = config.steps if config.stop_at is None else config.stop_at
-    if stop <= start:
-        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
     batches = torch.utils.data.DataLoader(
         StepBatches(config, tokenizer), batch_size=None, sampler=range(start, stop), num_workers=workers
     )
@@ -210,7 +233,8 @@ def train_mdlm(
         if done % config.checkpoint_every == 0 or done == stop:
             save_model(model, tokenizer, config, checkpoint)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            torch.save({**state, "step": done, "config": asdict(config)}, os.path.join(checkpoint, STATE_FILE))
+            with staged_file(os.path.join(checkpoint, STATE_FILE)) as staged:  # whole, or the last one stays
+                torch.save({**state, "step": done, "config": asdict(config)}, staged)
             window = losses[-config.checkpoint_every :]
             logger.info(
                 "step %d: mean loss %.4f over the last %d steps, %.0f s",

@@ -325,6 +325,24 @@ def test_psnr_and_ssim_of_images_against_a_reference():
         image_similarity(images, images[:2])
 
 
+@pytest.mark.parametrize("side", [4, 7, 10])
+def test_ssim_of_images_smaller_than_its_window_uses_the_largest_window_that_fits(side):
+    """torchmetrics sizes its Gaussian window by `sigma` alone: below 11 pixels the window must shrink with it (at 4
+    pixels its 11-tap window failed inside torchmetrics)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, side, side, generator=generator)
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    assert image_similarity(images, images.clone()).ssim == pytest.approx(1.0)
+    window = side if side % 2 else side - 1
+    sigma = (window - 1) / 2 / 3.5
+    expected = ssim(noisy.double(), images.double(), data_range=1.0, kernel_size=window, sigma=sigma)
+    assert image_similarity(noisy, images).ssim == pytest.approx(float(expected), rel=1e-6)
+    if side > 4:  # a smaller window than torchmetrics' 11 taps (which reflect-pads what it does not cover)
+        assert float(expected) != pytest.approx(float(ssim(noisy.double(), images.double(), data_range=1.0)))
+
+
 def test_the_text_to_image_digits_model_is_scored_against_the_held_out_digits():
     """`digits-flux` asked for 1 x 32 x 32 images of digit prompts gets FID/KID against the held-out digits and the
     class accuracy of each image (the digit its prompt asks for); any other prompt gets PSNR/SSIM. Every call passes

@@ -93,6 +93,11 @@ def test_training_reduces_the_loss_and_resumes(tmp_path):
     assert first + train_mdlm(config, progress=False) == pytest.approx(losses, rel=1e-5)
     with pytest.raises(ValueError, match="Nothing to train: the run is at step 60 and would stop at step 60"):
         train_mdlm(config, progress=False)
+    # another batch size, learning rate or seed is another run: refused, naming what differs
+    config.steps, config.batch_size, config.seed = 70, 16, 7
+    with pytest.raises(ValueError, match=r"written by another run \(batch_size: 32 there, 16 now; seed: 0 there, 7"):
+        train_mdlm(config, progress=False)
+    config.batch_size, config.seed = 32, 0
     config.stop_at = None
     # Each step's data comes from (seed, step): a DataLoader worker generating it changes nothing.
     config.output_dir, config.resume, config.steps = str(tmp_path / "again"), False, 60

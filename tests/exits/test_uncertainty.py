@@ -188,6 +188,8 @@ def test_bad_heads_and_rules_are_refused():
         apply_uncertainty_exit(model, ExitHeads(num_blocks=6, hidden_size=16))
     with pytest.raises(ValueError, match="`threshold` must be"):
         ExitHeads(num_blocks=4, hidden_size=16, threshold=-0.1)
+    with pytest.raises(ValueError, match=r"`threshold` must lie in \[0, 1\] \(an uncertainty is a sigmoid\), got 5"):
+        ExitHeads(num_blocks=4, hidden_size=16).set_exit_rule(threshold=5)
     with pytest.raises(ValueError, match="`policy` must be one of"):
         ExitHeads(num_blocks=4, hidden_size=16).set_exit_rule(policy="per_token")
     with pytest.raises(ValueError, match=r"`decision` must be one of \('previous_step', 'per_block'\)"):

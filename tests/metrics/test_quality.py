@@ -219,6 +219,7 @@ def test_clean_fid_backend_runs_clean_fids_network_on_its_resized_images(tmp_pat
     assert result.backend == "clean-fid" and abs(result.fid) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:.*will save all extracted features:UserWarning")
 def test_torchmetrics_backend_with_a_custom_module_agrees_with_our_distances(tmp_path):
     generator = torch.Generator().manual_seed(0)
     a, b = torch.rand(80, 3, 4, 4, generator=generator), torch.rand(70, 3, 4, 4, generator=generator).sqrt()
@@ -232,6 +233,21 @@ def test_torchmetrics_backend_with_a_custom_module_agrees_with_our_distances(tmp
     ours, _ = kernel_distance(features_a[:70], features_b, subset_size=70, num_subsets=1)
     full = compute_fid_kid(a[:70], b, backend="torchmetrics", feature_module=module, kid_subset_size=70, kid_subsets=3)
     assert full.kid == pytest.approx(ours, rel=1e-6)
+    # Its KID standard deviation is the sample one over the subsets, as our backends' (torchmetrics': the population's)
+    import math
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    drawn = compute_fid_kid(a, b, backend="torchmetrics", feature_module=module, kid_subset_size=20, kid_subsets=5)
+    from ee_diffusion.metrics.quality import _Precomputed
+
+    metric = KernelInceptionDistance(feature=_Precomputed(features_a.shape[1]), subsets=5, subset_size=20)
+    metric.update(features_b.double(), real=True)
+    metric.update(features_a.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # the same subsets: drawn as the backend draws them, from seed 0
+        torch.manual_seed(int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(0))))
+        population = metric.compute()[1].item()
+    assert drawn.kid_std == pytest.approx(population * math.sqrt(5 / 4), rel=1e-6)
     # The reference as cached statistics gives the same FID.
     save_reference_statistics(tmp_path / "b.npz", features_b, backend="torchmetrics")
     cached = compute_fid_kid(a, tmp_path / "b.npz", feature_module=module, kid_subset_size=70, kid_subsets=3)

@@ -70,6 +70,8 @@ def test_u_nets_and_flow_matching_calibrate_too(name):
     case, pipe, result = calibrate(name, target_compute=0.5)
     assert 0.5 - 1 / case.num_units < result.compute_fraction <= 0.5
     assert result.plan.config.shape == "plan" and len(result.timesteps) == STEPS
+    denoiser = pipe.unet if case.is_unet else pipe.transformer
+    assert result.plan.config.denoiser_class == type(denoiser).__name__  # refused on another class
 
 
 @pytest.mark.parametrize(

@@ -181,3 +181,17 @@ def test_the_drop_in_refuses_exit_hooks_put_on_its_denoiser_directly_and_keeps_a
     _run(pipe, case, steps=3)
     for call in pipe.exit_stats.calls:
         assert call.depths[0] == schedule.blocks_at(call.timesteps[0], 2000)
+
+
+def test_a_plan_is_refused_on_a_denoiser_of_another_class_than_it_was_made_for():
+    from ee_diffusion import load_early_exit_pipeline
+    from ee_diffusion.pipelines import shipped_model_path
+
+    unet_plan = ExitSchedule.from_pretrained(shipped_model_path("digits-unet-ase") / "plans" / "dpm-solver++-10")
+    assert unet_plan.config.denoiser_class == "UNet2DModel"
+    pipe = load_early_exit_pipeline("digits-dit")  # 12 blocks too, and the same scheduler: only the class differs
+    with pytest.raises(ValueError, match="made for a UNet2DModel; this denoiser is a DiTTransformer2DModel"):
+        pipe.exit_schedule = unet_plan
+    assert pipe.exit_schedule is None and get_exit_schedule(pipe) is None  # refused, nothing left behind
+    with pytest.raises(ValueError, match="`denoiser_class` is a plan's denoiser class name"):
+        ExitSchedule(num_blocks=4, shape="linear", min_blocks=2, denoiser_class="DiTTransformer2DModel")

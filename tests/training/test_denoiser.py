@@ -194,21 +194,27 @@ def test_resume_continues_bit_identically(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_denoiser(interrupted, data, config, out_dir=tmp_path / "resumed", progress=False)
     handle.remove()
-    resumed = tiny_dit(seed=1)  # the checkpoint, not the initialisation, decides
+    resumed = tiny_dit()
     result = train_denoiser(resumed, data, config, out_dir=tmp_path / "resumed", resume=True, progress=False)
     assert (result.steps_run, result.total_steps) == (2, 4)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
-    with pytest.raises(ValueError, match="another config"):
-        train_denoiser(
-            tiny_dit(),
-            data,
-            TrainConfig(**{**QUICK, "steps": 5}),
-            out_dir=tmp_path / "resumed",
-            resume=True,
-            progress=False,
-        )
+    resume = dict(data=data, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"written by another run \(steps: 4 there, 5 now\)"):
+        train_denoiser(tiny_dit(), config=TrainConfig(**{**QUICK, "steps": 5, "checkpoint_every": 2}), **resume)
+    # what else the run depends on: the model it started from, what it predicts, the schedule it is fine-tuned under
+    with pytest.raises(ValueError, match=r"written by another run \(start_weights: "):
+        train_denoiser(tiny_dit(seed=1), config=config, **resume)
+    with pytest.raises(ValueError, match=r"written by another run \(noise_scheduler: "):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+        train_denoiser(tiny_dit(), config=config, noise_scheduler=scheduler, **resume)
+    with pytest.raises(ValueError, match=r"written by another run \(exit_schedule: None there, "):
+        train_denoiser(tiny_dit(), config=config, exit_schedule=ExitSchedule.linear(NUM_BLOCKS, 1), **resume)
+    checkpoint = tmp_path / "resumed" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # cut short, as by a crash while writing it in place
+    with pytest.raises(ValueError, match="it is not a readable checkpoint"):
+        train_denoiser(tiny_dit(), config=config, **resume)
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         train_denoiser(tiny_dit(), data, config, out_dir=tmp_path / "nothing", resume=True, progress=False)
 

@@ -330,7 +330,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_where_an_uninterrup
     assert result.steps_run == 4
     for a, b in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="was written by another run"):
         other = TrainConfig(steps=7, batch_size=8, checkpoint_every=2, warmup_steps=1)
         train_flow_transformer(tiny_flux(), data, other, scheduler, checkpoint=tmp_path / "b.pt", resume=True)
 

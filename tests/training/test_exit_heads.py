@@ -117,7 +117,7 @@ def test_resume_continues_bit_identically(tmp_path):
     assert (result.steps_run, result.total_steps) == (2, 4)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="was written by another run"):
         train_exit_heads(
             model,
             heads_for(model),
@@ -153,4 +153,15 @@ def test_train_uem_command_frozen_and_joint(tmp_path):
 
 def test_train_uem_refuses_a_unet(capsys):
     assert main(["train-uem", "--model", "digits-unet", "--out", "/tmp/ee-uem-unet", "--steps", "1"]) == 2
-    assert "exit heads are for transformer denoisers" in capsys.readouterr().err
+    assert "digits-unet has a UNet2DModel; exit heads are for DiTTransformer2DModel" in capsys.readouterr().err
+
+
+def test_train_uem_seeds_the_heads_too(tmp_path):
+    """Two runs of one command give the same heads: `--seed` seeds their initialisation as well as the data."""
+    from safetensors.torch import load_file
+
+    command = ["train-uem", "--model", "digits-dit", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1"]
+    for name in ("a", "b"):
+        assert main([*command, "--checkpoint-every", "2", "--out", str(tmp_path / name)]) == 0
+    a, b = (load_file(tmp_path / name / "diffusion_pytorch_model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
