@@ -37,7 +37,9 @@ FLUX_TRAINED = OutputKind(
 
 
 def _command(args: argparse.Namespace) -> str:
-    return "ee-diffusion " + " ".join(args.argv)
+    """The command that makes the model, for its card: the one given, less `--resume` and `--overwrite` (a resumed
+    run ends where the uninterrupted one does, and the card's reader starts afresh)."""
+    return "ee-diffusion " + " ".join(word for word in args.argv if word not in ("--resume", "--overwrite"))
 
 
 def _train_config(args: argparse.Namespace, **overrides):

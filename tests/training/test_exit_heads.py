@@ -165,3 +165,14 @@ def test_train_uem_seeds_the_heads_too(tmp_path):
         assert main([*command, "--checkpoint-every", "2", "--out", str(tmp_path / name)]) == 0
     a, b = (load_file(tmp_path / name / "diffusion_pytorch_model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_resumed_runs_card_gives_the_command_that_makes_the_model_afresh():
+    import argparse
+
+    from ee_diffusion.cli.training import _command
+
+    argv = ["train-uem", "--model", "digits-dit", "--out", "out/heads", "--resume", "--overwrite", "--threads", "2"]
+    assert _command(argparse.Namespace(argv=argv)) == (
+        "ee-diffusion train-uem --model digits-dit --out out/heads --threads 2"
+    )
