@@ -452,3 +452,22 @@ def test_package_names_load_on_first_use():
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
         ee_diffusion.NoSuchName  # noqa: B018
     assert set(ee_diffusion.__all__) <= set(dir(ee_diffusion))
+
+
+@pytest.mark.parametrize("command, resumable", [("train-mdlm", True), ("dllm-bench", False)])
+def test_ctrl_c_ends_with_a_line_and_status_130_and_says_how_to_resume(command, resumable, monkeypatch, capsys):
+    import ee_diffusion.outputs
+    from ee_diffusion.cli import arguments
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # each command's first step, in which the interruption comes
+    monkeypatch.setattr(ee_diffusion.outputs, "check_output_folder", interrupted)
+    monkeypatch.setattr(arguments, "check_output_files", interrupted)
+    parser_args = ["--out", "/tmp/never-written"] if resumable else []
+    code, err = _exit([command, *parser_args], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == f"ee-diffusion {command}: interrupted" + (
+        "; the same command with --resume continues from its last checkpoint" if resumable else ""
+    )

@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:  # found once running: a bad value, a missing package, a missing or broken file
         print(f"ee-diffusion {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written before stays as it was (`ee_diffusion.outputs`)
+        hint = "; the same command with --resume continues from its last checkpoint" if hasattr(args, "resume") else ""
+        print(f"ee-diffusion {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 __all__ = ["Command", "build_parser", "main"]
