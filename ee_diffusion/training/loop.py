@@ -75,16 +75,24 @@ def check_same_run(path: Path, saved: dict, config: dict) -> None:
     raise ValueError(f"{path} was written by another run ({shown}); resume it with its own settings.")
 
 
+def read_checkpoint(path: Path, device: str | torch.device) -> dict:
+    """The training state saved at `path`; a `FileNotFoundError` or `ValueError` (not a traceback) where there is none
+    or it cannot be read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Cannot resume: no {path.name} in {path.parent}.")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"Cannot resume from {path}: it is not a readable checkpoint ({error}).") from None
+
+
 def load_checkpoint(
     path: Path | None, config: dict, saved: dict[str, Any], generator: torch.Generator, device: str | torch.device
 ) -> int:
     """Restore what `save_checkpoint` wrote into `saved` and `generator`; returns the step to continue from."""
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} in {None if path is None else path.parent}.")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"Cannot resume from {path}: it is not a readable checkpoint ({error}).") from None
+    if path is None:
+        raise FileNotFoundError(f"Cannot resume: no {CHECKPOINT_NAME} to resume from.")
+    state = read_checkpoint(path, device)
     check_same_run(path, state["config"], config)
     for name, item in saved.items():
         try:

@@ -24,7 +24,7 @@ from ..dllm.tasks import TASKS, Problem, make_problem
 from ..dllm.tokenizer import build_char_tokenizer
 from ..outputs import refuse_shipped, staged_file
 from .config import MDLMTrainConfig
-from .loop import check_same_run
+from .loop import check_same_run, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +189,10 @@ def train_mdlm(
     checkpoint = os.path.join(config.output_dir, "checkpoint")
     state, start = None, 0
     if config.resume:
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Cannot resume: no {STATE_FILE} in {checkpoint}.")
-        state = torch.load(path, map_location=device, weights_only=False)
+        path = Path(checkpoint) / STATE_FILE
+        state = read_checkpoint(path, device)
         kept = {key: value for key, value in asdict(config).items() if key in RESUMED_AS_IS}
-        check_same_run(Path(path), {key: state["config"].get(key) for key in kept}, kept)
+        check_same_run(path, {key: state["config"].get(key) for key in kept}, kept)
         start = state["step"]
     stop = config.steps if config.stop_at is None else config.stop_at
     if stop <= start:

@@ -98,6 +98,12 @@ def test_training_reduces_the_loss_and_resumes(tmp_path):
     with pytest.raises(ValueError, match=r"written by another run \(batch_size: 32 there, 16 now; seed: 0 there, 7"):
         train_mdlm(config, progress=False)
     config.batch_size, config.seed = 32, 0
+    state = tmp_path / "halves" / "checkpoint" / "training_state.pt"
+    kept = state.read_bytes()
+    state.write_bytes(kept[:100])  # cut short
+    with pytest.raises(ValueError, match="it is not a readable checkpoint"):
+        train_mdlm(config, progress=False)
+    state.write_bytes(kept)
     config.stop_at = None
     # Each step's data comes from (seed, step): a DataLoader worker generating it changes nothing.
     config.output_dir, config.resume, config.steps = str(tmp_path / "again"), False, 60
