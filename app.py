@@ -495,7 +495,7 @@ def _check_bench_row(row: Any) -> None:
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
     numeric = ("steps", "num_samples", "fid", "kid", "class_accuracy", "images_per_s", "timing_spread", "speedup")
-    numeric += ("block_fraction", "peak_memory_mb", "psnr", "ssim")
+    numeric += ("block_fraction", "peak_memory_mb", "psnr", "ssim", "gflop_per_image", "flop_fraction")
     depths = row.depth_per_step
     if (
         not isinstance(row.method, str)

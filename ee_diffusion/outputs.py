@@ -10,7 +10,8 @@ anything but an earlier output of the same kind, and never half-written where a 
   CSV table of rows, a matplotlib figure).
 - `staged_folder(path)` and `staged_file(path)`: the output is written to a hidden sibling (`.NAME.partial`) and
   renamed into place when complete, so an interrupted run leaves the earlier output as it was. A resumable run keeps
-  its sibling when interrupted (its checkpoint is there) and continues from it with `resume=True`.
+  its sibling when interrupted (its checkpoint is there) and continues from it with `resume=True`
+  (`resume_source(path)`: where that continues from).
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ def rows_csv(file: Path) -> bool:
 def matplotlib_figure(file: Path) -> bool:
     """Whether `file` is a figure matplotlib saved (PNG, SVG and PDF name it in their first bytes)."""
     return b"matplotlib" in _head(file).lower()
+
+
+def resume_source(path: str | os.PathLike) -> Path:
+    """The folder a resumed run of `staged_folder(path, resume=True)` continues: the sibling an interrupted run
+    left, else `path` itself."""
+    stage = _stage_of(Path(path))
+    return stage if stage.is_dir() else Path(path)
 
 
 @contextlib.contextmanager

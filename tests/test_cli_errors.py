@@ -126,6 +126,18 @@ CASES = [
         "--lr: expected a finite number in (0, inf), got -1",
     ),
     (["train", "--arch", "gan", "--out", "/tmp/x"], "--arch: invalid choice: 'gan'"),
+    (
+        ["train", "--arch", "classifier", "--out", "/tmp/ee-never", "--steps", "3", "--batch=4"],
+        "The classifier trains for --epochs with --seed; --steps, --batch-size set how a denoiser trains",
+    ),
+    (
+        ["train", "--arch", "classifier", "--out", "/tmp/ee-never", "--prediction-type", "epsilon"],
+        "; --prediction-type sets how a denoiser trains (--arch dit, unet)",
+    ),
+    (
+        ["train", "--arch", "unet", "--out", "/tmp/ee-never", "--epochs", "3"],
+        "digits-unet trains for --steps; --epochs sets the classifier's training (--arch classifier)",
+    ),
     (["train", "--arch", "dit"], "the following arguments are required: --out"),
     (["train", "--arch", "dit", "--out", "README.md"], "--out: 'README.md' is a file, not a folder"),
     (

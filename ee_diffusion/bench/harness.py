@@ -45,6 +45,7 @@ rounds at once, and `images_per_s` is the number of processes times the images p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -85,6 +86,7 @@ from ..metrics import (
     time_interleaved,
 )
 from ..metrics.features import find_inception_weights
+from ..metrics.flops import count_flops
 from ..pipelines import EarlyExitDiTPipeline, load_early_exit_pipeline
 from .methods import BlockWork, Method, Target, batch_rows, build_method
 from .noise_schedulers import SCHEDULERS, build_scheduler
@@ -96,7 +98,8 @@ logger = logging.getLogger(__name__)
 # block eagerly beneath a method's hooks.
 COMPILED_MODULES = (Attention, FeedForward, ResnetBlock2D)
 
-# Untimed rounds before the timed ones, every method generating the timed batch once in each.
+# Untimed rounds before the timed ones, every method generating the timed batch once in each (at least one: the first
+# counts the FLOPs).
 TIMING_WARMUP = 1
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -480,6 +483,7 @@ class _Run:
     speedups: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
     depth_profiles: list[list[float]] = field(default_factory=list)
+    flops_per_image: float | None = None  # of one call of the timing batch (the first warm-up round, `_time`)
 
 
 @dataclass
@@ -731,7 +735,15 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
     gathered = gather_object(
         [
             [
-                (run.images, run.fractions, run.timings, run.speedups, run.peak_memory_mb, run.depth_profiles)
+                (
+                    run.images,
+                    run.fractions,
+                    run.timings,
+                    run.speedups,
+                    run.peak_memory_mb,
+                    run.depth_profiles,
+                    run.flops_per_image,
+                )
                 for run in cell.all_runs
             ]
             for cell in cells
@@ -749,6 +761,7 @@ def run_bench(config: BenchConfig, progress: bool = True, pipes: dict[str, Any] 
             peaks = [part[number][4] for part in parts if part[number][4] is not None]
             run.peak_memory_mb = max(peaks) if peaks else None
             run.depth_profiles = [profile for part in parts for profile in part[number][5]]
+            run.flops_per_image = parts[0][number][6]  # every process counts the same batch
     rows = _score(cells, conditions, config, len(batches[0]), pipes, progress)
     if config.save_images:
         if inputs.conditioning == "prompt":
@@ -787,11 +800,20 @@ def _time(
 ) -> None:
     """`TIMING_WARMUP` untimed rounds, then `config.repeats` timed rounds, of one batch per method, interleaved with
     rotating order (the device synchronised before each clock read on CUDA); this process's `Timing` and
-    round-by-round speedups against the baseline go to each run."""
+    round-by-round speedups against the baseline go to each run. Each method's first call, in the first untimed round,
+    runs under torch's FLOP counter (`count_flops`), which gives the run its floating-point operations per image (the
+    whole pipeline call's); not under `compile`, whose first call compiles (and the counter sees no compiled
+    kernel)."""
 
     def timed_call(run: _Run) -> None:
-        with run.method.session(pipes[run.method.model]):
+        counting = run.flops_per_image is None and not config.compile  # its first call, in the untimed round
+        with (
+            run.method.session(pipes[run.method.model]),
+            count_flops() if counting else contextlib.nullcontext() as counted,
+        ):
             _call(pipes[run.method.model], conditions, config.seed, config, run.method.steps or steps, device)
+        if counting:
+            run.flops_per_image = counted.total / len(conditions)
         bar.update()
 
     calls = {run.method.name: partial(timed_call, run) for run in active}
@@ -867,6 +889,10 @@ def _score(
             row.speedup = statistics.median(run.speedups) if baseline is not None else None
             row.block_fraction = statistics.fmean(*zip(*run.fractions))  # per image: a short last batch weighs less
             row.peak_memory_mb = run.peak_memory_mb
+            if run.flops_per_image is not None:
+                row.gflop_per_image = run.flops_per_image / 1e9
+                if baseline is not None and baseline.flops_per_image:
+                    row.flop_fraction = run.flops_per_image / baseline.flops_per_image
             if run.depth_profiles:  # one per batch, each a depth per sampling step: their mean, step by step
                 row.depth_per_step = [statistics.fmean(depths) for depths in zip(*run.depth_profiles)]
             images = torch.cat([run.images[i] for i in sorted(run.images)])

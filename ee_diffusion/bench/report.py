@@ -45,7 +45,9 @@ class BenchRow:
     times the model's exit blocks); `None` for methods that run every block. `psnr` (dB, capped at
     `ee_diffusion.metrics.PSNR_CAP_DB`) and `ssim` compare the images with the full-compute output of the same seeds
     and conditioning (models scored without a FID reference); `quality_reference` names what the quality numbers are
-    measured against."""
+    measured against. `gflop_per_image` is the floating-point operations (1e9) per image of one pipeline call of the
+    timing batch, counted by torch (`ee_diffusion.metrics.count_flops`: matrix products, convolutions, attention;
+    `None` under `--compile`), and `flop_fraction` that over the cell's baseline's."""
 
     method: str
     model: str
@@ -65,6 +67,8 @@ class BenchRow:
     psnr: float | None = None
     ssim: float | None = None
     quality_reference: str | None = None
+    gflop_per_image: float | None = None
+    flop_fraction: float | None = None
 
 
 ROW_KEYS = (
@@ -85,6 +89,8 @@ ROW_KEYS = (
     "psnr",
     "ssim",
     "quality_reference",
+    "gflop_per_image",
+    "flop_fraction",
 )
 
 # Said under every table with PSNR/SSIM rows.
@@ -140,6 +146,7 @@ def format_table(rows: list[BenchRow]) -> str:
         "spread",
         "speedup",
         "blocks",
+        "FLOPs",
         "peak MB",
     ]
     with_notes = any(row.note for row in rows)
@@ -164,6 +171,7 @@ def format_table(rows: list[BenchRow]) -> str:
             _cell(row.timing_spread, ".0%"),
             _cell(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
             _cell(row.block_fraction, ".1%"),
+            _cell(row.flop_fraction, ".1%"),
             _cell(row.peak_memory_mb, ".0f"),
             *[row.note or ""] * with_notes,
             end_section=(following.scheduler, following.steps) != (row.scheduler, row.steps),

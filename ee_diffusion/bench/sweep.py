@@ -12,7 +12,8 @@ For each step count of the sweep, one bench run (`run_bench`, its own interleave
   own schedule's compute (a plan is never deeper than the schedule the model was fine-tuned for).
 
 Every row gets `compute`: its block compute as a share of the full model at the sweep's largest step count
-(`block_fraction * steps / max(steps)`), so a plan at 10 steps and the baseline at 8 stand on one axis. Speed
+(`block_fraction * steps / max(steps)`), so a plan at 10 steps and the baseline at 8 stand on one axis; and `flops`:
+its counted floating-point operations per image as a share of that baseline's (the bench's `gflop_per_image`). Speed
 (`images_per_s`) is comparable within a step count (interleaved rounds); across step counts it comes from separate
 runs. The front is the set of rows no other row beats on both compute and quality: FID where the rows have it (the
 digits models, or `reference`), else PSNR against the full model's output at the largest step count, from the same
@@ -113,11 +114,13 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class SweepRow:
-    """A bench row, its compute on the sweep's common axis, and whether it is on the front."""
+    """A bench row, its compute on the sweep's common axis, whether it is on the front, and its FLOPs as a share of
+    the largest step count's baseline's (`None` where either was not counted)."""
 
     row: BenchRow
     compute: float
     on_front: bool
+    flops: float | None = None
 
 
 def _linear_at(num_blocks: int, timesteps: list[float], num_train_timesteps: int, budget: float) -> str | None:
@@ -254,7 +257,13 @@ def _front(rows: list[tuple[BenchRow, str | None]], max_steps: int) -> list[Swee
     scored = [row for row, _ in rows if row.block_fraction is not None and _quality(row, measure) is not None]
     computes = {id(row): row.block_fraction * row.steps / max_steps for row in scored}
     front = {id(scored[i]) for i in pareto_front([(-computes[id(r)], _quality(r, measure)) for r in scored])}
-    return [SweepRow(row, computes.get(id(row), float("nan")), id(row) in front) for row, _ in rows]
+    full = next((row for row, _ in rows if row.method == "baseline" and row.steps == max_steps), None)
+    full_flops = None if full is None else full.gflop_per_image
+
+    def flops(row: BenchRow) -> float | None:
+        return None if not full_flops or row.gflop_per_image is None else row.gflop_per_image / full_flops
+
+    return [SweepRow(row, computes.get(id(row), float("nan")), id(row) in front, flops(row)) for row, _ in rows]
 
 
 def best_per_quality(swept: list[SweepRow], max_steps: int) -> dict[float, SweepRow]:
@@ -283,7 +292,7 @@ def _write(out: Path, config: SweepConfig, swept: list[SweepRow], rows: list[tup
     report: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "rows": [
-            {**data, "compute": s.compute, "on_front": s.on_front}
+            {**data, "compute": s.compute, "flops": s.flops, "on_front": s.on_front}
             for s, data in zip(swept, rows_as_dicts([s.row for s in swept]))
         ],
         "best": {
@@ -298,7 +307,7 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
     """The rows by compute, the front marked, and the cheapest row per quality level."""
     psnr = _measure([s.row for s in swept]) == "psnr"
     quality = f"{'PSNR vs full':>12} {'SSIM':>6}" if psnr else f"{'FID':>7} {'class acc':>9}"
-    header = f"{'method':46} {'steps':>5} {'compute':>8} {quality} {'img/s':>7} {'speedup':>8}"
+    header = f"{'method':46} {'steps':>5} {'compute':>8} {'FLOPs':>7} {quality} {'img/s':>7} {'speedup':>8}"
     lines = [f"  {header}"]
     for s in sorted(swept, key=lambda s: (s.compute, s.row.steps)):
         row = dataclasses.replace(s.row, method=_short(s.row.method))
@@ -315,13 +324,15 @@ def format_sweep(swept: list[SweepRow], max_steps: int) -> str:
             shown = f"{fid:>7} {accuracy:>9}"
         speed = "-" if row.images_per_s is None else f"{row.images_per_s:.1f}"
         speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
+        flops = "-" if s.flops is None else f"{s.flops:.1%}"
         lines.append(
-            f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {shown} "
+            f"{'*' if s.on_front else ' '} {row.method[:46]:46} {row.steps:>5} {s.compute:>8.1%} {flops:>7} {shown} "
             f"{speed:>7} {speedup:>8}"
         )
     lines.append(
-        f"* on the front (no row has both less compute and better quality); compute: share of the full "
-        f"model at {max_steps} steps; speedup: against the baseline at the same step count"
+        f"* on the front (no row has both less compute and better quality); compute: block compute as a share of the "
+        f"full model at {max_steps} steps; FLOPs: the same share of its floating-point operations, counted; speedup: "
+        "against the baseline at the same step count"
     )
     for level, s in best_per_quality(swept, max_steps).items():
         lines.append(

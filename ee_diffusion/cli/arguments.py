@@ -345,6 +345,12 @@ def add_overwrite(command: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def card_command(args: argparse.Namespace) -> str:
+    """The command that makes a trained model, for its card: the one given, less `--resume` and `--overwrite` (a
+    resumed run ends where the uninterrupted one does, and the card's reader starts afresh)."""
+    return "ee-diffusion " + " ".join(word for word in args.argv if word not in ("--resume", "--overwrite"))
+
+
 def check_output_files(args: argparse.Namespace, *names: str) -> None:
     """Check each output file option of `names` that was given (`check_output_file`), before anything is loaded."""
     from ..outputs import check_output_file, matplotlib_figure, rows_csv, rows_json

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import platform
+import time
+from pathlib import Path
 
 from ..outputs import OutputKind
 from . import arguments as arg
@@ -29,23 +31,33 @@ MDLM = OutputKind(
 
 
 def _train_mdlm(args: argparse.Namespace) -> int:
-    from ..outputs import check_output_folder, staged_folder
+    from ..outputs import check_output_folder, resume_source, staged_folder
+    from ..training.cards import masked_lm_card
+    from ..training.mdlm import resume_state, train_mdlm
 
     if args.stop_at is not None and args.stop_at > args.steps:
         raise ValueError(f"Step {args.stop_at} (--stop-at) is past the run's last step (--steps {args.steps}).")
     check_output_folder(args.out, MDLM, overwrite=args.overwrite, resume=args.resume)
     arg.torch_with_threads(args.threads)
+    if args.resume:  # the same run, with steps left, before anything is staged
+        resume_state(_mdlm_config(args, str(resume_source(args.out))))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
-        losses, stopped = _train_mdlm_into(args, str(folder))
-    print(f"trained to step {stopped}; last loss {losses[-1]:.4f}; model in {args.out}")
+        config = _mdlm_config(args, str(folder))
+        began = time.perf_counter()
+        losses = train_mdlm(config, device=args.device, workers=args.workers)
+        seconds = time.perf_counter() - began
+        (folder / "README.md").write_text(
+            masked_lm_card(Path(args.out).name, folder, arg.card_command(args), config, losses, seconds, args.device)
+        )
+    print(f"trained to step {config.stop_at or config.steps}; last loss {losses[-1]:.4f}; model in {args.out}")
     return 0
 
 
-def _train_mdlm_into(args: argparse.Namespace, folder: str) -> tuple[list[float], int]:
-    from ..training.mdlm import MDLMTrainConfig, train_mdlm
+def _mdlm_config(args: argparse.Namespace, folder: str):
+    from ..training.mdlm import MDLMTrainConfig
 
-    config = MDLMTrainConfig(
+    return MDLMTrainConfig(
         output_dir=folder,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -57,8 +69,6 @@ def _train_mdlm_into(args: argparse.Namespace, folder: str) -> tuple[list[float]
         init_from=args.init_from,
         stop_at=args.stop_at,
     )
-    losses = train_mdlm(config, device=args.device, workers=args.workers)
-    return losses, config.stop_at or config.steps
 
 
 def _dllm_bench(args: argparse.Namespace) -> int:

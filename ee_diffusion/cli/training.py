@@ -36,12 +36,6 @@ FLUX_TRAINED = OutputKind(
 )
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command that makes the model, for its card: the one given, less `--resume` and `--overwrite` (a resumed
-    run ends where the uninterrupted one does, and the card's reader starts afresh)."""
-    return "ee-diffusion " + " ".join(word for word in args.argv if word not in ("--resume", "--overwrite"))
-
-
 def _train_config(args: argparse.Namespace, **overrides):
     from ..training import TrainConfig
 
@@ -63,7 +57,7 @@ def _card(title: str, args: argparse.Namespace, result, extra: str = "", results
 
     return digits_model_card(
         title,
-        _command(args),
+        arg.card_command(args),
         result.total_steps,
         result.steps_run,
         result.seconds,
@@ -79,6 +73,14 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.arch == "classifier" and args.resume:
         raise ValueError("--resume continues a denoiser's training; the classifier trains in one go.")
+    ignored = _given(args, _DENOISER_ONLY if args.arch == "classifier" else ("--epochs",))
+    if ignored:
+        raise ValueError(
+            f"The classifier trains for --epochs with --seed; {', '.join(ignored)} "
+            f"set{'s' if len(ignored) == 1 else ''} how a denoiser trains (--arch dit, unet)"
+            if args.arch == "classifier"
+            else f"digits-{args.arch} trains for --steps; --epochs sets the classifier's training (--arch classifier)"
+        )
     check_output_folder(args.out, TRAINED, overwrite=args.overwrite, resume=args.resume)
     arg.torch_with_threads(args.threads)
     with staged_folder(args.out, resume=args.resume, keep_on_failure=True) as folder:
@@ -88,6 +90,27 @@ def _train(args: argparse.Namespace) -> int:
             message = _train_denoiser(args, folder)
     print(f"saved {args.out} {message}")
     return 0
+
+
+# The options of `train` that only a denoiser's training reads (the classifier's takes --epochs and --seed).
+_DENOISER_ONLY = (
+    "--steps",
+    "--batch-size",
+    "--lr",
+    "--warmup-steps",
+    "--ema-decay",
+    "--loss-weight",
+    "--checkpoint-every",
+    "--prediction-type",
+    "--device",
+)
+
+
+def _given(args: argparse.Namespace, options: tuple[str, ...]) -> list[str]:
+    """Which of `options` the command line gives (argparse takes an unambiguous prefix of an option, and
+    `--option=value`)."""
+    words = [word.split("=", 1)[0] for word in args.argv if word.startswith("--")]
+    return [option for option in options if any(len(word) > 2 and option.startswith(word) for word in words)]
 
 
 def _train_denoiser(args: argparse.Namespace, folder: Path) -> str:
@@ -124,7 +147,7 @@ def _train_classifier(args: argparse.Namespace, folder: Path) -> str:
         load_digits_split("train"), load_digits_split("heldout"), epochs=args.epochs, seed=args.seed
     )
     model.save_pretrained(folder)
-    (folder / "README.md").write_text(digits_classifier_card(_command(args), args.epochs, seconds, accuracy))
+    (folder / "README.md").write_text(digits_classifier_card(arg.card_command(args), args.epochs, seconds, accuracy))
     return f"(held-out accuracy {accuracy:.2%}, {seconds:.0f} s)"
 
 
@@ -180,7 +203,7 @@ def _train_flux(args: argparse.Namespace) -> int:
         )
         card = digits_flux_card(
             saved,
-            _command(args),
+            arg.card_command(args),
             config,
             vae_result,
             result,
@@ -341,7 +364,7 @@ def _finetune_flux(args: argparse.Namespace, torch) -> None:
         card = digits_flux_finetuned_card(
             Path(args.out).name,
             args.model,
-            _command(args),
+            arg.card_command(args),
             schedule,
             config,
             result,

@@ -191,12 +191,17 @@ class SchEDCommit:
 
 @dataclass(frozen=True)
 class ThresholdCommit:
-    """Fast-dLLM's parallel rule: each step commits every masked token of the block whose probability exceeds
-    `threshold`, and never fewer than the step's even share (so at least one per step, and no more steps than
-    plain decoding). Composes with either early-commit rule.
+    """Fast-dLLM's parallel rule: each step commits every masked token of the block whose probability is at least
+    `threshold`, and never fewer than the step's even share. Composes with either early-commit rule.
+
+    With as many steps as positions (the shipped models' default) the even share is one token, and the rule is the
+    released code's (`NVlabs/Fast-dLLM`, `get_transfer_index`: at least one token per step, `>=` the threshold). With
+    fewer steps per block the released code commits at least one token and takes as many steps as the block needs;
+    here the even share keeps the run within its step budget. The released code takes the softmax in float64: the
+    sampler's `confidence_dtype="float64"` does the same (its default is the logits' dtype, as LLaDA's `generate()`).
 
     Args:
-        threshold: Probability above which a token is committed.
+        threshold: Probability at or above which a token is committed.
     """
 
     threshold: float = 0.9
@@ -207,8 +212,8 @@ class ThresholdCommit:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold}.")
 
     def num_tokens(self, confidence: torch.Tensor, masked: torch.Tensor, scheduled: torch.Tensor) -> torch.Tensor:
-        """How many tokens each row commits: `max(scheduled, #{masked with confidence > threshold})`."""
-        return torch.maximum(scheduled, ((confidence > self.threshold) & masked).sum(-1))
+        """How many tokens each row commits: `max(scheduled, #{masked with confidence >= threshold})`."""
+        return torch.maximum(scheduled, ((confidence >= self.threshold) & masked).sum(-1))
 
 
 EarlyCommit = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]

@@ -13,6 +13,7 @@ from .features import (
     load_images,
 )
 from .fid import frechet_distance, frechet_distance_from_moments, kernel_distance
+from .flops import FlopCount, count_flops
 from .quality import (
     FidKidResult,
     ReferenceStatistics,
@@ -24,6 +25,8 @@ from .similarity import PSNR_CAP_DB, Similarity, image_similarity
 from .throughput import Timing, round_speedups, time_interleaved
 
 __all__ = [
+    "FlopCount",
+    "count_flops",
     "DIGITS_CLASSIFIER_PATH",
     "INCEPTION_FILENAME",
     "INCEPTION_URL",

@@ -54,6 +54,36 @@ def digits_classifier_card(command: str, epochs: int, seconds: float, accuracy: 
     )
 
 
+def masked_lm_card(
+    title: str, folder, command: str, config, losses: list[float], seconds: float, device: str | torch.device
+) -> str:
+    """The card of a masked diffusion LM `ee-diffusion train-mdlm` wrote to `folder` (its `config.json` read back):
+    the model, the tasks, the command, the steps and time of this run and its last losses."""
+    from transformers import BertConfig
+
+    model = BertConfig.from_pretrained(folder)
+    window = losses[-min(len(losses), 1000) :]
+    stop = config.stop_at or config.steps
+    schedule = "" if stop == config.steps else f" (stopped at step {stop} of its {config.steps}-step schedule)"
+    return (
+        f"# {title}\n\n"
+        f"A masked diffusion language model: a transformers `BertForMaskedLM` ({model.num_hidden_layers} layers, "
+        f"hidden {model.hidden_size}, {model.num_attention_heads} heads) with ee-diffusion's character tokenizer, "
+        "trained with the masked-diffusion objective (`ee_diffusion.training.mdlm`) on problems drawn fresh at "
+        f"every step: {', '.join(dict.fromkeys(config.tasks))}"
+        + (f", starting from `{config.init_from}`" if config.init_from else "")
+        + ". `MaskedDiffusionLMPipeline.from_pretrained(folder)` loads it with its decoding defaults "
+        "(`generation_config.json`).\n\n"
+        f"Trained with:\n\n```\n{command}\n```\n\n"
+        f"Steps: {stop}{schedule}, batch {config.batch_size}, AdamW peak learning rate {config.learning_rate:g}, "
+        f"seed {config.seed}; time: {seconds / 60:.1f} min for the last {len(losses)} steps on "
+        f"{hardware(device)}. Mean training loss over the last {len(window)} steps: "
+        f"{sum(window) / len(window):.4f}.\n\n"
+        "Accuracy (exact match on fresh problems, with and without early commit): `ee-diffusion dllm-bench --model "
+        "FOLDER`; see docs/dllm.md of the project.\n"
+    )
+
+
 def digits_flux_card(
     pipe,
     command: str,

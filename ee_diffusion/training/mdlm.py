@@ -172,6 +172,19 @@ class StepBatches(torch.utils.data.Dataset):
         return (*encode_problems(problems, self.tokenizer, self.config.gen_length), seed)
 
 
+def resume_state(config: MDLMTrainConfig, device: str | torch.device = "cpu") -> tuple[dict, int]:
+    """The training state a resumed run continues (`{output_dir}/checkpoint`) and its step, checked to be the same
+    run's (`RESUMED_AS_IS`) and to leave steps to train before `stop_at` (or `steps`); a `ValueError` otherwise."""
+    path = Path(config.output_dir) / "checkpoint" / STATE_FILE
+    state = read_checkpoint(path, device)
+    kept = {key: value for key, value in asdict(config).items() if key in RESUMED_AS_IS}
+    check_same_run(path, {key: state["config"].get(key) for key in kept}, kept)
+    start, stop = state["step"], config.steps if config.stop_at is None else config.stop_at
+    if stop <= start:
+        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
+    return state, start
+
+
 def train_mdlm(
     config: MDLMTrainConfig, progress: bool = True, device: str | torch.device = "cpu", workers: int = 0
 ) -> list[float]:
@@ -187,16 +200,8 @@ def train_mdlm(
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
     checkpoint = os.path.join(config.output_dir, "checkpoint")
-    state, start = None, 0
-    if config.resume:
-        path = Path(checkpoint) / STATE_FILE
-        state = read_checkpoint(path, device)
-        kept = {key: value for key, value in asdict(config).items() if key in RESUMED_AS_IS}
-        check_same_run(path, {key: state["config"].get(key) for key in kept}, kept)
-        start = state["step"]
+    state, start = resume_state(config, device) if config.resume else (None, 0)
     stop = config.steps if config.stop_at is None else config.stop_at
-    if stop <= start:
-        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
     model = build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer)

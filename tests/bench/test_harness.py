@@ -31,6 +31,8 @@ ROW_KEYS = {
     "psnr",
     "ssim",
     "quality_reference",
+    "gflop_per_image",
+    "flop_fraction",
 }
 
 
@@ -66,6 +68,16 @@ def test_bench_rows(digits_shaped_models):
     again = run_bench(BenchConfig(**{**vars(config), "methods": ["baseline", "ase:constant:2"]}), progress=False)
     assert again[0].fid == again[1].fid == baseline.fid
     assert "speedup" in format_table(rows)
+
+
+def test_bench_counts_each_methods_flops_per_image(digits_shaped_models):
+    methods = ["baseline", "baseline@1", "ase:constant:1"]
+    config = BenchConfig(str(digits_shaped_models / "base"), methods, num_samples=4, batch_size=2, repeats=1, steps=2)
+    baseline, one_step, half_depth = run_bench(config, progress=False)
+    assert baseline.flop_fraction == 1.0 and baseline.gflop_per_image > 0
+    assert one_step.flop_fraction == 0.5  # the same call, once instead of twice
+    # one of the two blocks: the patch embedding, timestep embedding and final layer still run at every step
+    assert 0.5 < half_depth.flop_fraction < 0.75 and half_depth.block_fraction == 0.5
 
 
 def test_methods_leave_every_pipeline_as_they_found_it_across_a_grid(digits_shaped_models, monkeypatch):

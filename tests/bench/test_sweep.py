@@ -114,8 +114,12 @@ def test_sweep_command_end_to_end(tmp_path, capsys, monkeypatch):
     report = json.loads((out / "sweep.json").read_text())
     methods = {(r["method"].split("/")[-1], r["steps"]) for r in report["rows"]}
     assert {("baseline", 2), ("baseline", 3), ("fbcache:0.5", 2), ("dpm-solver++-3-0.5", 3)} <= methods
+    full = next(r for r in report["rows"] if r["method"] == "baseline" and r["steps"] == 3)
     for r in report["rows"]:
         assert r["compute"] == pytest.approx(r["block_fraction"] * r["steps"] / 3)
+        assert r["flops"] == pytest.approx(r["gflop_per_image"] / full["gflop_per_image"])
+        if r["method"] == "baseline":  # the same call, 2 steps of 3
+            assert r["flops"] == pytest.approx(r["steps"] / 3)
         if r["method"].startswith("ase:") and "plans" in r["method"]:
             assert r["block_fraction"] <= 0.5
     assert ExitSchedule.from_pretrained(out / "plans" / "dpm-solver++-3-0.5").config.shape == "plan"

@@ -157,10 +157,18 @@ def test_sched_fires_per_row_exactly_at_tau():
 
 
 def test_threshold_commit_counts_confident_masked_tokens_but_never_less_than_scheduled():
-    confidence = torch.tensor([[0.95, 0.99, 0.2, 0.91], [0.1, 0.2, 0.3, 0.4]])
-    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    count = ThresholdCommit(0.9).num_tokens(confidence, masked, torch.tensor([1, 1]))
-    assert count.tolist() == [2, 1]
+    confidence = torch.tensor([[0.95, 0.99, 0.2, 0.91], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
+    count = ThresholdCommit(0.9).num_tokens(confidence, masked, torch.tensor([1, 1, 3]))
+    assert count.tolist() == [2, 1, 3]
+    # a probability exactly at the threshold is committed, as in the released code (`< threshold` is left out)
+    confidence, masked, none_scheduled = (
+        torch.tensor([[0.5, 0.25]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([0]),
+    )
+    assert ThresholdCommit(0.5).num_tokens(confidence, masked, none_scheduled).tolist() == [1]
+    assert ThresholdCommit(0.25).num_tokens(confidence, masked, none_scheduled).tolist() == [2]
 
 
 def test_resolve_early_commit_and_bad_values():

@@ -136,3 +136,20 @@ def test_train_mdlm_writes_nowhere_unless_told_where(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["train-mdlm", "--steps", "1"])  # the shipped tiny-mdlm is never a default destination
     assert stopped.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_train_mdlm_writes_a_card_and_a_finished_run_resumed_leaves_nothing_behind(tmp_path, capsys):
+    from ee_diffusion.cli import main
+
+    out = tmp_path / "m"
+    command = ["train-mdlm", "--out", str(out), "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2"]
+    assert main([*command, "--stop-at", "2"]) == 0
+    assert main([*command, "--resume"]) == 0
+    card = (out / "README.md").read_text()
+    assert f"ee-diffusion train-mdlm --out {out} --steps 4 --batch-size 4 --checkpoint-every 2\n" in card
+    assert "Steps: 4, batch 4" in card and "for the last 2 steps" in card and "addition, sorting" in card
+    before = sorted(path.name for path in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main([*command, "--resume"]) == 2  # nothing left to train: said before anything is staged
+    assert "Nothing to train: the run is at step 4 and would stop at step 4" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == before == ["m"]

@@ -170,9 +170,9 @@ def test_train_uem_seeds_the_heads_too(tmp_path):
 def test_a_resumed_runs_card_gives_the_command_that_makes_the_model_afresh():
     import argparse
 
-    from ee_diffusion.cli.training import _command
+    from ee_diffusion.cli.arguments import card_command
 
     argv = ["train-uem", "--model", "digits-dit", "--out", "out/heads", "--resume", "--overwrite", "--threads", "2"]
-    assert _command(argparse.Namespace(argv=argv)) == (
+    assert card_command(argparse.Namespace(argv=argv)) == (
         "ee-diffusion train-uem --model digits-dit --out out/heads --threads 2"
     )
