@@ -476,6 +476,21 @@ class PlanCalibrator:
         )
 
 
+def counted_flop_fraction(pipe: Any, call_kwargs: dict[str, Any], plan: ExitSchedule, reference_steps: int) -> float:
+    """The floating-point operations of one pipeline call under `plan` (at its own step count) over those of the model
+    at full depth at `reference_steps`, counted by torch (`ee_diffusion.metrics.count_flops`): the plan's share of the
+    whole call, where its block compute counts the blocks only (a U-Net's encoder, a pipeline's text encoders and VAE
+    are not blocks). The pipeline's own exit schedule is back on it afterwards."""
+    from .metrics import count_flops
+
+    def flops(schedule: ExitSchedule | None, steps: int) -> int:
+        with exit_schedule_in_force(pipe, schedule), count_flops() as counted:
+            pipe(**call_kwargs, num_inference_steps=steps, output_type="np")
+        return counted.total
+
+    return flops(plan, len(plan.config.depths)) / flops(None, as_int("reference_steps", reference_steps, low=1))
+
+
 def calibrate_plan(
     pipe: Any,
     call_kwargs: dict[str, Any],

@@ -17,7 +17,7 @@ SWEEP = OutputKind("ee-diffusion sweep", ("sweep.json", "sweep.png", "plans/*", 
 def _calibrate(args: argparse.Namespace) -> int:
     from ..bench.harness import probe_kwargs
     from ..bench.noise_schedulers import build_scheduler
-    from ..calibration import CALIBRATION_OUTPUT, calibrate_plan
+    from ..calibration import CALIBRATION_OUTPUT, calibrate_plan, counted_flop_fraction
     from ..outputs import check_output_folder
     from ..pipelines import load_early_exit_pipeline
     from ..schedules import describe_action
@@ -71,9 +71,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"plan (per step, first to last): {actions}")
     reference = "the full model" if pipe.exit_schedule is None else f"{args.model} under its own exit schedule"
     method = f"ase:{args.out}" if pipe.exit_schedule is None else f"finetuned:{args.model}:{args.out}"
+    flops = counted_flop_fraction(pipe, probes, result.plan, reference_steps)
     print(
         f"{result.steps} steps, block compute {result.compute_fraction:.1%} of the {reference_steps}-step "
-        f"reference's, final-image error {result.error:.4f} (RMS against {reference} at {reference_steps} steps, "
+        f"reference's ({flops:.1%} of its FLOPs, counted over one call of the probes), final-image error "
+        f"{result.error:.4f} (RMS against {reference} at {reference_steps} steps, "
         f"pixels in [0, 1]); saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
         f"--steps {result.steps}: a plan runs only at its scheduler and step count)"
     )

@@ -150,8 +150,9 @@ class ProphetCommit:
         self, logits: torch.Tensor, positions: torch.Tensor, progress: float, tokens: torch.LongTensor | None = None
     ) -> torch.Tensor:
         threshold = prophet_threshold(progress, self.thresholds, self.boundaries)
-        if self.marker is None:
-            return mean_margin(logits, answer_window(positions, self.answer_start, self.window)) >= threshold
+        if self.marker is None:  # a window past the span's end holds nothing to judge, and never fires
+            window = answer_window(positions, self.answer_start, self.window)
+            return window.any(-1) & (mean_margin(logits, window) >= threshold)
         if tokens is None:
             raise ValueError(f"ProphetCommit(marker={self.marker}) needs the current `tokens` to find its marker.")
         after = marker_end(tokens, positions, self.marker)

@@ -52,6 +52,9 @@ def test_prophet_looks_at_its_answer_window_and_sched_at_the_whole_span():
     assert mean_margin(logits, span).item() == pytest.approx(27 / 8)
     assert not SchEDCommit(tau_high=7.5, tau_low=2.5)(logits, span, 0.1).item()
     assert SchEDCommit(tau_high=7.5, tau_low=2.5)(logits, span, 1.0).item()  # 3.375 >= tau(1) = 2.5
+    # a window that starts past the span's end is empty: nothing to judge, even at a threshold of 0
+    assert not ProphetCommit(thresholds=(0.0, 0.0, 0.0), answer_start=8)(logits, span, 0.1).item()
+    assert ProphetCommit(thresholds=(0.0, 0.0, 0.0), answer_start=7)(logits, span, 0.1).item()
 
 
 MARKER = (41, 42)  # stands in for the ids of "The answer is"

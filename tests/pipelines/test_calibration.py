@@ -159,7 +159,8 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
     assert all(
         isinstance(action, str) or action >= 0 for step in report["sensitivity"] for action in map(_action, step)
     )
-    assert f"--methods ase:{out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"--methods ase:{out}" in printed
     rows = run_bench(
         BenchConfig(
             model=str(tmp_path / "model"), methods=["baseline", f"ase:{out}"], num_samples=2, steps=3, repeats=1
@@ -167,6 +168,8 @@ def test_calibrate_command_writes_a_plan_the_bench_runs(tmp_path, capsys):
         progress=False,
     )
     assert rows[1].block_fraction == pytest.approx(report["compute_fraction"])
+    # the FLOPs calibrate counts are the bench's: the plan's call over the full model's at the reference's steps
+    assert f"({rows[1].flop_fraction:.1%} of its FLOPs, counted over one call of the probes)" in printed
     # on a model that carries a schedule, the plan is calibrated against it and benched on that model
     tuned = tmp_path / "tuned"
     save_digits_shaped_dit(tuned, exit_schedule=ExitSchedule.step(2, [2, 1]))
