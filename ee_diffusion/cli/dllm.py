@@ -50,7 +50,7 @@ def _train_mdlm(args: argparse.Namespace) -> int:
         (folder / "README.md").write_text(
             masked_lm_card(Path(args.out).name, folder, arg.card_command(args), config, losses, seconds, args.device)
         )
-    print(f"trained to step {config.stop_at or config.steps}; last loss {losses[-1]:.4f}; model in {args.out}")
+    print(f"trained to step {config.last_step}; last loss {losses[-1]:.4f}; model in {args.out}")
     return 0
 
 

@@ -63,7 +63,7 @@ def masked_lm_card(
 
     model = BertConfig.from_pretrained(folder)
     window = losses[-min(len(losses), 1000) :]
-    stop = config.stop_at or config.steps
+    stop = config.last_step
     schedule = "" if stop == config.steps else f" (stopped at step {stop} of its {config.steps}-step schedule)"
     return (
         f"# {title}\n\n"

@@ -92,6 +92,11 @@ class MDLMTrainConfig:
     resume: bool = False
     stop_at: int | None = None
 
+    @property
+    def last_step(self) -> int:
+        """The step the run ends after: `stop_at`, else `steps`."""
+        return self.steps if self.stop_at is None else self.stop_at
+
     def __post_init__(self) -> None:
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(

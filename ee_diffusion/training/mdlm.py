@@ -179,9 +179,9 @@ def resume_state(config: MDLMTrainConfig, device: str | torch.device = "cpu") ->
     state = read_checkpoint(path, device)
     kept = {key: value for key, value in asdict(config).items() if key in RESUMED_AS_IS}
     check_same_run(path, {key: state["config"].get(key) for key in kept}, kept)
-    start, stop = state["step"], config.steps if config.stop_at is None else config.stop_at
-    if stop <= start:
-        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {stop}.")
+    start = state["step"]
+    if config.last_step <= start:
+        raise ValueError(f"Nothing to train: the run is at step {start} and would stop at step {config.last_step}.")
     return state, start
 
 
@@ -201,7 +201,7 @@ def train_mdlm(
             raise ValueError(f"Unknown task {task!r}; expected some of {TASKS}.")
     checkpoint = os.path.join(config.output_dir, "checkpoint")
     state, start = resume_state(config, device) if config.resume else (None, 0)
-    stop = config.steps if config.stop_at is None else config.stop_at
+    stop = config.last_step
     tokenizer = build_char_tokenizer()
     torch.manual_seed(config.seed)
     model = build_model(tokenizer, config) if config.init_from is None else _load_start(config, tokenizer)
