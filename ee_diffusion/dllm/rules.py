@@ -198,7 +198,7 @@ class ThresholdCommit:
     With as many steps as positions (the shipped models' default) the even share is one token, and the rule is the
     released code's (`NVlabs/Fast-dLLM`, `get_transfer_index`: at least one token per step, `>=` the threshold). With
     fewer steps per block the released code commits at least one token and takes as many steps as the block needs;
-    here the even share keeps the run within its step budget. The released code takes the softmax in float64: the
+    this rule's even share keeps the run within its step budget. The released code takes the softmax in float64: the
     sampler's `confidence_dtype="float64"` does the same (its default is the logits' dtype, as LLaDA's `generate()`).
 
     Args:
