@@ -32,9 +32,12 @@ count (`num_inference_steps=None`) it calibrates at several step counts against 
 at full depth among them, and returns the best at the budget.
 
 The error of a plan is the root-mean-square difference of its final images from the reference's, from the same noise
-and conditioning, in pixel values in [0, 1] (`output_type="np"`). Compute is the share of the reference's block
-compute (the full model, or its own schedule, at the reference step count) a plan spends. What a plan fixes ahead of
-time is everything: the depth or reuse of each step; nothing is decided while sampling.
+and conditioning, in pixel values in [0, 1] (`output_type="np"`); or, given a feature network (`features`), the square
+root of the Fréchet distance between the features of its probes' final images and the reference's, which ranks plans
+as FID does where the pixel error does not (it holds each image to its own reference; FID scores the set). Compute is
+the share of the reference's block compute (the full model, or its own schedule, at the reference step count) a plan
+spends. What a plan fixes ahead of time is everything: the depth or reuse of each step; nothing is decided while
+sampling.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from .exits import (
     scheduler_timesteps,
 )
 from .exits.scheduler_steps import check_scheduler_steps_over
+from .metrics.fid import frechet_distance
 from .outputs import OutputKind, check_output_folder, staged_folder
 from .schedules import DROP, REUSE, ExitSchedule, action_blocks, cached_tail
 from .validation import as_flag, as_int, as_number
@@ -76,6 +80,8 @@ TAIL_BLOCKS = (1, 2)
 # compute scored FID 9.59 on 2,000 samples, one of reuse steps at 60% 8.81, with the lower pixel error the tails').
 DEFAULT_ACTIONS = ("reuse", "drop")
 ACTIONS = ("reuse", "tail", "drop")
+# The fewest probes a Fréchet error takes (`PlanCalibrator`'s `features`): their features' covariance is in it.
+MIN_FRECHET_PROBES = 50
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,8 @@ class Calibration:
     Args:
         plan: The plan the budget picked.
         compute_fraction: Its share of the reference's block compute (reuse steps count 0).
-        error: Its measured final-image error (RMS against the reference, pixel values in [0, 1]) on the probes.
+        error: Its measured final-image error against the reference on the probes (RMS, pixel values in [0, 1]; with
+            a feature network, the square root of the Fréchet distance of their features: `PlanCalibrator`).
         timesteps: The denoiser's timestep at each step, in sampling order.
         sensitivity: `sensitivity[i][a]`: the final-image error of the base with step `i` at action `a` alone.
         chain: Every plan measured, from the base to the cheapest.
@@ -189,6 +196,11 @@ class PlanCalibrator:
         actions: Which cheaper actions a step may take besides shallower depths: any of `"reuse"`, `"tail"` (the
             cached tails of `TAIL_BLOCKS`), `"drop"` (where the scheduler can step over a timestep); default
             `DEFAULT_ACTIONS`, reuse and drop.
+        features: How errors are measured. `None` (default): the RMS difference of each probe's final image from the
+            reference's, in pixel values in [0, 1]. A feature network (`ee_diffusion.metrics.FeatureExtractor`): the
+            square root of the Fréchet distance (FID's) between the features of all the probes' final images and
+            the reference's: a distance between the two sets, as FID measures quality, where the pixel error holds
+            each image to its own reference. It needs at least `MIN_FRECHET_PROBES` probes, better a hundred or more.
     """
 
     def __init__(
@@ -201,6 +213,7 @@ class PlanCalibrator:
         reference_steps: int | None = None,
         candidates: int = 3,
         actions: tuple[str, ...] = DEFAULT_ACTIONS,
+        features: Any | None = None,
     ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
@@ -214,6 +227,13 @@ class PlanCalibrator:
         if isinstance(actions, str) or not set(actions) <= set(ACTIONS):
             raise ValueError(f"`actions` must be a tuple of {', '.join(map(repr, ACTIONS))}, got {actions!r}.")
         self.actions = tuple(actions)
+        if features is not None and not callable(getattr(features, "features", None)):
+            raise TypeError(
+                "`features` must be a feature network with a `features(images)` method "
+                f"(ee_diffusion.metrics.FeatureExtractor), got {type(features).__name__}."
+            )
+        self.features = features
+        self._reference_features: torch.Tensor | None = None
         try:
             self.num_blocks = num_exit_blocks(pipe)
         except TypeError as error:  # no denoiser the exit hooks know
@@ -383,7 +403,7 @@ class PlanCalibrator:
                     images = self.pipe(
                         **self.call_kwargs, num_inference_steps=steps, generator=generator, output_type="np"
                     ).images
-                error = float(np.sqrt(np.mean((np.asarray(images, dtype=np.float64) - self._reference) ** 2)))
+                error = self._error(np.asarray(images, dtype=np.float64))
                 bar.update()
             base_compute = sum(self.base) / (len(self.base) * self.num_blocks)  # the own schedule's share, per step
             self._fewer[steps] = FewerSteps(steps, base_compute * steps / self.reference_steps, error)
@@ -436,16 +456,32 @@ class PlanCalibrator:
                         ).images,
                         dtype=np.float64,
                     )
-                self._measured[self.base] = float(np.sqrt(np.mean((own - self._reference) ** 2)))
+                if self.features is not None:
+                    if len(own) < MIN_FRECHET_PROBES:
+                        raise ValueError(
+                            f"A Fréchet error needs at least {MIN_FRECHET_PROBES} probes (the covariance of their "
+                            f"features), got {len(own)}."
+                        )
+                    self._reference_features = self.features.features(_as_nchw(self._reference))
+                self._measured[self.base] = self._error(own)
 
             def measure(actions: tuple[int, ...]) -> float:
                 if actions not in self._measured:
                     use(self.plan_of(actions))
-                    self._measured[actions] = float(np.sqrt(np.mean((sample() - self._reference) ** 2)))
+                    self._measured[actions] = self._error(sample())
                     bar.update()
                 return self._measured[actions]
 
             yield measure, bar
+
+    def _error(self, images: np.ndarray) -> float:
+        """The error of a run's final images (NHWC, in [0, 1]) against the reference's: see `features`."""
+        if self.features is None:
+            return float(np.sqrt(np.mean((images - self._reference) ** 2)))
+        if np.array_equal(images, self._reference):  # the same set: 0, not the rounding of its eigenvalues
+            return 0.0
+        distance = frechet_distance(self.features.features(_as_nchw(images)), self._reference_features)
+        return math.sqrt(max(distance, 0.0))
 
     def plan_of(self, actions: tuple[int, ...]) -> ExitSchedule:
         """The plan that takes `actions[i]` at step `i`."""
@@ -476,6 +512,11 @@ class PlanCalibrator:
         )
 
 
+def _as_nchw(images: np.ndarray) -> torch.Tensor:
+    """A pipeline's `output_type="np"` images (N, H, W, C) as the float (N, C, H, W) tensor feature networks take."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+
+
 def counted_flop_fraction(pipe: Any, call_kwargs: dict[str, Any], plan: ExitSchedule, reference_steps: int) -> float:
     """The floating-point operations of one pipeline call under `plan` (at its own step count) over those of the model
     at full depth at `reference_steps`, counted by torch (`ee_diffusion.metrics.count_flops`): the plan's share of the
@@ -502,6 +543,7 @@ def calibrate_plan(
     reference_steps: int | None = None,
     candidates: int = 3,
     actions: tuple[str, ...] = DEFAULT_ACTIONS,
+    features: Any | None = None,
 ) -> Calibration:
     """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one), held
     against the fewer-steps baseline at its compute -- which is returned instead, as a plan of its own step count,
@@ -512,10 +554,10 @@ def calibrate_plan(
         num_inference_steps: The plan's step count; `None`: pick it. Plans are calibrated at step counts from the
             fewest the budget allows up to `reference_steps` (fewer steps at full depth among them), all measured
             against the reference at `reference_steps`, and the best at the budget is returned.
-        tolerance: Largest final-image error allowed (RMS, pixel values in [0, 1]; 0 gives the full model).
+        tolerance: Largest final-image error allowed (in the units of `features`'s error; 0 gives the full model).
         target_compute: Share of the reference's block compute to spend, in (0, 1].
         reference_steps: The reference images' step count (default: `num_inference_steps`; needed without it).
-        candidates, actions: See `PlanCalibrator`.
+        candidates, actions, features: See `PlanCalibrator`.
     """
     if (tolerance is None) == (target_compute is None):
         raise ValueError("Give exactly one budget: `tolerance` or `target_compute`.")
@@ -540,6 +582,7 @@ def calibrate_plan(
             reference_steps=reference,
             candidates=candidates,
             actions=actions,
+            features=features,
         )
         try:
             result = (
@@ -565,6 +608,7 @@ def calibrate_plan(
                 progress=progress,
                 reference_steps=reference,
                 candidates=candidates,
+                features=features,
             ).as_it_is()
             lost = PlanPoint(tuple(result.plan.config.depths[::-1]), result.compute_fraction, result.error)
             result = dataclasses.replace(plain, lost=lost, left_out=result.left_out)

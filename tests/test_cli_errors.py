@@ -180,6 +180,12 @@ CASES = [
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--target-compute", "0.5"], "not allowed with argument"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--steps", "1"], "--steps: expected an integer >= 2"),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--model", "nowhere"], "No model 'nowhere'"),
+    (
+        ["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--error", "digits"],
+        "The error --error digits compares the two sets of probe images by the covariance of their features: give "
+        "--num-probes 50 or more",
+    ),
+    (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--error", "ssim"], "argument --error: invalid choice"),
     (["sweep", "--out", "/proc/ee-sweep"], "--out: cannot write '/proc/ee-sweep': '/proc' is not a writable folder"),
     (["bench", "--csv", "/proc/rows.csv"], "--csv: cannot write '/proc/rows.csv'"),
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),
@@ -301,6 +307,11 @@ BEFORE_LOADING = [
     ),
     (
         ["bench", "--reference", "REF", "--inception-path", "EMPTY", "--num-samples", "2"],
+        "clean-fid's Inception network is missing",
+    ),
+    (
+        ["calibrate", "--tolerance", "0.1", "--error", "inception", "--num-probes", "50", "--inception-path", "EMPTY"]
+        + ["--out", "OUT"],
         "clean-fid's Inception network is missing",
     ),
 ]

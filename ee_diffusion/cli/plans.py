@@ -14,6 +14,33 @@ DEFAULT_REFERENCE_STEPS = 10  # the bench's default step count
 SWEEP = OutputKind("ee-diffusion sweep", ("sweep.json", "sweep.png", "plans/*", "best/*"))
 
 
+# `calibrate --error`: how a plan's final images are held to the reference's, in words.
+ERRORS = {
+    "pixels": "RMS of the pixel differences in [0, 1]",
+    "digits": "square root of the Fréchet distance of the digits network's features",
+    "inception": "square root of the Fréchet distance of clean-fid's Inception features",
+}
+
+
+def _error_features(args: argparse.Namespace):
+    """The feature network `--error` measures with (`None`: pixels), checked before any model loads."""
+    from ..calibration import MIN_FRECHET_PROBES
+
+    if args.error == "pixels":
+        return None
+    if args.num_probes < MIN_FRECHET_PROBES:
+        raise ValueError(
+            f"The error --error {args.error} compares the two sets of probe images by the covariance of their "
+            f"features: give --num-probes {MIN_FRECHET_PROBES} or more (100 or more ranks plans better), got "
+            f"{args.num_probes}."
+        )
+    from ..metrics import FeatureExtractor
+
+    if args.error == "digits":
+        return FeatureExtractor("digits", device=args.device)
+    return FeatureExtractor("clean-fid", inception_path=args.inception_path, device=args.device)
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from ..bench.harness import probe_kwargs
     from ..bench.noise_schedulers import build_scheduler
@@ -24,6 +51,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     inputs = arg.check_model_inputs(args)  # prompts or class labels, sizes: before anything loads
     check_output_folder(args.out, CALIBRATION_OUTPUT, overwrite=args.overwrite)
+    features = _error_features(args)
     torch = arg.torch_with_threads(args.threads)
     pipe = load_early_exit_pipeline(args.model, dtype=torch.float32).to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -48,6 +76,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         reference_steps=reference_steps,
         candidates=args.candidates,
         actions=tuple(args.actions),
+        features=features,
     )
     settings = {
         key: getattr(args, key)
@@ -64,6 +93,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             "target_compute",
             "candidates",
             "actions",
+            "error",
         )
     }
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
@@ -75,8 +105,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(
         f"{result.steps} steps, block compute {result.compute_fraction:.1%} of the {reference_steps}-step "
         f"reference's ({flops:.1%} of its FLOPs, counted over one call of the probes), final-image error "
-        f"{result.error:.4f} (RMS against {reference} at {reference_steps} steps, "
-        f"pixels in [0, 1]); saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
+        f"{result.error:.4f} ({ERRORS[args.error]} against {reference} at {reference_steps} steps); "
+        f"saved {args.out} (bench it as --methods {method} with --scheduler {args.scheduler} "
         f"--steps {result.steps}: a plan runs only at its scheduler and step count)"
     )
     for action, why in result.left_out:
@@ -162,6 +192,21 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         "last computed step's work), tail (the first 1 or 2 blocks, the rest's work reused), drop (the step left "
         "out: the solver steps over it); tails are left out unless asked for: they lower the probes' pixel error "
         "more than the samples' quality",
+    )
+    calibrate.add_argument(
+        "--error",
+        choices=tuple(ERRORS),
+        default="pixels",
+        help="how a plan's final images are held to the reference's: pixels, each probe's RMS difference from its "
+        "own reference image; digits (1 x 32 x 32 images) or inception, the square root of the Fréchet distance "
+        "(FID's) between the features of the two sets of probe images, which ranks plans as FID does where the "
+        "pixel error does not (needs --num-probes 50 or more; inception reads clean-fid's weights from "
+        "--inception-path or clean-fid's folder, never downloading)",
+    )
+    calibrate.add_argument(
+        "--inception-path",
+        type=arg.existing_path,
+        help="local inception-2015-12-05.pt (or its folder) for --error inception",
     )
     calibrate.add_argument("--out", required=True, type=arg.output_folder, help="folder to write the plan to")
     arg.add_overwrite(calibrate, "OUT")
@@ -261,7 +306,8 @@ COMMANDS = [
         "Calibrate a plan for one scheduler and step count from the model's own sampling runs (probes, no data): per "
         "step, the final-image error of each depth and of reusing the last computed step's work; then a chain of "
         "plans from full to cheapest, each measured; the budget picks one. The error is the RMS difference of the "
-        "final images from the full model's (same noise and labels, pixel values in [0, 1]). Saves "
+        "final images from the full model's (same noise and labels, pixel values in [0, 1]), or with --error "
+        "digits|inception FID's distance between the two sets of probe images. Saves "
         "OUT/exit_schedule.json (the plan: --methods ase:OUT in the bench, exit_schedule= in a pipeline; it runs "
         "only at this scheduler and step count) and OUT/calibration.json (every plan measured).",
         _calibrate_arguments,

@@ -338,3 +338,56 @@ def test_actions_the_pipeline_cannot_take_are_left_out_and_named_with_why():
     assert all(action == REUSE or action > 0 for action in result.plan.config.depths)
     _, _, flow = calibrate("sd3", target_compute=0.5, actions=("reuse", "tail", "drop"))
     assert flow.left_out == ()
+
+
+class _Projected:
+    """A feature network for the tests: each image's pixels through one fixed random projection to 6 features."""
+
+    def __init__(self) -> None:
+        self.weights = None
+
+    def features(self, images):
+        import torch
+
+        pixels = images.flatten(1).double()
+        if self.weights is None:
+            self.weights = torch.randn(pixels.shape[1], 6, generator=torch.Generator().manual_seed(0)).double()
+        return pixels @ self.weights
+
+
+def test_a_frechet_error_is_fids_distance_between_the_two_sets_of_probe_images():
+    """With a feature network, a plan's error is the square root of the Fréchet distance between the features of its
+    probes' final images and the reference's (recomputed here from runs of the plan and of the full model); the model
+    as it is measures 0."""
+    import math
+
+    import torch
+
+    from ee_diffusion.metrics import frechet_distance
+
+    case = CASES["dit"]
+    pipe = case.make()
+    kwargs = {"class_labels": [i % 2 for i in range(50)], "guidance_scale": 1.0}
+    features = _Projected()
+    calibrator = PlanCalibrator(pipe, kwargs, STEPS, progress=False, candidates=1, features=features)
+    result = calibrator.for_target_compute(0.5)
+    assert calibrator.chain[0].error == 0 and result.error > 0
+
+    def probe_features(plan):
+        pipe.exit_schedule = plan
+        images = pipe(
+            **kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt"
+        )
+        return features.features(images.images)
+
+    distance = frechet_distance(probe_features(result.plan), probe_features(None))
+    assert result.error == pytest.approx(math.sqrt(distance), rel=1e-6)
+
+
+def test_a_frechet_error_refuses_too_few_probes_and_a_feature_network_without_features():
+    pipe = CASES["dit"].make()
+    kwargs = {"class_labels": [0, 1] * 10, "guidance_scale": 1.0}
+    with pytest.raises(ValueError, match="A Fréchet error needs at least 50 probes .*, got 20"):
+        calibrate_plan(pipe, kwargs, STEPS, target_compute=0.5, progress=False, features=_Projected())
+    with pytest.raises(TypeError, match="`features` must be a feature network with a `features"):
+        PlanCalibrator(pipe, kwargs, STEPS, progress=False, features=lambda images: images)
