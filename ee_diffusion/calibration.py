@@ -22,7 +22,9 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    blocks help most (and measured). Beside the chain, fewer steps inside the run are tried as plans too (the other
    steps dropped, the kept ones where a run of that many steps would put them): for a target, the most that fit and
    the next two counts, cut down to it by a chain of their own, so the plan can spend on more steps what cheaper
-   actions save.
+   actions save;
+5. for a target, the plan then trades: two steps swap their actions (a reuse moved to where it costs less), each trade
+   measured whole, while one lowers the error (`_traded`).
 
 `calibrate_plan` then holds the plan against the plain alternative it could be: the same model at fewer steps with the
 same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Where the
@@ -310,7 +312,9 @@ class PlanCalibrator:
                 if _blocks(start) > budget:
                     start = _measured_chain(start, self.sensitivity, measure, self.candidates, budget)[-1]
                 found.append(self._point(_fill(start, self.sensitivity, self.num_blocks, target), measure))
-        return self._result(min(found, key=lambda p: (p.error, -p.compute_fraction)))
+            best = min(found, key=lambda p: (p.error, -p.compute_fraction))
+            best = self._point(_traded(best.actions, measure), measure)
+        return self._result(best)
 
     def _kept_evenly(self, kept: int) -> tuple[int | str, ...]:
         """The base with all but `kept` of its steps dropped, the kept ones where a `kept`-step run of the scheduler
@@ -702,6 +706,41 @@ def _measured_chain(
         actions[i], predicted[i] = action, sensitivity[i][action] ** 2
         error = measure(plan)
         chain.append(plan)
+
+
+# The most passes of trades `_traded` makes (each pass measures every trade once).
+TRADE_PASSES = 3
+
+
+def _traded(
+    actions: tuple[int | str, ...], measure: Callable[[tuple[int | str, ...]], float]
+) -> tuple[int | str, ...]:
+    """`actions` after trades: two steps swapping their actions (the compute stays), one of them a reuse, a dropped
+    step or a cached tail, each pass measuring every such trade as a whole plan and taking the one that lowers the
+    error most, until none does (at most `TRADE_PASSES` passes). The chain moves one step at a time; a trade moves a
+    reuse or a dropped step to where it costs the final images less, which no single move down the chain reaches.
+    The first step keeps a computed action: it has nothing before it to reuse or to step over."""
+    error = measure(actions)
+    for _ in range(TRADE_PASSES):
+        trades = [
+            actions[:i] + (actions[j],) + actions[i + 1 : j] + (actions[i],) + actions[j + 1 :]
+            for i in range(len(actions))
+            for j in range(i + 1, len(actions))
+            if actions[i] != actions[j]
+            and not (_computed(actions[i]) and _computed(actions[j]))
+            and (i or _computed(actions[j]))
+        ]
+        measured = [(measure(trade), trade) for trade in trades]
+        if not measured or min(measured, key=lambda pair: pair[0])[0] >= error:
+            return actions
+        error, actions = min(measured, key=lambda pair: pair[0])
+    return actions
+
+
+def _computed(action: int | str) -> bool:
+    """Whether a step's action runs the denoiser's first block on its own (a depth: not a reuse, a dropped step or a
+    cached tail)."""
+    return isinstance(action, int) and action > 0
 
 
 def _blocks(actions: tuple[int | str, ...] | list[int | str]) -> int:
