@@ -23,8 +23,8 @@ From a few of the pipeline's own sampling runs (probes: its own noise and condit
    steps dropped, the kept ones where a run of that many steps would put them): for a target, the most that fit and
    the next two counts, cut down to it by a chain of their own, so the plan can spend on more steps what cheaper
    actions save;
-5. for a target, the plan then trades: two steps swap their actions (a reuse moved to where it costs less), each trade
-   measured whole, while one lowers the error (`_traded`).
+5. with `trades`, for a target, the plan then trades: two steps swap their actions (a reuse moved to where it costs
+   less), each trade measured whole, while one lowers the error (`_traded`).
 
 `calibrate_plan` then holds the plan against the plain alternative it could be: the same model at fewer steps with the
 same compute, run from the same noise and measured against the same reference (`Calibration.fewer_steps`). Where the
@@ -203,6 +203,8 @@ class PlanCalibrator:
             square root of the Fréchet distance (FID's) between the features of all the probes' final images and
             the reference's: a distance between the two sets, as FID measures quality, where the pixel error holds
             each image to its own reference. It needs at least `MIN_FRECHET_PROBES` probes, better a hundred or more.
+        trades: For a target, let the best plan trade actions between two steps while a trade lowers the measured
+            error (`_traded`; off by default, so that earlier calibrations come out as they were).
     """
 
     def __init__(
@@ -216,6 +218,7 @@ class PlanCalibrator:
         candidates: int = 3,
         actions: tuple[str, ...] = DEFAULT_ACTIONS,
         features: Any | None = None,
+        trades: bool = False,
     ) -> None:
         if not isinstance(call_kwargs, dict):
             raise TypeError(f"`call_kwargs` must be a dict of call arguments, got {type(call_kwargs).__name__}.")
@@ -235,6 +238,7 @@ class PlanCalibrator:
                 f"(ee_diffusion.metrics.FeatureExtractor), got {type(features).__name__}."
             )
         self.features = features
+        self.trades = as_flag("trades", trades)
         self._reference_features: torch.Tensor | None = None
         try:
             self.num_blocks = num_exit_blocks(pipe)
@@ -313,7 +317,8 @@ class PlanCalibrator:
                     start = _measured_chain(start, self.sensitivity, measure, self.candidates, budget)[-1]
                 found.append(self._point(_fill(start, self.sensitivity, self.num_blocks, target), measure))
             best = min(found, key=lambda p: (p.error, -p.compute_fraction))
-            best = self._point(_traded(best.actions, measure), measure)
+            if self.trades:
+                best = self._point(_traded(best.actions, measure), measure)
         return self._result(best)
 
     def _kept_evenly(self, kept: int) -> tuple[int | str, ...]:
@@ -548,6 +553,7 @@ def calibrate_plan(
     candidates: int = 3,
     actions: tuple[str, ...] = DEFAULT_ACTIONS,
     features: Any | None = None,
+    trades: bool = False,
 ) -> Calibration:
     """The cheapest plan within `tolerance`, or the most accurate at `target_compute` (give exactly one), held
     against the fewer-steps baseline at its compute -- which is returned instead, as a plan of its own step count,
@@ -561,7 +567,7 @@ def calibrate_plan(
         tolerance: Largest final-image error allowed (in the units of `features`'s error; 0 gives the full model).
         target_compute: Share of the reference's block compute to spend, in (0, 1].
         reference_steps: The reference images' step count (default: `num_inference_steps`; needed without it).
-        candidates, actions, features: See `PlanCalibrator`.
+        candidates, actions, features, trades: See `PlanCalibrator`.
     """
     if (tolerance is None) == (target_compute is None):
         raise ValueError("Give exactly one budget: `tolerance` or `target_compute`.")
@@ -587,6 +593,7 @@ def calibrate_plan(
             candidates=candidates,
             actions=actions,
             features=features,
+            trades=trades,
         )
         try:
             result = (

@@ -77,6 +77,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         actions=tuple(args.actions),
         features=features,
+        trades=args.trades,
     )
     settings = {
         key: getattr(args, key)
@@ -93,9 +94,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             "target_compute",
             "candidates",
             "actions",
-            "error",
+            "trades",
         )
     }
+    settings["error_measure"] = args.error  # `error` is the plan's measured error
     result.save_pretrained(args.out, {"command": "ee-diffusion " + " ".join(args.argv), **settings})
     actions = ", ".join(map(describe_action, reversed(result.plan.config.depths)))
     print(f"plan (per step, first to last): {actions}")
@@ -192,6 +194,12 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         "last computed step's work), tail (the first 1 or 2 blocks, the rest's work reused), drop (the step left "
         "out: the solver steps over it); tails are left out unless asked for: they lower the probes' pixel error "
         "more than the samples' quality",
+    )
+    calibrate.add_argument(
+        "--trades",
+        action="store_true",
+        help="for --target-compute, let the plan found trade actions between two steps (a reuse moved to another "
+        "step) while a trade, run whole, lowers the error: a few dozen more runs",
     )
     calibrate.add_argument(
         "--error",

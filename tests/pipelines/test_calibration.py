@@ -303,16 +303,15 @@ def test_a_calibrated_plan_never_measures_worse_than_fewer_steps_at_its_compute(
 
 
 def test_without_dropped_steps_a_losing_plan_is_replaced_by_fewer_steps():
-    """Depths and reuse alone lose to fewer steps on the digits DiT at 3/8 of the compute of 8 DPM-Solver++ steps
-    (five reuses in eight steps): the result is the plain run at that compute, and says which plan it beat and by how
-    much."""
+    """Depths and reuse alone lose to fewer steps on the digits DiT at half the compute of 8 DPM-Solver++ steps: the
+    result is the plain run at that compute, and says which plan it beat and by how much."""
     pipe = load_early_exit_pipeline("digits-dit")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)
     kwargs = {"class_labels": [0, 7], "guidance_scale": 1.0}
-    result = calibrate_plan(pipe, kwargs, 8, target_compute=0.375, progress=False, candidates=1, actions=("reuse",))
+    result = calibrate_plan(pipe, kwargs, 8, target_compute=0.5, progress=False, candidates=1, actions=("reuse",))
     assert result.lost is not None and len(result.lost.actions) == 8 and DROP not in result.lost.actions
-    assert result.steps == 3 and result.error == result.fewer_steps.error < result.lost.error
+    assert result.steps == 4 and result.error == result.fewer_steps.error < result.lost.error
 
 
 def _action(written: str) -> int | str:
@@ -395,9 +394,10 @@ def test_a_frechet_error_refuses_too_few_probes_and_a_feature_network_without_fe
 
 
 def test_trades_of_two_steps_actions_leave_no_trade_that_improves_the_plan():
-    """After the chain, two steps swap their actions (a reuse moved to another step) while that lowers the measured
-    error. On the digits DiT at half the compute of 8 steps, with reuse alone, that is what beats 4 plain steps (the
-    chain's plan lost to them); no single trade improves the plan returned (each trade run whole here)."""
+    """With `trades`, after the chain, two steps swap their actions (a reuse moved to another step) while that lowers
+    the measured error. On the digits DiT at half the compute of 8 steps, with reuse alone, that is what beats 4 plain
+    steps (without trades the chain's plan loses to them: the test above); no single trade improves the plan returned
+    (each trade run whole here)."""
     import numpy as np
     import torch
 
@@ -407,7 +407,9 @@ def test_trades_of_two_steps_actions_leave_no_trade_that_improves_the_plan():
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = build_scheduler("dpm-solver++", pipe.scheduler.config)
     kwargs = {"class_labels": [0, 7], "guidance_scale": 1.0}
-    result = calibrate_plan(pipe, kwargs, 8, target_compute=0.5, progress=False, candidates=1, actions=("reuse",))
+    result = calibrate_plan(
+        pipe, kwargs, 8, target_compute=0.5, progress=False, candidates=1, actions=("reuse",), trades=True
+    )
     assert result.lost is None and result.steps == 8 and result.error < result.fewer_steps.error
 
     def images(plan):
@@ -437,3 +439,16 @@ def test_trades_of_two_steps_actions_leave_no_trade_that_improves_the_plan():
             )
             error = float(np.sqrt(np.mean((images(plan) - reference) ** 2)))
             assert error >= result.error - 1e-9, (traded, error, result.error)
+
+
+def test_calibrate_command_with_the_frechet_error_and_trades_records_both(tmp_path, capsys):
+    save_digits_shaped_dit(tmp_path / "model")
+    out = tmp_path / "plan"
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--steps", "3", "--target-compute", "0.5"]
+    argv += ["--num-probes", "50", "--error", "digits", "--trades", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["error_measure"] == "digits" and report["trades"] is True and report["num_probes"] == 50
+    assert report["compute_fraction"] <= 0.5 and report["error"] > 0
+    printed = capsys.readouterr().out
+    assert f"final-image error {report['error']:.4f} (square root of the Fréchet distance of the digits" in printed
