@@ -186,6 +186,10 @@ CASES = [
         "--num-probes 50 or more",
     ),
     (["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--error", "ssim"], "argument --error: invalid choice"),
+    (
+        ["calibrate", "--out", "/tmp/x", "--tolerance", "0.1", "--inception-path", "/tmp"],
+        "The option --inception-path is read by --error inception only, and this run measures --error pixels",
+    ),
     (["sweep", "--out", "/proc/ee-sweep"], "--out: cannot write '/proc/ee-sweep': '/proc' is not a writable folder"),
     (["bench", "--csv", "/proc/rows.csv"], "--csv: cannot write '/proc/rows.csv'"),
     (["sweep", "--out", "/tmp/x", "--budgets", "0.5,1.5"], "--budgets: expected a finite number in (0, 1), got 1.5"),

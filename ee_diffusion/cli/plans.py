@@ -26,6 +26,11 @@ def _error_features(args: argparse.Namespace):
     """The feature network `--error` measures with (`None`: pixels), checked before any model loads."""
     from ..calibration import MIN_FRECHET_PROBES
 
+    if args.inception_path is not None and args.error != "inception":
+        raise ValueError(
+            f"The option --inception-path is read by --error inception only, and this run measures --error "
+            f"{args.error}: leave it out, or add --error inception."
+        )
     if args.error == "pixels":
         return None
     if args.num_probes < MIN_FRECHET_PROBES:
